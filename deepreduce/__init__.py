@@ -1,0 +1,33 @@
+"""deepreduce: compressed gradient communication for distributed PyTorch.
+
+Gradients are sparsified, their indices and values are encoded by pluggable
+codecs into one self-describing payload, all-gathered and decoded.
+
+    import deepreduce as dr
+    c = dr.Compressor(ratio=0.01, sparsifier="topk", index="eliasfano", value="fp16")
+    payload = c.compress(grad)
+    sg = dr.decode(payload)            # SparseGrad(indices, values, numel)
+"""
+
+from .codecs import index_codecs, value_codecs
+from .compressor import Compressed, Compressor
+from .errors import ConfigError, DecodeError, DeepReduceError
+from .sparse import SparseGrad, sparsifiers, sparsify
+from .wire import decode, read_header
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compressed",
+    "Compressor",
+    "ConfigError",
+    "DecodeError",
+    "DeepReduceError",
+    "SparseGrad",
+    "decode",
+    "index_codecs",
+    "read_header",
+    "sparsifiers",
+    "sparsify",
+    "value_codecs",
+]

@@ -1,0 +1,111 @@
+"""Vectorised bit packing on torch tensors (any device).
+
+Fields are written little-endian into a stream of 32-bit words: field ``i`` of
+width ``w`` occupies stream bits ``[off_i, off_i + w)``. A field of up to 32 bits
+starting at bit offset ``o < 32`` of a word spans at most two words, and
+``value << o`` stays below 2**63, so plain int64 arithmetic never overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def packed_nbytes(total_bits: int) -> int:
+    """Bytes used by a stream of ``total_bits`` bits (rounded up to whole 32-bit words)."""
+    return 4 * ((total_bits + 31) // 32)
+
+
+def _scatter_fields(values: torch.Tensor, offsets: torch.Tensor, nwords: int) -> torch.Tensor:
+    """Add ``values`` (each < 2**32) at bit ``offsets`` into ``nwords`` 32-bit words."""
+    words = torch.zeros(nwords + 1, dtype=torch.int64, device=values.device)
+    if values.numel():
+        word = offsets >> 5
+        shifted = values << (offsets & 31)
+        # Fields never overlap, so adding is the same as OR-ing the bits.
+        words.index_add_(0, word, shifted & _MASK32)
+        words.index_add_(0, word + 1, shifted >> 32)
+    return words[:nwords]
+
+
+def _words_to_bytes(words: torch.Tensor) -> torch.Tensor:
+    # int64 holding values < 2**32 -> int32 with wrap-around -> raw little-endian bytes.
+    return (words - ((words >> 31) << 32)).to(torch.int32).view(torch.uint8)
+
+
+def _bytes_to_words(data: torch.Tensor) -> torch.Tensor:
+    return data.view(torch.int32).to(torch.int64) & _MASK32
+
+
+def pack_fixed(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack non-negative int64 ``values`` (each < 2**width) at ``width`` bits each."""
+    if width < 0 or width > 64:
+        raise ValueError(f"bit width must be in [0, 64], got {width}")
+    n = values.numel()
+    if width == 0 or n == 0:
+        return torch.empty(0, dtype=torch.uint8, device=values.device)
+    values = values.reshape(-1).to(torch.int64)
+    if width > 32:
+        low = pack_fixed(values & _MASK32, 32)
+        high = pack_fixed(values >> 32, width - 32)
+        return torch.cat([low, high])
+    nwords = (n * width + 31) // 32
+    offsets = torch.arange(n, dtype=torch.int64, device=values.device) * width
+    return _words_to_bytes(_scatter_fields(values, offsets, nwords))
+
+
+def unpack_fixed(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_fixed`; ``data`` must hold exactly ``packed_nbytes(count*width)`` bytes
+    (for width > 32: the two halves back to back)."""
+    device = data.device
+    if width == 0 or count == 0:
+        return torch.zeros(count, dtype=torch.int64, device=device)
+    if width > 32:
+        split = packed_nbytes(count * 32)
+        low = unpack_fixed(data[:split], 32, count)
+        high = unpack_fixed(data[split:], width - 32, count)
+        return low | (high << 32)
+    words = _bytes_to_words(data)
+    words = torch.cat([words, words.new_zeros(1)])
+    offsets = torch.arange(count, dtype=torch.int64, device=device) * width
+    word = offsets >> 5
+    shift = offsets & 31
+    both = words[word] | (words[word + 1] << 32)
+    # Arithmetic shift may fill the top bits with ones; they sit above bit `width` and are masked.
+    return (both >> shift) & ((1 << width) - 1)
+
+
+def fixed_nbytes(count: int, width: int) -> int:
+    """Size in bytes of ``pack_fixed`` output for ``count`` fields of ``width`` bits."""
+    if width == 0 or count == 0:
+        return 0
+    if width > 32:
+        return packed_nbytes(count * 32) + packed_nbytes(count * (width - 32))
+    return packed_nbytes(count * width)
+
+
+def pack_bitmap(positions: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Bitmap of ``nbits`` bits with ones at the given unique ``positions``."""
+    nwords = (nbits + 31) // 32
+    positions = positions.reshape(-1).to(torch.int64)
+    ones = torch.ones_like(positions)
+    return _words_to_bytes(_scatter_fields(ones, positions, nwords))
+
+
+def bitmap_to_bool(data: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Expand a little-endian bitmap into ``nbits`` booleans."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=data.device)
+    bits = (data.unsqueeze(1) >> shifts) & 1
+    return bits.reshape(-1)[:nbits].bool()
+
+
+def bitmap_positions(data: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Ascending positions of the set bits among the first ``nbits`` bits."""
+    return torch.nonzero(bitmap_to_bool(data, nbits)).reshape(-1)
+
+
+def bit_length(x: int) -> int:
+    """Bits needed to write the non-negative integer ``x`` (0 for 0)."""
+    return int(x).bit_length()

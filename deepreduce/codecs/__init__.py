@@ -1,0 +1,201 @@
+"""Codec registry and the two codec interfaces.
+
+An *index codec* turns the ascending index set of a :class:`~deepreduce.sparse.SparseGrad`
+into bytes and back. It may be lossy (Bloom filters): then ``encode`` returns the index
+set the receivers will decode, and the compressor reads the values at exactly those
+positions from the dense gradient. A *value codec* turns the aligned values into bytes.
+
+Each codec lives in its own module under ``codecs/index`` or ``codecs/value`` and
+registers itself with :func:`register_index_codec` / :func:`register_value_codec`;
+modules there are imported automatically, so adding a file adds a codec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+
+from .. import rng
+from ..errors import ConfigError, DecodeError
+from ..params import Param, format_params, resolve_params
+
+
+@dataclass(frozen=True)
+class CodecContext:
+    """What both sides of a payload know about it: shape, dtype, device, random stream."""
+
+    numel: int
+    dtype: torch.dtype
+    device: torch.device
+    rng_seed: int = 0
+
+    def generator(self, salt: int) -> torch.Generator:
+        return rng.generator(self.rng_seed, salt, self.device)
+
+
+@dataclass(frozen=True)
+class IndexEncoding:
+    data: torch.Tensor  # uint8 bytes of the index part
+    params: bytes  # small host-side parameters the decoder needs (written in the header)
+    indices: torch.Tensor  # the ascending index set the receivers will decode
+
+
+@dataclass(frozen=True)
+class ValueEncoding:
+    data: torch.Tensor
+    params: bytes
+
+
+class _Codec:
+    name: ClassVar[str]
+    codec_id: ClassVar[int]
+    description: ClassVar[str] = ""
+    lossless: ClassVar[bool] = True
+    params: ClassVar[Sequence[Param]] = ()
+    kind: ClassVar[str] = "codec"
+
+    def __init__(self, **params: Any) -> None:
+        self.config = resolve_params(f"{self.kind} codec {self.name!r}", self.params, params)
+
+    @property
+    def spec(self) -> str:
+        args = format_params(self.config, self.params)
+        return f"{self.name}:{args}" if args else self.name
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} codec {self.spec}>"
+
+
+class IndexCodec(_Codec):
+    """Base class of index codecs."""
+
+    kind: ClassVar[str] = "index"
+
+    def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:
+        """Encode ascending unique int64 ``indices`` in ``[0, ctx.numel)``."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:
+        """Return the ``k`` ascending int64 indices; raise :class:`DecodeError` on bad input."""
+        raise NotImplementedError
+
+
+class ValueCodec(_Codec):
+    """Base class of value codecs."""
+
+    kind: ClassVar[str] = "value"
+
+    def encode(self, values: torch.Tensor, ctx: CodecContext) -> ValueEncoding:
+        """Encode the values (dtype ``ctx.dtype``) aligned with ascending indices."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:
+        """Return ``k`` values of dtype ``ctx.dtype``; raise :class:`DecodeError` on bad input."""
+        raise NotImplementedError
+
+
+class _Registry:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.by_name: dict[str, type[_Codec]] = {}
+        self.by_id: dict[int, type[_Codec]] = {}
+
+    def add(self, cls: type[_Codec]) -> type[_Codec]:
+        if cls.name in self.by_name or cls.codec_id in self.by_id:
+            raise RuntimeError(f"{self.kind} codec {cls.name!r} (id {cls.codec_id}) registered twice")
+        if not 0 < cls.codec_id < 256:
+            raise RuntimeError(f"{self.kind} codec id must fit in one byte, got {cls.codec_id}")
+        self.by_name[cls.name] = cls
+        self.by_id[cls.codec_id] = cls
+        return cls
+
+    def lookup(self, name: str) -> type[_Codec]:
+        _discover()
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown {self.kind} codec {name!r}; registered: {', '.join(sorted(self.by_name))}"
+            ) from None
+
+    def from_id(self, codec_id: int) -> type[_Codec]:
+        _discover()
+        try:
+            return self.by_id[codec_id]
+        except KeyError:
+            raise DecodeError(f"header field {self.kind}_codec: unknown codec id {codec_id}") from None
+
+    def names(self) -> list[str]:
+        _discover()
+        return sorted(self.by_name)
+
+
+INDEX_CODECS = _Registry("index")
+VALUE_CODECS = _Registry("value")
+
+
+def register_index_codec(cls: type[IndexCodec]) -> type[IndexCodec]:
+    INDEX_CODECS.add(cls)
+    return cls
+
+
+def register_value_codec(cls: type[ValueCodec]) -> type[ValueCodec]:
+    VALUE_CODECS.add(cls)
+    return cls
+
+
+_discovered = False
+
+
+def _discover() -> None:
+    """Import every module in codecs/index and codecs/value once (each registers itself)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for package in ("index", "value"):
+        pkg = importlib.import_module(f"{__name__}.{package}")
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+def index_codecs() -> list[str]:
+    """Names of the registered index codecs."""
+    return INDEX_CODECS.names()
+
+
+def value_codecs() -> list[str]:
+    """Names of the registered value codecs."""
+    return VALUE_CODECS.names()
+
+
+def make_index_codec(name: str, params: Mapping[str, Any] | None = None) -> IndexCodec:
+    return INDEX_CODECS.lookup(name)(**dict(params or {}))  # type: ignore[return-value]
+
+
+def make_value_codec(name: str, params: Mapping[str, Any] | None = None) -> ValueCodec:
+    return VALUE_CODECS.lookup(name)(**dict(params or {}))  # type: ignore[return-value]
+
+
+__all__ = [
+    "CodecContext",
+    "IndexCodec",
+    "IndexEncoding",
+    "ValueCodec",
+    "ValueEncoding",
+    "INDEX_CODECS",
+    "VALUE_CODECS",
+    "register_index_codec",
+    "register_value_codec",
+    "index_codecs",
+    "value_codecs",
+    "make_index_codec",
+    "make_value_codec",
+]

@@ -1,0 +1,91 @@
+"""``eliasfano`` index codec: the Elias-Fano split applied to the index gaps.
+
+Each gap ``g_i = idx_i - idx_{i-1} - 1`` (``g_0 = idx_0``) is cut into its low ``l``
+bits, stored in a fixed-width packed array, and its high part ``g_i >> l``, stored
+in unary in a separate bitmap (``high_i`` zeros, then a one). Keeping the two
+streams apart is what makes decoding vectorised: the positions of the ones give
+every high part at once.
+
+Coding the gaps rather than the absolute indices (classic Elias-Fano) never costs
+more for the same ``l`` -- the unary stream holds ``sum(g_i >> l) <= (d - r) >> l``
+zeros instead of ``d >> l`` -- and it is near the entropy bound for scattered sets
+(about 1.5 % above ``log2 C(d, r)`` at 10 % density, where classic Elias-Fano is 12 %
+above). ``l`` is chosen per payload to minimise the size.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+
+from ... import _bits
+from ...errors import DecodeError
+from .. import CodecContext, IndexCodec, IndexEncoding, register_index_codec
+from .._common import expect_nbytes, unpack_params
+
+_PARAMS = "<BQ"  # low-bit width l, length of the unary stream in bits
+
+
+def gaps_of(indices: torch.Tensor) -> torch.Tensor:
+    """``g_0 = idx_0``, ``g_i = idx_i - idx_{i-1} - 1``: non-negative for ascending unique indices."""
+    gaps = torch.empty_like(indices)
+    if indices.numel():
+        gaps[0] = indices[0]
+        torch.sub(indices[1:], indices[:-1] + 1, out=gaps[1:])
+    return gaps
+
+
+def indices_from_gaps(gaps: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(gaps + 1, 0) - 1
+
+
+def best_low_width(gaps: torch.Tensor, numel: int) -> int:
+    """The ``l`` that minimises ``r*l + sum(g >> l)`` (evaluated around log2(d/r))."""
+    k = gaps.numel()
+    guess = max(0, (max(numel, 1) // k).bit_length() - 1)
+    candidates = range(max(0, guess - 2), min(guess + 3, 63))
+    costs = torch.stack([(gaps >> l).sum() + k * l for l in candidates])
+    return candidates[int(torch.argmin(costs))]
+
+
+@register_index_codec
+class EliasFanoIndexCodec(IndexCodec):
+    name = "eliasfano"
+    codec_id = 3
+    description = "Elias-Fano split of the index gaps (low bits packed, high bits unary); near the entropy bound"
+
+    def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:
+        k = indices.numel()
+        if k == 0:
+            return IndexEncoding(indices.new_empty(0, dtype=torch.uint8), struct.pack(_PARAMS, 0, 0), indices)
+        gaps = gaps_of(indices)
+        low_width = best_low_width(gaps, ctx.numel)
+        high = gaps >> low_width
+        terminators = torch.cumsum(high, 0) + torch.arange(k, device=indices.device)
+        nbits = int(terminators[-1]) + 1
+        low = _bits.pack_fixed(gaps & ((1 << low_width) - 1), low_width)
+        unary = _bits.pack_bitmap(terminators, nbits)
+        return IndexEncoding(torch.cat([low, unary]), struct.pack(_PARAMS, low_width, nbits), indices)
+
+    @classmethod
+    def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:
+        low_width, nbits = unpack_params(_PARAMS, params, cls.name)
+        if k == 0:
+            if low_width or nbits:
+                raise DecodeError("eliasfano: non-empty parameters for k=0")
+            expect_nbytes(data, 0, cls.name)
+            return torch.empty(0, dtype=torch.int64, device=data.device)
+        if low_width > _bits.bit_length(ctx.numel):
+            raise DecodeError(f"eliasfano: low-bit width {low_width} too large for numel={ctx.numel}")
+        if not k <= nbits <= k + ((ctx.numel - k) >> low_width):
+            raise DecodeError(f"eliasfano: unary stream of {nbits} bits impossible for k={k}, numel={ctx.numel}")
+        low_bytes = _bits.fixed_nbytes(k, low_width)
+        expect_nbytes(data, low_bytes + _bits.packed_nbytes(nbits), cls.name)
+        terminators = _bits.bitmap_positions(data[low_bytes:], nbits)
+        if terminators.numel() != k or int(terminators[-1]) != nbits - 1:
+            raise DecodeError(f"eliasfano: unary stream holds {terminators.numel()} terminators, expected {k}")
+        previous = torch.cat([terminators.new_full((1,), -1), terminators[:-1]])
+        high = terminators - previous - 1
+        low = _bits.unpack_fixed(data[:low_bytes], low_width, k)
+        return indices_from_gaps((high << low_width) | low)
