@@ -1,0 +1,59 @@
+"""The ``deepreduce`` command (also ``python -m deepreduce``).
+
+    deepreduce demo                       dense vs. compressed training, side by side
+    deepreduce train ...                  the training entry that torchrun launches
+    deepreduce codecs                     registered sparsifiers and codecs
+    deepreduce bench codecs|bandwidth|convergence ...
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# Each subcommand is a module with main(argv) -> int, imported only when used so that
+# `deepreduce codecs` does not pay for matplotlib or torch.distributed.
+COMMANDS = {
+    "demo": ("deepreduce.demo:main", "train a small model dense vs. compressed on 2 local workers"),
+    "train": ("deepreduce.train:main", "training entry for torchrun (single or multi-node)"),
+    "codecs": ("deepreduce.catalog:main", "list sparsifiers and codecs with a line each"),
+}
+BENCHMARKS = {
+    "codecs": ("deepreduce.bench.codecs:main", "bits per element, error and speed of every codec"),
+    "bandwidth": ("deepreduce.bench.bandwidth:main", "DDP step time on emulated links vs. built-in hooks"),
+    "convergence": ("deepreduce.bench.convergence:main", "validation loss and time to target per configuration"),
+}
+
+
+def _run(target: str, argv: list[str]) -> int:
+    module, _, func = target.partition(":")
+    return int(getattr(importlib.import_module(module), func)(argv) or 0)
+
+
+def _usage() -> str:
+    lines = ["usage: deepreduce <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  bench {name:<6} {text}" for name, (_, text) in BENCHMARKS.items()]
+    lines += ["", "`deepreduce <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "bench":
+        if not rest or rest[0] not in BENCHMARKS:
+            print(f"deepreduce bench: choose one of {', '.join(BENCHMARKS)}", file=sys.stderr)
+            return 2
+        return _run(BENCHMARKS[rest[0]][0], rest[1:])
+    if command not in COMMANDS:
+        print(f"deepreduce: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return _run(COMMANDS[command][0], rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
