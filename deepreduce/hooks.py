@@ -11,7 +11,7 @@ Per bucket and step, on every rank::
     residual = compensated - sent
     sizes = all ranks' payload sizes                    (small blocking all-gather)
     one padded all-gather of the payloads               (issued here, in the hook body)
-    -> decode the W payloads in rank order, sum, / W    (in the future's callback)
+    -> decode the W payloads, / W, sum in rank order    (in the future's callback)
 
 Every rank sums the same W decoded payloads in the same order, so all ranks get
 bitwise-identical gradients and their parameters never drift apart. A rank does not
@@ -246,7 +246,7 @@ def _compressed_allgather(state: DeepReduceState, key: int, buffer: torch.Tensor
     transport = state.transport
     world_size, rank = transport.world_size, transport.rank
     started = time.perf_counter()
-    compensated = state.memory.compensate(key, buffer)
+    compensated = state.memory.compensate(key, buffer)  # consumes the residual; updated below
     to_send = compensated.to(buffer.dtype)  # the same tensor unless the bucket is fp16/bf16
     compressed = state.compressor.encode(to_send, step=state.step, bucket=key)
     payload = compressed.payload
@@ -274,11 +274,16 @@ def _compressed_allgather(state: DeepReduceState, key: int, buffer: torch.Tensor
     def decode_and_average(future: torch.futures.Future) -> torch.Tensor:
         began = time.perf_counter()
         payloads = future.value()
-        total = torch.zeros(buffer.numel(), dtype=memory_dtype(buffer.dtype), device=buffer.device)
-        # Rank order on every rank: the same additions in the same order give the same bits.
+        # fp32/fp64 buckets sum in place; fp16/bf16 ones in fp32, then round once.
+        exact = memory_dtype(buffer.dtype) == buffer.dtype
+        total = buffer.zero_() if exact else torch.zeros(buffer.numel(), dtype=memory_dtype(buffer.dtype), device=buffer.device)
+        # Rank order on every rank: the same operations in the same order give the same bits.
         for source, data in enumerate(payloads):
-            (sent if source == rank else wire.decode(data)).add_to(total)
-        buffer.copy_(total.div_(world_size))
+            part = sent if source == rank else wire.decode(data)
+            # Divide before adding, as the built-in allreduce hook does.
+            total.index_add_(0, part.indices, part.values.to(total.dtype) / world_size)
+        if not exact:
+            buffer.copy_(total)
         state._stats.add(decompress_s=time.perf_counter() - began)
         return buffer
 

@@ -52,37 +52,43 @@ class ErrorFeedback:
         self.residuals: dict[Hashable, torch.Tensor] = {}
         self.velocities: dict[Hashable, torch.Tensor] = {}
 
-    def _stored(self, table: dict[Hashable, torch.Tensor], key: Hashable, like: torch.Tensor) -> torch.Tensor | None:
+    def _stored(self, table: dict[Hashable, torch.Tensor], key: Hashable, numel: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor | None:
         stored = table.get(key)
         if stored is None:
             return None
-        if stored.shape != like.shape or stored.dtype != like.dtype:
-            logger.info("error feedback: bucket %s changed from %s %s to %s %s; its memory restarts from zero",
-                        key, tuple(stored.shape), stored.dtype, tuple(like.shape), like.dtype)
+        if stored.numel() != numel or stored.dtype != dtype:
+            logger.info("error feedback: bucket %s changed from %d %s to %d %s elements; its memory restarts from zero",
+                        key, stored.numel(), stored.dtype, numel, dtype)
             del table[key]
             return None
-        if stored.device != like.device:  # e.g. loaded from a CPU checkpoint
-            stored = table[key] = stored.to(like.device)
+        if stored.device != device:  # e.g. loaded from a CPU checkpoint
+            stored = table[key] = stored.to(device)
         return stored
 
     def compensate(self, key: Hashable, grad: torch.Tensor) -> torch.Tensor:
-        """``grad + residual`` (or ``velocity + residual`` with momentum) as a new flat
-        tensor in the memory dtype; ``grad`` itself is not modified."""
+        """``grad + residual`` (or ``velocity + residual`` with momentum), flat, in the
+        memory dtype; ``grad`` itself is not modified.
+
+        The sum is made in place in the residual's storage (one pass, no new buffer of
+        the bucket's size), so the residual is *consumed*: call :meth:`update` or
+        :meth:`update_dense` with the returned tensor before the next compensate."""
         flat = grad.detach().reshape(-1)
-        compensated = flat.to(memory_dtype(flat.dtype), copy=True)
+        dtype = memory_dtype(flat.dtype)
         if not self.enabled:
-            return compensated
+            return flat.to(dtype, copy=True)
         if self.momentum:
-            velocity = self._stored(self.velocities, key, compensated)
+            velocity = self._stored(self.velocities, key, flat.numel(), dtype, flat.device)
             if velocity is None:
-                velocity = self.velocities[key] = compensated.clone()
+                velocity = self.velocities[key] = flat.to(dtype, copy=True)
             else:
-                velocity.mul_(self.momentum).add_(compensated)
-            compensated.copy_(velocity)
-        residual = self._stored(self.residuals, key, compensated)
-        if residual is not None:
-            compensated.add_(residual)
-        return compensated
+                velocity.mul_(self.momentum).add_(flat)
+            flat = velocity
+        residual = self._stored(self.residuals, key, flat.numel(), dtype, flat.device)
+        if residual is None:
+            return flat.to(dtype, copy=True)
+        del self.residuals[key]  # consumed; update() stores the new one
+        return residual.add_(flat)
 
     def update(self, key: Hashable, compensated: torch.Tensor, sent: SparseGrad) -> None:
         """Residual := ``compensated - sent`` (``sent`` as the receivers decode it).

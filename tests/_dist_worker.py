@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -36,6 +37,8 @@ SPECS = [
     "topk:0.05/bloom:fpr=1e-3,policy=p2/polyfit",
     "topk:0.05/eliasfano/qsgd",
     "topk:0.05/bloom:fpr=1e-2,policy=random/qsgd",
+    "topk:0.05/eliasfano/polyfit",
+    "topk:0.05/eliasfano/dexp",
 ]
 
 
@@ -69,7 +72,7 @@ def digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def train(model: torch.nn.Module, state, hook, steps: int, opt: str = "adam", lr: float = 1e-2, bucket_mb: float = 0.02):
+def train(model: torch.nn.Module, state, hook, steps: int, opt: str = "adam", lr: float = 1e-2, bucket_mb: float = 0.03):
     ddp = DDP(model, bucket_cap_mb=bucket_mb)
     ddp.register_comm_hook(state, hook)
     optimizer = torch.optim.Adam(ddp.parameters(), lr=lr) if opt == "adam" else torch.optim.SGD(ddp.parameters(), lr=lr)
@@ -123,9 +126,9 @@ def check_equals_allreduce() -> dict:
     for spec in ("topk:1.0/zstd/raw", "topk:1.0/eliasfano/zstd"):
         ours, reference = make_model(), make_model()
         state = hook_state(spec, dense_fallback=False)
-        ddp_ours = DDP(ours, bucket_cap_mb=0.02)
+        ddp_ours = DDP(ours, bucket_cap_mb=0.03)
         ddp_ours.register_comm_hook(state, dr.deepreduce_hook)
-        ddp_ref = DDP(reference, bucket_cap_mb=0.02)
+        ddp_ref = DDP(reference, bucket_cap_mb=0.03)
         ddp_ref.register_comm_hook(None, default_hooks.allreduce_hook)
         opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
         opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05)
@@ -180,10 +183,13 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    results = {}
+    results: dict = {}
+    seconds = results["_seconds"] = {}
     for name in args.checks.split(","):
+        began = time.perf_counter()
         try:
             results[name] = CHECKS[name]()
+            seconds[name] = round(time.perf_counter() - began, 2)
         except Exception:
             results[name] = {"error": traceback.format_exc()}
             break  # the process group may be unusable now
