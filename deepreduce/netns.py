@@ -340,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
             pump.join(timeout=5)
     for node, code in enumerate(codes):
         print(f"netns-cluster: node {node} exited with {code}", file=sys.stderr if code else sys.stdout)
-    return next((code for code in codes if code), 0)
+    # The node that failed on its own (a positive code) explains the run; the others
+    # were stopped by a signal (negative codes) because of it.
+    failed = next((code for code in codes if code > 0), None)
+    if failed is not None:
+        return failed
+    return 128 - min(codes) if min(codes) < 0 else 0
 
 
 if __name__ == "__main__":
