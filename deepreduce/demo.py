@@ -30,7 +30,9 @@ DEFAULT_SPEC = "topk:0.01/eliasfano/fp16"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepreduce demo", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="deepreduce demo",
+                                description="Train dense and compressed side by side on local workers "
+                                            "(torchrun, gloo) and print one table.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--compression", action="append", default=None,
                    help=f"compressor spec to compare with dense (repeatable; also fp16 or powersgd) [default: {DEFAULT_SPEC}]")

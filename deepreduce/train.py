@@ -57,13 +57,17 @@ _CHECKPOINT_FORMAT = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepreduce train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="deepreduce train",
+        description="Train a byte-level transformer LM on the standard library's source text with DDP "
+                    "(launch with torchrun; without it, one process). --compression picks the gradient "
+                    "communication: a compressor spec or a built-in torch hook.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--d-model", type=int, default=128)
-    m.add_argument("--layers", type=int, default=2)
-    m.add_argument("--heads", type=int, default=4)
-    m.add_argument("--seq-len", type=int, default=128)
+    m.add_argument("--d-model", type=int, default=128, help="embedding width")
+    m.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    m.add_argument("--heads", type=int, default=4, help="attention heads (must divide --d-model)")
+    m.add_argument("--seq-len", type=int, default=128, help="context length in bytes")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=300, help="total steps (sets the learning-rate schedule)")
     t.add_argument("--stop-after", type=int, default=None, help="stop after this step (e.g. to resume later)")
