@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from . import wire
 from .compressor import Compressor
-from .errors import ConfigError
+from .errors import ConfigError, DeepReduceError
 from .memory import ErrorFeedback, memory_dtype
 from .stats import CommStats, log_stats
 
@@ -248,11 +248,19 @@ def _compressed_allgather(state: DeepReduceState, key: int, buffer: torch.Tensor
     started = time.perf_counter()
     compensated = state.memory.compensate(key, buffer)  # consumes the residual; updated below
     to_send = compensated.to(buffer.dtype)  # the same tensor unless the bucket is fp16/bf16
-    compressed = state.compressor.encode(to_send, step=state.step, bucket=key)
+    try:
+        compressed = state.compressor.encode(to_send, step=state.step, bucket=key)
+    except Exception:
+        # Tell the other ranks, or they would wait for this rank's size until timeout.
+        transport.exchange_sizes(-1, buffer.device)
+        raise
     payload = compressed.payload
     encoded = time.perf_counter()
     sizes = transport.exchange_sizes(payload.numel(), payload.device)
     exchanged = time.perf_counter()
+    if min(sizes) < 0:
+        failed = ", ".join(str(r) for r, n in enumerate(sizes) if n < 0)
+        raise DeepReduceError(f"deepreduce: rank {failed} failed to compress bucket {key} at step {state.step} (see its error)")
     width = (max(sizes) + 7) & ~7
 
     if state.dense_fallback and world_size * width > 2 * dense_bytes:

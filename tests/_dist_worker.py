@@ -167,12 +167,34 @@ def check_mismatch() -> dict:
     return {"raised": False, "message": ""}
 
 
+def check_encode_failure() -> dict:
+    """One rank's compressor fails: every rank raises (no rank waits for it forever)."""
+    model = make_model()
+    state = hook_state("topk:0.05/eliasfano/fp16")
+    if dist.get_rank() == 1:
+        encode = state.compressor.encode
+
+        def failing(tensor, *, step=None, bucket=0):
+            if step == 3:
+                raise RuntimeError("injected encode failure")
+            return encode(tensor, step=step, bucket=bucket)
+
+        state.compressor.encode = failing
+    try:
+        train(model, state, dr.deepreduce_hook, 5)
+    except Exception as error:
+        return {"raised": True, "message": f"{type(error).__name__}: {error}", "step": state.step}
+    return {"raised": False, "message": "", "step": state.step}
+
+
 CHECKS = {
     "specs": check_specs,
     "dtypes": check_dtypes,
     "equals_allreduce": check_equals_allreduce,
     "fallback": check_fallback,
-    "mismatch": check_mismatch,  # last: it leaves a DDP model in a failed state
+    # These leave a DDP model in a failed state: last.
+    "encode_failure": check_encode_failure,
+    "mismatch": check_mismatch,
 }
 
 

@@ -42,7 +42,7 @@ def launch(tmp_path_factory, nproc: int, checks: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return launch(tmp_path_factory, 2, "specs,dtypes,equals_allreduce,fallback,mismatch")
+    return launch(tmp_path_factory, 2, "specs,dtypes,equals_allreduce,fallback,encode_failure,mismatch")
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,10 @@ def test_spec_mismatch_fails_fast_on_every_rank(world, request):
         assert entry["raised"], "a rank trained on with a mismatched compressor"
         assert "ConfigError" in entry["message"] and "disagree" in entry["message"]
         assert "topk:0.05/eliasfano/fp16" in entry["message"] and "topk:0.1/eliasfano/fp16" in entry["message"]
+
+
+def test_one_rank_failing_to_compress_fails_every_rank(two):
+    own, other = two[1]["encode_failure"], two[0]["encode_failure"]
+    assert own["raised"] and "injected encode failure" in own["message"]
+    assert other["raised"] and "DeepReduceError" in other["message"] and "rank 1 failed to compress" in other["message"]
+    assert own["step"] == other["step"] == 3
