@@ -72,7 +72,8 @@ def run_one(name: str, compression: str, args: argparse.Namespace, out: Path, pr
            "--compression", compression, "--metrics", str(metrics), "--log-every", "0",
            "--eval-every", str(max(1, args.steps // 6)), *args.extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    task = progress.add_task(f"{name:<10}", total=args.steps)
+    label = compression if len(compression) <= 28 else compression[:27] + "…"
+    task = progress.add_task(f"{label:<28}", total=args.steps)
     with open(log, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         try:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                   console=console) as progress:
         runs.append(run_one("dense", "dense", args, out, progress))
         for i, spec in enumerate(specs):
-            runs.append(run_one("compressed" if len(specs) == 1 else f"run {i + 1}", spec, args, out, progress))
+            runs.append(run_one("compressed" if len(specs) == 1 else f"run{i + 1}", spec, args, out, progress))
 
     dense_bytes = statistics.median(r["bytes_sent"] for r in runs[0]["steps"])
     table = Table(title=f"{args.steps} steps, {args.workers} workers (medians over steps)")
