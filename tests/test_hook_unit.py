@@ -19,7 +19,7 @@ from deepreduce.stats import CommStats, format_stats
 
 @pytest.fixture(scope="module")
 def group():
-    """A one-rank gloo group (reused if the session already has one)."""
+    """A one-rank gloo group (reused if this test process already has one)."""
     created = False
     if not dist.is_initialized():
         store = dist.FileStore(tempfile.mktemp(prefix="deepreduce-test-store-"), 1)
