@@ -12,6 +12,7 @@ codecs into one self-describing payload, all-gathered and decoded.
 from .codecs import index_codecs, value_codecs
 from .compressor import Compressed, Compressor
 from .errors import ConfigError, DecodeError, DeepReduceError
+from .hooks import DeepReduceState, deepreduce_hook
 from .sparse import SparseGrad, sparsifiers, sparsify
 from .wire import decode, read_header
 
@@ -22,9 +23,11 @@ __all__ = [
     "Compressor",
     "ConfigError",
     "DecodeError",
+    "DeepReduceState",
     "DeepReduceError",
     "SparseGrad",
     "decode",
+    "deepreduce_hook",
     "index_codecs",
     "read_header",
     "sparsifiers",

@@ -1,0 +1,107 @@
+"""``TorchTransport``: torch.distributed (gloo on CPU, NCCL on CUDA), same code for both.
+
+Variable-length all-gather, the way that works on every backend (gloo's list-form
+``all_gather`` rejects unequal sizes): exchange the sizes, pad every payload to the
+largest (rounded up to 8 bytes so decoded parts stay aligned), one flat
+``all_gather_single`` (``all_gather_into_tensor`` before torch 2.13), slice.
+
+The comm hook needs the two halves separately: :meth:`exchange_sizes` blocks (the
+hook must know the sizes to choose between gather and dense allreduce, and all ranks
+must choose alike), while :meth:`allgather_padded_async` and :meth:`allreduce_async`
+only *issue* a collective and return a future. Both must be called from the hook body,
+never from a ``Future.then`` callback: callbacks run on the backend's threads, where
+issuing a collective breaks the fixed order gloo needs (ALGORITHMS.md §6).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import Transport
+
+# torch 2.13 renamed all_gather_into_tensor; use whichever this torch has.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def padded_size(nbytes: int) -> int:
+    """Payload length rounded up to a multiple of 8 bytes."""
+    return (nbytes + 7) & ~7
+
+
+class TorchTransport(Transport):
+    """Collectives over one ``torch.distributed`` process group.
+
+    Args:
+        process_group: the group (None: the default group).
+        device: where small control messages (sizes, config fingerprints) live; by
+            default the current CUDA device for NCCL groups and the CPU otherwise.
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None, device: torch.device | str | None = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("TorchTransport needs an initialized torch.distributed process group (dist.init_process_group)")
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        if device is None:
+            uses_nccl = "nccl" in str(dist.get_backend(self.group)).lower()
+            device = torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
+        self.device = torch.device(device)
+        self._rank = dist.get_rank(self.group)
+        self._world_size = dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    # --- pieces the comm hook uses ---------------------------------------------------
+
+    def exchange_sizes(self, nbytes: int, device: torch.device | None = None) -> list[int]:
+        """Every rank's ``nbytes``, in rank order (blocking)."""
+        device = device or self.device
+        mine = torch.tensor([nbytes], dtype=torch.int64, device=device)
+        everyone = torch.empty(self._world_size, dtype=torch.int64, device=device)
+        _all_gather_single(everyone, mine, group=self.group)
+        return everyone.tolist()
+
+    def allgather_padded_async(self, payload: torch.Tensor, sizes: list[int]) -> torch.futures.Future:
+        """Issue one padded all-gather of ``payload`` (whose length is ``sizes[rank]``).
+
+        The future's value is the list of every rank's payload (views into one buffer),
+        in rank order."""
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise TypeError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
+        if len(sizes) != self._world_size or sizes[self._rank] != payload.numel():
+            raise ValueError(f"sizes {sizes} do not match this rank's payload of {payload.numel()} bytes")
+        width = padded_size(max(sizes))
+        padded = torch.nn.functional.pad(payload, (0, width - payload.numel()))
+        gathered = torch.empty(self._world_size * width, dtype=torch.uint8, device=payload.device)
+        work = _all_gather_single(gathered, padded, group=self.group, async_op=True)
+
+        def split(_: torch.futures.Future) -> list[torch.Tensor]:
+            return [gathered[r * width : r * width + n] for r, n in enumerate(sizes)]
+
+        return work.get_future().then(split)
+
+    def allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        """Issue a sum-allreduce of ``tensor`` in place; the future's value is ``tensor``."""
+        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        return work.get_future().then(lambda _: tensor)
+
+    # --- the Transport interface -----------------------------------------------------
+
+    def allgather_varlen(self, payload: torch.Tensor) -> list[torch.Tensor]:
+        if payload.device.type != self.device.type:  # e.g. host bytes over NCCL
+            payload = payload.to(self.device)
+        sizes = self.exchange_sizes(payload.numel(), payload.device)
+        return self.allgather_padded_async(payload, sizes).wait()
+
+    def allreduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)

@@ -1,0 +1,226 @@
+"""Multi-process checks of the DDP comm hook, run under torchrun by tests/test_hook_dist.py.
+
+    torchrun --standalone --nproc_per_node=2 tests/_dist_worker.py OUT_DIR [--checks a,b]
+
+Each rank writes OUT_DIR/rank<r>.json with one entry per check; the test compares the
+ranks' entries (e.g. parameter digests must be equal). Several checks share one launch
+because starting torchrun costs seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import deepreduce as dr
+from deepreduce.models import ByteTransformer
+
+# Compressor specs whose training must keep parameters bitwise identical on all ranks.
+# A spec is tested when its codecs are registered; add new codecs here.
+SPECS = [
+    "topk:0.05/eliasfano/fp16",
+    "topk:0.05/zstd/raw",
+    "topk:0.05/rle/bf16",
+    "randomk:0.05/raw/zstd",
+    "threshold:t=2e-3/eliasfano/fp16",  # k differs between ranks: exercises the padding
+    "topk:0.05/bloom:fpr=1e-3,policy=p2/polyfit",
+    "topk:0.05/eliasfano/qsgd",
+    "topk:0.05/bloom:fpr=1e-2,policy=random/qsgd",
+    "topk:0.05/eliasfano/polyfit",
+    "topk:0.05/eliasfano/dexp",
+]
+
+
+def available(spec: str) -> bool:
+    """Whether every codec a spec names is registered in this build."""
+    _, index, value = spec.split("/")
+    return index.split(":")[0] in dr.index_codecs() and value.split(":")[0] in dr.value_codecs()
+
+
+STEPS = 50
+SEQ = 32
+
+
+def make_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(1234)  # same initial parameters on every rank
+    return ByteTransformer(d_model=32, n_layers=1, n_heads=2, seq_len=SEQ).to(dtype)
+
+
+def batches(rank: int, steps: int):
+    """Different data on every rank, so a wrong average shows as diverging parameters."""
+    gen = torch.Generator().manual_seed(1000 + rank)
+    for _ in range(steps):
+        window = torch.randint(0, 256, (4, SEQ + 1), generator=gen)
+        yield window[:, :-1], window[:, 1:]
+
+
+def digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(model: torch.nn.Module, state, hook, steps: int, opt: str = "adam", lr: float = 1e-2, bucket_mb: float = 0.03):
+    ddp = DDP(model, bucket_cap_mb=bucket_mb)
+    ddp.register_comm_hook(state, hook)
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=lr) if opt == "adam" else torch.optim.SGD(ddp.parameters(), lr=lr)
+    losses = []
+    for x, y in batches(dist.get_rank(), steps):
+        logits = ddp(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 256), y.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return ddp, losses
+
+
+def hook_state(spec: str, **kwargs) -> dr.DeepReduceState:
+    kwargs.setdefault("min_numel", 256)
+    kwargs.setdefault("stats_every", 0)
+    return dr.DeepReduceState(None, spec, **kwargs)
+
+
+# --- checks ----------------------------------------------------------------------------
+
+
+def check_specs() -> dict:
+    out = {}
+    for spec in SPECS:
+        if not available(spec):
+            continue
+        model = make_model()
+        initial = digest(model)
+        state = hook_state(spec)
+        _, losses = train(model, state, dr.deepreduce_hook, STEPS)
+        out[spec] = {"digest": digest(model), "initial": initial, "stats": state.stats(), "losses": losses}
+    return out
+
+
+def check_dtypes() -> dict:
+    out = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        model = make_model(dtype)
+        state = hook_state("topk:0.05/eliasfano/fp16")
+        _, losses = train(model, state, dr.deepreduce_hook, 20, opt="sgd", lr=0.05)
+        out[str(dtype)] = {"digest": digest(model), "stats": state.stats(), "losses": losses}
+    return out
+
+
+def check_equals_allreduce() -> dict:
+    """Ratio 1.0 with lossless codecs, gather forced (no dense fallback), against the
+    built-in allreduce hook: same gradients and parameters up to float rounding."""
+    out = {}
+    for spec in ("topk:1.0/zstd/raw", "topk:1.0/eliasfano/zstd"):
+        ours, reference = make_model(), make_model()
+        state = hook_state(spec, dense_fallback=False)
+        ddp_ours = DDP(ours, bucket_cap_mb=0.03)
+        ddp_ours.register_comm_hook(state, dr.deepreduce_hook)
+        ddp_ref = DDP(reference, bucket_cap_mb=0.03)
+        ddp_ref.register_comm_hook(None, default_hooks.allreduce_hook)
+        opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
+        opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05)
+        grad_diff, grad_scale = 0.0, 0.0
+        for x, y in batches(dist.get_rank(), 12):
+            for ddp, opt in ((ddp_ours, opt_ours), (ddp_ref, opt_ref)):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
+            for a, b in zip(ours.parameters(), reference.parameters()):
+                grad_diff = max(grad_diff, float((a.grad - b.grad).abs().max()))
+                grad_scale = max(grad_scale, float(b.grad.abs().max()))
+            opt_ours.step()
+            opt_ref.step()
+        param_diff = max(float((a - b).abs().max()) for a, b in zip(ours.parameters(), reference.parameters()))
+        out[spec] = {"grad_diff": grad_diff, "grad_scale": grad_scale, "param_diff": param_diff, "stats": state.stats()}
+    return out
+
+
+def check_fallback() -> dict:
+    """A density where the all-gather would move more than an allreduce: every bucket
+    must go dense, on every rank alike."""
+    model = make_model()
+    state = hook_state("topk:0.7/raw/raw")
+    _, losses = train(model, state, dr.deepreduce_hook, 10)
+    return {"digest": digest(model), "stats": state.stats()}
+
+
+def check_mismatch() -> dict:
+    """Ranks with different compressors must all fail with a message naming both."""
+    spec = "topk:0.05/eliasfano/fp16" if dist.get_rank() == 0 else "topk:0.1/eliasfano/fp16"
+    model = make_model()
+    try:
+        train(model, hook_state(spec), dr.deepreduce_hook, 1)
+    except Exception as error:  # DDP may wrap the hook's exception
+        return {"raised": True, "message": f"{type(error).__name__}: {error}"}
+    return {"raised": False, "message": ""}
+
+
+def check_encode_failure() -> dict:
+    """One rank's compressor fails: every rank raises (no rank waits for it forever)."""
+    model = make_model()
+    state = hook_state("topk:0.05/eliasfano/fp16")
+    if dist.get_rank() == 1:
+        encode = state.compressor.encode
+
+        def failing(tensor, *, step=None, bucket=0):
+            if step == 3:
+                raise RuntimeError("injected encode failure")
+            return encode(tensor, step=step, bucket=bucket)
+
+        state.compressor.encode = failing
+    try:
+        train(model, state, dr.deepreduce_hook, 5)
+    except Exception as error:
+        return {"raised": True, "message": f"{type(error).__name__}: {error}", "step": state.step}
+    return {"raised": False, "message": "", "step": state.step}
+
+
+CHECKS = {
+    "specs": check_specs,
+    "dtypes": check_dtypes,
+    "equals_allreduce": check_equals_allreduce,
+    "fallback": check_fallback,
+    # These leave a DDP model in a failed state: last.
+    "encode_failure": check_encode_failure,
+    "mismatch": check_mismatch,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--checks", default=",".join(CHECKS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results: dict = {}
+    seconds = results["_seconds"] = {}
+    for name in args.checks.split(","):
+        began = time.perf_counter()
+        try:
+            results[name] = CHECKS[name]()
+            seconds[name] = round(time.perf_counter() - began, 2)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+            break  # the process group may be unusable now
+    rank = dist.get_rank()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

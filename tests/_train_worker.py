@@ -1,0 +1,39 @@
+"""Runs `deepreduce train` several times in one torchrun launch (tests/test_train_dist.py).
+
+    torchrun --standalone --nproc_per_node=2 tests/_train_worker.py OUT_DIR
+
+The process group is made here once, so train.main reuses it (and leaves it alone)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from deepreduce import train
+
+TINY = ["--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch", "4",
+        "--corpus-mb", "2", "--threads", "1", "--bucket-mb", "0.03", "--min-numel", "256",
+        "--start-iter", "3", "--eval-every", "4", "--eval-batches", "2", "--log-every", "0", "--quiet"]
+STEPS, STOP = 14, 7
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    spec = ["--compression", "topk:0.05/eliasfano/fp16", "--steps", str(STEPS)] + TINY
+    # Uninterrupted, then interrupted after STOP steps and resumed.
+    train.main(spec + ["--metrics", str(out / "full.jsonl"), "--checkpoint", str(out / "full")])
+    train.main(spec + ["--metrics", str(out / "part.jsonl"), "--checkpoint", str(out / "part"), "--stop-after", str(STOP)])
+    train.main(spec + ["--metrics", str(out / "part.jsonl"), "--checkpoint", str(out / "resumed"), "--resume", str(out / "part")])
+    # The built-in hooks, for comparison runs.
+    for name in ("dense", "fp16", "powersgd"):
+        train.main(["--compression", name, "--steps", "6", "--powersgd-rank", "2"] + TINY
+                   + ["--metrics", str(out / f"{name}.jsonl")])
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

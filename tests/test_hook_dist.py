@@ -1,0 +1,120 @@
+"""The comm hook across processes: torchrun with 2 and 3 ranks (gloo).
+
+One launch per world size runs every check (tests/_dist_worker.py); the tests here
+compare what the ranks wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _dist_worker as worker  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def launch(tmp_path_factory, nproc: int, checks: str) -> list[dict]:
+    out = tmp_path_factory.mktemp(f"hook{nproc}")
+    result = torchrun(nproc, [str(WORKER), str(out), "--checks", checks])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    for rank, checks_done in enumerate(ranks):
+        for name, entry in checks_done.items():
+            if name.startswith("_"):  # timings
+                continue
+            assert "error" not in entry, f"rank {rank}, check {name}:\n{entry['error']}"
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return launch(tmp_path_factory, 2, "specs,dtypes,equals_allreduce,fallback,encode_failure,mismatch")
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    return launch(tmp_path_factory, 3, "specs,fallback,mismatch")
+
+
+EXPECTED_SPECS = [spec for spec in worker.SPECS if worker.available(spec)]
+
+
+@pytest.mark.parametrize("world", ["two", "three"])
+def test_parameters_stay_bitwise_identical(world, request):
+    ranks = request.getfixturevalue(world)
+    results = [r["specs"] for r in ranks]
+    assert sorted(results[0]) == sorted(EXPECTED_SPECS)
+    for spec in EXPECTED_SPECS:
+        digests = {r[spec]["digest"] for r in results}
+        assert len(digests) == 1, f"{spec}: ranks diverged after {worker.STEPS} steps"
+        first = results[0][spec]
+        assert first["digest"] != first["initial"]
+        stats = first["stats"]
+        assert stats["steps"] == worker.STEPS
+        assert stats["compressed_buckets"] > 0 and stats["dense_fallbacks"] == 0, stats
+        assert stats["ratio"] > 2, stats
+
+
+def test_lossy_codecs_are_covered_when_registered():
+    import deepreduce as dr
+
+    lossy_index = [n for n in dr.index_codecs() if not dr.codecs.INDEX_CODECS.lookup(n).lossless]
+    lossy_value = [n for n in dr.value_codecs() if not dr.codecs.VALUE_CODECS.lookup(n).lossless]
+    covered = " ".join(EXPECTED_SPECS)
+    for name in lossy_index + lossy_value:
+        assert f"/{name}" in covered, f"lossy codec {name!r} is registered but no spec in _dist_worker.SPECS uses it"
+
+
+def test_half_precision_buckets(two):
+    for dtype in ("torch.float16", "torch.bfloat16"):
+        assert two[0]["dtypes"][dtype]["digest"] == two[1]["dtypes"][dtype]["digest"], dtype
+        assert two[0]["dtypes"][dtype]["stats"]["compressed_buckets"] > 0
+
+
+def test_lossless_full_ratio_matches_builtin_allreduce(two):
+    for rank in two:
+        for spec, entry in rank["equals_allreduce"].items():
+            assert entry["stats"]["compressed_buckets"] > 0 and entry["stats"]["dense_fallbacks"] == 0, spec
+            assert entry["grad_diff"] <= 1e-6 * entry["grad_scale"], (spec, entry)
+            assert entry["param_diff"] <= 1e-6, (spec, entry)
+
+
+@pytest.mark.parametrize("world", ["two", "three"])
+def test_dense_fallback_when_gather_costs_more(world, request):
+    ranks = request.getfixturevalue(world)
+    entries = [r["fallback"] for r in ranks]
+    assert len({e["digest"] for e in entries}) == 1
+    stats = entries[0]["stats"]
+    assert stats["dense_fallbacks"] > 0 and stats["compressed_buckets"] == 0, stats
+    assert stats["ratio"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("world", ["two", "three"])
+def test_spec_mismatch_fails_fast_on_every_rank(world, request):
+    ranks = request.getfixturevalue(world)
+    for rank in ranks:
+        entry = rank["mismatch"]
+        assert entry["raised"], "a rank trained on with a mismatched compressor"
+        assert "ConfigError" in entry["message"] and "disagree" in entry["message"]
+        assert "topk:0.05/eliasfano/fp16" in entry["message"] and "topk:0.1/eliasfano/fp16" in entry["message"]
+
+
+def test_one_rank_failing_to_compress_fails_every_rank(two):
+    own, other = two[1]["encode_failure"], two[0]["encode_failure"]
+    assert own["raised"] and "injected encode failure" in own["message"]
+    assert other["raised"] and "DeepReduceError" in other["message"] and "rank 1 failed to compress" in other["message"]
+    assert own["step"] == other["step"] == 3

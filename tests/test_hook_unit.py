@@ -1,0 +1,290 @@
+"""One-process tests of error feedback, stats, the transport and the hook (world size 1)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import deepreduce as dr
+from deepreduce.memory import ErrorFeedback, memory_dtype
+from deepreduce.sparse import SparseGrad
+from deepreduce.stats import CommStats, format_stats
+
+
+@pytest.fixture(scope="module")
+def group():
+    """A one-rank gloo group (reused if this test process already has one)."""
+    created = False
+    if not dist.is_initialized():
+        store = dist.FileStore(tempfile.mktemp(prefix="deepreduce-test-store-"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        created = True
+    yield dist.group.WORLD
+    if created:
+        dist.destroy_process_group()
+
+
+# --- error feedback ----------------------------------------------------------------------
+
+
+def test_error_feedback_keeps_exactly_what_was_not_sent():
+    memory = ErrorFeedback()
+    grad = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    compensated = memory.compensate("b", grad)
+    assert torch.equal(compensated, grad) and compensated.data_ptr() != grad.data_ptr()
+    sent = SparseGrad(torch.tensor([1, 2]), torch.tensor([-2.0, 2.5]), 4)  # 3.0 sent lossily as 2.5
+    memory.update("b", compensated, sent)
+    assert torch.equal(memory.residual("b"), torch.tensor([1.0, 0.0, 0.5, 0.5]))
+    again = memory.compensate("b", torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    assert torch.equal(again, torch.tensor([2.0, 1.0, 1.5, 1.5]))
+    assert torch.equal(grad, torch.tensor([1.0, -2.0, 3.0, 0.5]))  # the input is untouched
+
+
+def test_error_feedback_conserves_the_gradient_sum():
+    """sum of sent + final residual == sum of gradients, for a lossy top-k pipeline."""
+    memory = ErrorFeedback()
+    compressor = dr.Compressor(0.1, "topk", "eliasfano", "fp16")
+    gen = torch.Generator().manual_seed(0)
+    total_grad, total_sent = torch.zeros(1000, dtype=torch.float64), torch.zeros(1000, dtype=torch.float64)
+    for step in range(20):
+        grad = torch.randn(1000, generator=gen)
+        total_grad += grad.double()
+        compensated = memory.compensate(0, grad)
+        sent = compressor.encode(compensated, step=step).sent
+        total_sent += sent.to_dense().double()
+        memory.update(0, compensated, sent)
+    assert torch.allclose(total_sent + memory.residual(0).double(), total_grad, atol=1e-4)
+    assert memory.residual(0).abs().sum() > 0
+
+
+def test_error_feedback_disabled_keeps_nothing():
+    memory = ErrorFeedback(enabled=False)
+    compensated = memory.compensate(0, torch.ones(4))
+    memory.update(0, compensated, SparseGrad(torch.tensor([0]), torch.tensor([1.0]), 4))
+    assert memory.residual(0) is None
+    assert torch.equal(memory.compensate(0, torch.ones(4)), torch.ones(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_gradients_keep_fp32_residuals(dtype):
+    memory = ErrorFeedback()
+    grad = torch.full((8,), 1e-3, dtype=dtype)
+    compensated = memory.compensate(0, grad)
+    assert compensated.dtype == torch.float32 == memory_dtype(dtype)
+    memory.update(0, compensated, SparseGrad(torch.tensor([0]), grad[:1], 8))
+    residual = memory.residual(0)
+    assert residual.dtype == torch.float32 and residual[0] == 0 and residual[1] == grad[1].float()
+
+
+def test_residual_restarts_when_the_bucket_changes_shape():
+    memory = ErrorFeedback()
+    memory.update(0, memory.compensate(0, torch.ones(4)), SparseGrad(torch.tensor([0]), torch.tensor([1.0]), 4))
+    assert torch.equal(memory.compensate(0, torch.ones(6)), torch.ones(6))  # old residual dropped
+    assert memory.residual(0) is None
+
+
+def test_dense_update_leaves_only_rounding():
+    memory = ErrorFeedback()
+    compensated = memory.compensate(0, torch.tensor([1.0, 1e-4]))
+    memory.update_dense(0, compensated, compensated.to(torch.float16))
+    assert memory.residual(0)[0] == 0
+    small = torch.tensor(1e-4)
+    assert memory.residual(0)[1] == small - small.half().float() != 0
+
+
+def test_momentum_correction_masks_sent_velocity():
+    memory = ErrorFeedback(momentum=0.5)
+    c1 = memory.compensate(0, torch.tensor([1.0, 1.0]))
+    memory.update(0, c1, SparseGrad(torch.tensor([0]), torch.tensor([1.0]), 2))
+    # velocity: [0 (masked), 1]; next: u = 0.5*u + g = [1, 1.5]; + residual [0, 1]
+    assert torch.equal(memory.compensate(0, torch.tensor([1.0, 1.0])), torch.tensor([1.0, 2.5]))
+    with pytest.raises(ValueError, match="momentum"):
+        ErrorFeedback(momentum=1.0)
+
+
+def test_error_feedback_state_dict_round_trip():
+    memory = ErrorFeedback(momentum=0.9)
+    memory.update(3, memory.compensate(3, torch.arange(5.0)), SparseGrad(torch.tensor([4]), torch.tensor([4.0]), 5))
+    restored = ErrorFeedback(momentum=0.9)
+    restored.load_state_dict(memory.state_dict())
+    assert torch.equal(restored.residual(3), memory.residual(3))
+    assert torch.equal(restored.velocities[3], memory.velocities[3])
+    with pytest.raises(ValueError, match="residuals"):
+        restored.load_state_dict({"velocities": {}})
+
+
+# --- stats -----------------------------------------------------------------------------------
+
+
+def test_stats_ratio_and_round_trip():
+    stats = CommStats()
+    stats.add(steps=2, dense_bytes=4000, sent_bytes=100, payload_bytes=96, kept=24, numel=1000, compressed_buckets=2)
+    d = stats.as_dict()
+    assert d["ratio"] == 40 and d["density"] == 0.024 and d["bits_per_kept"] == 32
+    restored = CommStats()
+    restored.load_state_dict(stats.state_dict())
+    assert restored.as_dict() == d
+    assert "ratio 40.0x" in format_stats(d)
+    with pytest.raises(ValueError, match="unknown fields"):
+        restored.load_state_dict({"bogus": 1})
+    assert CommStats().as_dict()["ratio"] == 1.0
+
+
+# --- state configuration -------------------------------------------------------------------
+
+
+def test_state_rejects_bad_configuration():
+    with pytest.raises(dr.ConfigError, match="start_iter"):
+        dr.DeepReduceState(compressor="topk:0.01/eliasfano/fp16", start_iter=1)
+    with pytest.raises(dr.ConfigError, match="seed"):
+        dr.DeepReduceState(compressor=dr.Compressor(seed=1), seed=2)
+    with pytest.raises(dr.ConfigError, match="compressor"):
+        dr.DeepReduceState(compressor=42)
+    with pytest.raises(dr.ConfigError, match="min_numel"):
+        dr.DeepReduceState(min_numel=-1)
+    state = dr.DeepReduceState(compressor="randomk:0.1/raw/raw", seed=7)
+    assert state.seed == 7 and state.compressor.seed == 7
+
+
+# --- transport and hook in a one-rank group ---------------------------------------------------
+
+
+def test_torch_transport_one_rank(group):
+    from deepreduce.comm import transport_class
+
+    transport = transport_class("torch")()
+    assert (transport.rank, transport.world_size) == (0, 1)
+    payload = torch.arange(13, dtype=torch.uint8)
+    [back] = transport.allgather_varlen(payload)
+    assert torch.equal(back, payload)
+    assert transport.allgather_bytes(b"spec") == [b"spec"]
+    assert transport.exchange_sizes(5) == [5]
+    with pytest.raises(ValueError, match="sizes"):
+        transport.allgather_padded_async(payload, [7])
+    t = torch.ones(3)
+    assert torch.equal(transport.allreduce_(t), torch.ones(3))
+    transport.barrier()
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+
+def _recording(hook, log):
+    """A hook that records each bucket's input and its reduced result."""
+
+    def recorded(state, bucket):
+        step, key, before = state.step, bucket.index(), bucket.buffer().clone()
+
+        def keep(fut):
+            log.append((step, key, before, fut.value().clone()))
+            return fut.value()
+
+        return hook(state, bucket).then(keep)
+
+    return recorded
+
+
+def test_hook_one_rank_sends_sparse_and_conserves(group):
+    """World size 1: after start_iter the reduced bucket has at most k nonzeros, and
+    sum(reduced) + residual == sum(raw gradients) per bucket (error feedback loses nothing)."""
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    state = dr.DeepReduceState(compressor="topk:0.05/eliasfano/raw", start_iter=2, min_numel=100, stats_every=0)
+    log: list = []
+    ddp.register_comm_hook(state, _recording(dr.deepreduce_hook, log))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        opt.zero_grad()
+        ddp(torch.randn(16, 64, generator=gen)).pow(2).mean().backward()
+        opt.step()
+    stats = state.stats()
+    assert stats["steps"] == 8 and stats["compressed_buckets"] > 0 and stats["ratio"] > 1
+    compressed = [(key, raw, out) for step, key, raw, out in log if step >= 2 and raw.numel() >= 100]
+    assert len(compressed) == stats["compressed_buckets"]
+    raw_sum: dict[int, torch.Tensor] = {}
+    out_sum: dict[int, torch.Tensor] = {}
+    for key, raw, out in compressed:
+        k = max(1, round(0.05 * raw.numel()))
+        assert int(torch.count_nonzero(out)) <= k
+        raw_sum[key] = raw_sum.get(key, 0) + raw.double()
+        out_sum[key] = out_sum.get(key, 0) + out.double()
+    for key in raw_sum:
+        residual = state.memory.residual(key).double()
+        assert torch.allclose(out_sum[key] + residual, raw_sum[key], atol=1e-6)
+
+
+def test_hook_one_rank_lossless_full_ratio_is_identity(group):
+    """ratio 1.0 with lossless codecs: the hook hands back exactly the gradient."""
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    state = dr.DeepReduceState(compressor="topk:1.0/zstd/raw", min_numel=0, stats_every=0, dense_fallback=False)
+    log: list = []
+    ddp.register_comm_hook(state, _recording(dr.deepreduce_hook, log))
+    for _ in range(4):
+        model.zero_grad()
+        ddp(torch.randn(8, 64)).sum().backward()
+    assert state.stats()["compressed_buckets"] > 0
+    for _, _, raw, out in log:
+        assert torch.equal(raw, out)
+
+
+def test_hook_logs_stats_periodically(group, caplog):
+    model = _model()
+    ddp = DDP(model)
+    state = dr.DeepReduceState(compressor="topk:0.1/eliasfano/fp16", min_numel=0, stats_every=2)
+    ddp.register_comm_hook(state, dr.deepreduce_hook)
+    with caplog.at_level(logging.INFO, logger="deepreduce"):
+        for _ in range(4):
+            ddp(torch.randn(4, 64)).sum().backward()
+    lines = [r.getMessage() for r in caplog.records if r.name == "deepreduce"]
+    assert len(lines) == 2 and "step 4" in lines[-1] and "ratio" in lines[-1]
+
+
+def test_state_dict_round_trip_continues_identically(group):
+    """Save the hook state mid-run, restore it into a fresh state and model: the next
+    steps match the uninterrupted run bit for bit."""
+
+    def run(steps, state, model, opt, gen):
+        ddp = DDP(model, bucket_cap_mb=0.01)
+        ddp(torch.zeros(1, 64)).sum().backward()  # settle DDP's bucket layout first
+        model.zero_grad()
+        ddp.register_comm_hook(state, dr.deepreduce_hook)
+        for _ in range(steps):
+            opt.zero_grad()
+            ddp(torch.randn(16, 64, generator=gen)).pow(2).mean().backward()
+            opt.step()
+
+    def fresh():
+        model = _model()
+        state = dr.DeepReduceState(compressor="topk:0.05/eliasfano/fp16", min_numel=100, stats_every=0)
+        return model, state, torch.optim.SGD(model.parameters(), lr=0.05), torch.Generator().manual_seed(1)
+
+    model_a, state_a, opt_a, gen_a = fresh()
+    run(10, state_a, model_a, opt_a, gen_a)
+
+    model_b, state_b, opt_b, gen_b = fresh()
+    run(5, state_b, model_b, opt_b, gen_b)
+    saved = (state_b.state_dict(), {k: v.clone() for k, v in model_b.state_dict().items()}, gen_b.get_state())
+    assert saved[0]["step"] == 5 and saved[0]["memory"]["residuals"]
+
+    model_c, state_c, opt_c, gen_c = fresh()
+    state_c.load_state_dict(saved[0])
+    model_c.load_state_dict(saved[1])
+    gen_c.set_state(saved[2])
+    run(5, state_c, model_c, opt_c, gen_c)  # plain SGD: no optimizer state to carry
+    for a, c in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(a, c)
+    assert state_c.step == 10 and state_c.stats()["steps"] == state_a.stats()["steps"]
+    for key, residual in state_a.memory.residuals.items():
+        assert torch.equal(residual, state_c.memory.residual(key))
+    with pytest.raises(ValueError, match="state dict"):
+        state_c.load_state_dict({"format": 99})
