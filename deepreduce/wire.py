@@ -147,7 +147,8 @@ def pack(
 
 def _as_payload(payload: Any) -> torch.Tensor:
     if isinstance(payload, (bytes, bytearray, memoryview)):
-        payload = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        raw = bytearray(payload)
+        payload = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
     elif isinstance(payload, np.ndarray):
         payload = torch.from_numpy(np.ascontiguousarray(payload))
     if not isinstance(payload, torch.Tensor):

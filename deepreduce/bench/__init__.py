@@ -1,0 +1,73 @@
+"""Benchmarks: ``deepreduce bench codecs|bandwidth|convergence`` (also ``benchmarks/*.py``).
+
+Shared plumbing: where results go, how a benchmark replaces its own section of
+``benchmarks/RESULTS.md``, machine facts, timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+
+def default_output_dir() -> Path:
+    """``benchmarks/`` of the source checkout when there is one, else ``./benchmarks``."""
+    checkout = Path(__file__).resolve().parents[2] / "benchmarks"
+    return checkout if checkout.is_dir() else Path.cwd() / "benchmarks"
+
+
+def machine_facts() -> dict[str, Any]:
+    return {
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs (CUDA work is synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_json(path: Path, rows: Iterable[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(list(rows), indent=1) + "\n")
+
+
+def update_results_section(results_md: Path, name: str, body: str) -> None:
+    """Replace the ``name`` section of RESULTS.md (between its markers), or append it."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = results_md.read_text() if results_md.exists() else "# deepreduce benchmark results\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    results_md.parent.mkdir(parents=True, exist_ok=True)
+    results_md.write_text(text)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""Smoke test of the codec benchmark (seconds): it runs, and writes the table, JSON and plot."""
+
+from __future__ import annotations
+
+import json
+
+from deepreduce.bench import codecs as bench_codecs
+from deepreduce.bench import update_results_section
+
+FIELDS = {"model", "density", "index", "value", "bits_per_element", "entropy_ratio", "rel_error",
+          "compress_mb_s", "decompress_mb_s", "topk_s"}
+
+
+def test_codec_benchmark_quick_run(tmp_path):
+    assert bench_codecs.main(["--quick", "--out", str(tmp_path), "--only", "raw/raw", "eliasfano/fp16", "zstd/raw"]) == 0
+    rows = json.loads((tmp_path / "results" / "codecs.json").read_text())
+    assert {(r["index"], r["value"]) for r in rows} == {("raw", "raw"), ("eliasfano", "fp16"), ("zstd", "raw")}
+    for row in rows:
+        assert FIELDS <= set(row)
+        assert row["compress_mb_s"] > 0 and row["decompress_mb_s"] > 0
+    raw = next(r for r in rows if r["index"] == "raw")
+    ef = next(r for r in rows if r["index"] == "eliasfano")
+    assert 64 <= raw["bits_per_element"] < 70  # int32 + fp32, plus the header
+    assert ef["bits_per_element"] < 0.5 * raw["bits_per_element"]
+    assert raw["rel_error"] == 0 and 0 < ef["rel_error"] < 1e-3
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "<!-- codecs:begin -->" in text and "eliasfano" in text
+    assert (tmp_path / "results" / "codec_bits.png").stat().st_size > 1000
+
+
+def test_results_sections_are_replaced_not_duplicated(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    update_results_section(path, "codecs", "first")
+    update_results_section(path, "other", "kept")
+    update_results_section(path, "codecs", "second")
+    text = path.read_text()
+    assert text.count("<!-- codecs:begin -->") == 1 and "second" in text and "first" not in text and "kept" in text

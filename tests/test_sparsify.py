@@ -1,0 +1,131 @@
+"""Sparsifiers: exactness of topk, MSTopK's exact count and mass, DGC's tolerance, randomk's stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deepreduce as dr
+from deepreduce.errors import ConfigError
+from deepreduce.sparse import SelectContext, SparseGrad, target_k
+
+
+def ascending_unique(indices: torch.Tensor) -> bool:
+    return indices.numel() < 2 or bool((indices[1:] > indices[:-1]).all())
+
+
+def l1_of_top(x: torch.Tensor, k: int) -> float:
+    return float(torch.topk(x.abs(), k).values.double().sum()) if k else 0.0
+
+
+@pytest.mark.parametrize("numel", [1, 10, 1000, 300_000, 2_000_000])
+@pytest.mark.parametrize("ratio", [0.0, 0.001, 0.01, 0.1, 0.3, 1.0])
+def test_topk_selects_exactly_the_largest_magnitudes(numel, ratio):
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    sg = dr.sparsify(x, ratio, "topk")
+    k = target_k(numel, ratio)
+    assert sg.k == k and ascending_unique(sg.indices)
+    assert torch.equal(sg.values, x[sg.indices])
+    if k:
+        reference = torch.topk(x.abs(), k).indices
+        assert torch.equal(sg.indices, torch.sort(reference).values)
+
+
+def test_topk_on_real_gradients_matches_torch_topk(real_gradients):
+    for g in real_gradients.values():
+        for ratio in (0.001, 0.01, 0.1):
+            k = target_k(g.numel(), ratio)
+            sg = dr.sparsify(g, ratio, "topk")
+            assert sg.k == k
+            assert float(sg.values.abs().double().sum()) == pytest.approx(l1_of_top(g, k), rel=1e-9)
+
+
+def test_topk_survives_ties_and_zeros():
+    x = torch.zeros(1_000_000)
+    x[::1000] = 1.0
+    sg = dr.sparsify(x, 0.01, "topk")  # 1000 ones and 9000 ties at zero
+    assert sg.k == 10_000 and ascending_unique(sg.indices)
+    assert int((sg.values == 1.0).sum()) == 1000
+
+
+def test_mstopk_returns_exactly_k_with_top_k_mass(real_gradients):
+    for name, g in real_gradients.items():
+        big = g.repeat(max(1, 3_000_000 // g.numel()))  # exercise the sampled bracket on a large bucket
+        for x in (g, big):
+            for ratio in (0.001, 0.01, 0.1):
+                k = target_k(x.numel(), ratio)
+                sg = dr.sparsify(x, ratio, "mstopk")
+                assert sg.k == k, (name, ratio)
+                assert ascending_unique(sg.indices)
+                assert torch.equal(sg.values, x[sg.indices])
+                mass = float(sg.values.abs().double().sum())
+                assert mass >= 0.99 * l1_of_top(x, k), (name, ratio, mass / l1_of_top(x, k))
+
+
+def test_mstopk_handles_constant_and_tiny_tensors():
+    for x in (torch.zeros(500_000), torch.ones(500_000), torch.randn(3)):
+        sg = dr.sparsify(x, 0.01, "mstopk")
+        assert sg.k == target_k(x.numel(), 0.01) and ascending_unique(sg.indices)
+
+
+def test_dgc_count_is_within_tolerance(real_gradients):
+    for g in real_gradients.values():
+        for ratio in (0.001, 0.01, 0.1):
+            k = target_k(g.numel(), ratio)
+            sg = dr.sparsify(g, ratio, "dgc", tolerance=0.1)
+            assert abs(sg.k - k) <= 0.1 * k + 1, (ratio, sg.k, k)
+            assert ascending_unique(sg.indices)
+            # Everything selected is at least as large as everything left out.
+            left_out = torch.ones(g.numel(), dtype=torch.bool)
+            left_out[sg.indices] = False
+            assert float(sg.values.abs().min()) >= float(g.abs()[left_out].max())
+
+
+def test_threshold_keeps_every_element_at_or_above_t():
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(3))
+    sg = dr.sparsify(x, 0.5, "threshold", t=2.0)
+    assert torch.equal(sg.indices, torch.nonzero(x.abs() >= 2.0).reshape(-1))
+    with pytest.raises(ConfigError, match="needs the parameter t"):
+        dr.sparsify(x, 0.5, "threshold")
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        dr.sparsify(x, 0.5, "threshold", t=-1)
+
+
+def test_randomk_is_a_reproducible_private_stream():
+    x = torch.randn(50_000)
+    before = torch.random.get_rng_state()
+    a = dr.sparsify(x, 0.01, "randomk", ctx=SelectContext(rng_seed=11))
+    b = dr.sparsify(x, 0.01, "randomk", ctx=SelectContext(rng_seed=11))
+    c = dr.sparsify(x, 0.01, "randomk", ctx=SelectContext(rng_seed=12))
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is untouched
+    assert a.k == 500 and ascending_unique(a.indices)
+    assert torch.equal(a.indices, b.indices)
+    assert not torch.equal(a.indices, c.indices)
+    assert dr.sparsify(x, 0.9, "randomk", ctx=SelectContext(rng_seed=1)).k == 45_000
+
+
+def test_randomk_is_uniform():
+    counts = torch.zeros(100)
+    for seed in range(400):
+        counts.index_add_(0, dr.sparsify(torch.randn(100), 0.1, "randomk", ctx=SelectContext(seed)).indices, torch.ones(10))
+    # 4000 draws over 100 positions: each expects 40; a chi-square bound far in the tail.
+    chi2 = float(((counts - 40) ** 2 / 40).sum())
+    assert chi2 < 200, chi2
+
+
+def test_sparse_grad_dense_round_trip():
+    sg = SparseGrad(torch.tensor([1, 4]), torch.tensor([2.0, -3.0]), 6)
+    assert torch.equal(sg.to_dense(), torch.tensor([0.0, 2.0, 0.0, 0.0, -3.0, 0.0]))
+    dense = torch.ones(6)
+    sg.add_to(dense, alpha=0.5)
+    assert torch.equal(dense, torch.tensor([1.0, 2.0, 1.0, 1.0, -0.5, 1.0]))
+    assert sg.k == 2 and sg.density == pytest.approx(1 / 3)
+
+
+def test_bad_sparsifier_configuration_is_reported():
+    with pytest.raises(ConfigError, match="unknown sparsifier 'top'"):
+        dr.sparsify(torch.randn(10), 0.1, "top")
+    with pytest.raises(ConfigError, match=r"ratio must be in \[0, 1\]"):
+        dr.sparsify(torch.randn(10), 1.5)
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        dr.sparsify(torch.randn(10), 0.1, "topk", rounds=3)
