@@ -1,0 +1,8 @@
+"""Run `deepreduce bench bandwidth` from a checkout: python benchmarks/bandwidth.py --help"""
+
+import sys
+
+from deepreduce.bench.bandwidth import main
+
+if __name__ == "__main__":
+    sys.exit(main())
