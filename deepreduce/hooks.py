@@ -28,7 +28,7 @@ Tuning:
 - ``min_numel``: buckets smaller than this go dense (their payload would be mostly
   header, and a small allreduce is latency-bound anyway).
 - ``dense_fallback``: an all-gather moves every rank's payload to every rank, so with
-  many ranks or a high density it can move more than an allreduce (ALGORITHMS.md §5).
+  many ranks or a high density it can move more than an allreduce.
   When ``W * padded payload > 2 * bucket bytes`` the bucket is allreduced instead; all
   ranks decide from the same exchanged sizes. ``stats()["dense_fallbacks"]`` counts it.
 """
@@ -303,7 +303,7 @@ def completed_before_return(hook: Callable[[Any, dist.GradBucket], torch.futures
 
     For hooks that issue collectives from ``Future.then`` callbacks (the stock
     ``powerSGD_hook``): with gloo and several buckets those collectives interleave with
-    the next bucket's and abort or hang (ALGORITHMS.md §6). Waiting serialises them, at
+    the next bucket's and abort or hang. Waiting serialises them, at
     the cost of the overlap between communication and the rest of the backward pass."""
 
     def wrapper(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -26,7 +26,7 @@ runs any command, with ``{node} {nodes} {addr} {master} {port} {ifname}`` replac
 Token-bucket burst: ``tbf`` lets ``burst`` bytes through at full speed after every idle
 gap, which flatters payloads of about that size. The default is just above one timer
 tick's worth of the rate (32 KiB at 100 Mbit/s, 256 KiB at 1 Gbit/s); smaller bursts
-cap the link below its rate (ALGORITHMS.md §10).
+cap the link below its rate.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ Byte counts are what *this* rank hands to collectives, per bucket:
 - ``payload_bytes``: its own unpadded payloads (compressed buckets only).
 
 ``ratio = dense_bytes / sent_bytes``. An allreduce moves about twice its input over the
-wire and an all-gather W-1 times its input, so to compare with a link's capacity see
-ALGORITHMS.md §5; these counters stay comparable with what other hooks report.
+wire and an all-gather W-1 times its input (sparse pays while W * payload < 2 * dense
+bytes); these counters count inputs, so they stay comparable with what other hooks report.
 """
 
 from __future__ import annotations

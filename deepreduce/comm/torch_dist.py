@@ -10,7 +10,7 @@ hook must know the sizes to choose between gather and dense allreduce, and all r
 must choose alike), while :meth:`allgather_padded_async` and :meth:`allreduce_async`
 only *issue* a collective and return a future. Both must be called from the hook body,
 never from a ``Future.then`` callback: callbacks run on the backend's threads, where
-issuing a collective breaks the fixed order gloo needs (ALGORITHMS.md §6).
+issuing a collective breaks the fixed order gloo needs.
 """
 
 from __future__ import annotations
