@@ -111,7 +111,6 @@ class Compressor:
         self.sparsifier_config = resolve_params(f"sparsifier {sparsifier!r}", self.sparsifier.params, routed["s"])
         self.index_codec: IndexCodec = make_index_codec(index, routed["i"])
         self.value_codec: ValueCodec = make_value_codec(value, routed["v"])
-        self._caches: dict[int, dict] = {}
         self._steps: dict[int, int] = {}
 
     # --- description -----------------------------------------------------------------
@@ -188,7 +187,7 @@ class Compressor:
         if numel > wire.MAX_NUMEL:
             raise ValueError(f"tensor of {numel} elements exceeds the payload limit of {wire.MAX_NUMEL}")
         rng_seed = rng.stream_seed(self.seed, self._next_step(bucket, step), bucket)
-        select_ctx = SelectContext(rng_seed, self._caches.setdefault(bucket, {}))
+        select_ctx = SelectContext(rng_seed)
         selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, select_ctx)
         ctx = CodecContext(numel, flat.dtype, flat.device, rng_seed)
         index_part = self.index_codec.encode(selected.indices, ctx)

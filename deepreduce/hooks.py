@@ -33,7 +33,6 @@ Tuning:
   ranks decide from the same exchanged sizes. ``stats()["dense_fallbacks"]`` counts it.
 """
 
-import copy
 import hashlib
 import json
 import logging
@@ -187,9 +186,6 @@ class DeepReduceState:
             "memory": self.memory.state_dict(),
             "stats": self._stats.state_dict(),
             "compressor": {"spec": c.spec, "seed": c.seed, "fingerprint": c.fingerprint},
-            # Sparsifiers may keep per-bucket hints (e.g. last threshold) that steer
-            # selection; restoring them keeps a resumed run identical.
-            "sparsifier_caches": copy.deepcopy(getattr(c, "_caches", {})),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -202,8 +198,6 @@ class DeepReduceState:
         self.step = int(state["step"])
         self.memory.load_state_dict(state["memory"])
         self._stats.load_state_dict(state["stats"])
-        if hasattr(self.compressor, "_caches"):
-            self.compressor._caches = copy.deepcopy(state.get("sparsifier_caches", {}))
 
     def __repr__(self) -> str:
         return f"DeepReduceState({self.describe()}, step={self.step})"

@@ -15,7 +15,7 @@ indices in ascending order without a sort.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -58,10 +58,9 @@ class SparseGrad:
 
 @dataclass
 class SelectContext:
-    """Per-call context handed to a sparsifier: a private random stream and a per-bucket cache."""
+    """Per-call context handed to a sparsifier: its private random stream."""
 
     rng_seed: int = 0
-    cache: dict = field(default_factory=dict)
 
     def generator(self, salt: int, device: torch.device) -> torch.Generator:
         return rng.generator(self.rng_seed, salt, device)
