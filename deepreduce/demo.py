@@ -13,7 +13,6 @@ rather than the time saved on a slow link; ``deepreduce bench bandwidth`` (or
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,6 +24,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from .train import read_metrics
 
 DEFAULT_SPEC = "topk:0.01/eliasfano/fp16"
 
@@ -49,22 +50,6 @@ TRAIN_ARGS = ["--d-model", "128", "--layers", "2", "--heads", "4", "--seq-len", 
               "--lr", "3e-3", "--corpus-mb", "4", "--threads", "1", "--start-iter", "10"]
 
 
-def _read_metrics(path: Path) -> tuple[list[dict], dict | None]:
-    steps, summary = [], None
-    if not path.exists():
-        return steps, summary
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line being written
-            continue
-        if "summary" in record:
-            summary = record["summary"]
-        else:
-            steps.append(record)
-    return steps, summary
-
-
 def run_one(name: str, compression: str, args: argparse.Namespace, out: Path, progress: Progress) -> dict:
     metrics, log = out / f"{name}.jsonl", out / f"{name}.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.workers}",
@@ -78,14 +63,14 @@ def run_one(name: str, compression: str, args: argparse.Namespace, out: Path, pr
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         try:
             while proc.poll() is None:
-                steps, _ = _read_metrics(metrics)
+                steps, _ = read_metrics(metrics)
                 progress.update(task, completed=len(steps))
                 time.sleep(0.5)
         except BaseException:
             proc.terminate()
             proc.wait()
             raise
-    steps, summary = _read_metrics(metrics)
+    steps, summary = read_metrics(metrics)
     progress.update(task, completed=len(steps))
     if proc.returncode or summary is None:
         tail = "\n".join(log.read_text().splitlines()[-25:])

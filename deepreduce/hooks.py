@@ -220,7 +220,6 @@ def deepreduce_hook(state: DeepReduceState, bucket: dist.GradBucket) -> torch.fu
         state.check_agreement()
     buffer = bucket.buffer()
     transport = state.transport
-    world_size = transport.world_size
     dense_bytes = buffer.numel() * buffer.element_size()
     state._stats.add(buckets=1, dense_bytes=dense_bytes)
 

@@ -405,6 +405,22 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
+def read_metrics(path: Path) -> tuple[list[dict], dict | None]:
+    """Step records and the summary of a ``deepreduce train --metrics`` file."""
+    steps, summary = [], None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line still being written
+                continue
+            if "summary" in record:
+                summary = record["summary"]
+            else:
+                steps.append(record)
+    return steps, summary
+
+
 def params_digest(model: torch.nn.Module) -> str:
     """SHA-256 of the parameters' bytes: equal digests mean bitwise-equal models."""
     h = hashlib.sha256()

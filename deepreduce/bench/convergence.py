@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..train import read_metrics
 from . import default_output_dir, machine_facts, markdown_table, update_results_section, write_json
 
 CONFIGS = [
@@ -38,22 +39,6 @@ MODEL_ARGS = ["--d-model", "192", "--layers", "3", "--heads", "4", "--seq-len", 
               "--lr", "3e-3", "--corpus-mb", "8", "--start-iter", "10"]
 QUICK_ARGS = ["--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch", "4",
               "--corpus-mb", "1", "--start-iter", "2", "--eval-batches", "2"]
-
-
-def read_metrics(path: Path) -> tuple[list[dict], dict | None]:
-    """Step records and the summary of a ``deepreduce train --metrics`` file."""
-    steps, summary = [], None
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line still being written
-                continue
-            if "summary" in record:
-                summary = record["summary"]
-            else:
-                steps.append(record)
-    return steps, summary
 
 
 def _launch(config: str, train_args: list[str], metrics: Path, log: Path, port: int, cluster) -> list[subprocess.Popen]:
