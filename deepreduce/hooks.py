@@ -219,7 +219,6 @@ def deepreduce_hook(state: DeepReduceState, bucket: dist.GradBucket) -> torch.fu
     if not state._agreed:
         state.check_agreement()
     buffer = bucket.buffer()
-    transport = state.transport
     dense_bytes = buffer.numel() * buffer.element_size()
     state._stats.add(buckets=1, dense_bytes=dense_bytes)
 
