@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--backward-passes", type=int, default=1, help="micro-batches accumulated per step")
     parser.add_argument("--min-numel", type=int, default=1024, help="smaller tensors travel uncompressed")
-    parser.add_argument("--json", action="store_true", help="rank 0 prints one JSON line with the results")
+    parser.add_argument("--json", action="store_true", help="rank 0 also prints the results as one JSON line")
     args = parser.parse_args(argv)
 
     import horovod.torch as hvd
@@ -66,16 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     agree = len(set(digests)) == 1
     if rank == 0:
         stats = optimizer.stats()
+        print(f"{world} ranks, {args.spec}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps, "
+              f"{stats['sent_bytes'] / stats['steps']:.0f} bytes sent per rank per step "
+              f"({stats['ratio']:.1f}x less than dense)")
+        if agree:
+            print(f"parameters agree on all {world} ranks (sha256 {digests[0][:16]})")
+        else:
+            print("parameters DIFFER across ranks: " + ", ".join(f"rank {r}: {d[:16]}" for r, d in enumerate(digests)))
         if args.json:
             print(json.dumps({"world_size": world, "agree": agree, "digests": digests, "losses": losses, "stats": stats}))
-        else:
-            print(f"{world} ranks, {args.spec}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps, "
-                  f"{stats['sent_bytes'] / stats['steps']:.0f} bytes sent per rank per step "
-                  f"({stats['ratio']:.1f}x less than dense)")
-            if agree:
-                print(f"parameters agree on all {world} ranks (sha256 {digests[0][:16]})")
-            else:
-                print("parameters DIFFER across ranks: " + ", ".join(f"rank {r}: {d[:16]}" for r, d in enumerate(digests)))
     hvd.shutdown()
     return 0 if agree else 1
 

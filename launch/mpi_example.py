@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--min-numel", type=int, default=1024, help="smaller tensors travel uncompressed")
-    parser.add_argument("--json", action="store_true", help="rank 0 prints one JSON line with the results")
+    parser.add_argument("--json", action="store_true", help="rank 0 also prints the results as one JSON line")
     args = parser.parse_args(argv)
 
     from mpi4py import MPI
@@ -81,16 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     agree = len(set(digests)) == 1
     stats = averager.stats.as_dict()
+    print(f"{world} ranks, {args.spec}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps, "
+          f"{stats['sent_bytes'] / stats['steps']:.0f} bytes sent per rank per step "
+          f"({stats['ratio']:.1f}x less than dense)")
+    if agree:
+        print(f"parameters agree on all {world} ranks (sha256 {digests[0][:16]})")
+    else:
+        print("parameters DIFFER across ranks: " + ", ".join(f"rank {r}: {d[:16]}" for r, d in enumerate(digests)))
     if args.json:
         print(json.dumps({"world_size": world, "agree": agree, "digests": digests, "losses": losses, "stats": stats}))
-    else:
-        print(f"{world} ranks, {args.spec}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps, "
-              f"{stats['sent_bytes'] / stats['steps']:.0f} bytes sent per rank per step "
-              f"({stats['ratio']:.1f}x less than dense)")
-        if agree:
-            print(f"parameters agree on all {world} ranks (sha256 {digests[0][:16]})")
-        else:
-            print("parameters DIFFER across ranks: " + ", ".join(f"rank {r}: {d[:16]}" for r, d in enumerate(digests)))
     return 0 if agree else 1
 
 
