@@ -304,6 +304,10 @@ def test_mpi_averaging_is_exact_and_identical_across_ranks(tmp_path, world):
         for got_step, expected_step in zip(got["allreduce"], allreduce_reference(world), strict=True):
             assert torch.equal(got_step, expected_step), rank
         assert got["sent_bytes"] > 0
+        factor = world * (world + 1) // 2
+        assert torch.equal(got["dense"][0], torch.arange(6, dtype=torch.float32) * factor)
+        assert got["dense"][1].dtype == torch.bfloat16
+        assert torch.equal(got["dense"][1], (torch.arange(0, 6, 2, dtype=torch.float32) * factor).to(torch.bfloat16))
 
 
 def allreduce_reference(world: int) -> list[torch.Tensor]:
@@ -419,8 +423,14 @@ def _worker_average(out_dir: str) -> None:
                                             step=step, bucket=5, memory=memory)
         for step in range(2)
     ]
-    torch.save({"exchange": results, "allreduce": reduced, "sent_bytes": averager.stats.sent_bytes},
-               Path(out_dir) / f"rank{rank}.pt")
+    # the dense fallback, in place, for a native and a half-precision dtype
+    dense32 = torch.arange(6, dtype=torch.float32) * (rank + 1)
+    dense16 = (torch.arange(6, dtype=torch.float32) * (rank + 1)).to(torch.bfloat16)[::2]  # strided view
+    averager.transport.allreduce_(dense32)
+    averager.transport.allreduce_(dense16)
+    averager.transport.barrier()
+    torch.save({"exchange": results, "allreduce": reduced, "sent_bytes": averager.stats.sent_bytes,
+                "dense": [dense32, dense16]}, Path(out_dir) / f"rank{rank}.pt")
 
 
 def _worker_mismatch() -> None:
