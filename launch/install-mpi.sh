@@ -6,7 +6,10 @@
 #
 # Afterwards `mpiexec -n 2 PYTHON launch/mpi_example.py` trains a tiny model on two
 # ranks. The mpiexec that runs the job must be the one of the same MPI that mpi4py
-# was built against: the `mpich` wheel puts it next to PYTHON (bin/mpiexec).
+# was built against: the `mpich` wheel puts it next to PYTHON (bin/mpiexec). MPICH's
+# mpiexec runs as root and with more ranks than cores (-n 3 on 2 cores) with no flags.
+# With a system Open MPI instead (apt-get install libopenmpi-dev openmpi-bin, then
+# pip install mpi4py without mpich), root needs mpirun --allow-run-as-root --oversubscribe.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${1:-}"

@@ -2,10 +2,11 @@
 needed), and under ``horovodrun --gloo``: payloads byte-identical to the torch.distributed
 and direct paths, and training with bitwise-identical parameters across ranks.
 
-Horovod 0.28.1 must be built from source with a C++17 patch (launch/install-horovod.sh,
-about 3-5 minutes on 2 cores), too slow for every CI run. The ``horovodrun`` tests run when
-Horovod is importable, or when ``DEEPREDUCE_TEST_HOROVOD=1`` asks this session to build it
-(cached: later sessions install the built wheel in seconds):
+Horovod 0.28.1 must be built from source with a C++17 patch (launch/install-horovod.sh:
+about 5 CPU-minutes, 3 min on 2 idle cores and up to 9 while other work runs), too slow
+for every CI run. The ``horovodrun`` tests run when Horovod is importable, or when
+``DEEPREDUCE_TEST_HOROVOD=1`` asks this session to build it (cached: later sessions
+install the built wheel in seconds):
 
     DEEPREDUCE_TEST_HOROVOD=1 .venv/bin/python -m pytest -q tests/test_horovod.py
 
@@ -201,7 +202,7 @@ def _horovod_problem() -> str | None:
     except ImportError as exc:
         if importlib.util.find_spec("horovod") is None:
             return None if os.environ.get(BUILD_ENV) == "1" else (
-                "Horovod is not installed: build it with launch/install-horovod.sh (3-5 min on 2 cores), "
+                "Horovod is not installed: build it with launch/install-horovod.sh (about 5 CPU-minutes), "
                 f"or run with {BUILD_ENV}=1 to build it (cached) in this session")
         return f"horovod is installed but does not import ({exc}); rebuild it with launch/install-horovod.sh"
     if not hvd.gloo_built():

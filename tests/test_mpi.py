@@ -9,6 +9,7 @@ extra; ``launch/install-mpi.sh`` installs them elsewhere) and skip, saying so, w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -134,8 +135,17 @@ def run_checked(cmd: list[str], timeout: float = 180) -> subprocess.CompletedPro
     return proc
 
 
+@functools.lru_cache(maxsize=None)
+def mpiexec_flags() -> tuple[str, ...]:
+    """MPICH (the wheel) needs none; Open MPI refuses root and more ranks than cores without these."""
+    version = subprocess.run([find_mpiexec(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    if "Open MPI" not in version and "OpenRTE" not in version:
+        return ()
+    return ("--oversubscribe",) + (("--allow-run-as-root",) if os.geteuid() == 0 else ())
+
+
 def mpirun(world: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return run_checked([find_mpiexec(), "-n", str(world), sys.executable, *args], timeout)
+    return run_checked([find_mpiexec(), *mpiexec_flags(), "-n", str(world), sys.executable, *args], timeout)
 
 
 def free_port() -> int:
