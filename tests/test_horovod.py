@@ -3,7 +3,7 @@ needed), and under ``horovodrun --gloo``: payloads byte-identical to the torch.d
 and direct paths, and training with bitwise-identical parameters across ranks.
 
 Horovod 0.28.1 must be built from source with a C++17 patch (launch/install-horovod.sh:
-about 5 CPU-minutes, 3 min on 2 idle cores and up to 9 while other work runs), too slow
+about 5 CPU-minutes; 5 to 9 minutes measured on 2 cores shared with other work), too slow
 for every CI run. The ``horovodrun`` tests run when Horovod is importable, or when
 ``DEEPREDUCE_TEST_HOROVOD=1`` asks this session to build it (cached: later sessions
 install the built wheel in seconds):
