@@ -204,6 +204,26 @@ class SoloTransport(Transport):
         pass
 
 
+def test_transports_are_registered_by_name():
+    from deepreduce.comm import transport_class
+    from deepreduce.comm.horovod import HorovodTransport
+    from deepreduce.comm.mpi import MPITransport
+
+    assert transport_class("mpi") is MPITransport
+    assert transport_class("horovod") is HorovodTransport
+
+
+@needs_mpi
+def test_mpi_transport_rejects_bad_payloads():
+    from deepreduce.comm.mpi import MPITransport
+
+    transport = object.__new__(MPITransport)  # validation happens before any MPI call
+    with pytest.raises(ValueError, match="1-D uint8 tensor, got torch.float32"):
+        transport.allgather_varlen(torch.zeros(3))
+    with pytest.raises(TypeError, match="got bytes"):
+        transport.allgather_varlen(b"abc")
+
+
 def test_frame_round_trip_and_alignment():
     entries = [torch.arange(5, dtype=torch.uint8), None, torch.empty(0, dtype=torch.uint8), torch.full((9,), 7, dtype=torch.uint8)]
     message = frame(entries)
