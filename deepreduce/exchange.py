@@ -32,48 +32,10 @@ from . import wire
 from .comm import Transport
 from .compressor import Compressor
 from .errors import ConfigError, DecodeError
+from .memory import ErrorFeedback
 from .sparse import SparseGrad
 
 NO_GRADIENT = -1
-
-
-class ErrorFeedback:
-    """Per-tensor residuals: what compression left out is added to the next step's gradient.
-
-    ``compensate(key, grad)`` returns ``grad + residual``; after encoding,
-    ``update(key, compensated, sent)`` keeps ``compensated - sent`` where ``sent`` is
-    exactly what the receivers decode (``Compressed.sent``), so a lossy codec's error is
-    fed back too. Residuals follow the gradient's dtype and device.
-    """
-
-    def __init__(self) -> None:
-        self.residuals: dict[Any, torch.Tensor] = {}
-
-    def compensate(self, key: Any, grad: torch.Tensor) -> torch.Tensor:
-        flat = grad.detach().reshape(-1)
-        residual = self.residuals.get(key)
-        if residual is None:
-            return flat
-        if residual.shape != flat.shape or residual.dtype != flat.dtype or residual.device != flat.device:
-            raise ValueError(
-                f"error feedback for {key!r}: residual is {residual.dtype}[{residual.numel()}] on {residual.device}, "
-                f"gradient is {flat.dtype}[{flat.numel()}] on {flat.device}; call reset() after changing the model"
-            )
-        return flat + residual
-
-    def update(self, key: Any, compensated: torch.Tensor, sent: SparseGrad) -> None:
-        residual = compensated.detach().reshape(-1).clone()
-        residual[sent.indices] -= sent.values.to(residual.dtype)
-        self.residuals[key] = residual
-
-    def reset(self) -> None:
-        self.residuals.clear()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"residuals": {key: value.clone() for key, value in self.residuals.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.residuals = {key: value.clone() for key, value in state["residuals"].items()}
 
 
 @dataclass
@@ -171,8 +133,9 @@ class GradientExchange:
         named_parameters: ``(name, parameter)`` pairs in the same order on every rank.
         min_numel: tensors smaller than this travel uncompressed (raw bytes): a bias of a
             few hundred elements gains nothing from a 64-byte header and an index codec.
-        error_feedback: keep what compression dropped and add it to the next gradient.
-            Without it top-k at 1 % loses 99 % of every gradient and training stalls.
+        error_feedback: keep what compression dropped and add it to the next gradient
+            (:class:`deepreduce.memory.ErrorFeedback`, keyed by parameter name). Without
+            it top-k at 1 % loses 99 % of every gradient and training stalls.
         average: divide the sum by the world size (Horovod's ``Average``); else sum.
 
     After :meth:`synchronize`, every parameter that had a gradient on at least one rank

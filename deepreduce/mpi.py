@@ -30,7 +30,8 @@ import torch
 
 from .comm.mpi import MPITransport
 from .compressor import Compressor
-from .exchange import ErrorFeedback, GradientExchange, sum_in_rank_order
+from .exchange import GradientExchange, sum_in_rank_order
+from .memory import ErrorFeedback
 
 __all__ = ["ErrorFeedback", "GradientAverager", "MPITransport", "allreduce_compressed", "broadcast_parameters"]
 

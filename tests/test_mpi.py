@@ -1,5 +1,6 @@
 """mpi4py backend: transport, compressed averaging, the mpirun example, and the
-payload equivalence with torch.distributed (gloo).
+payload equivalence with torch.distributed (gloo: this file's own pad-to-max gather and
+the library's TorchTransport).
 
 Multi-rank tests launch ``mpiexec -n W python tests/test_mpi.py <mode> ...`` (this file
 is also the worker) and compare what the ranks wrote with what the test computes in
@@ -24,7 +25,7 @@ import torch
 
 import deepreduce as dr
 from deepreduce.comm import Transport
-from deepreduce.exchange import ErrorFeedback, GradientExchange, frame, unframe
+from deepreduce.exchange import GradientExchange, frame, unframe
 
 ROOT = Path(__file__).resolve().parents[1]
 THIS = Path(__file__).resolve()
@@ -252,23 +253,6 @@ def test_unframe_rejects_malformed_messages(mutate, match):
         unframe(mutate(message), expected)
 
 
-def test_error_feedback_keeps_what_was_not_sent():
-    memory = ErrorFeedback()
-    compressor = dr.Compressor(ratio=0.1, value="fp16")
-    grad = torch.randn(1000, generator=torch.Generator().manual_seed(0))
-    compensated = memory.compensate("w", grad)
-    assert compensated is not grad and torch.equal(compensated, grad)
-    sent = compressor.encode(compensated, step=0).sent
-    memory.update("w", compensated, sent)
-    assert torch.equal(memory.residuals["w"], compensated - sent.to_dense())
-    # fp16 rounding of the kept values stays in the residual too
-    assert bool(memory.residuals["w"][sent.indices].abs().gt(0).any())
-    again = memory.compensate("w", grad)
-    assert torch.equal(again, grad + memory.residuals["w"])
-    with pytest.raises(ValueError, match="residual is torch.float32\\[1000\\]"):
-        memory.compensate("w", torch.zeros(10))
-
-
 def test_exchange_single_rank_matches_replay():
     params = make_parameters()
     exchange = GradientExchange(SoloTransport(), dr.Compressor.from_spec(EXCHANGE_SPEC), params, min_numel=EXCHANGE_MIN_NUMEL)
@@ -396,10 +380,20 @@ def _worker_payloads(transport_name: str, out_dir: str) -> None:
     if transport_name == "torch":
         import torch.distributed as dist
 
+        from deepreduce.comm.torch_dist import TorchTransport
+
         port = os.environ["MASTER_PORT"]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-        rank, gather, gather_bytes = dist.get_rank(), _torch_allgather_varlen, None
+        library = TorchTransport()
+
+        def gather(payload: torch.Tensor) -> list[torch.Tensor]:
+            # this file's own pad-to-max gather, and the library's TorchTransport, must agree
+            own, theirs = _torch_allgather_varlen(payload), library.allgather_varlen(payload)
+            assert [t.numpy().tobytes() for t in own] == [t.numpy().tobytes() for t in theirs]
+            return own
+
+        rank, gather_bytes = dist.get_rank(), library.allgather_bytes
     else:
         if transport_name == "mpi":
             from deepreduce.comm.mpi import MPITransport
@@ -417,12 +411,7 @@ def _worker_payloads(transport_name: str, out_dir: str) -> None:
     for i, payload in enumerate(local_payloads(rank)):
         for src, got in enumerate(gather(payload)):
             arrays[f"p{i}_from{src}"] = got.numpy()
-    mine = bytes(range(3 * rank))
-    if gather_bytes is not None:
-        received = gather_bytes(mine)
-    else:
-        received = [t.numpy().tobytes() for t in gather(torch.frombuffer(bytearray(mine), dtype=torch.uint8) if mine else torch.empty(0, dtype=torch.uint8))]
-    for src, data in enumerate(received):
+    for src, data in enumerate(gather_bytes(bytes(range(3 * rank)))):
         arrays[f"bytes_from{src}"] = np.frombuffer(data, dtype=np.uint8)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     np.savez(Path(out_dir) / f"rank{rank}.npz", **arrays)
