@@ -83,6 +83,19 @@ def segment_grid(sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return segment, local.to(torch.float64) / span[segment]
 
 
+_HEAD_DIVISORS = (5, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000, 300000, 1000000)
+_MIN_SEGMENT = 30
+
+
+def head_segments(n: int) -> list[int]:
+    """Segment sizes for ``n`` descending magnitudes: short segments at the steep head,
+    of about ``n/1000, n/300, n/100, n/30, n/10, n/5`` values (those above 30), then the
+    rest as one tail segment."""
+    head = [n // divisor for divisor in _HEAD_DIVISORS if n // divisor > _MIN_SEGMENT]
+    head.reverse()  # smallest segments at the steep head
+    return head + [n - sum(head)]
+
+
 def unit_grid(n: int, device: torch.device) -> torch.Tensor:
     """``n`` points evenly spaced over ``[0, 1]`` (``[0]`` for a single point), float64."""
     return torch.arange(n, dtype=torch.float64, device=device) / max(n - 1, 1)

@@ -21,17 +21,20 @@ import torch
 from ...errors import DecodeError
 from ...params import Param
 from .. import register_value_codec
-from .._sorted_curves import SortedCurveCodec
+from .._sorted_curves import SortedCurveCodec, head_segments
 
 MAX_DEGREE = 10
-_HEAD_DIVISORS = (5, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000, 300000, 1000000)
-_MIN_SEGMENT = 30
 
 
 def lstsq(design: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Least-squares solution of ``design @ w ~ target`` (rank-revealing SVD solver on CPU)."""
+    """Least-squares solution of ``design @ w ~ target``.
+
+    Columns are scaled to unit norm first (columns of very different size, such as
+    ``e^(60 t)`` next to ``e^t``, would otherwise fall under the solver's rank cutoff);
+    the SVD-based solver copes with the remaining rank deficiency on CPU."""
+    scale = torch.linalg.vector_norm(design, dim=0).clamp(min=torch.finfo(torch.float64).tiny)
     driver = "gelsd" if design.device.type == "cpu" else None
-    return torch.linalg.lstsq(design, target.unsqueeze(1), driver=driver).solution.reshape(-1)
+    return torch.linalg.lstsq(design / scale, target.unsqueeze(1), driver=driver).solution.reshape(-1) / scale
 
 
 @register_value_codec
@@ -51,9 +54,7 @@ class PolyFitValueCodec(SortedCurveCodec):
         return arg + 1
 
     def segment_sizes(self, n: int) -> list[int]:
-        head = [n // divisor for divisor in _HEAD_DIVISORS if n // divisor > _MIN_SEGMENT]
-        head.reverse()  # smallest segments at the steep head
-        return head + [n - sum(head)]
+        return head_segments(n)
 
     def fit_segment(self, magnitude: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         degree = self.config["degree"]
