@@ -80,7 +80,7 @@ def test_query_matches_brute_force_over_several_chunks(monkeypatch):
 def test_filter_size_and_hash_count_follow_the_formulas():
     assert bloom.hash_count(0.1) == 4 and bloom.hash_count(1e-3) == 10 and bloom.hash_count(0.5) == 1
     assert bloom.filter_bits(1000, 10, 100_000) == math.ceil(10 * 1000 / math.log(2))
-    assert bloom.filter_bits(1, 30, 1 << 30) == (1 << 30) // bloom.POSITIONS_PER_BIT  # floor of d / 2^14
+    assert bloom.filter_bits(1, 30, 1 << 30) == (1 << 30) // bloom.POSITIONS_PER_BIT  # floor of d / 2^12
     enc = BloomIndexCodec().encode(_random_indices(100_000, 1000, 1), _ctx(100_000))
     r, nbits, nhashes, policy = struct.unpack("<QQBB", enc.params)
     assert (r, nhashes, policy) == (1000, 10, 0)  # default fpr = 0.1 * r / d = 1e-3
@@ -275,3 +275,35 @@ def test_mutated_payloads_raise_only_decode_errors(policy):
             dr.decode(_recrc(payload))
         except dr.DecodeError:
             pass
+
+
+def _sequential_sweep(members: list[set[int]], candidate: list[int], key: list[int]) -> list[int]:
+    """The sweep as ALGORITHMS.md states it, one set at a time (reference)."""
+    chosen: set[int] = set()
+    active = []
+    for s in sorted(range(len(members)), key=lambda i: key[i]):
+        if members[s] and not (members[s] & chosen):
+            chosen.add(candidate[s])
+            active.append(s)
+    return active
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 60), st.integers(1, 4), st.integers(0, 2**32))
+def test_parallel_sweep_replays_the_sequential_one(npositives, nsets, per_member, seed):
+    rng = random.Random(seed)
+    members: list[set[int]] = [set() for _ in range(nsets)]
+    for member in range(npositives):
+        for s in rng.sample(range(nsets), min(per_member, nsets)):
+            members[s].add(member)
+    candidate = [rng.choice(sorted(m)) if m else 0 for m in members]
+    key = rng.sample(range(10 * nsets), nsets)
+    pairs = [(m, s) for s in range(nsets) for m in sorted(members[s])]
+    got = bloom._greedy_sweep(
+        torch.tensor([m for m, _ in pairs], dtype=torch.int64).reshape(-1),
+        torch.tensor([s for _, s in pairs], dtype=torch.int64).reshape(-1),
+        torch.tensor(candidate),
+        torch.tensor(key),
+        npositives,
+    )
+    assert got.tolist() == _sequential_sweep(members, candidate, key)

@@ -49,7 +49,7 @@ _PARAMS = "<QQBB"  # r, filter bits m, hashes h, policy code
 POLICIES = ("p0", "leftmost", "random", "p2")
 _POLICY_CODES = {name: code for code, name in enumerate(POLICIES)}
 MAX_HASHES = 64
-POSITIONS_PER_BIT = 1 << 14  # the filter has at least d / 2^14 bits: bounds query work per payload byte
+POSITIONS_PER_BIT = 1 << 12  # the filter has at least d / 2^12 bits: bounds query work per payload byte
 _CHUNK = 1 << 20  # positions per query chunk (~20 MB of buffers)
 _HASH_SALT = 0x424C4F4F4D  # "BLOOM"
 _RANDOM_SALT = 0x424C5031  # "BLP1"
@@ -73,7 +73,10 @@ def hash_count(fpr: float) -> int:
 
 
 def filter_bits(r: int, nhashes: int, d: int) -> int:
-    """``m = ceil(h*r / ln 2)``, and at least ``d / 2^14`` bits; 0 for an empty set."""
+    """``m = ceil(h*r / ln 2)``, and at least ``d / 2^12`` bits; 0 for an empty set.
+
+    The floor caps the positions a receiver must query at 2^12 per filter bit (32 K per
+    payload byte), whatever the header claims; it only binds below ~0.001 % density."""
     if r == 0:
         return 0
     return max(math.ceil(nhashes * r / math.log(2)), -(-d // POSITIONS_PER_BIT))
@@ -187,14 +190,15 @@ def _greedy_sweep(pair_member: torch.Tensor, pair_set: torch.Tensor, candidate: 
         earliest = chosen_at.clone().scatter_reduce_(0, candidate.index_select(0, undecided), keys, reduce="amin")
         slot = torch.full((nsets,), never, dtype=torch.int64, device=device)
         first_possible = slot.clone().scatter_reduce_(0, pair_set, earliest.index_select(0, pair_member), reduce="amin")
-        first_chosen = slot.scatter_reduce_(0, pair_set, chosen_at.index_select(0, pair_member), reduce="amin")
-        explained = first_chosen.index_select(0, undecided) < keys
+        # No earlier set can choose any member (so none did): the set chooses its candidate.
         free = first_possible.index_select(0, undecided) >= keys
-        (newly,) = _where(free & ~explained, undecided)
+        newly, waiting, waiting_keys = _where(free, undecided) + _where(~free, undecided, keys)
         if newly.numel():
             chosen_at.scatter_reduce_(0, candidate.index_select(0, newly), order_key.index_select(0, newly), reduce="amin")
             active.append(newly)
-        (undecided,) = _where(~(free | explained), undecided)
+        # A member chosen by an earlier set (this round's choices included) explains the set.
+        first_chosen = slot.scatter_reduce_(0, pair_set, chosen_at.index_select(0, pair_member), reduce="amin")
+        (undecided,) = _where(first_chosen.index_select(0, waiting) >= waiting_keys, waiting)
         still = torch.zeros(nsets, dtype=torch.bool, device=device)
         still[undecided] = True
         pair_member, pair_set = _where(still.index_select(0, pair_set), pair_member, pair_set)
