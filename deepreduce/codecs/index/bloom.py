@@ -168,19 +168,20 @@ def _where(mask: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.index_select(0, picked) for t in tensors]
 
 
-def _greedy_sweep(pair_member: torch.Tensor, pair_set: torch.Tensor, candidate: torch.Tensor, order_key: torch.Tensor, npositives: int) -> torch.Tensor:
+def _greedy_sweep(pair_member: torch.Tensor, pair_set: torch.Tensor, candidate: torch.Tensor, order_key: torch.Tensor, npositives: int, nonempty: torch.Tensor | None = None) -> torch.Tensor:
     """Set indices that choose their candidate in one sequential sweep, in visiting order.
 
     Sets are visited in increasing ``order_key`` (unique); a set is skipped when a set
     visited before it chose one of its members (the pairs ``pair_member``/``pair_set``),
     else it chooses ``candidate[set]``. The sweep is replayed in parallel rounds: a set
     is decided once no earlier undecided set could still choose one of its members.
-    Sets still undecided after ``_MAX_ROUNDS`` rounds choose nothing in this sweep."""
+    Sets still undecided after ``_MAX_ROUNDS`` rounds choose nothing in this sweep.
+    ``nonempty``: the sets that have pairs, if the caller knows them."""
     device = pair_member.device
     nsets = candidate.numel()
     never = torch.iinfo(torch.int64).max
     chosen_at = torch.full((npositives,), never, dtype=torch.int64, device=device)  # key of the set that chose it
-    undecided = _positions(torch.bincount(pair_set, minlength=nsets) > 0)
+    undecided = nonempty if nonempty is not None else _positions(torch.bincount(pair_set, minlength=nsets) > 0)
     active: list[torch.Tensor] = []
     for _ in range(_MAX_ROUNDS):
         if undecided.numel() == 0:
@@ -231,6 +232,7 @@ def _conflict_sets(positives: torch.Tensor, r: int, ctx: CodecContext, key: int,
     gen = ctx.generator(_CONFLICT_SALT)
     member, set_id, nsets = _pairs(positives, key, nhashes, nbits)
     set_index = torch.arange(nsets, device=device)
+    member_bits = max(1, n.bit_length())
     chosen = torch.zeros(n, dtype=torch.bool, device=device)
     picked: list[torch.Tensor] = []
     total = 0
@@ -240,17 +242,20 @@ def _conflict_sets(positives: torch.Tensor, r: int, ctx: CodecContext, key: int,
         pair_member, pair_set = _where(~chosen.index_select(0, member), member, set_id)
         if pair_member.numel() == 0:
             break
-        size = torch.bincount(pair_set, minlength=nsets).clamp_(max=(1 << 11) - 1)
+        size = torch.bincount(pair_set, minlength=nsets)
+        nonempty = _positions(size > 0)
+        size.clamp_(max=(1 << 11) - 1)
         # Visiting order: smallest set first, ties in random order (then by set number,
         # which keeps keys unique). Comparing keys is all the sweep needs, no sort.
         tie = torch.randint(0, 1 << 21, (nsets,), generator=gen, device=device)
         order_key = (size << 52) | (tie << 31) | set_index
-        # Each set's candidate: the member whose pair drew the smallest random number.
-        draw = torch.randint(0, (1 << 62) // max(n, 1), (pair_member.numel(),), generator=gen, device=device)
+        # Each set's candidate: the member whose pair drew the smallest random number
+        # (the draw sits above the member number, so one min finds both).
+        draw = torch.randint(0, 1 << (62 - member_bits), (pair_member.numel(),), generator=gen, device=device)
         best = torch.full((nsets,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
-        best.scatter_reduce_(0, pair_set, draw * n + pair_member, reduce="amin")
-        candidate = best % max(n, 1)
-        winners = candidate.index_select(0, _greedy_sweep(pair_member, pair_set, candidate, order_key, n))
+        best.scatter_reduce_(0, pair_set, (draw << member_bits) | pair_member, reduce="amin")
+        candidate = best & ((1 << member_bits) - 1)
+        winners = candidate.index_select(0, _greedy_sweep(pair_member, pair_set, candidate, order_key, n, nonempty))
         winners = winners[: r - total]
         chosen[winners] = True
         picked.append(winners)
