@@ -307,3 +307,13 @@ def test_parallel_sweep_replays_the_sequential_one(npositives, nsets, per_member
         npositives,
     )
     assert got.tolist() == _sequential_sweep(members, candidate, key)
+
+
+@pytest.mark.parametrize("start", [0, 5 << 20, (1 << 32) - (1 << 20), 1 << 32, (7 << 32) + (3 << 20)])
+def test_chunk_hashes_match_the_per_position_hashes(start):
+    key = _hashing.hash_key(5, 6)
+    offsets = torch.arange(1 << 20, dtype=torch.int32)
+    h1 = torch.empty_like(offsets)
+    k2 = _hashing.first_hashes_into(start, offsets, key, h1, torch.empty_like(offsets))
+    expected_h1, expected_h2 = _hashing.base_hashes(start + torch.arange(1 << 20), key)
+    assert torch.equal(h1, expected_h1) and torch.equal(_hashing.second_hashes(h1, k2), expected_h2)

@@ -83,6 +83,24 @@ def fmix32_(h: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def first_hashes_into(start: int, offsets: torch.Tensor, key: int, out: torch.Tensor, scratch: torch.Tensor) -> int:
+    """``h1`` of the positions ``start + offsets`` into ``out`` (int32, no allocation);
+    returns the positions' ``k2`` (signed) for computing ``h2`` later.
+
+    ``start`` must be a multiple of a power of two above every offset (the query's
+    chunks are), so all positions share ``start``'s high part and
+    ``lo = (start mod 2^32) | offset``."""
+    k1, k2 = high_keys(key, start >> 32)
+    torch.bitwise_xor(offsets, signed32((start & MASK32) ^ k1), out=out)
+    fmix32_(out, scratch)
+    return signed32(k2)
+
+
+def second_hashes(h1: torch.Tensor, signed_k2: int) -> torch.Tensor:
+    """``h2 = fmix32(h1 ^ k2)`` (a new int32 tensor)."""
+    return fmix32_(h1 ^ signed_k2, torch.empty_like(h1))
+
+
 def bit_of(g: torch.Tensor, nbits: int) -> torch.Tensor:
     """Map 32-bit hashes (any integer dtype holding the bit pattern) onto ``[0, nbits)``."""
     return ((g.to(torch.int64) & MASK32) * nbits) >> 32
@@ -100,9 +118,7 @@ def base_hashes(positions: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.
         k2.masked_fill_(high == value, b)
     h1 = ((positions & MASK32) ^ k1).to(torch.int32)  # int64 -> int32 keeps the low 32 bits
     fmix32_(h1, torch.empty_like(h1))
-    h2 = h1 ^ k2.to(torch.int32)
-    fmix32_(h2, torch.empty_like(h2))
-    return h1, h2
+    return h1, fmix32_(h1 ^ k2.to(torch.int32), torch.empty_like(h1))
 
 
 def all_bits(positions: torch.Tensor, key: int, nhashes: int, nbits: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ The encoder returns ``S`` and the compressor reads the values at ``S`` from the 
 gradient, so false positives carry their own true values (no misalignment) and
 true indices left out of ``S`` stay in the error-feedback residual.
 
-Hashes are computed on the fly (splitmix64 + double hashing, ``_hashing``), keyed by
+Hashes are computed on the fly (keyed fmix32 + double hashing, see ``_hashing``), keyed by
 the payload's random-stream seed so false positives move from step to step. The
 query tests hash ``i`` only on the positions that passed hashes ``0..i-1`` and walks
 the ``d`` positions in fixed-size chunks, so its memory does not grow with ``d``.
@@ -110,15 +110,13 @@ def query(table: torch.Tensor, d: int, key: int, nhashes: int, limit: int | None
     for start in range(0, d, _CHUNK):
         n = min(chunk, d - start)
         h1, tmp, bit, passed = mixed[:n], scratch[:n], wide[:n], hit[:n]
-        k1, k2 = _hashing.high_keys(key, start >> 32)
-        # lo = (start mod 2^32) | offset, as the offsets' bits never overlap start's.
-        torch.bitwise_xor(offsets[:n], _hashing.signed32((start & _hashing.MASK32) ^ k1), out=h1)
-        _hashing.fmix32_(h1, tmp)
+        k2 = _hashing.first_hashes_into(start, offsets[:n], key, h1, tmp)
+        # Hash 0 on every position: bit = (h1 * m) >> 32.
         bit.copy_(h1).bitwise_and_(_hashing.MASK32).mul_(nbits).bitwise_right_shift_(32)
         torch.index_select(table, 0, bit, out=passed)
         alive = _positions(passed)
         g = h1.index_select(0, alive)
-        step = _hashing.fmix32_(g ^ _hashing.signed32(k2), torch.empty_like(g))
+        step = _hashing.second_hashes(g, k2)
         for _ in range(1, nhashes):
             if alive.numel() == 0:
                 break
