@@ -24,10 +24,13 @@ query tests hash ``i`` only on the positions that passed hashes ``0..i-1`` and w
 the ``d`` positions in fixed-size chunks, so its memory does not grow with ``d``.
 
 Tuning: ``p0`` keeps the whole top-k but sends ~``fpr*d`` extra values; ``p2`` keeps
-nearly all of it at exactly ``r`` values. A smaller ``fpr`` costs
-``1.44*log2(1/fpr)`` bits per index and one more hash per query position. Decoding
-costs a pass over all ``d`` positions per payload (~0.5-1 s for 25.6 M on 2 CPU
-cores), paid once per peer: prefer Elias-Fano where CPU time matters more than bytes.
+nearly all of it (99.8 % of the top-k L2^2 mass of a ResNet-50 gradient at 1 %) at
+exactly ``r`` values; ``random`` keeps ~91 %. A smaller ``fpr`` costs
+``1.44*log2(1/fpr)`` bits per index and one more hash per query position. At the
+default ``fpr`` the filter (14.4 bits per index at 1 %) is larger than the lossless
+``eliasfano`` (8.4 bits), so prefer that unless reproducing DeepReduce. Decoding queries all ``d``
+positions once per payload: measured on 25.6 M positions at 1 % on one core of a
+shared 2-core machine, ~0.5 s for ``p0``/``random`` and ~1.4 s for ``p2``.
 """
 
 from __future__ import annotations
