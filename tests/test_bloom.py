@@ -297,7 +297,8 @@ def test_parallel_sweep_replays_the_sequential_one(npositives, nsets, per_member
         for s in rng.sample(range(nsets), min(per_member, nsets)):
             members[s].add(member)
     candidate = [rng.choice(sorted(m)) if m else 0 for m in members]
-    key = rng.sample(range(10 * nsets), nsets)
+    # Smallest set first (as the codec orders them), ties in random order.
+    key = [len(m) * 1000 * nsets + tie for m, tie in zip(members, rng.sample(range(1000 * nsets), nsets))]
     pairs = [(m, s) for s in range(nsets) for m in sorted(members[s])]
     got = bloom._greedy_sweep(
         torch.tensor([m for m, _ in pairs], dtype=torch.int64).reshape(-1),

@@ -169,21 +169,37 @@ def _where(mask: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.index_select(0, picked) for t in tensors]
 
 
-def _greedy_sweep(pair_member: torch.Tensor, pair_set: torch.Tensor, candidate: torch.Tensor, order_key: torch.Tensor, npositives: int, nonempty: torch.Tensor | None = None) -> torch.Tensor:
+def _greedy_sweep(pair_member: torch.Tensor, pair_set: torch.Tensor, candidate: torch.Tensor, order_key: torch.Tensor, npositives: int) -> torch.Tensor:
     """Set indices that choose their candidate in one sequential sweep, in visiting order.
 
-    Sets are visited in increasing ``order_key`` (unique); a set is skipped when a set
-    visited before it chose one of its members (the pairs ``pair_member``/``pair_set``),
-    else it chooses ``candidate[set]``. The sweep is replayed in parallel rounds: a set
-    is decided once no earlier undecided set could still choose one of its members.
-    Sets still undecided after ``_MAX_ROUNDS`` rounds choose nothing in this sweep.
-    ``nonempty``: the sets that have pairs, if the caller knows them."""
+    Sets are visited in increasing ``order_key`` (unique, and every one-member set
+    before every larger set: smallest first); a set is skipped when a set visited
+    before it chose one of its members (the pairs ``pair_member``/``pair_set``), else
+    it chooses ``candidate[set]``.
+
+    One-member sets are resolved at once: each member's first such set chooses it,
+    and every larger set holding one of those members is explained. The rest is
+    replayed in parallel rounds: a set is decided once no earlier undecided set
+    could still choose one of its members. Sets still undecided after
+    ``_MAX_ROUNDS`` rounds choose nothing in this sweep."""
     device = pair_member.device
     nsets = candidate.numel()
     never = torch.iinfo(torch.int64).max
     chosen_at = torch.full((npositives,), never, dtype=torch.int64, device=device)  # key of the set that chose it
-    undecided = nonempty if nonempty is not None else _positions(torch.bincount(pair_set, minlength=nsets) > 0)
-    active: list[torch.Tensor] = []
+    size = torch.bincount(pair_set, minlength=nsets)
+    alone = size.index_select(0, pair_set) == 1
+    single_member, single_set = _where(alone, pair_member, pair_set)
+    single_key = order_key.index_select(0, single_set)
+    chosen_at.scatter_reduce_(0, single_member, single_key, reduce="amin")
+    (first_single,) = _where(single_key == chosen_at.index_select(0, single_member), single_set)
+    active: list[torch.Tensor] = [first_single]
+    pair_member, pair_set = _where(~alone, pair_member, pair_set)
+    certain = torch.full((nsets,), never, dtype=torch.int64, device=device)
+    certain.scatter_reduce_(0, pair_set, chosen_at.index_select(0, pair_member), reduce="amin")
+    (undecided,) = _where((size > 1) & (certain == never), torch.arange(nsets, device=device))
+    still = torch.zeros(nsets, dtype=torch.bool, device=device)
+    still[undecided] = True
+    pair_member, pair_set = _where(still.index_select(0, pair_set), pair_member, pair_set)
     for _ in range(_MAX_ROUNDS):
         if undecided.numel() == 0:
             break
@@ -204,8 +220,6 @@ def _greedy_sweep(pair_member: torch.Tensor, pair_set: torch.Tensor, candidate: 
         still = torch.zeros(nsets, dtype=torch.bool, device=device)
         still[undecided] = True
         pair_member, pair_set = _where(still.index_select(0, pair_set), pair_member, pair_set)
-    if not active:
-        return torch.empty(0, dtype=torch.int64, device=device)
     sets = torch.cat(active)
     return sets.index_select(0, torch.sort(order_key.index_select(0, sets)).indices)
 
@@ -243,9 +257,7 @@ def _conflict_sets(positives: torch.Tensor, r: int, ctx: CodecContext, key: int,
         pair_member, pair_set = _where(~chosen.index_select(0, member), member, set_id)
         if pair_member.numel() == 0:
             break
-        size = torch.bincount(pair_set, minlength=nsets)
-        nonempty = _positions(size > 0)
-        size.clamp_(max=(1 << 11) - 1)
+        size = torch.bincount(pair_set, minlength=nsets).clamp_(max=(1 << 11) - 1)
         # Visiting order: smallest set first, ties in random order (then by set number,
         # which keeps keys unique). Comparing keys is all the sweep needs, no sort.
         tie = torch.randint(0, 1 << 21, (nsets,), generator=gen, device=device)
@@ -256,7 +268,7 @@ def _conflict_sets(positives: torch.Tensor, r: int, ctx: CodecContext, key: int,
         best = torch.full((nsets,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
         best.scatter_reduce_(0, pair_set, (draw << member_bits) | pair_member, reduce="amin")
         candidate = best & ((1 << member_bits) - 1)
-        winners = candidate.index_select(0, _greedy_sweep(pair_member, pair_set, candidate, order_key, n, nonempty))
+        winners = candidate.index_select(0, _greedy_sweep(pair_member, pair_set, candidate, order_key, n))
         winners = winners[: r - total]
         chosen[winners] = True
         picked.append(winners)
