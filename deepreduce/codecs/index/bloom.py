@@ -117,15 +117,19 @@ def query(table: torch.Tensor, d: int, key: int, nhashes: int, limit: int | None
         # Hash 0 on every position: bit = (h1 * m) >> 32.
         bit.copy_(h1).bitwise_and_(_hashing.MASK32).mul_(nbits).bitwise_right_shift_(32)
         torch.index_select(table, 0, bit, out=passed)
-        alive = _positions(passed)
-        g = h1.index_select(0, alive)
+        kept = [_positions(passed)]
+        g = h1.index_select(0, kept[0])
         step = _hashing.second_hashes(g, k2)
         for _ in range(1, nhashes):
-            if alive.numel() == 0:
+            if g.numel() == 0:
                 break
             g.add_(step)  # int32 addition wraps: g_i = h1 + i*h2 mod 2^32
-            keep = _positions(table.index_select(0, _hashing.bit_of(g, nbits)))
-            alive, g, step = alive.index_select(0, keep), g.index_select(0, keep), step.index_select(0, keep)
+            kept.append(_positions(table.index_select(0, _hashing.bit_of(g, nbits))))
+            g, step = g.index_select(0, kept[-1]), step.index_select(0, kept[-1])
+        # Survivors' chunk offsets: compose the per-hash selections from the last one back.
+        alive = kept.pop()
+        while kept:
+            alive = kept.pop().index_select(0, alive)
         found.append(alive + start)
         count += alive.numel()
         if limit is not None and count > limit:
