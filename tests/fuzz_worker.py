@@ -1,7 +1,8 @@
 """Fuzz loop run in a child process with a capped address space (see test_fuzz.py).
 
-Usage: python fuzz_worker.py KIND NAME [NAME ...] ITERATIONS SEED
-Prints one JSON line per codec: {"codec", "decoded", "rejected", "failures", "max_s"}.
+Usage: python fuzz_worker.py ITERATIONS SEED ENTRY [ENTRY ...]
+ENTRY is ``index:SPEC`` or ``value:SPEC`` with a codec spec such as ``bloom:policy=p2``.
+Prints one JSON line per entry: {"codec", "decoded", "rejected", "failures", "max_s"}.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 
 import deepreduce as dr
 from deepreduce import wire
-from deepreduce.codecs import INDEX_CODECS, VALUE_CODECS
 
 from helpers import HEADER_FIELDS, reseal
 
@@ -32,12 +32,13 @@ BASES = [  # numel, ratio, dtype
 BOUNDARY = [0, 1, 2, 7, 8, 63, 64, 255, 256, 65535, 2**31 - 1, 2**31, 2**32, 2**36, 2**40, 2**63 - 1, 2**64 - 1]
 
 
-def base_payloads(kind: str, name: str) -> list[torch.Tensor]:
+def base_payloads(entry: str) -> list[torch.Tensor]:
+    kind, _, spec = entry.partition(":")
+    parts = f"{spec}/raw" if kind == "index" else f"eliasfano/{spec}"
     payloads = []
     for i, (numel, ratio, dtype) in enumerate(BASES):
         x = torch.randn(numel, generator=torch.Generator().manual_seed(i)).to(dtype)
-        index, value = (name, "raw") if kind == "index" else ("eliasfano", name)
-        payloads.append(dr.Compressor(ratio, "topk", index, value, seed=i).compress(x))
+        payloads.append(dr.Compressor.from_spec(f"topk:{ratio}/{parts}", seed=i).compress(x))
     return payloads
 
 
@@ -86,9 +87,9 @@ def _reseal(data: bytearray | bytes) -> bytes:
     return reseal(torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)).numpy().tobytes()
 
 
-def fuzz(kind: str, name: str, iterations: int, seed: int) -> dict:
-    rng = random.Random(f"{seed}-{kind}-{name}")
-    bases = base_payloads(kind, name)
+def fuzz(entry: str, iterations: int, seed: int) -> dict:
+    rng = random.Random(f"{seed}-{entry}")
+    bases = base_payloads(entry)
     decoded = rejected = 0
     failures: list[str] = []
     max_s = 0.0
@@ -107,23 +108,20 @@ def fuzz(kind: str, name: str, iterations: int, seed: int) -> dict:
             else:
                 failures.append("...")
         max_s = max(max_s, time.perf_counter() - start)
-    return {"codec": f"{kind}:{name}", "decoded": decoded, "rejected": rejected, "failures": failures, "max_s": max_s}
+    return {"codec": entry, "decoded": decoded, "rejected": rejected, "failures": failures, "max_s": max_s}
 
 
 def main() -> None:
-    kind, *names, iterations, seed = sys.argv[1:]
-    registry = INDEX_CODECS if kind == "index" else VALUE_CODECS
-    for name in names:
-        registry.lookup(name)
+    iterations, seed, *entries = sys.argv[1:]
     # Warm up (thread pools, allocator), then cap the address space: any allocation that a
     # payload could provoke beyond ~1.5 GB fails loudly instead of passing unnoticed.
-    fuzz(kind, names[0], 20, 0)
+    fuzz(entries[0], 20, 0)
     with open("/proc/self/status") as status:
         vm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize"))
     limit = vm_kb * 1024 + (1536 << 20)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    for name in names:
-        print(json.dumps(fuzz(kind, name, int(iterations), int(seed))), flush=True)
+    for entry in entries:
+        print(json.dumps(fuzz(entry, int(iterations), int(seed))), flush=True)
 
 
 if __name__ == "__main__":

@@ -421,7 +421,7 @@ def _worker_average(out_dir: str) -> None:
     import deepreduce.mpi
     from mpi4py import MPI
 
-    rank, world = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    rank = MPI.COMM_WORLD.Get_rank()
     params = make_parameters()
     averager = deepreduce.mpi.GradientAverager(params, dr.Compressor.from_spec(EXCHANGE_SPEC), min_numel=EXCHANGE_MIN_NUMEL)
     results = []

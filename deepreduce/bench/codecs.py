@@ -47,6 +47,8 @@ COMBINATIONS = [
     "eliasfano/qsgd",
     "eliasfano/polyfit",
     "eliasfano/dexp",
+    "zstd/fp16",
+    "zstd/qsgd",
     "bloom:policy=p2/fp16",
     "bloom:policy=p2/qsgd",
     "bloom:policy=p2/polyfit",

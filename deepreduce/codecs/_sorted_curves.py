@@ -153,7 +153,6 @@ class SortedCurveCodec(ValueCodec):
         return sizes, torch.stack(coefficients) if coefficients else magnitude.new_zeros((0, ncoef))
 
     def encode(self, values: torch.Tensor, ctx: CodecContext) -> ValueEncoding:
-        k = values.numel()
         arg = self.coefficient_arg()
         ncoef = self.coefficient_count(arg)
         device = values.device

@@ -17,7 +17,6 @@ so overflow checks downstream still fire.
 
 from __future__ import annotations
 
-import math
 import struct
 
 import torch
