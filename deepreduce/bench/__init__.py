@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -22,6 +23,20 @@ def default_output_dir() -> Path:
     """``benchmarks/`` of the source checkout when there is one, else ``./benchmarks``."""
     checkout = Path(__file__).resolve().parents[2] / "benchmarks"
     return checkout if checkout.is_dir() else Path.cwd() / "benchmarks"
+
+
+def make_console():
+    """A rich console that keeps tables readable when output goes to a file or pipe."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def progress_bar(console):
+    """The benchmarks' progress bar: description, bar, done/total, elapsed time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
 
 
 def machine_facts() -> dict[str, Any]:

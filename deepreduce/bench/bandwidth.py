@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from . import default_output_dir, machine_facts, markdown_table, update_results_section, write_json
+from . import default_output_dir, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
 
 BASELINES = ["noop", "dense", "fp16", "powersgd"]
 DEEPREDUCE = [
@@ -219,6 +219,8 @@ def render(rows: list[dict], facts: dict, command: str) -> str:
         "returns (the stock hook hangs gloo with several buckets), warm-up cut to 2 steps.",
         "",
         markdown_table(header, table),
+        "",
+        "![step time vs. link rate](results/bandwidth.png)",
     ])
 
 
@@ -267,13 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
     args = parser.parse_args(argv)
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from ..netns import NetnsCluster, netns_unavailable_reason
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = make_console()
     reason = netns_unavailable_reason()
     if reason:
         console.print(f"[red]deepreduce bench bandwidth needs network namespaces: {reason}")
@@ -295,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = 1
     rows: list[dict] = []
     port = 29600
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("bandwidth", total=len(nodes) * len(links) * len(configs))
         for n in nodes:
             for link in links:

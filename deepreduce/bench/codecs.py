@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from .. import Compressor, decode, index_codecs, sparsify, value_codecs, wire
 from ..data import stdlib_corpus
 from ..models import ByteTransformer, resnet
 from ..sparse import target_k
-from . import default_output_dir, machine_facts, markdown_table, median_time, update_results_section, write_json
+from . import default_output_dir, make_console, machine_facts, markdown_table, median_time, update_results_section, write_json
 
 # Index codecs are compared with raw values, value codecs with eliasfano indices, and a
 # few combinations that matter in practice are added. Entries whose codecs are not
@@ -203,6 +202,8 @@ def render(rows: list[dict], speed: dict | None, facts: dict, command: str) -> s
         "",
         markdown_table(header, table),
         "",
+        "![bits per kept element](results/codec_bits.png)",
+        "",
         "Smallest payload per model and density: "
         + "; ".join(f"{m} @ {d:g}: {r['index']}+{r['value']} ({_fmt(r['bits_per_element'])} bits/elem)"
                     for (m, d), r in smallest.items()) + ".",
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = [c for c in (args.only or COMBINATIONS) if not available(c)]
     # A quick run must not overwrite the committed full results.
     out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = make_console()
     if skipped:
         console.print(f"[yellow]skipping combinations whose codecs are not registered: {', '.join(skipped)}")
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..train import read_metrics
-from . import default_output_dir, machine_facts, markdown_table, update_results_section, write_json
+from . import default_output_dir, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
 
 CONFIGS = [
     "dense",
@@ -164,11 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
     args = parser.parse_args(argv)
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = make_console()
     steps = args.steps or (20 if args.quick else 400)
     configs = args.configs or (["dense", "topk:0.05/eliasfano/fp16"] if args.quick else CONFIGS)
     from .bandwidth import available
@@ -192,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.up()
     rows = []
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as progress:
+        with progress_bar(console) as progress:
             for i, config in enumerate(configs):
                 task = progress.add_task(f"{config:<36}", total=steps)
                 rows.append(run_config(config, train_args, steps, scratch, 29700 + i, cluster, progress, task, args.timeout))
