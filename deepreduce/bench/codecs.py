@@ -126,6 +126,7 @@ def measure(model: ModelGradient, density: float, combination: str, repeats: int
         "value": combination.split("/")[1],
         "payload_bytes": result.payload.numel(),
         "bits_per_element": 8 * result.payload.numel() / r,
+        "size_vs_raw_topk": 8 * result.payload.numel() / r / 64,  # raw top-k: int32 index + fp32 value
         "index_bits_per_element": index_bits / r,
         "entropy_ratio": index_bits / bound if bound else float("nan"),
         "rel_error": rel_error,
@@ -152,7 +153,17 @@ def speed_targets(gradient: torch.Tensor, repeats: int, numel: int = 25_600_000)
     mstopk_s = median_time(lambda: sparsify(x, 0.01, "mstopk"), repeats)
     ours_topk_s = median_time(lambda: sparsify(x, 0.01, "topk"), repeats)
     del magnitude
+    bloom = {}
+    if "bloom" in index_codecs():
+        for policy in ("p0", "leftmost", "random", "p2"):
+            c = Compressor(0.01, "topk", "bloom", "raw", policy=policy)
+            blob = c.compress(x, step=0)
+            bloom[policy] = {
+                "encode_s": median_time(lambda: c.compress(x, step=0), 3),
+                "decode_s": median_time(lambda: decode(blob), 3),
+            }
     return {
+        "bloom": bloom,
         "numel": numel,
         "density": 0.01,
         "torch_topk_s": topk_s,
@@ -173,10 +184,11 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 
 def render(rows: list[dict], speed: dict | None, facts: dict, command: str) -> str:
-    header = ["model", "density", "index", "value", "bits/elem", "index bits/elem", "index / entropy bound",
+    header = ["model", "density", "index", "value", "bits/elem", "vs raw top-k", "index bits/elem", "index / entropy bound",
               "rel. error", "top-k L2 mass kept", "compress MB/s", "decompress MB/s", "torch.topk s"]
     table = [
-        [r["model"], f"{r['density']:g}", r["index"], r["value"], _fmt(r["bits_per_element"]), _fmt(r["index_bits_per_element"]),
+        [r["model"], f"{r['density']:g}", r["index"], r["value"], _fmt(r["bits_per_element"]), _fmt(r["size_vs_raw_topk"], 2),
+         _fmt(r["index_bits_per_element"]),
          _fmt(r["entropy_ratio"]), _fmt(r["rel_error"], 2), _fmt(r["mass_kept"], 4), _fmt(r["compress_mb_s"]),
          _fmt(r["decompress_mb_s"]), _fmt(r["topk_s"])]
         for r in rows
@@ -194,7 +206,8 @@ def render(rows: list[dict], speed: dict | None, facts: dict, command: str) -> s
         "",
         "Each row compresses the whole flat gradient of one backward pass (real model, real data: "
         "stdlib source text) as one bucket with exact top-k selection. *bits/elem* is the whole payload "
-        "(64-byte header included) per kept element (raw top-k = 64). *index / entropy bound* divides "
+        "(64-byte header included) per kept element; *vs raw top-k* divides it by raw top-k's 64 (int32 index + "
+        "fp32 value). *index / entropy bound* divides "
         "the index part by log2 C(d, r). *rel. error* is ||v' - g[S]|| / ||g[S]|| over the positions S "
         "that travel; *top-k L2 mass kept* is the share of the exact top-k's squared L2 norm at "
         "positions that travel (below 1 only for lossy index codecs). Compress MB/s counts the dense "
@@ -224,6 +237,15 @@ def render(rows: list[dict], speed: dict | None, facts: dict, command: str) -> s
                   _fmt(speed["mstopk_select_s"]), _fmt(speed["mstopk_over_topk"]), f"{speed['payload_bytes']:,}"]],
             ),
         ]
+        if speed.get("bloom"):
+            lines += [
+                "",
+                "Bloom filter index (`topk:0.01/bloom:policy=P/raw`) on the same bucket: compress (selection "
+                "included) and decode (queries all 25.6 M positions). Target: decode <= 1 s.",
+                "",
+                markdown_table(["policy", "compress s", "decode s"],
+                               [[p, _fmt(t["encode_s"]), _fmt(t["decode_s"])] for p, t in speed["bloom"].items()]),
+            ]
     return "\n".join(lines)
 
 
