@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .comm.torch_dist import close_process_group
 from .compressor import Compressor
 from .data import stdlib_corpus
 from .errors import ConfigError
@@ -322,11 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     created, device = _init_distributed(args.backend)
+    completed = False
     try:
-        return _train(args, device)
+        code = _train(args, device)
+        completed = True
+        return code
     finally:
         if created:
-            dist.destroy_process_group()
+            close_process_group(completed)
 
 
 def _train(args: argparse.Namespace, device: torch.device) -> int:

@@ -23,6 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import deepreduce as dr
+from deepreduce.comm.torch_dist import close_process_group
 from deepreduce.models import ByteTransformer
 
 # Compressor specs whose training must keep parameters bitwise identical on all ranks.
@@ -217,7 +218,7 @@ def main() -> int:
     rank = dist.get_rank()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    close_process_group(completed=not any("error" in entry for entry in results.values()))
     return 0
 
 

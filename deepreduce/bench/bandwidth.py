@@ -91,6 +91,7 @@ def worker(argv: list[str]) -> int:
     from torch.distributed.algorithms.ddp_comm_hooks import debugging_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from ..comm.torch_dist import close_process_group
     from ..train import build_parser, make_hook, params_digest
 
     parser = argparse.ArgumentParser(prog="bandwidth worker")
@@ -137,7 +138,7 @@ def worker(argv: list[str]) -> int:
         "rank": rank, "world": world, "config": args.config, "step_s": step_s, "hook_in_flight_s": comm_s,
         "tx_bytes": tx, "params_digest": digest,
     }))
-    dist.destroy_process_group()
+    close_process_group()
     return 0
 
 

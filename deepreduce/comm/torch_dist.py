@@ -105,3 +105,17 @@ class TorchTransport(Transport):
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
+
+
+def close_process_group(completed: bool = True) -> None:
+    """Tear down the default process group; after a completed run, wait for every rank first.
+
+    Rank 0 hosts the rendezvous store: if it leaves while another rank is still busy
+    (evaluating, writing a checkpoint), that rank's gloo threads lose their peer during
+    its own teardown and the process aborts ("terminate called without an active
+    exception"). After a failure the barrier is skipped: the other ranks may never come."""
+    if not dist.is_initialized():
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
