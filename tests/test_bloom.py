@@ -58,6 +58,28 @@ def test_hashes_match_a_pure_python_reference():
         assert row == [(((h1 + i * h2) & 0xFFFFFFFF) * nbits) >> 32 for i in range(nhashes)]
 
 
+def test_policy_random_words_match_a_pure_python_reference():
+    # Bloom's random/p2 choices are replayed by every decoder, on whatever device it runs:
+    # the words are plain integer arithmetic (no torch.Generator, whose CPU and CUDA
+    # streams differ), pinned here to a reference that knows nothing of devices.
+    rng_seed, salt = 0x1234_5678_9ABC, 77
+    got = _hashing.random_words(rng_seed, salt, 1000, "cpu").tolist()
+    k1, k2 = _hashing.high_keys(_hashing.hash_key(rng_seed, salt), 0)
+    assert got == [_hashing.fmix32_reference(_hashing.fmix32_reference(i ^ k1) ^ k2) for i in range(1000)]
+    assert len(set(got)) == 1000 and got != _hashing.random_words(rng_seed, salt + 1, 1000, "cpu").tolist()
+
+
+def test_random_subset_is_uniform_and_ascending():
+    counts = torch.zeros(20)
+    for seed in range(2000):
+        pick = _hashing.random_subset(seed, 3, 20, 5, "cpu")
+        assert pick.numel() == 5 and bool((pick[1:] > pick[:-1]).all())
+        counts[pick] += 1
+    # Each position is picked with probability 1/4: 500 of 2000 draws, sd ~19.4.
+    assert float((counts - 500).abs().max()) < 6 * 19.4
+    assert torch.equal(_hashing.random_subset(1, 2, 7, 9, "cpu"), torch.arange(7))
+
+
 def test_query_matches_brute_force_over_several_chunks(monkeypatch):
     monkeypatch.setattr(bloom, "_CHUNK", 1 << 12)  # many chunks, the last one partial
     d, r, nhashes = 50_000 + 17, 400, 4

@@ -121,6 +121,32 @@ def base_hashes(positions: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.
     return h1, fmix32_(h1 ^ k2.to(torch.int32), torch.empty_like(h1))
 
 
+def random_words(rng_seed: int, salt: int, n: int, device: torch.device | str) -> torch.Tensor:
+    """``n`` pseudo-random 32-bit words (int64 in ``[0, 2^32)``) of one stream.
+
+    Counter-based: word ``i`` is ``fmix32(fmix32(i ^ k1) ^ k2)`` with keys from
+    ``(rng_seed, salt)``. Unlike a ``torch.Generator``, whose streams differ between
+    CPU and CUDA, plain integer arithmetic gives the same words on every device, so a
+    decoder that replays a random choice agrees with the encoder wherever either runs.
+    ``fmix32`` is a bijection, so the words of ``n <= 2^32`` counters are distinct."""
+    k1, k2 = high_keys(hash_key(rng_seed, salt), 0)
+    words = torch.arange(n, dtype=torch.int64, device=device).to(torch.int32)  # low 32 bits
+    scratch = torch.empty_like(words)
+    words.bitwise_xor_(signed32(k1))
+    fmix32_(words, scratch)
+    words.bitwise_xor_(signed32(k2))
+    fmix32_(words, scratch)
+    return words.to(torch.int64) & MASK32
+
+
+def random_subset(rng_seed: int, salt: int, n: int, r: int, device: torch.device | str) -> torch.Tensor:
+    """``r`` distinct positions of ``[0, n)``, uniformly chosen, ascending (device-independent)."""
+    if r >= n:
+        return torch.arange(n, device=device)
+    pick = torch.topk(random_words(rng_seed, salt, n, device), r, largest=False, sorted=False).indices
+    return torch.sort(pick).values
+
+
 def all_bits(positions: torch.Tensor, key: int, nhashes: int, nbits: int) -> torch.Tensor:
     """The ``(len(positions), nhashes)`` filter bits of each int64 position."""
     h1, h2 = base_hashes(positions.reshape(-1).to(torch.int64), key)

@@ -162,9 +162,7 @@ def _all(positives: torch.Tensor, r: int, ctx: CodecContext, key: int, nhashes: 
 
 
 def _random(positives: torch.Tensor, r: int, ctx: CodecContext, key: int, nhashes: int, nbits: int) -> torch.Tensor:
-    gen = ctx.generator(_RANDOM_SALT)
-    pick = torch.randperm(positives.numel(), generator=gen, device=positives.device)[:r]
-    return positives[torch.sort(pick).values]
+    return positives.index_select(0, _hashing.random_subset(ctx.rng_seed, _RANDOM_SALT, positives.numel(), r, positives.device))
 
 
 def _where(mask: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -248,14 +246,13 @@ def _pairs(positives: torch.Tensor, key: int, nhashes: int, nbits: int) -> tuple
 def _conflict_sets(positives: torch.Tensor, r: int, ctx: CodecContext, key: int, nhashes: int, nbits: int) -> torch.Tensor:
     device = positives.device
     n = positives.numel()
-    gen = ctx.generator(_CONFLICT_SALT)
     member, set_id, nsets = _pairs(positives, key, nhashes, nbits)
     set_index = torch.arange(nsets, device=device)
     member_bits = max(1, n.bit_length())
     chosen = torch.zeros(n, dtype=torch.bool, device=device)
     picked: list[torch.Tensor] = []
     total = 0
-    for _ in range(_MAX_SWEEPS):
+    for sweep in range(_MAX_SWEEPS):
         if total >= r:
             break
         pair_member, pair_set = _where(~chosen.index_select(0, member), member, set_id)
@@ -264,11 +261,12 @@ def _conflict_sets(positives: torch.Tensor, r: int, ctx: CodecContext, key: int,
         size = torch.bincount(pair_set, minlength=nsets).clamp_(max=(1 << 11) - 1)
         # Visiting order: smallest set first, ties in random order (then by set number,
         # which keeps keys unique). Comparing keys is all the sweep needs, no sort.
-        tie = torch.randint(0, 1 << 21, (nsets,), generator=gen, device=device)
+        # Random draws are counter-based hashes, the same on every device (see _hashing.random_words).
+        tie = _hashing.random_words(ctx.rng_seed, _CONFLICT_SALT + 2 * sweep, nsets, device) >> 11
         order_key = (size << 52) | (tie << 31) | set_index
         # Each set's candidate: the member whose pair drew the smallest random number
         # (the draw sits above the member number, so one min finds both).
-        draw = torch.randint(0, 1 << (62 - member_bits), (pair_member.numel(),), generator=gen, device=device)
+        draw = _hashing.random_words(ctx.rng_seed, _CONFLICT_SALT + 2 * sweep + 1, pair_member.numel(), device)
         best = torch.full((nsets,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
         best.scatter_reduce_(0, pair_set, (draw << member_bits) | pair_member, reduce="amin")
         candidate = best & ((1 << member_bits) - 1)
@@ -280,7 +278,7 @@ def _conflict_sets(positives: torch.Tensor, r: int, ctx: CodecContext, key: int,
     if total < r:
         # Only reached after many sweeps (tiny h, crowded sets): fill up at random.
         rest = _positions(~chosen)
-        extra = rest[torch.randperm(rest.numel(), generator=gen, device=device)[: r - total]]
+        extra = rest.index_select(0, _hashing.random_subset(ctx.rng_seed, _CONFLICT_SALT - 1, rest.numel(), r - total, device))
         chosen[extra] = True
     return positives.index_select(0, _positions(chosen))
 
