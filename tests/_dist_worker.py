@@ -1,6 +1,6 @@
 """Multi-process checks of the DDP comm hook, run under torchrun by tests/test_hook_dist.py.
 
-    torchrun --standalone --nproc_per_node=2 tests/_dist_worker.py OUT_DIR [--checks a,b]
+    torchrun --standalone --nproc_per_node=2 tests/_dist_worker.py OUT_DIR [--checks a,b] [--backend nccl]
 
 Each rank writes OUT_DIR/rank<r>.json with one entry per check; the test compares the
 ranks' entries (e.g. parameter digests must be equal). Several checks share one launch
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -50,18 +51,19 @@ def available(spec: str) -> bool:
 
 STEPS = 50
 SEQ = 32
+DEVICE = torch.device("cpu")  # the local GPU under --backend nccl
 
 
 def make_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(1234)  # same initial parameters on every rank
-    return ByteTransformer(d_model=32, n_layers=1, n_heads=2, seq_len=SEQ).to(dtype)
+    return ByteTransformer(d_model=32, n_layers=1, n_heads=2, seq_len=SEQ).to(DEVICE, dtype)
 
 
 def batches(rank: int, steps: int):
     """Different data on every rank, so a wrong average shows as diverging parameters."""
     gen = torch.Generator().manual_seed(1000 + rank)
     for _ in range(steps):
-        window = torch.randint(0, 256, (4, SEQ + 1), generator=gen)
+        window = torch.randint(0, 256, (4, SEQ + 1), generator=gen).to(DEVICE)
         yield window[:, :-1], window[:, 1:]
 
 
@@ -202,9 +204,14 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--checks", default=",".join(CHECKS))
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="nccl: model and data on the local GPU")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    if args.backend == "nccl":
+        global DEVICE
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group(args.backend)
     results: dict = {}
     seconds = results["_seconds"] = {}
     for name in args.checks.split(","):
