@@ -54,6 +54,9 @@ _POLICY_CODES = {name: code for code, name in enumerate(POLICIES)}
 MAX_HASHES = 64
 POSITIONS_PER_BIT = 1 << 12  # the filter has at least d / 2^12 bits: bounds query work per payload byte
 _CHUNK = 1 << 20  # positions per query chunk (~20 MB of buffers)
+# On a GPU each hash's survivor compaction waits for the device, so fewer, larger chunks
+# pay: 25.6 M positions took 42 ms in 1 M chunks on an H100 (~375 waits).
+_CHUNK_CUDA = 1 << 23  # ~150 MB of buffers
 _HASH_SALT = 0x424C4F4F4D  # "BLOOM"
 _RANDOM_SALT = 0x424C5031  # "BLP1"
 _CONFLICT_SALT = 0x424C5032  # "BLP2"
@@ -95,14 +98,15 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def query(table: torch.Tensor, d: int, key: int, nhashes: int, limit: int | None = None, stop_after: int | None = None) -> torch.Tensor:
     """Positive set ``P`` of the filter ``table`` (one bool per bit) over ``[0, d)``, ascending.
 
-    Positions are walked in chunks of ``_CHUNK`` (a power of two, so a chunk never
+    Positions are walked in chunks of ``_CHUNK`` positions (``_CHUNK_CUDA`` on a GPU; powers of two, so a chunk never
     straddles a multiple of 2^32 and shares one pair of high keys). Hash ``i`` is
     tested only on the positions that passed hashes ``0..i-1`` (half of them pass
     each hash of a well-sized filter). Raises :class:`_TooManyPositives` once more
     than ``limit`` positives are found; returns early once ``stop_after`` are found."""
     nbits = table.numel()
     device = table.device
-    chunk = max(1, min(_CHUNK, d))
+    step = _CHUNK if device.type == "cpu" else _CHUNK_CUDA
+    chunk = max(1, min(step, d))
     offsets = torch.arange(chunk, dtype=torch.int32, device=device)
     mixed = torch.empty(chunk, dtype=torch.int32, device=device)
     scratch = torch.empty_like(mixed)
@@ -110,7 +114,7 @@ def query(table: torch.Tensor, d: int, key: int, nhashes: int, limit: int | None
     hit = torch.empty(chunk, dtype=torch.bool, device=device)
     found: list[torch.Tensor] = []
     count = 0
-    for start in range(0, d, _CHUNK):
+    for start in range(0, d, step):
         n = min(chunk, d - start)
         h1, tmp, bit, passed = mixed[:n], scratch[:n], wide[:n], hit[:n]
         k2 = _hashing.first_hashes_into(start, offsets[:n], key, h1, tmp)
