@@ -47,7 +47,21 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def reproduce_command(benchmark: str, argv: list[str]) -> str:
+    """The command line that reproduces a run, without its ``--out`` folder."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return " ".join(["deepreduce bench", benchmark, *kept])
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:

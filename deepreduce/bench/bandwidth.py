@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from . import default_output_dir, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
+from . import default_output_dir, reproduce_command, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
 
 BASELINES = ["noop", "dense", "fp16", "powersgd"]
 DEEPREDUCE = [
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                       _fmt_bytes(r["bytes_per_step"]), f"{r['speedup_vs_dense']:.2f}x" if r["speedup_vs_dense"] else "-")
     console.print(table)
     facts = machine_facts()
-    command = "deepreduce bench bandwidth " + " ".join(argv)
+    command = reproduce_command("bandwidth", argv)
     write_json(out / "results" / "bandwidth.json", [dict(r, **{"machine": facts}) for r in rows])
     update_results_section(out / "RESULTS.md", "bandwidth", render(rows, facts, command.strip()))
     try:

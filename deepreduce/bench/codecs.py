@@ -7,12 +7,14 @@ bucket, decoded, and compared with the exact top-k selection.
 
     deepreduce bench codecs                 # full run, writes benchmarks/RESULTS.md + results/codecs.json
     deepreduce bench codecs --quick         # seconds: tiny models, one density
+    deepreduce bench codecs --device cuda   # the same on a GPU: its own section, results/codecs_cuda.json
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from .. import Compressor, decode, index_codecs, sparsify, value_codecs, wire
 from ..data import stdlib_corpus
 from ..models import ByteTransformer, resnet
 from ..sparse import target_k
-from . import default_output_dir, make_console, machine_facts, markdown_table, median_time, update_results_section, write_json
+from . import default_output_dir, reproduce_command, make_console, machine_facts, markdown_table, median_time, update_results_section, write_json
 
 # Index codecs are compared with raw values, value codecs with eliasfano indices, and a
 # few combinations that matter in practice are added. Entries whose codecs are not
@@ -61,8 +63,8 @@ class ModelGradient:
     gradient: torch.Tensor
 
 
-def real_gradients(quick: bool, seed: int = 0) -> list[ModelGradient]:
-    """Flat gradients of one backward pass on stdlib source text."""
+def real_gradients(quick: bool, seed: int = 0, device: torch.device | str = "cpu") -> list[ModelGradient]:
+    """Flat gradients of one backward pass on stdlib source text (computed on ``device``)."""
     torch.manual_seed(seed)
     corpus = stdlib_corpus(max_bytes=4 << 20)
     gen = torch.Generator().manual_seed(seed)
@@ -77,7 +79,7 @@ def real_gradients(quick: bool, seed: int = 0) -> list[ModelGradient]:
     out = []
     for name, model, seq_len, batch in models:
         x, y = corpus.batch("train", batch, seq_len, gen)
-        model.loss(x, y).backward()
+        model.to(device).loss(x.to(device), y.to(device)).backward()
         flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
         out.append(ModelGradient(name, flat.detach()))
     return out
@@ -105,7 +107,7 @@ def measure(model: ModelGradient, density: float, combination: str, repeats: int
 
     exact = sparsify(g, density, "topk")
     true_mass = float(exact.values.double().square().sum())
-    kept = torch.zeros(d, dtype=torch.bool)
+    kept = torch.zeros(d, dtype=torch.bool, device=g.device)
     kept[decoded.indices] = True
     mass_kept = float(g[exact.indices][kept[exact.indices]].double().square().sum()) / true_mass if true_mass else 1.0
     reference = g[decoded.indices].double()
@@ -183,7 +185,7 @@ def _fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
-def render(rows: list[dict], speed: dict | None, facts: dict, command: str) -> str:
+def render(rows: list[dict], speed: dict | None, facts: dict, command: str, plot: str = "codec_bits.png") -> str:
     header = ["model", "density", "index", "value", "bits/elem", "vs raw top-k", "index bits/elem", "index / entropy bound",
               "rel. error", "top-k L2 mass kept", "compress MB/s", "decompress MB/s", "torch.topk s"]
     table = [
@@ -202,7 +204,8 @@ def render(rows: list[dict], speed: dict | None, facts: dict, command: str) -> s
         "## Codecs",
         "",
         f"Reproduce: `{command}`. Machine: {facts['cpu_cores']} cores, torch {facts['torch']} "
-        f"({facts['torch_threads']} threads), Python {facts['python']}.",
+        f"({facts['torch_threads']} threads), Python {facts['python']}"
+        + (f"; tensors on {facts['gpu']} (CUDA)." if rows and rows[0].get("device") == "cuda" else "."),
         "",
         "Each row compresses the whole flat gradient of one backward pass (real model, real data: "
         "stdlib source text) as one bucket with exact top-k selection. *bits/elem* is the whole payload "
@@ -215,7 +218,7 @@ def render(rows: list[dict], speed: dict | None, facts: dict, command: str) -> s
         "",
         markdown_table(header, table),
         "",
-        "![bits per kept element](results/codec_bits.png)",
+        f"![bits per kept element](results/{plot})",
         "",
         "Smallest payload per model and density: "
         + "; ".join(f"{m} @ {d:g}: {r['index']}+{r['value']} ({_fmt(r['bits_per_element'])} bits/elem)"
@@ -250,14 +253,21 @@ def render(rows: list[dict], speed: dict | None, facts: dict, command: str) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="deepreduce bench codecs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, one density, 1 repeat (a smoke test)")
     parser.add_argument("--densities", type=float, nargs="+", default=None, help="densities (default 0.001 0.01 0.1)")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (median)")
     parser.add_argument("--only", nargs="+", default=None, help="combinations to run, e.g. eliasfano/fp16")
     parser.add_argument("--no-speed", action="store_true", help="skip the 25.6 M-element speed targets")
+    parser.add_argument("--device", default="cpu", help="where tensors live: cpu (default) or cuda[:N]")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    # CPU results keep their historical names; other devices get a suffix.
+    suffix = "" if device.type == "cpu" else f"_{device.type}"
 
     densities = args.densities or ([0.01] if args.quick else [0.001, 0.01, 0.1])
     repeats = args.repeats or (1 if args.quick else 3)
@@ -269,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         console.print(f"[yellow]skipping combinations whose codecs are not registered: {', '.join(skipped)}")
 
-    gradients = real_gradients(args.quick)
+    gradients = real_gradients(args.quick, device=device)
     rows = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("codecs", total=len(gradients) * len(densities) * len(combinations))
@@ -302,13 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     facts = machine_facts()
-    command = "deepreduce bench codecs" + (" --quick" if args.quick else "")
-    write_json(out / "results" / "codecs.json", rows)
+    command = reproduce_command("codecs", argv)
+    rows = [dict(r, device=device.type) for r in rows]
+    write_json(out / "results" / f"codecs{suffix}.json", rows)
     if speed:
-        write_json(out / "results" / "codecs_speed.json", [dict(speed, **facts)])
-    update_results_section(out / "RESULTS.md", "codecs", render(rows, speed, facts, command))
-    plot_bits(rows, out / "results" / "codec_bits.png", console)
-    console.print(f"wrote {out / 'RESULTS.md'} and {out / 'results' / 'codecs.json'}")
+        write_json(out / "results" / f"codecs_speed{suffix}.json", [dict(speed, **facts)])
+    update_results_section(out / "RESULTS.md", f"codecs{suffix.replace('_', '-')}",
+                           render(rows, speed, facts, command, plot=f"codec_bits{suffix}.png"))
+    plot_bits(rows, out / "results" / f"codec_bits{suffix}.png", console)
+    console.print(f"wrote {out / 'RESULTS.md'} and {out / 'results' / f'codecs{suffix}.json'}")
     return 0
 
 

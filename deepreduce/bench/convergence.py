@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..train import read_metrics
-from . import default_output_dir, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
+from . import default_output_dir, reproduce_command, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
 
 CONFIGS = [
     "dense",
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['bytes_per_step'] / 1e6:.3f} MB", "-" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}")
     console.print(table)
     facts = machine_facts()
-    command = ("deepreduce bench convergence " + " ".join(argv)).strip()
+    command = reproduce_command("convergence", argv)
     # One JSON for every link: rows of earlier runs on other links are kept.
     json_path = out / "results" / "convergence.json"
     links = {r["link"] for r in rows}
