@@ -1,6 +1,6 @@
 """Multi-process checks of the DDP comm hook, run under torchrun by tests/test_hook_dist.py.
 
-    torchrun --standalone --nproc_per_node=2 tests/_dist_worker.py OUT_DIR [--checks a,b] [--backend nccl]
+    torchrun --standalone --nproc_per_node=2 tests/_dist_worker.py OUT_DIR [--checks a,b] [--backend nccl] [--device cuda]
 
 Each rank writes OUT_DIR/rank<r>.json with one entry per check; the test compares the
 ranks' entries (e.g. parameter digests must be equal). Several checks share one launch
@@ -51,7 +51,7 @@ def available(spec: str) -> bool:
 
 STEPS = 50
 SEQ = 32
-DEVICE = torch.device("cpu")  # the local GPU under --backend nccl
+DEVICE = torch.device("cpu")  # the local GPU under --device cuda (or --backend nccl)
 
 
 def make_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -204,10 +204,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--checks", default=",".join(CHECKS))
-    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="nccl: model and data on the local GPU")
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="where model and data live (nccl: cuda)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.backend == "nccl":
+    if (args.device or ("cuda" if args.backend == "nccl" else "cpu")) == "cuda":
         global DEVICE
         DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(DEVICE)

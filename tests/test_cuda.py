@@ -104,14 +104,16 @@ def test_sparsifiers_select_on_gpu(name):
 WORKER = Path(__file__).with_name("_dist_worker.py")
 
 
-def test_ddp_hook_over_nccl(tmp_path):
-    """DDP on the GPU, NCCL: every rank ends with the same parameters, for every spec
-    and for fp16/bf16 buckets; lossless at ratio 1 equals the built-in allreduce.
-    (NCCL allows one rank per GPU: one rank on a single-GPU machine.)"""
-    nproc = min(torch.cuda.device_count(), 4)
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_ddp_hook_on_gpu(backend, tmp_path):
+    """DDP on the GPU: every rank ends with the same parameters, for every spec and for
+    fp16/bf16 buckets; lossless at ratio 1 equals the built-in allreduce. NCCL allows one
+    rank per GPU (one rank on a single-GPU machine); gloo runs two ranks on CUDA tensors
+    (it all-gathers through host memory)."""
+    nproc = min(torch.cuda.device_count(), 4) if backend == "nccl" else 2
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), str(tmp_path), "--backend", "nccl", "--checks", "specs,dtypes,equals_allreduce"]
+           str(WORKER), str(tmp_path), "--backend", backend, "--device", "cuda", "--checks", "specs,dtypes,equals_allreduce"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
@@ -125,5 +127,6 @@ def test_ddp_hook_over_nccl(tmp_path):
         assert entry["digest"] != entry["initial"] and entry["stats"]["compressed_buckets"] > 0, name
     for dtype in ("torch.float16", "torch.bfloat16"):
         assert len({r["dtypes"][dtype]["digest"] for r in ranks}) == 1
-    for entry in ranks[0]["equals_allreduce"].values():
-        assert entry["grad_diff"] <= 1e-6 * entry["grad_scale"] and entry["param_diff"] <= 1e-6, entry
+    for rank in ranks:
+        for entry in rank["equals_allreduce"].values():
+            assert entry["grad_diff"] <= 1e-6 * entry["grad_scale"] and entry["param_diff"] <= 1e-6, entry

@@ -5,6 +5,10 @@ Variable-length all-gather, the way that works on every backend (gloo's list-for
 largest (rounded up to 8 bytes so decoded parts stay aligned), one flat
 ``all_gather_single`` (``all_gather_into_tensor`` before torch 2.13), slice.
 
+gloo all-gathers host memory only (CUDA tensors abort the process), so on a gloo group
+CUDA payloads travel through host copies and come back on their device; NCCL gathers
+them in place.
+
 The comm hook needs the two halves separately: :meth:`exchange_sizes` blocks (the
 hook must know the sizes to choose between gather and dense allreduce, and all ranks
 must choose alike), while :meth:`allgather_padded_async` and :meth:`allreduce_async`
@@ -46,6 +50,7 @@ class TorchTransport(Transport):
             uses_nccl = "nccl" in str(dist.get_backend(self.group)).lower()
             device = torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
         self.device = torch.device(device)
+        self._host_gather = "gloo" in str(dist.get_backend(self.group)).lower()
         self._rank = dist.get_rank(self.group)
         self._world_size = dist.get_world_size(self.group)
 
@@ -59,9 +64,13 @@ class TorchTransport(Transport):
 
     # --- pieces the comm hook uses ---------------------------------------------------
 
+    def _gather_device(self, device: torch.device) -> torch.device:
+        """Where an all-gather of tensors on ``device`` runs: the host on gloo."""
+        return torch.device("cpu") if self._host_gather else device
+
     def exchange_sizes(self, nbytes: int, device: torch.device | None = None) -> list[int]:
         """Every rank's ``nbytes``, in rank order (blocking)."""
-        device = device or self.device
+        device = self._gather_device(device or self.device)
         mine = torch.tensor([nbytes], dtype=torch.int64, device=device)
         everyone = torch.empty(self._world_size, dtype=torch.int64, device=device)
         _all_gather_single(everyone, mine, group=self.group)
@@ -70,19 +79,21 @@ class TorchTransport(Transport):
     def allgather_padded_async(self, payload: torch.Tensor, sizes: list[int]) -> torch.futures.Future:
         """Issue one padded all-gather of ``payload`` (whose length is ``sizes[rank]``).
 
-        The future's value is the list of every rank's payload (views into one buffer),
-        in rank order."""
+        The future's value is the list of every rank's payload (views into one buffer on
+        the payload's device), in rank order."""
         if payload.dtype != torch.uint8 or payload.dim() != 1:
             raise TypeError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
         if len(sizes) != self._world_size or sizes[self._rank] != payload.numel():
             raise ValueError(f"sizes {sizes} do not match this rank's payload of {payload.numel()} bytes")
         width = padded_size(max(sizes))
-        padded = torch.nn.functional.pad(payload, (0, width - payload.numel()))
-        gathered = torch.empty(self._world_size * width, dtype=torch.uint8, device=payload.device)
+        where = self._gather_device(payload.device)
+        padded = torch.nn.functional.pad(payload, (0, width - payload.numel())).to(where)
+        gathered = torch.empty(self._world_size * width, dtype=torch.uint8, device=where)
         work = _all_gather_single(gathered, padded, group=self.group, async_op=True)
 
         def split(_: torch.futures.Future) -> list[torch.Tensor]:
-            return [gathered[r * width : r * width + n] for r, n in enumerate(sizes)]
+            on_device = gathered.to(payload.device)
+            return [on_device[r * width : r * width + n] for r, n in enumerate(sizes)]
 
         return work.get_future().then(split)
 
