@@ -25,6 +25,10 @@
 #
 # Environment: DEEPREDUCE_CACHE (default ~/.cache/deepreduce) holds the wheel;
 # HOROVOD_BUILD_JOBS (default: number of cores) compile jobs.
+#
+# Exit status: 0 installed (or built with --no-install); 2 bad arguments; 3 Horovod cannot
+# be installed on this machine (no g++, or the source cannot be downloaded); anything else
+# a failed build.
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
@@ -88,7 +92,7 @@ if [[ -n "$patch_only" ]]; then
     exit 0
 fi
 
-command -v g++ >/dev/null || { echo "install-horovod.sh: g++ not found (Debian/Ubuntu: apt-get install -y g++)" >&2; exit 1; }
+command -v g++ >/dev/null || { echo "install-horovod.sh: g++ not found (Debian/Ubuntu: apt-get install -y g++)" >&2; exit 3; }
 if ! "$python" -c "import torch" 2>/dev/null; then
     step "torch missing in $python: installing it pinned by $constraints"
     "${pip[@]}" install -c "$constraints" torch
@@ -112,7 +116,8 @@ if [[ ${#wheels[@]} -eq 0 ]]; then
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
     step "downloading the horovod $HOROVOD_VERSION source distribution"
-    "${pip[@]}" download -q --no-deps --no-binary :all: -d "$work" "horovod==$HOROVOD_VERSION"
+    "${pip[@]}" download -q --no-deps --no-binary :all: -d "$work" "horovod==$HOROVOD_VERSION" \
+        || { echo "install-horovod.sh: cannot download the horovod $HOROVOD_VERSION source distribution from the package index" >&2; exit 3; }
     tar -xzf "$work"/horovod-"$HOROVOD_VERSION".tar.gz -C "$work"
     src="$work/horovod-$HOROVOD_VERSION"
     patch_source "$src"

@@ -2,15 +2,12 @@
 needed), and under ``horovodrun --gloo``: payloads byte-identical to the torch.distributed
 and direct paths, and training with bitwise-identical parameters across ranks.
 
-Horovod 0.28.1 must be built from source with a C++17 patch (launch/install-horovod.sh:
-about 5 CPU-minutes; 5 to 9 minutes measured on 2 cores shared with other work), too slow
-for every CI run. The ``horovodrun`` tests run when Horovod is importable, or when
-``DEEPREDUCE_TEST_HOROVOD=1`` asks this session to build it (cached: later sessions
-install the built wheel in seconds):
-
-    DEEPREDUCE_TEST_HOROVOD=1 .venv/bin/python -m pytest -q tests/test_horovod.py
-
-Otherwise they skip and say so.
+Horovod 0.28.1 must be built from source with a C++17 patch (launch/install-horovod.sh).
+When it is not installed, the first ``horovodrun`` test builds and installs it into this
+environment (BUILD_TIME; the wheel is cached, so a new environment on the same machine
+installs it in seconds). The tests skip, saying why, only where Horovod cannot be
+installed (no g++, or the package index is out of reach), or when
+``DEEPREDUCE_TEST_HOROVOD=0`` asks not to build it.
 """
 
 from __future__ import annotations
@@ -196,14 +193,13 @@ def test_distributed_optimizer_over_mpi_keeps_ranks_identical(tmp_path):
 
 
 def _horovod_problem() -> str | None:
+    """Why horovodrun cannot be used as installed, or None when it can (or must be built)."""
     try:
         importlib.invalidate_caches()
         import horovod.torch as hvd
     except ImportError as exc:
         if importlib.util.find_spec("horovod") is None:
-            return None if os.environ.get(BUILD_ENV) == "1" else (
-                "Horovod is not installed: build it with launch/install-horovod.sh (about 5 CPU-minutes), "
-                f"or run with {BUILD_ENV}=1 to build it (cached) in this session")
+            return None
         return f"horovod is installed but does not import ({exc}); rebuild it with launch/install-horovod.sh"
     if not hvd.gloo_built():
         return "horovod was built without Gloo; rebuild it with launch/install-horovod.sh"
@@ -212,18 +208,19 @@ def _horovod_problem() -> str | None:
 
 @pytest.fixture(scope="session")
 def horovodrun() -> list[str]:
-    """The horovodrun command, building Horovod first when asked to."""
+    """The horovodrun command, building Horovod first when it is not installed."""
     problem = _horovod_problem()
-    if problem is not None:
-        if os.environ.get(BUILD_ENV) == "1":
-            pytest.fail(problem)
-        pytest.skip(problem)
+    assert problem is None, problem
     if importlib.util.find_spec("horovod") is None:
+        if os.environ.get(BUILD_ENV) == "0":
+            pytest.skip(f"Horovod is not installed and {BUILD_ENV}=0 asks not to build it (launch/install-horovod.sh)")
         proc = subprocess.run(["bash", str(ROOT / "launch" / "install-horovod.sh"), "--python", sys.executable],
-                              cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                              cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        if proc.returncode == 3:  # the script's "cannot be installed here"
+            pytest.skip(f"Horovod cannot be installed here: {proc.stderr.strip()[-400:]}")
         assert proc.returncode == 0, f"install-horovod.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         problem = _horovod_problem()
-        assert problem is None, problem
+        assert problem is None and importlib.util.find_spec("horovod") is not None, problem or "horovod still missing"
     launcher = Path(sys.executable).parent / "horovodrun"
     assert launcher.exists(), f"horovod is importable but {launcher} is missing"
     return [str(launcher), "--gloo", "--start-timeout", "60"]
