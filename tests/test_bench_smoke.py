@@ -39,3 +39,14 @@ def test_convergence_benchmark_quick_run(tmp_path):
     assert rows[0]["time_to_target_s"] is not None  # dense reaches its own final loss + 2 %
     assert "## Convergence" in (tmp_path / "RESULTS.md").read_text()
     assert (tmp_path / "results" / "convergence.png").stat().st_size > 1000
+
+
+def test_convergence_rows_merge_with_stored_runs_of_the_same_settings():
+    def row(config, link="loopback", args=("--steps", "400")):
+        return {"config": config, "link": link, "train_args": list(args)}
+
+    stored = [row("dense"), row("fp16"), row("powersgd", args=("--steps", "10")), row("fp16", link="100mbit")]
+    merged = convergence.merge_rows(stored, [row("topk:0.1/eliasfano/fp16"), row("fp16")])
+    # Kept: stored dense (same link and settings); replaced: fp16; dropped: other settings or link.
+    assert [r["config"] for r in merged] == ["dense", "fp16", "topk:0.1/eliasfano/fp16"]
+    assert merged[1] is not stored[1]

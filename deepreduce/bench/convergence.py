@@ -31,6 +31,7 @@ CONFIGS = [
     "dense",
     "fp16",
     "powersgd",
+    "topk:0.1/eliasfano/fp16",
     "topk:0.01/eliasfano/fp16",
     "topk:0.01/eliasfano/qsgd",
     "topk:0.01/bloom:policy=p2/polyfit",
@@ -96,28 +97,46 @@ def run_config(config: str, train_args: list[str], steps: int, out: Path, port: 
         "step_time_s": statistics.median(r["step_s"] for r in records),
         "bytes_per_step": statistics.median(r["bytes_sent"] for r in records),
         "train_wall_s": elapsed,
+        "train_args": train_args,
         "curve": curve,
     }
+
+
+def merge_rows(previous: list[dict], rows: list[dict]) -> list[dict]:
+    """This run's rows, plus stored rows of other configurations trained on the same link with
+    the same settings (so one configuration can be added without re-running the rest)."""
+    ran = {r["config"] for r in rows}
+    link, train_args = rows[0]["link"], rows[0]["train_args"]
+    kept = [r for r in previous if r.get("link") == link and r.get("train_args") == train_args and r["config"] not in ran]
+    order = {config: i for i, config in enumerate(CONFIGS)}
+    return sorted(kept + rows, key=lambda r: order.get(r["config"], len(order)))
 
 
 def time_to_target(curve: list[dict], target: float) -> float | None:
     return next((point["wall_s"] for point in curve if point["val_loss"] <= target), None)
 
 
-def render(rows: list[dict], target: float, facts: dict, command: str, train_args: list[str]) -> str:
-    header = ["config", "link", "steps", "final val loss", "step time s", "bytes/step/rank", "time to target s"]
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render(rows: list[dict], target: float, common: float, facts: dict, train_args: list[str]) -> str:
+    commands = " and ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
+    header = ["config", "link", "steps", "final val loss", "step time s", "bytes/step/rank", "time to target s",
+              f"time to {common:.4f} s"]
     table = [[r["config"], r["link"], r["steps"], f"{r['final_val_loss']:.4f}", f"{r['step_time_s']:.3f}",
-              f"{r['bytes_per_step'] / 1e6:.3f} MB", "-" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"]
+              f"{r['bytes_per_step'] / 1e6:.3f} MB", _seconds(r["time_to_target_s"]), _seconds(r["time_to_common_s"])]
              for r in rows]
     return "\n".join([
         "## Convergence: validation loss and time to target",
         "",
-        f"Reproduce: `{command}`. Machine: {facts['cpu_cores']} cores, torch {facts['torch']}. "
+        f"Reproduce: {commands}. Machine: {facts['cpu_cores']} cores, torch {facts['torch']}. "
         f"Training: `deepreduce train {' '.join(train_args)}` on 2 ranks (gloo, 1 thread each), same seed and "
         f"data order for every configuration; compressed hooks start after 10 dense steps.",
         "",
-        f"Target validation loss: {target:.4f} (the dense run's final loss + 2 %). Time to target counts "
-        "training step time only (evaluation excluded). Bytes/step: median bytes each rank hands to collectives.",
+        f"Target validation loss: {target:.4f} (the dense run's final loss + 2 %); {common:.4f} is the worst "
+        "final loss of all configurations, a target every one of them reaches. Times count training step time "
+        "only (evaluation excluded). Bytes/step: median bytes each rank hands to collectives.",
         "",
         markdown_table(header, table),
         "",
@@ -197,28 +216,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cluster is not None:
             cluster.down()
+    # One JSON for every link and configuration: stored rows of other runs are kept.
+    json_path = out / "results" / "convergence.json"
+    previous = json.loads(json_path.read_text()) if json_path.exists() else []
+    command = reproduce_command("convergence", argv)
+    rows = merge_rows(previous, [dict(r, command=command) for r in rows])
     dense = next((r for r in rows if r["config"] == "dense"), None)
     target = args.target if args.target is not None else (dense or rows[0])["final_val_loss"] * 1.02
+    common = max(r["final_val_loss"] for r in rows)
     for row in rows:
         row["target_val_loss"] = target
         row["time_to_target_s"] = time_to_target(row["curve"], target)
+        row["common_val_loss"] = common
+        row["time_to_common_s"] = time_to_target(row["curve"], common)
 
     table = Table(title=f"deepreduce bench convergence ({steps} steps, target val loss {target:.4f})")
-    for column in ("config", "link", "final val loss", "step s", "bytes/step", "time to target s"):
+    for column in ("config", "link", "final val loss", "step s", "bytes/step", "time to target s", f"time to {common:.4f} s"):
         table.add_column(column)
     for r in rows:
         table.add_row(r["config"], r["link"], f"{r['final_val_loss']:.4f}", f"{r['step_time_s']:.3f}",
-                      f"{r['bytes_per_step'] / 1e6:.3f} MB", "-" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}")
+                      f"{r['bytes_per_step'] / 1e6:.3f} MB", _seconds(r["time_to_target_s"]), _seconds(r["time_to_common_s"]))
     console.print(table)
     facts = machine_facts()
-    command = reproduce_command("convergence", argv)
-    # One JSON for every link: rows of earlier runs on other links are kept.
-    json_path = out / "results" / "convergence.json"
     links = {r["link"] for r in rows}
-    kept = [r for r in (json.loads(json_path.read_text()) if json_path.exists() else []) if r.get("link") not in links]
-    write_json(json_path, kept + [dict(r, machine=facts) for r in rows])
+    others = [r for r in previous if r.get("link") not in links]
+    write_json(json_path, others + [dict(r, machine=r.get("machine", facts)) for r in rows])
     section = "convergence" + (f"-{rows[0]['link']}" if args.link else "")
-    update_results_section(out / "RESULTS.md", section, render(rows, target, facts, command, train_args).replace(
+    update_results_section(out / "RESULTS.md", section, render(rows, target, common, facts, train_args).replace(
         "results/convergence.png", f"results/{section}.png"))
     try:
         plot(rows, out / "results" / f"{section}.png")
