@@ -12,8 +12,8 @@
 # installed, never a fresh one) and installs it. The wheel is cached per (horovod,
 # torch, python, cpu|cuda): a second run installs it in seconds.
 #
-# CPU build (default): PyTorch ops over Gloo, no MPI, no TensorFlow/MXNet. ~5 CPU-minutes
-#   (5 to 9 minutes measured on 2 cores shared with other work). Then:
+# CPU build (default): PyTorch ops over Gloo, no MPI, no TensorFlow/MXNet. 122 s measured
+#   on 2 idle cores (longer when the cores are busy). Then:
 #   horovodrun --gloo -np 2 -H localhost:2 PYTHON launch/horovod_example.py
 # --cuda: also NCCL for GPU tensors (needs nvcc and the NCCL headers/libraries, as in
 #   the nvidia/cuda *-devel images; HOROVOD_NCCL_HOME is honoured). Gloo stays on for

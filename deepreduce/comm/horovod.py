@@ -20,7 +20,7 @@ from . import Transport
 
 INSTALL_HINT = (
     "Horovod is not installed: pip cannot build horovod 0.28.1 against this torch as released "
-    "(it needs a C++17 patch); run launch/install-horovod.sh (about 5 CPU-minutes to build, cached afterwards)"
+    "(it needs a C++17 patch); run launch/install-horovod.sh (about 2 minutes to build on 2 cores, cached afterwards)"
 )
 
 
