@@ -21,7 +21,9 @@ Tuning:
 
 - ``compressor``: at 1 % density (``topk:0.01``) ``eliasfano`` + ``fp16`` costs about
   24 bits per kept element, 1/130 of a dense fp32 bucket. Lower density saves more bytes;
-  error feedback keeps it converging, but start around 1 % and compare validation loss.
+  error feedback keeps it converging, but it converges slower per step, most with Adam
+  (measured on the stdlib language model after 400 steps: dense 2.00, top-10 % 2.18,
+  top-1 % 2.30, PowerSGD 2.23 validation loss). Compare validation loss at your density.
 - ``start_iter``: dense allreduce for the first steps. DDP rebuilds its buckets after
   the first iteration, so it must be >= 2; a few hundred helps accuracy early in
   training, like PowerSGD's ``start_powerSGD_iter``.
