@@ -380,7 +380,7 @@ def _worker_payloads(transport_name: str, out_dir: str) -> None:
     if transport_name == "torch":
         import torch.distributed as dist
 
-        from deepreduce.comm.torch_dist import TorchTransport
+        from deepreduce.comm.torch_dist import TorchTransport, close_process_group
 
         port = os.environ["MASTER_PORT"]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
@@ -393,12 +393,13 @@ def _worker_payloads(transport_name: str, out_dir: str) -> None:
             assert [t.numpy().tobytes() for t in own] == [t.numpy().tobytes() for t in theirs]
             return own
 
-        rank, gather_bytes = dist.get_rank(), library.allgather_bytes
+        rank, gather_bytes, finish = dist.get_rank(), library.allgather_bytes, close_process_group
     else:
         if transport_name == "mpi":
             from deepreduce.comm.mpi import MPITransport
 
             transport = MPITransport()
+            finish = transport.barrier
         else:
             import horovod.torch as hvd
 
@@ -406,6 +407,7 @@ def _worker_payloads(transport_name: str, out_dir: str) -> None:
 
             hvd.init()
             transport = HorovodTransport()
+            finish = hvd.shutdown
         rank, gather, gather_bytes = transport.rank, transport.allgather_varlen, transport.allgather_bytes
     arrays = {}
     for i, payload in enumerate(local_payloads(rank)):
@@ -415,6 +417,7 @@ def _worker_payloads(transport_name: str, out_dir: str) -> None:
         arrays[f"bytes_from{src}"] = np.frombuffer(data, dtype=np.uint8)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     np.savez(Path(out_dir) / f"rank{rank}.npz", **arrays)
+    finish()  # every rank leaves together: an exit under live gloo threads can abort
 
 
 def _worker_average(out_dir: str) -> None:
