@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .bench import make_console
 from .train import read_metrics
 
 DEFAULT_SPEC = "topk:0.01/eliasfano/fp16"
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     specs = args.compression or [DEFAULT_SPEC]
-    console = Console()
+    console = make_console()
     out = args.out or Path(tempfile.mkdtemp(prefix="deepreduce-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]deepreduce demo[/]: byte-level transformer on the stdlib's source, {args.workers} workers "
@@ -122,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     dense_bytes = statistics.median(r["bytes_sent"] for r in runs[0]["steps"])
     table = Table(title=f"{args.steps} steps, {args.workers} workers (medians over steps)")
     for column in ("compression", "val loss", "bytes/step", "ratio", "step time", "comm time"):
-        if column == "compression":
-            table.add_column(column, overflow="fold")
-        else:
-            table.add_column(column, justify="right", no_wrap=True)
+        table.add_column(column, no_wrap=True, justify="left" if column == "compression" else "right")
     for run in runs:
         table.add_row(*_row(run, dense_bytes))
     console.print(table)
