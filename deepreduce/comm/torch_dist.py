@@ -46,11 +46,11 @@ class TorchTransport(Transport):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TorchTransport needs an initialized torch.distributed process group (dist.init_process_group)")
         self.group = process_group if process_group is not None else dist.group.WORLD
+        backend = str(dist.get_backend(self.group)).lower()
         if device is None:
-            uses_nccl = "nccl" in str(dist.get_backend(self.group)).lower()
-            device = torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
+            device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
         self.device = torch.device(device)
-        self._host_gather = "gloo" in str(dist.get_backend(self.group)).lower()
+        self._host_gather = "gloo" in backend
         self._rank = dist.get_rank(self.group)
         self._world_size = dist.get_world_size(self.group)
 

@@ -98,8 +98,8 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def query(table: torch.Tensor, d: int, key: int, nhashes: int, limit: int | None = None, stop_after: int | None = None) -> torch.Tensor:
     """Positive set ``P`` of the filter ``table`` (one bool per bit) over ``[0, d)``, ascending.
 
-    Positions are walked in chunks of ``_CHUNK`` positions (``_CHUNK_CUDA`` on a GPU; powers of two, so a chunk never
-    straddles a multiple of 2^32 and shares one pair of high keys). Hash ``i`` is
+    Positions are walked in chunks of ``_CHUNK`` (``_CHUNK_CUDA`` on a GPU; powers of two,
+    so a chunk never straddles a multiple of 2^32 and shares one pair of high keys). Hash ``i`` is
     tested only on the positions that passed hashes ``0..i-1`` (half of them pass
     each hash of a well-sized filter). Raises :class:`_TooManyPositives` once more
     than ``limit`` positives are found; returns early once ``stop_after`` are found."""
