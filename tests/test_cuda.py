@@ -3,16 +3,10 @@
 What must hold on the GPU: payloads stay on the device; a payload decodes to the same
 index set on the GPU and on the CPU (receivers replay Bloom policies, so their random
 choices must not depend on the device); where the pipeline is deterministic, the GPU
-payload is byte-identical to the CPU one; and DDP training with the hook over NCCL keeps
-parameters bitwise identical across ranks."""
+payload is byte-identical to the CPU one; and DDP training with the hook over NCCL or
+gloo keeps parameters bitwise identical across ranks."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +15,7 @@ import deepreduce as dr
 from deepreduce.codecs import VALUE_CODECS
 
 from helpers import bits
+from test_hook_dist import launch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -101,25 +96,14 @@ def test_sparsifiers_select_on_gpu(name):
         assert torch.equal(indices.cpu(), torch.nonzero(x.abs() >= 0.99).reshape(-1))
 
 
-WORKER = Path(__file__).with_name("_dist_worker.py")
-
-
 @pytest.mark.parametrize("backend", ["nccl", "gloo"])
-def test_ddp_hook_on_gpu(backend, tmp_path):
+def test_ddp_hook_on_gpu(backend, tmp_path_factory):
     """DDP on the GPU: every rank ends with the same parameters, for every spec and for
     fp16/bf16 buckets; lossless at ratio 1 equals the built-in allreduce. NCCL allows one
     rank per GPU (one rank on a single-GPU machine); gloo runs two ranks on CUDA tensors
     (it all-gathers through host memory)."""
     nproc = min(torch.cuda.device_count(), 4) if backend == "nccl" else 2
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), str(tmp_path), "--backend", backend, "--device", "cuda", "--checks", "specs,dtypes,equals_allreduce"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
-    for rank in ranks:
-        for name, entry in rank.items():
-            assert "error" not in entry, f"{name}:\n{entry.get('error')}"
+    ranks = launch(tmp_path_factory, nproc, "specs,dtypes,equals_allreduce", "--backend", backend, "--device", "cuda")
     specs = ranks[0]["specs"]
     assert specs, "no spec trained"
     for name, entry in specs.items():

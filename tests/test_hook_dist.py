@@ -27,9 +27,10 @@ def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.Co
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def launch(tmp_path_factory, nproc: int, checks: str) -> list[dict]:
+def launch(tmp_path_factory, nproc: int, checks: str, *worker_args: str) -> list[dict]:
+    """Run the worker's ``checks`` on ``nproc`` ranks; every rank's results, none failed."""
     out = tmp_path_factory.mktemp(f"hook{nproc}")
-    result = torchrun(nproc, [str(WORKER), str(out), "--checks", checks])
+    result = torchrun(nproc, [str(WORKER), str(out), "--checks", checks, *worker_args])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
     for rank, checks_done in enumerate(ranks):

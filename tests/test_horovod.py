@@ -5,8 +5,8 @@ and direct paths, and training with bitwise-identical parameters across ranks.
 Horovod 0.28.1 must be built from source with a C++17 patch (launch/install-horovod.sh).
 When it is not installed, the first ``horovodrun`` test builds and installs it into this
 environment (122 s measured on 2 idle cores; the wheel is cached, so a new environment on
-the same machine installs it in seconds). The tests skip, saying why, only where Horovod cannot be
-installed (no g++, or the package index is out of reach), or when
+the same machine installs it in seconds). The tests skip, saying why, only where Horovod
+cannot be installed (no g++, or the package index is out of reach), or when
 ``DEEPREDUCE_TEST_HOROVOD=0`` asks not to build it.
 """
 

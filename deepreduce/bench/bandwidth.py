@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts()
     command = reproduce_command("bandwidth", argv)
     write_json(out / "results" / "bandwidth.json", [dict(r, **{"machine": facts}) for r in rows])
-    update_results_section(out / "RESULTS.md", "bandwidth", render(rows, facts, command.strip()))
+    update_results_section(out / "RESULTS.md", "bandwidth", render(rows, facts, command))
     try:
         plot(rows, out / "results" / "bandwidth.png")
     except ImportError:
