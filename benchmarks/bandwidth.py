@@ -2,7 +2,7 @@
 
 import sys
 
-from deepreduce.bench.bandwidth import main
+from deepreduce.apps.bench.bandwidth import main
 
 if __name__ == "__main__":
     sys.exit(main())

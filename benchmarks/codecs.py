@@ -2,7 +2,7 @@
 
 import sys
 
-from deepreduce.bench.codecs import main
+from deepreduce.apps.bench.codecs import main
 
 if __name__ == "__main__":
     sys.exit(main())

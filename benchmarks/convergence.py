@@ -2,7 +2,7 @@
 
 import sys
 
-from deepreduce.bench.convergence import main
+from deepreduce.apps.bench.convergence import main
 
 if __name__ == "__main__":
     sys.exit(main())

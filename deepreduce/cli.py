@@ -4,24 +4,28 @@
     deepreduce train ...                  the training entry that torchrun launches
     deepreduce codecs                     registered sparsifiers and codecs
     deepreduce bench codecs|bandwidth|convergence ...
+    deepreduce --version
+
+The commands live in :mod:`deepreduce.apps`.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 
 # Each subcommand is a module with main(argv) -> int, imported only when used so that
 # `deepreduce codecs` does not pay for matplotlib or torch.distributed.
 COMMANDS = {
-    "demo": ("deepreduce.demo:main", "train a small model dense vs. compressed on 2 local workers"),
-    "train": ("deepreduce.train:main", "training entry for torchrun (single or multi-node)"),
-    "codecs": ("deepreduce.catalog:main", "list sparsifiers and codecs with a line each"),
+    "demo": ("deepreduce.apps.demo:main", "train a small model dense vs. compressed on 2 local workers"),
+    "train": ("deepreduce.apps.train:main", "training entry for torchrun (single or multi-node)"),
+    "codecs": ("deepreduce.apps.catalog:main", "list sparsifiers and codecs with a line each"),
 }
 BENCHMARKS = {
-    "codecs": ("deepreduce.bench.codecs:main", "bits per element, error and speed of every codec"),
-    "bandwidth": ("deepreduce.bench.bandwidth:main", "DDP step time on emulated links vs. built-in hooks"),
-    "convergence": ("deepreduce.bench.convergence:main", "validation loss and time to target per configuration"),
+    "codecs": ("deepreduce.apps.bench.codecs:main", "bits per element, error and speed of every codec"),
+    "bandwidth": ("deepreduce.apps.bench.bandwidth:main", "DDP step time on emulated links vs. built-in hooks"),
+    "convergence": ("deepreduce.apps.bench.convergence:main", "validation loss and time to target per configuration"),
 }
 
 
@@ -30,10 +34,21 @@ def _run(target: str, argv: list[str]) -> int:
     return int(getattr(importlib.import_module(module), func)(argv) or 0)
 
 
+def version() -> str:
+    """The installed distribution's version (``deepreduce.__version__``)."""
+    try:
+        return importlib.metadata.version("deepreduce")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+        return getattr(importlib.import_module("deepreduce"), "__version__", "unknown")
+
+
 def _usage() -> str:
+    rows = [(name, text) for name, (_, text) in COMMANDS.items()]
+    rows += [(f"bench {name}", text) for name, (_, text) in BENCHMARKS.items()]
+    rows += [("--version", "print the version")]
+    width = max(len(name) for name, _ in rows) + 2
     lines = ["usage: deepreduce <command> [options]", "", "commands:"]
-    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
-    lines += [f"  bench {name:<6} {text}" for name, (_, text) in BENCHMARKS.items()]
+    lines += [f"  {name:<{width}}{text}" for name, text in rows]
     lines += ["", "`deepreduce <command> --help` for the options of one command."]
     return "\n".join(lines)
 
@@ -42,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
+        return 0
+    if argv[0] in ("--version", "-V"):
+        print(f"deepreduce {version()}")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "bench":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from deepreduce import train
+from deepreduce.apps import train
 from deepreduce.comm.torch_dist import close_process_group
 
 TINY = ["--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch", "4",
@@ -28,6 +28,15 @@ def main() -> int:
     train.main(spec + ["--metrics", str(out / "full.jsonl"), "--checkpoint", str(out / "full")])
     train.main(spec + ["--metrics", str(out / "part.jsonl"), "--checkpoint", str(out / "part"), "--stop-after", str(STOP)])
     train.main(spec + ["--metrics", str(out / "part.jsonl"), "--checkpoint", str(out / "resumed"), "--resume", str(out / "part")])
+    # A checkpoint refuses a run with another optimizer or other data (before any collective).
+    refusals = []
+    for other in (["--optimizer", "sgd"], ["--corpus-mb", "1"]):
+        try:
+            train.main(spec + other + ["--resume", str(out / "part")])
+        except SystemExit as refused:
+            refusals.append(str(refused))
+    if dist.get_rank() == 0:
+        (out / "refused.txt").write_text("\n".join(refusals))
     # The built-in hooks, for comparison runs.
     for name in ("dense", "fp16", "powersgd"):
         train.main(["--compression", name, "--steps", "6", "--powersgd-rank", "2"] + TINY

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepreduce.data import stdlib_corpus
-from deepreduce.models import ByteTransformer, resnet
+from deepreduce.apps.data import stdlib_corpus
+from deepreduce.apps.models import ByteTransformer, resnet
 
 
 def model_gradient(model: torch.nn.Module, seq_len: int, batch: int = 8, seed: int = 0) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from deepreduce.bench import codecs as bench_codecs
-from deepreduce.bench import update_results_section
+from deepreduce.apps.bench import codecs as bench_codecs
+from deepreduce.apps.bench import update_results_section
 
 FIELDS = {"model", "density", "index", "value", "bits_per_element", "entropy_ratio", "rel_error",
           "compress_mb_s", "decompress_mb_s", "topk_s"}

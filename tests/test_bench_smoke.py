@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from deepreduce.bench import bandwidth, convergence
-from deepreduce.netns import netns_unavailable_reason
+from deepreduce.apps.bench import bandwidth, convergence
+from deepreduce.apps.netns import netns_unavailable_reason
 
 NETNS_REASON = netns_unavailable_reason()
 

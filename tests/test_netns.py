@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deepreduce.netns import NetnsCluster, NetnsError, default_burst, netns_unavailable_reason, parse_rate
+from deepreduce.apps.netns import NetnsCluster, NetnsError, default_burst, netns_unavailable_reason, parse_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "netns-cluster"

@@ -89,3 +89,10 @@ def test_builtin_hooks_for_comparison(runs):
     assert powersgd[0] == dense and 0 < powersgd[-1] < dense / 2
     # Same seed, same data, same first step: the three runs start from the same loss.
     assert len({round(results[n][0][0]["loss"], 5) for n in results}) == 1
+
+
+def test_resume_refuses_other_optimizer_or_data(runs):
+    optimizer, data = (runs / "refused.txt").read_text().splitlines()
+    assert optimizer == "deepreduce train: checkpoint used --optimizer adam, not sgd"
+    assert data.startswith("deepreduce train: checkpoint trained on stdlib (corpus digest ")
+    assert "--corpus-mb 1) has digest" in data

@@ -1,16 +1,22 @@
-"""`deepreduce train` and `deepreduce demo` pieces that need no torchrun, and a demo smoke run."""
+"""`deepreduce train` and `deepreduce demo` pieces that need no torchrun, the `deepreduce`
+command's dispatch, and a demo smoke run."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from deepreduce import train
+from deepreduce import cli
+from deepreduce.apps import comm_hooks, train
+from deepreduce.apps.data import CorpusError, text_corpus
+from deepreduce.errors import ConfigError
 
 
 def test_learning_rate_schedule():
@@ -25,7 +31,7 @@ def test_learning_rate_schedule():
 
 
 def test_comm_meter_merges_overlapping_intervals():
-    meter = train.CommMeter(None)
+    meter = comm_hooks.CommMeter(None)
     meter._intervals = [(0.0, 1.0), (0.5, 2.0), (3.0, 4.0), (3.5, 3.7)]
     meter._bytes = 10
     assert meter.take() == (10, 3.0)
@@ -33,8 +39,122 @@ def test_comm_meter_merges_overlapping_intervals():
 
 
 def test_bad_compression_is_a_clear_error():
+    with pytest.raises(ConfigError, match="'topk:0.01/nope/fp16'.*dense, fp16, powersgd"):
+        comm_hooks.make_hook("topk:0.01/nope/fp16")
     with pytest.raises(SystemExit, match="--compression 'topk:0.01/nope/fp16'.*dense, fp16, powersgd"):
-        train.make_hook(train.build_parser().parse_args(["--compression", "topk:0.01/nope/fp16"]))
+        train._hook(train.build_parser().parse_args(["--compression", "topk:0.01/nope/fp16"]))
+
+
+def test_make_hook_takes_explicit_arguments():
+    state, hook, meter, counter = comm_hooks.make_hook(
+        "topk:0.01/eliasfano/fp16", seed=3, start_iter=5, min_numel=0, error_feedback=False, dense_fallback=False)
+    assert callable(hook) and isinstance(meter, comm_hooks.CommMeter) and counter() == 0
+    assert state.start_iter == 5
+    state, hook, meter, counter = comm_hooks.make_hook("powersgd", start_iter=0, powersgd_rank=2)
+    assert state.matrix_approximation_rank == 2 and state.start_powerSGD_iter == 2 and counter is None
+    for name in ("dense", "fp16"):
+        state, hook, meter, counter = comm_hooks.make_hook(name)
+        assert state is None and counter is None
+
+
+def test_make_optimizer():
+    import torch
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert type(train.make_optimizer("adam", params, 1e-3)) is torch.optim.Adam
+    adamw = train.make_optimizer("adamw", params, 1e-3, weight_decay=0.1)
+    assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["weight_decay"] == 0.1
+    sgd = train.make_optimizer("sgd", params, 1e-2)
+    assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["momentum"] == 0.9
+    with pytest.raises(ValueError, match="adam, adamw, sgd"):
+        train.make_optimizer("lamb", params, 1e-3)
+
+
+def test_text_corpus_folder_holds_out_whole_files(tmp_path):
+    root = tmp_path / "text"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    texts = {}
+    for i in range(12):
+        path = root / ("sub/deeper" if i % 3 == 0 else "sub" if i % 3 == 1 else "") / f"f{i:02d}.txt"
+        texts[path] = f"file {i:02d}: {'héllo wörld ' * (10 + i)}\n".encode()
+        path.write_bytes(texts[path])
+    (root / ".hidden" / "secret.txt").write_bytes(b"hidden " * 100)
+    (root / "blob.bin").write_bytes(b"\x00\x01binary" * 100)
+    (root / "empty.txt").write_bytes(b"")
+    corpus = text_corpus(root, max_bytes=1 << 20)
+    ordered = [texts[p] for p in sorted(texts)]  # the order text_files reads them in
+    assert [p.relative_to(root).as_posix() for p in sorted(texts)][:2] == ["f02.txt", "f05.txt"]
+    # Every 10th text file is held out whole: validation text never appears in training.
+    assert bytes(corpus.val.numpy()) == ordered[9]
+    assert bytes(corpus.train.numpy()) == b"".join(ordered[:9] + ordered[10:])
+    assert b"hidden" not in bytes(corpus.train.numpy()) and b"binary" not in bytes(corpus.train.numpy())
+    assert text_corpus(root, max_bytes=1 << 20).digest == corpus.digest
+    # max_bytes stops reading after the file that reaches it; with fewer files than
+    # val_every read, the last one is held out.
+    small = text_corpus(root, max_bytes=len(ordered[0]) + len(ordered[1]))
+    assert bytes(small.train.numpy()) == ordered[0] and bytes(small.val.numpy()) == ordered[1]
+    # ... and no file gives more than max_bytes.
+    capped = text_corpus(root, max_bytes=len(ordered[0]) + 1)
+    assert bytes(capped.val.numpy()) == ordered[1][:len(ordered[0]) + 1]
+
+
+def test_text_corpus_single_file_and_few_files(tmp_path):
+    path = tmp_path / "one.txt"
+    raw = bytes(range(32, 127)) * 20
+    path.write_bytes(raw)
+    corpus = text_corpus(path, max_bytes=1 << 20)
+    assert bytes(corpus.train.numpy()) + bytes(corpus.val.numpy()) == raw
+    assert corpus.val.numel() == len(raw) // 10
+    assert text_corpus(path, max_bytes=1000).train.numel() == 900
+    # A folder with fewer files than val_every holds out the last; with one file, its tail.
+    folder = tmp_path / "few"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"a" * 500)
+    one = text_corpus(folder)
+    assert one.train.numel() == 450 and one.val.numel() == 50
+    (folder / "b.txt").write_bytes(b"b" * 300)
+    two = text_corpus(folder)
+    assert bytes(two.train.numpy()) == b"a" * 500 and bytes(two.val.numpy()) == b"b" * 300
+
+
+def test_text_corpus_bad_input(tmp_path):
+    with pytest.raises(CorpusError, match="no such file or folder"):
+        text_corpus(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CorpusError, match="folder has no files"):
+        text_corpus(empty)
+    (empty / ".dotfile").write_text("x" * 1000)
+    with pytest.raises(CorpusError, match="folder has no files"):
+        text_corpus(empty)
+    (empty / "zero.txt").write_bytes(b"")
+    (empty / "image.png").write_bytes(b"\x89PNG\x00" * 100)
+    with pytest.raises(CorpusError, match="no text in its 2 file"):
+        text_corpus(empty)
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(CorpusError, match="too little text: 9 bytes for training and 0 for validation"):
+        text_corpus(short)
+    short.write_text("x" * 400)
+    with pytest.raises(CorpusError, match="need at least 66 in each"):
+        text_corpus(short, min_split_bytes=66)
+    args = train.build_parser().parse_args(["--data", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="deepreduce train: --data: .*missing: no such file or folder"):
+        train.load_corpus(args)
+
+
+def test_cli_version_and_help(capsys):
+    from importlib.metadata import version
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"deepreduce {version('deepreduce')}"
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("  ")]
+    description_column = {len(line) - len(line[2:].split("  ", 1)[1].lstrip()) for line in rows}
+    assert len(description_column) == 1, out  # every description starts in the same column
+    assert re.search(r"^  bench bandwidth {2,}DDP step time", out, re.M), out  # a gap before the description
 
 
 def test_one_process_run_writes_metrics(tmp_path):
@@ -50,6 +170,36 @@ def test_one_process_run_writes_metrics(tmp_path):
     assert rc.returncode == 0, rc.stderr[-3000:]
     lines = metrics.read_text().splitlines()
     assert len(lines) == 5 and '"summary"' in lines[-1] and '"world_size": 1' in lines[-1]
+
+
+def test_one_process_run_on_own_data_with_sgd(tmp_path):
+    """`--data FILE --optimizer sgd`: trains, and the summary names the data and optimizer."""
+    data = tmp_path / "corpus.txt"
+    data.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog ünïcode\n" for i in range(400)),
+                    encoding="utf-8")
+    metrics = tmp_path / "m.jsonl"
+    rc = subprocess.run(
+        [sys.executable, "-m", "deepreduce", "train", "--data", str(data), "--optimizer", "sgd", "--steps", "3",
+         "--weight-decay", "0.01", "--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "32",
+         "--batch", "4", "--start-iter", "2", "--eval-every", "3", "--eval-batches", "1",
+         "--metrics", str(metrics), "--threads", "1", "--log-every", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    assert f"{data} corpus" in rc.stdout and "sgd" in rc.stdout
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    summary = lines[-1]["summary"]
+    assert len(lines) == 4 and summary["steps"] == 3 and summary["val_loss"] is not None
+    assert summary["data"] == str(data) and summary["optimizer"] == "sgd" and summary["weight_decay"] == 0.01
+    assert summary["corpus_digest"] == text_corpus(data, 16 << 20).digest
+
+
+def test_bad_data_fails_before_training(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "deepreduce", "train", "--data", str(tmp_path / "nope"), "--steps", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "--data:" in result.stderr and "no such file or folder" in result.stderr
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ For each density and codec combination the whole flat gradient is compressed as 
 bucket, decoded, and compared with the exact top-k selection.
 
     deepreduce bench codecs                 # full run, writes benchmarks/RESULTS.md + results/codecs.json
-    deepreduce bench codecs --quick         # seconds: tiny models, one density
+    deepreduce bench codecs --quick         # smoke test: tiny models, one density
     deepreduce bench codecs --device cuda   # the same on a GPU: its own section, results/codecs_cuda.json
 """
 
@@ -24,10 +24,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .. import Compressor, decode, index_codecs, sparsify, value_codecs, wire
+from ... import Compressor, decode, index_codecs, sparsify, value_codecs, wire
 from ..data import stdlib_corpus
 from ..models import ByteTransformer, resnet
-from ..sparse import target_k
+from ...sparse import target_k
 from . import default_output_dir, reproduce_command, make_console, machine_facts, markdown_table, median_time, update_results_section, write_json
 
 # Index codecs are compared with raw values, value codecs with eliasfano indices, and a

@@ -14,7 +14,7 @@ overhead, counted by the kernel), and speed-up vs. the default allreduce.
 
     deepreduce bench bandwidth                           # 2 and 4 nodes x {100mbit, 1gbit, unshaped}
     deepreduce bench bandwidth --nodes 2 --links 100mbit --configs dense topk:0.01/eliasfano/fp16
-    deepreduce bench bandwidth --quick                   # seconds: tiny model, 2 nodes, unshaped
+    deepreduce bench bandwidth --quick                   # smoke test: tiny model, 2 nodes, unshaped
 
 ``powersgd`` is torch's ``powerSGD_hook`` (rank 4) wrapped so that each bucket's future
 has completed when the hook returns: the stock hook issues collectives from future
@@ -91,8 +91,9 @@ def worker(argv: list[str]) -> int:
     from torch.distributed.algorithms.ddp_comm_hooks import debugging_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ..comm.torch_dist import close_process_group
-    from ..train import build_parser, make_hook, params_digest
+    from ...comm.torch_dist import close_process_group
+    from ..comm_hooks import make_hook
+    from ..metrics import params_digest
 
     parser = argparse.ArgumentParser(prog="bandwidth worker")
     parser.add_argument("--config", required=True)
@@ -110,10 +111,7 @@ def worker(argv: list[str]) -> int:
         ddp.register_comm_hook(None, debugging_hooks.noop_hook)
         meter = None
     else:
-        train_args = build_parser().parse_args(
-            ["--compression", args.config, "--start-iter", "2", "--seed", "0", "--min-numel", "1024"]
-        )
-        state, hook, meter, _ = make_hook(train_args)
+        state, hook, meter, _ = make_hook(args.config, seed=0, start_iter=2, min_numel=1024)
         ddp.register_comm_hook(state, hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ifname = os.environ.get("GLOO_SOCKET_IFNAME", "eth0")
@@ -153,7 +151,7 @@ def run_config(cluster, config: str, steps: int, out: Path, port: int, threads: 
     run_dir = out / f"{cluster.nodes}n-{cluster.rate or 'unshaped'}-{config.replace('/', '_').replace(':', '-')}"
     for stale in run_dir.glob("rank*.json"):
         stale.unlink()
-    command = ["-m", "deepreduce.bench.bandwidth", "--worker", "--config", config, "--steps", str(steps),
+    command = ["-m", "deepreduce.apps.bench.bandwidth", "--worker", "--config", config, "--steps", str(steps),
                "--out", str(run_dir), "--threads", str(threads)] + (["--quick"] if quick else [])
     logs = []
     procs = []
@@ -187,8 +185,8 @@ def run_config(cluster, config: str, steps: int, out: Path, port: int, threads: 
 def available(config: str) -> bool:
     if config in BASELINES:
         return True
-    from .. import Compressor
-    from ..errors import ConfigError
+    from ... import Compressor
+    from ...errors import ConfigError
 
     try:
         Compressor.from_spec(config)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .codecs import INDEX_CODECS, VALUE_CODECS
-from .sparse import get_sparsifier, sparsifiers
+from ..codecs import INDEX_CODECS, VALUE_CODECS
+from ..sparse import get_sparsifier, sparsifiers
 
 
 def _params_text(params) -> str:

@@ -21,7 +21,7 @@ import torch
 
 def default_output_dir() -> Path:
     """``benchmarks/`` of the source checkout when there is one, else ``./benchmarks``."""
-    checkout = Path(__file__).resolve().parents[2] / "benchmarks"
+    checkout = Path(__file__).resolve().parents[3] / "benchmarks"
     return checkout if checkout.is_dir() else Path.cwd() / "benchmarks"
 
 

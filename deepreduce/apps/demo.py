@@ -3,7 +3,7 @@
 Trains the byte-level transformer on the standard library's source text twice with
 ``torchrun --standalone --nproc_per_node=2`` (gloo), once with the plain allreduce and
 once with a compressor, then prints final validation loss, bytes sent per step,
-compression ratio and step time in one table. Takes 1-3 minutes on 2 CPU cores.
+compression ratio and step time in one table.
 
 On one machine the "network" is loopback, so step time shows the cost of compressing
 rather than the time saved on a slow link; ``deepreduce bench bandwidth`` (or
@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .bench import make_console
-from .train import read_metrics
+from .metrics import read_metrics
 
 DEFAULT_SPEC = "topk:0.01/eliasfano/fp16"
 

@@ -6,7 +6,7 @@ host or anywhere else. ``rate`` shapes every link with ``tc tbf`` at both ends, 
 node's upload and download are both limited. Needs root (or CAP_NET_ADMIN) and
 ``iproute2``.
 
-    from deepreduce.netns import NetnsCluster
+    from deepreduce.apps.netns import NetnsCluster
     with NetnsCluster(nodes=2, rate="100mbit") as cluster:
         procs = [cluster.popen(i, cluster.torchrun_argv(i, ["-m", "deepreduce", "train"]))
                  for i in range(cluster.nodes)]
@@ -16,8 +16,8 @@ node's upload and download are both limited. Needs root (or CAP_NET_ADMIN) and
 
 Command line (``launch/netns-cluster`` is a thin wrapper)::
 
-    python -m deepreduce.netns --nodes 2 --rate 100mbit -- --steps 200 --compression topk:0.01/eliasfano/fp16
-    python -m deepreduce.netns --nodes 3 --exec -- sh -c 'echo node $NODE_RANK at {addr}'
+    python -m deepreduce.apps.netns --nodes 2 --rate 100mbit -- --steps 200 --compression topk:0.01/eliasfano/fp16
+    python -m deepreduce.apps.netns --nodes 3 --exec -- sh -c 'echo node $NODE_RANK at {addr}'
 
 The first form runs ``torchrun ... -m deepreduce train ARGS`` on every node; ``--exec``
 runs any command, with ``{node} {nodes} {addr} {master} {port} {ifname}`` replaced and

@@ -9,7 +9,7 @@ the two ranks sit on emulated nodes joined by a link of that rate (network names
 
     deepreduce bench convergence                          # loopback, 400 steps
     deepreduce bench convergence --link 100mbit           # time to target over 100 Mbit/s
-    deepreduce bench convergence --quick                  # seconds: a smoke test
+    deepreduce bench convergence --quick                  # a smoke test
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..train import read_metrics
+from ..metrics import read_metrics
 from . import default_output_dir, reproduce_command, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
 
 CONFIGS = [

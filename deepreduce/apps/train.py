@@ -1,5 +1,6 @@
-"""``deepreduce train``: a byte-level transformer LM on the standard library's source text,
-with DDP and a choice of gradient communication. Launched by torchrun::
+"""``deepreduce train``: a byte-level transformer LM on the standard library's source text
+(or your own, ``--data``), with DDP and a choice of gradient communication. Launched by
+torchrun::
 
     torchrun --standalone --nproc_per_node=2 -m deepreduce train --compression topk:0.01/eliasfano/fp16
     torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \\
@@ -9,60 +10,62 @@ Without torchrun it trains in one process (world size 1). ``--compression`` take
 compressor spec (``deepreduce codecs`` lists the parts) or one of the built-in torch
 hooks for comparison: ``dense`` (allreduce), ``fp16`` (fp16_compress_hook) and
 ``powersgd`` (powerSGD_hook, wrapped so each bucket's future completes before the hook
-returns: the stock hook issues collectives from callbacks, which breaks gloo).
+returns: the stock hook issues collectives from callbacks, which breaks gloo); see
+:mod:`deepreduce.apps.comm_hooks`.
+
+``--data PATH`` trains on a text file or a folder of text files instead of the stdlib
+(:func:`deepreduce.apps.data.text_corpus`: held-out files, or a single file's tail, for
+validation). ``--optimizer`` is ``adam`` (default), ``adamw`` or ``sgd`` (momentum 0.9),
+with ``--weight-decay``.
 
 Metrics: one JSON object per line (rank 0 writes them): ``step``, ``loss`` (rank 0's
 training loss), ``val_loss`` (on evaluation steps), ``lr``, ``bytes_sent`` (bytes this
 rank handed to collectives in the step), ``step_s`` and ``comm_s`` (time with a bucket's
 reduction in flight, from the hook call to its result, merged over buckets: it includes
 the hook's own encode/decode time and overlaps the backward pass). The last line has
-``"summary"``.
+``"summary"`` (with the data, its digest and the optimizer).
 
 Checkpoints (``--checkpoint DIR``) hold, per rank, the model, optimizer, hook state
 (error-feedback residuals, step, stats), the data stream and RNG state; ``--resume DIR``
-continues so that the following steps equal an uninterrupted run bit for bit.
+continues so that the following steps equal an uninterrupted run bit for bit. It refuses
+a checkpoint of another world size, compression, optimizer, weight decay or corpus.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import logging
 import math
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .comm.torch_dist import close_process_group
-from .compressor import Compressor
-from .data import stdlib_corpus
-from .errors import ConfigError
-from .hooks import DeepReduceState, completed_before_return, deepreduce_hook
+from ..comm.torch_dist import close_process_group
+from ..errors import ConfigError
+from ..hooks import DeepReduceState
+from .comm_hooks import hook_state_dict, load_hook_state, make_hook
+from .data import ByteCorpus, CorpusError, stdlib_corpus, text_corpus
+from .metrics import params_digest
 from .models import ByteTransformer
 
-logger = logging.getLogger("deepreduce.train")
-
-BUILTIN_HOOKS = ("dense", "fp16", "powersgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SGD_MOMENTUM = 0.9
 _CHECKPOINT_FORMAT = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepreduce train",
-        description="Train a byte-level transformer LM on the standard library's source text with DDP "
-                    "(launch with torchrun; without it, one process). --compression picks the gradient "
-                    "communication: a compressor spec or a built-in torch hook.",
+        description="Train a byte-level transformer LM on the standard library's source text (or --data) "
+                    "with DDP (launch with torchrun; without it, one process). --compression picks the "
+                    "gradient communication: a compressor spec or a built-in torch hook.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--d-model", type=int, default=128, help="embedding width")
@@ -73,10 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=300, help="total steps (sets the learning-rate schedule)")
     t.add_argument("--stop-after", type=int, default=None, help="stop after this step (e.g. to resume later)")
     t.add_argument("--batch", type=int, default=16, help="sequences per rank per step")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Adam)")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    t.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help=f"sgd uses momentum {SGD_MOMENTUM}")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the optimizer (all parameters)")
     t.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay to lr/10")
     t.add_argument("--seed", type=int, default=0, help="model init, data order and compressor streams")
-    t.add_argument("--corpus-mb", type=float, default=16, help="megabytes of stdlib source to load")
+    t.add_argument("--data", type=Path, default=None, metavar="PATH",
+                   help="a text file or a folder of text files (read recursively) to train on "
+                        "instead of the standard library's source")
+    t.add_argument("--corpus-mb", type=float, default=16, help="megabytes of text to load")
     t.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's choice)")
     c = p.add_argument_group("communication")
     c.add_argument("--compression", default="dense",
@@ -120,99 +128,6 @@ def _init_distributed(backend: str) -> tuple[bool, torch.device]:
     return True, device
 
 
-# --- communication hooks and their accounting ---------------------------------------------
-
-
-class CommMeter:
-    """Wraps any comm hook to measure, per step, the bytes it sent and the time with a
-    reduction in flight (merged intervals from hook call to result)."""
-
-    def __init__(self, bytes_of: Callable[[Any, dist.GradBucket], int] | None) -> None:
-        self._bytes_of = bytes_of
-        self._lock = threading.Lock()
-        self._intervals: list[tuple[float, float]] = []
-        self._bytes = 0
-
-    def wrap(self, hook: Callable) -> Callable:
-        meter = self
-
-        # No annotations: DDP compares them with the real classes, and this module's
-        # annotations are strings (from __future__ import annotations).
-        def timed_hook(state, bucket):
-            started = time.perf_counter()
-            if meter._bytes_of is not None:
-                meter._bytes += meter._bytes_of(state, bucket)
-            future = hook(state, bucket)
-
-            def finished(done: torch.futures.Future) -> torch.Tensor:
-                value = done.value()
-                with meter._lock:
-                    meter._intervals.append((started, time.perf_counter()))
-                return value
-
-            return future.then(finished)
-
-        return timed_hook
-
-    def take(self) -> tuple[int, float]:
-        """(bytes, seconds in flight) since the last call."""
-        with self._lock:
-            intervals, self._intervals = sorted(self._intervals), []
-        total, end = 0.0, -math.inf
-        for a, b in intervals:
-            if b > end:
-                total += b - max(a, end)
-                end = b
-        sent, self._bytes = self._bytes, 0
-        return sent, total
-
-
-def _bucket_bytes(bucket: dist.GradBucket) -> int:
-    buffer = bucket.buffer()
-    return buffer.numel() * buffer.element_size()
-
-
-def make_hook(args: argparse.Namespace) -> tuple[Any, Callable, CommMeter, Callable[[], int] | None]:
-    """(state, hook, meter, bytes_counter) for ``--compression``."""
-    name = args.compression
-    if name == "dense":
-        meter = CommMeter(lambda state, bucket: _bucket_bytes(bucket))
-        return None, meter.wrap(default_hooks.allreduce_hook), meter, None
-    if name == "fp16":
-        meter = CommMeter(lambda state, bucket: bucket.buffer().numel() * 2)
-        return None, meter.wrap(default_hooks.fp16_compress_hook), meter, None
-    if name == "powersgd":
-        state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=args.powersgd_rank,
-            start_powerSGD_iter=max(args.start_iter, 2), use_error_feedback=not args.no_error_feedback,
-            warm_start=True, random_seed=args.seed,
-        )
-
-        meter = CommMeter(None)
-        inner = completed_before_return(powerSGD_hook.powerSGD_hook)
-
-        def counted(state, bucket):
-            # PowerSGD counts elements only once compressing; before that it allreduces.
-            dense = state.iter < state.start_powerSGD_iter
-            before = state.total_numel_after_compression
-            future = inner(state, bucket)
-            after = state.total_numel_after_compression
-            meter._bytes += _bucket_bytes(bucket) if dense else (after - before) * bucket.buffer().element_size()
-            return future
-
-        return state, meter.wrap(counted), meter, None
-    try:
-        compressor = Compressor.from_spec(name, seed=args.seed)
-    except ConfigError as error:
-        raise SystemExit(f"deepreduce train: --compression {name!r}: {error} (or use one of {', '.join(BUILTIN_HOOKS)})")
-    state = DeepReduceState(
-        None, compressor, start_iter=args.start_iter, error_feedback=not args.no_error_feedback,
-        min_numel=args.min_numel, stats_every=0, dense_fallback=not args.no_dense_fallback,
-    )
-    meter = CommMeter(None)
-    return state, meter.wrap(deepreduce_hook), meter, lambda: state.stats()["sent_bytes"]
-
-
 # --- training ------------------------------------------------------------------------------
 
 
@@ -247,24 +162,36 @@ def _checkpoint_path(directory: Path, rank: int) -> Path:
     return directory / f"rank{rank}.pt"
 
 
-def _hook_state_dict(state: Any) -> Any:
-    if state is None:
-        return None
-    if isinstance(state, DeepReduceState):
-        return state.state_dict()
-    return state.__getstate__()  # PowerSGDState: everything but the process group
+def data_label(args: argparse.Namespace) -> str:
+    """What ``--data`` names, for metrics and checkpoints: the path as given, or ``stdlib``."""
+    return str(args.data) if args.data is not None else "stdlib"
 
 
-def _load_hook_state(state: Any, saved: Any) -> None:
-    if state is None:
-        return
-    if isinstance(state, DeepReduceState):
-        state.load_state_dict(saved)
-    else:
-        state.__setstate__(saved)
+def load_corpus(args: argparse.Namespace) -> ByteCorpus:
+    """The corpus ``--data`` and ``--corpus-mb`` ask for; a clear exit for bad ``--data``."""
+    max_bytes = max(1, int(args.corpus_mb * (1 << 20)))
+    if args.data is None:
+        return stdlib_corpus(max_bytes)
+    try:
+        # Each split needs more than seq_len + 1 bytes to cut a training window from.
+        return text_corpus(args.data, max_bytes, min_split_bytes=args.seq_len + 2)
+    except CorpusError as error:
+        raise SystemExit(f"deepreduce train: --data: {error}")
 
 
-def save_checkpoint(directory: Path, step: int, model, optimizer, hook_state, data_gen, args) -> None:
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """``adam``, ``adamw`` or ``sgd`` (momentum 0.9), with ``weight_decay`` on every parameter."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+
+
+def save_checkpoint(directory: Path, step: int, model, optimizer, hook_state, data_gen, args,
+                    corpus_digest: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     rank = dist.get_rank()
     path = _checkpoint_path(directory, rank)
@@ -274,16 +201,20 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, hook_state, da
         "step": step,
         "world_size": dist.get_world_size(),
         "compression": args.compression,
+        "optimizer_name": args.optimizer,
+        "weight_decay": args.weight_decay,
+        "data": data_label(args),
+        "corpus_digest": corpus_digest,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "hook": _hook_state_dict(hook_state),
+        "hook": hook_state_dict(hook_state),
         "data_rng": data_gen.get_state(),
         "torch_rng": torch.get_rng_state(),
     }, tmp)
     os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
 
 
-def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_gen) -> int:
+def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_gen, corpus_digest: str) -> int:
     path = _checkpoint_path(directory, dist.get_rank())
     if not path.exists():
         raise SystemExit(f"deepreduce train: no checkpoint for rank {dist.get_rank()} at {path}")
@@ -294,9 +225,21 @@ def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_ge
         raise SystemExit(f"deepreduce train: checkpoint is from {saved['world_size']} ranks, this run has {dist.get_world_size()}")
     if saved["compression"] != args.compression:
         raise SystemExit(f"deepreduce train: checkpoint used --compression {saved['compression']}, not {args.compression}")
+    # Checkpoints written before these options existed trained with Adam, no weight decay.
+    saved_optimizer = saved.get("optimizer_name", "adam")
+    if saved_optimizer != args.optimizer:
+        raise SystemExit(f"deepreduce train: checkpoint used --optimizer {saved_optimizer}, not {args.optimizer}")
+    saved_decay = saved.get("weight_decay", 0.0)
+    if saved_decay != args.weight_decay:
+        raise SystemExit(f"deepreduce train: checkpoint used --weight-decay {saved_decay}, not {args.weight_decay}")
+    saved_digest = saved.get("corpus_digest")
+    if saved_digest is not None and saved_digest != corpus_digest:
+        raise SystemExit(f"deepreduce train: checkpoint trained on {saved.get('data', 'other data')} (corpus digest "
+                         f"{saved_digest}); this run's data ({data_label(args)}, --corpus-mb {args.corpus_mb:g}) "
+                         f"has digest {corpus_digest}")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    _load_hook_state(hook_state, saved["hook"])
+    load_hook_state(hook_state, saved["hook"])
     data_gen.set_state(saved["data_rng"])
     torch.set_rng_state(saved["torch_rng"])
     return int(saved["step"])
@@ -320,12 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1:
         raise SystemExit("deepreduce train: --steps must be >= 1")
+    if args.weight_decay < 0:
+        raise SystemExit("deepreduce train: --weight-decay must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    corpus = load_corpus(args)
     created, device = _init_distributed(args.backend)
     completed = False
     try:
-        code = _train(args, device)
+        code = _train(args, device, corpus)
         completed = True
         return code
     finally:
@@ -333,18 +279,28 @@ def main(argv: list[str] | None = None) -> int:
             close_process_group(completed)
 
 
-def _train(args: argparse.Namespace, device: torch.device) -> int:
+def _hook(args: argparse.Namespace):
+    try:
+        return make_hook(
+            args.compression, seed=args.seed, start_iter=args.start_iter, min_numel=args.min_numel,
+            error_feedback=not args.no_error_feedback, dense_fallback=not args.no_dense_fallback,
+            powersgd_rank=args.powersgd_rank,
+        )
+    except ConfigError as error:
+        raise SystemExit(f"deepreduce train: --compression {error}")
+
+
+def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     verbose = rank == 0 and not args.quiet
-    corpus = stdlib_corpus(int(args.corpus_mb * (1 << 20)))
     torch.manual_seed(args.seed)
     model = ByteTransformer(args.d_model, args.layers, args.heads, args.seq_len).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    hook_state, hook, meter, sent_counter = make_hook(args)
+    optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
+    hook_state, hook, meter, sent_counter = _hook(args)
     data_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)
     start = 0
     if args.resume:
-        start = load_checkpoint(args.resume, args, model, optimizer, hook_state, data_gen)
+        start = load_checkpoint(args.resume, args, model, optimizer, hook_state, data_gen, corpus.digest)
     ddp = DDP(model, bucket_cap_mb=args.bucket_mb)
     if start:
         _settle_buckets(ddp, args.seq_len, device)
@@ -352,8 +308,9 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
 
     n_params = sum(p.numel() for p in model.parameters())
     if verbose:
-        print(f"deepreduce train: {world} rank(s), {n_params / 1e6:.2f} M parameters, corpus {corpus.train.numel() / 1e6:.1f} MB "
-              f"(digest {corpus.digest}), compression {args.compression}, steps {start}->{args.steps}", flush=True)
+        print(f"deepreduce train: {world} rank(s), {n_params / 1e6:.2f} M parameters, {data_label(args)} corpus "
+              f"{corpus.train.numel() / 1e6:.1f} MB (digest {corpus.digest}), {args.optimizer}, compression "
+              f"{args.compression}, steps {start}->{args.steps}", flush=True)
     metrics = open(args.metrics, "a" if start else "w") if (args.metrics and rank == 0) else None
     stop = min(args.steps, args.stop_after if args.stop_after is not None else args.steps)
     step_times, bytes_per_step, val_loss = [], [], None
@@ -390,9 +347,11 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                 print(f"step {done:>6}: loss {loss_value:.4f}{val}, {step_s * 1e3:.0f} ms/step, "
                       f"{sent / 1e6:.3f} MB sent, comm {comm_s * 1e3:.0f} ms", flush=True)
             if args.checkpoint and (done == stop or (args.checkpoint_every and done % args.checkpoint_every == 0)):
-                save_checkpoint(args.checkpoint, done, model, optimizer, hook_state, data_gen, args)
+                save_checkpoint(args.checkpoint, done, model, optimizer, hook_state, data_gen, args, corpus.digest)
         summary = {
             "steps": stop, "world_size": world, "compression": args.compression, "parameters": n_params,
+            "data": data_label(args), "corpus_digest": corpus.digest,
+            "optimizer": args.optimizer, "weight_decay": args.weight_decay,
             "val_loss": val_loss,
             "median_step_s": statistics.median(step_times) if step_times else None,
             "mean_bytes_per_step": statistics.fmean(bytes_per_step) if bytes_per_step else None,
@@ -407,30 +366,6 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
         if metrics:
             metrics.close()
     return 0
-
-
-def read_metrics(path: Path) -> tuple[list[dict], dict | None]:
-    """Step records and the summary of a ``deepreduce train --metrics`` file."""
-    steps, summary = [], None
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line still being written
-                continue
-            if "summary" in record:
-                summary = record["summary"]
-            else:
-                steps.append(record)
-    return steps, summary
-
-
-def params_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of the parameters' bytes: equal digests mean bitwise-equal models."""
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def _ddp_loss(ddp: DDP, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
