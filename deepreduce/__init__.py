@@ -1,7 +1,9 @@
 """deepreduce: compressed gradient communication for distributed PyTorch.
 
-Gradients are sparsified, their indices and values are encoded by pluggable
-codecs into one self-describing payload, all-gathered and decoded.
+Gradients (DDP hook, Horovod, mpi4py) or parameter updates (:class:`UpdateSync`) are
+sparsified, their indices and values are encoded by pluggable codecs into one
+self-describing payload, all-gathered and decoded by one per-step engine
+(:mod:`deepreduce.engine`).
 
     import deepreduce as dr
     c = dr.Compressor(ratio=0.01, sparsifier="topk", index="eliasfano", value="fp16")
@@ -10,11 +12,13 @@ codecs into one self-describing payload, all-gathered and decoded.
 """
 
 from .codecs import index_codecs, value_codecs
-from .compressor import Compressed, Compressor
+from .compressor import Compressed, Compressor, decode
 from .errors import ConfigError, DecodeError, DeepReduceError
 from .hooks import DeepReduceState, deepreduce_hook
-from .sparse import SparseGrad, sparsifiers, sparsify
-from .wire import decode, read_header
+from .optim import UpdateSync
+from .sparse import SparseGrad
+from .sparsifiers import sparsifiers, sparsify
+from .wire import read_header
 
 __version__ = "0.1.0"
 
@@ -26,6 +30,7 @@ __all__ = [
     "DeepReduceState",
     "DeepReduceError",
     "SparseGrad",
+    "UpdateSync",
     "decode",
     "deepreduce_hook",
     "index_codecs",

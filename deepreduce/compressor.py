@@ -1,17 +1,22 @@
-"""``Compressor``: a sparsifier, an index codec and a value codec behind one call.
+"""``Compressor``: a sparsifier, an index codec and a value codec behind one call, in
+both directions.
 
     c = Compressor(ratio=0.01, sparsifier="topk", index="eliasfano", value="fp16")
     payload = c.compress(grad)          # 1-D uint8 tensor on grad's device
     sg = c.decompress(payload)          # SparseGrad, same as deepreduce.decode(payload)
 
-The pipeline is the same for every codec: select -> encode indices (the codec returns
-the index set the receivers will decode, which a lossy codec may change) -> read the
-values at exactly those positions from the dense tensor -> encode values -> frame.
+Encoding is the same for every codec: select -> encode indices (the codec returns the
+index set the receivers will decode, which a lossy codec may change) -> read the values
+at exactly those positions from the dense tensor -> encode values -> frame
+(:func:`deepreduce.wire.pack`). Decoding reads and validates the header
+(:func:`deepreduce.wire.read_header`), decodes the values first (their length bounds
+``k`` before any index decoder allocates for it), then the indices, and checks them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -19,9 +24,10 @@ import torch
 
 from . import rng, wire
 from .codecs import INDEX_CODECS, VALUE_CODECS, CodecContext, IndexCodec, ValueCodec, make_index_codec, make_value_codec
-from .errors import ConfigError
-from .params import resolve_params
-from .sparse import SelectContext, SparseGrad, get_sparsifier, select_with
+from .errors import ConfigError, DecodeError
+from .options import resolve_options
+from .sparse import SparseGrad
+from .sparsifiers import SelectContext, get_sparsifier, select_with
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,8 @@ class Compressor:
         value: value codec name.
         seed: seeds the private (seed, step, bucket) random streams used by random
             choices (randomk, Bloom policies, stochastic rounding). Ranks must agree.
-        sparsifier_params / index_params / value_params: parameters per component.
-        **params: parameters routed by name to every component that declares them
+        sparsifier_options / index_options / value_options: options per component.
+        **options: options routed by name to every component that declares them
             (e.g. ``fpr=1e-3, policy="p2", degree=5, bits=8, level=3``).
 
     Tuning: at 1 % density ``eliasfano`` + ``fp16`` costs ~24 bits per kept element
@@ -76,11 +82,21 @@ class Compressor:
         value: str = "fp16",
         *,
         seed: int = 0,
-        sparsifier_params: Mapping[str, Any] | None = None,
-        index_params: Mapping[str, Any] | None = None,
-        value_params: Mapping[str, Any] | None = None,
-        **params: Any,
+        sparsifier_options: Mapping[str, Any] | None = None,
+        index_options: Mapping[str, Any] | None = None,
+        value_options: Mapping[str, Any] | None = None,
+        **options: Any,
     ) -> None:
+        for old in ("sparsifier_params", "index_params", "value_params"):
+            if old in options:  # the keywords' former names
+                warnings.warn(f"Compressor({old}=...) is now {old.replace('params', 'options')}=...", DeprecationWarning, stacklevel=2)
+                given = options.pop(old)
+                if old == "sparsifier_params":
+                    sparsifier_options = given
+                elif old == "index_params":
+                    index_options = given
+                else:
+                    value_options = given
         try:
             self.ratio = float(ratio)
         except (TypeError, ValueError):
@@ -93,22 +109,22 @@ class Compressor:
         self.sparsifier = get_sparsifier(sparsifier)
         index_cls = INDEX_CODECS.lookup(index)
         value_cls = VALUE_CODECS.lookup(value)
-        routed: dict[str, dict[str, Any]] = {"s": dict(sparsifier_params or {}), "i": dict(index_params or {}), "v": dict(value_params or {})}
+        routed: dict[str, dict[str, Any]] = {"s": dict(sparsifier_options or {}), "i": dict(index_options or {}), "v": dict(value_options or {})}
         declared = {
-            "s": {p.name for p in self.sparsifier.params},
-            "i": {p.name for p in index_cls.params},
-            "v": {p.name for p in value_cls.params},
+            "s": {p.name for p in self.sparsifier.options},
+            "i": {p.name for p in index_cls.options},
+            "v": {p.name for p in value_cls.options},
         }
-        for key, value_ in params.items():
+        for key, value_ in options.items():
             targets = [part for part, names in declared.items() if key in names]
             if not targets:
                 accepted = sorted(set().union(*declared.values()))
                 raise ConfigError(
-                    f"unknown parameter {key!r} for {sparsifier}/{index}/{value}; accepted: {', '.join(accepted) or 'none'}"
+                    f"unknown option {key!r} for {sparsifier}/{index}/{value}; accepted: {', '.join(accepted) or 'none'}"
                 )
             for part in targets:
                 routed[part].setdefault(key, value_)
-        self.sparsifier_config = resolve_params(f"sparsifier {sparsifier!r}", self.sparsifier.params, routed["s"])
+        self.sparsifier_config = resolve_options(f"sparsifier {sparsifier!r}", self.sparsifier.options, routed["s"])
         self.index_codec: IndexCodec = make_index_codec(index, routed["i"])
         self.value_codec: ValueCodec = make_value_codec(value, routed["v"])
         self._steps: dict[int, int] = {}
@@ -162,22 +178,38 @@ class Compressor:
             raise ConfigError(f"spec {spec!r}: ratio {ratio!r} is not a number") from None
         return cls(
             ratio, sparsifier, codecs[0][0], codecs[1][0], seed=seed,
-            sparsifier_params=sparsifier_params, index_params=codecs[0][1], value_params=codecs[1][1],
+            sparsifier_options=sparsifier_params, index_options=codecs[0][1], value_options=codecs[1][1],
+        )
+
+    def with_ratio(self, ratio: float) -> "Compressor":
+        """The same compressor (codecs, options, seed) at another density."""
+        index_cls = type(self.index_codec)
+        value_cls = type(self.value_codec)
+        return Compressor(
+            ratio, self.sparsifier.name, index_cls.name, value_cls.name, seed=self.seed,
+            sparsifier_options=self.sparsifier_config,
+            index_options=_given_options(self.index_codec),
+            value_options=_given_options(self.value_codec),
         )
 
     # --- compression -----------------------------------------------------------------
 
-    def _next_step(self, bucket: int, step: int | None) -> int:
+    def step_of(self, key: int | str = 0) -> int:
+        """The step a call without ``step=`` would use for ``key`` next."""
+        return self._steps.get(rng.stream_key(key), 0)
+
+    def _next_step(self, key: int, step: int | None) -> int:
         if step is None:
-            step = self._steps.get(bucket, 0)
-        self._steps[bucket] = step + 1
+            step = self._steps.get(key, 0)
+        self._steps[key] = step + 1
         return step
 
-    def encode(self, tensor: torch.Tensor, *, step: int | None = None, bucket: int = 0) -> Compressed:
+    def compress_detailed(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0) -> Compressed:
         """Compress ``tensor`` (any shape, flattened) and report what receivers will decode.
 
-        ``step`` and ``bucket`` seed the random streams; without ``step`` a per-bucket
-        counter is used. Ranks that exchange payloads must pass the same values."""
+        ``step`` and ``key`` (an int or a name, e.g. a parameter's) seed the random
+        streams; without ``step`` a per-key counter is used. Ranks that exchange payloads
+        must pass the same values."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"compress expects a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype not in wire.DTYPE_CODES:
@@ -186,9 +218,9 @@ class Compressor:
         numel = flat.numel()
         if numel > wire.MAX_NUMEL:
             raise ValueError(f"tensor of {numel} elements exceeds the payload limit of {wire.MAX_NUMEL}")
-        rng_seed = rng.stream_seed(self.seed, self._next_step(bucket, step), bucket)
-        select_ctx = SelectContext(rng_seed)
-        selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, select_ctx)
+        stream = rng.stream_key(key)
+        rng_seed = rng.stream_seed(self.seed, self._next_step(stream, step), stream)
+        selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, SelectContext(rng_seed))
         ctx = CodecContext(numel, flat.dtype, flat.device, rng_seed)
         index_part = self.index_codec.encode(selected.indices, ctx)
         indices = index_part.indices
@@ -206,10 +238,50 @@ class Compressor:
             values = self.value_codec.decode(value_part.data, value_part.params, indices.numel(), ctx)
         return Compressed(payload, SparseGrad(indices, values, numel), selected.k)
 
-    def compress(self, tensor: torch.Tensor, *, step: int | None = None, bucket: int = 0) -> torch.Tensor:
+    def compress(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0) -> torch.Tensor:
         """Compress ``tensor`` into a 1-D uint8 payload on the same device."""
-        return self.encode(tensor, step=step, bucket=bucket).payload
+        return self.compress_detailed(tensor, step=step, key=key).payload
+
+    def encode(self, tensor: torch.Tensor, *, step: int | None = None, bucket: int = 0) -> Compressed:
+        """Deprecated name of :meth:`compress_detailed` (``bucket`` is now ``key``)."""
+        warnings.warn("Compressor.encode(..., bucket=) is now compress_detailed(..., key=)", DeprecationWarning, stacklevel=2)
+        return self.compress_detailed(tensor, step=step, key=bucket)
 
     def decompress(self, payload: torch.Tensor) -> SparseGrad:
         """Decode a payload (from any compressor configuration: the header says all)."""
-        return wire.decode(payload)
+        return decode(payload)
+
+
+def _given_options(codec: Any) -> dict[str, Any]:
+    return {o.name: codec.config[o.name] for o in codec.options if codec.config[o.name] is not None}
+
+
+def _check_indices(indices: torch.Tensor, k: int, numel: int, codec: str) -> None:
+    if indices.dtype != torch.int64 or indices.dim() != 1 or indices.numel() != k:
+        raise DecodeError(f"index part ({codec}): decoded {indices.numel()} indices, header says k={k}")
+    if k == 0:
+        return
+    if bool(indices[0] < 0) or bool(indices[-1] >= numel):
+        raise DecodeError(f"index part ({codec}): index out of range [0, {numel})")
+    if k > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise DecodeError(f"index part ({codec}): indices are not strictly ascending")
+
+
+def decode(payload: Any) -> SparseGrad:
+    """Decode any deepreduce payload into a :class:`SparseGrad` (no compressor needed).
+
+    Every malformed payload raises :class:`~deepreduce.DecodeError` naming the field."""
+    payload = wire.as_payload(payload)
+    header = wire.read_header(payload)
+    ctx = CodecContext(header.numel, header.dtype, payload.device, header.rng_seed)
+    index_data = payload[header.index_offset : header.index_offset + header.index_nbytes]
+    value_data = payload[header.value_offset : header.total_nbytes]
+    # Values first: their length bounds k before any index decoder allocates for it.
+    value_cls = VALUE_CODECS.from_id(header.value_codec_id)
+    values = value_cls.decode(value_data, header.value_params, header.k, ctx)
+    if values.numel() != header.k or values.dtype != header.dtype:
+        raise DecodeError(f"value part ({value_cls.name}): decoded {values.numel()} values, header says k={header.k}")
+    index_cls = INDEX_CODECS.from_id(header.index_codec_id)
+    indices = index_cls.decode(index_data, header.index_params, header.k, ctx)
+    _check_indices(indices, header.k, header.numel, index_cls.name)
+    return SparseGrad(indices, values, header.numel)

@@ -1,10 +1,12 @@
 """``DistributedOptimizer`` for Horovod, with compressed (sparse) gradients.
 
 Horovod's allreduce sums dense tensors and cannot carry sparse payloads, so this
-optimizer all-gathers instead: after the backward passes every rank compresses its
-gradients (one payload per tensor, all framed into one message), one ``hvd.allgather``
-moves the messages, and every rank decodes the W payloads in rank order and averages
-them, so all ranks step with bitwise-identical gradients.
+optimizer all-gathers instead, through the same engine as the DDP hook
+(:class:`deepreduce.engine.Engine`): after the backward passes the gradients are packed
+into one flat buffer per dtype, every rank compresses each parameter's gradient (with
+error feedback), one ``hvd.allgather`` moves the framed payloads, and every rank decodes
+the W payloads in rank order and averages them, so all ranks step with bitwise-identical
+gradients -- the same ones the DDP hook and the mpi4py averager compute.
 
     import horovod.torch as hvd, deepreduce as dr, deepreduce.horovod
     hvd.init()
@@ -21,7 +23,9 @@ Tuning: compression pays when the network is the bottleneck; an all-gather moves
 payload to all W-1 peers, so at large world sizes or densities above a few percent a
 dense allreduce (``hvd.DistributedOptimizer``) is cheaper. ``backward_passes_per_step``
 accumulates gradients locally and exchanges once per ``step()``, dividing traffic by that
-factor. Tensors below ``min_numel`` elements travel uncompressed.
+factor. Tensors below ``min_numel`` elements travel uncompressed. The engine options
+(``start_iter``, ``momentum``, ``dense_fallback``, ``granularity``) mean what they mean
+for the DDP hook (:class:`deepreduce.DeepReduceState`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 
 from .comm import Transport
 from .compressor import Compressor
-from .exchange import GradientExchange
+from .engine import GradientSync
 
 __all__ = ["DistributedOptimizer"]
 
@@ -42,11 +46,11 @@ __all__ = ["DistributedOptimizer"]
 class _DistributedOptimizer(torch.optim.Optimizer):
     """Mixed in front of the wrapped optimizer's class; see :func:`DistributedOptimizer`."""
 
-    _deepreduce: GradientExchange
+    _deepreduce: GradientSync
 
     def _deepreduce_setup(
         self,
-        exchange: GradientExchange,
+        exchange: GradientSync,
         backward_passes_per_step: int,
         names: dict[torch.Tensor, str],
     ) -> None:
@@ -111,9 +115,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = False
         super().zero_grad(set_to_none=set_to_none)
 
-    def stats(self) -> dict[str, float]:
-        """steps, dense_bytes, sent_bytes, ratio, compress_s, communicate_s, decompress_s."""
-        return self._deepreduce.stats.as_dict()
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters: steps, dense_bytes, sent_bytes, ratio, compress_s,
+        exchange_s, decompress_s, ... (the same as ``DeepReduceState.stats()``)."""
+        return self._deepreduce.stats()
 
     def deepreduce_state_dict(self) -> dict[str, Any]:
         """Residuals and step counter, for checkpoints (next to ``state_dict()``)."""
@@ -149,6 +154,11 @@ def DistributedOptimizer(
     error_feedback: bool = True,
     process_set: Any = None,
     transport: Transport | None = None,
+    start_iter: int = 0,
+    momentum: float = 0.0,
+    dense_fallback: bool = True,
+    granularity: str = "tensor",
+    stats_every: int = 0,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` first averages compressed gradients across ranks.
 
@@ -164,6 +174,8 @@ def DistributedOptimizer(
         op: ``"average"`` / ``hvd.Average`` (default) or ``"sum"`` / ``hvd.Sum``.
         min_numel: tensors with fewer elements travel uncompressed.
         error_feedback: keep what compression dropped and add it to the next gradient.
+        start_iter, momentum, dense_fallback, granularity, stats_every: as for
+            :class:`deepreduce.DeepReduceState`.
         process_set: a Horovod process set (default: all ranks).
         transport: another :class:`deepreduce.comm.Transport` instead of Horovod.
 
@@ -200,9 +212,10 @@ def DistributedOptimizer(
         transport = HorovodTransport(process_set)
     elif process_set is not None:
         raise ValueError("pass either transport or process_set, not both")
-    exchange = GradientExchange(
+    exchange = GradientSync(
         transport, compressor if compressor is not None else Compressor(), named,
-        min_numel=min_numel, error_feedback=error_feedback, average=average,
+        min_numel=min_numel, error_feedback=error_feedback, average=average, start_iter=start_iter,
+        momentum=momentum, dense_fallback=dense_fallback, granularity=granularity, stats_every=stats_every,
     )
     cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
     wrapped = cls.__new__(cls)

@@ -16,6 +16,10 @@ No torch.distributed needed: payloads travel with ``Allgatherv`` on numpy buffer
 Or one tensor at a time: ``deepreduce.mpi.allreduce_compressed(tensor, compressor, step=s,
 bucket=b, memory=deepreduce.mpi.ErrorFeedback())``.
 
+Both run the same engine as the DDP hook and the Horovod optimizer
+(:class:`deepreduce.engine.Engine`): the same options, the same payloads and, for the
+same per-rank gradients, bitwise the same averages.
+
 Install: ``pip install -c constraints.txt mpi4py mpich`` (``launch/install-mpi.sh``);
 run: ``mpiexec -n 2 python train.py`` with the ``mpiexec`` of that MPI (installed next to
 the Python interpreter by the ``mpich`` wheel). MPICH's mpiexec runs as root with no
@@ -28,10 +32,10 @@ from typing import Any, Iterable
 
 import torch
 
+from . import rng
 from .comm.mpi import MPITransport
 from .compressor import Compressor
-from .exchange import GradientExchange, sum_in_rank_order
-from .memory import ErrorFeedback
+from .engine import Engine, ErrorFeedback, GradientSync
 
 __all__ = ["ErrorFeedback", "GradientAverager", "MPITransport", "allreduce_compressed", "broadcast_parameters"]
 
@@ -42,7 +46,7 @@ def allreduce_compressed(
     comm: Any = None,
     *,
     step: int | None = None,
-    bucket: int = 0,
+    bucket: int | str = 0,
     memory: ErrorFeedback | None = None,
     average: bool = True,
 ) -> torch.Tensor:
@@ -55,20 +59,18 @@ def allreduce_compressed(
         comm: mpi4py communicator (default ``MPI.COMM_WORLD``).
         step, bucket: seed the compressor's random streams (randomk, Bloom policies,
             stochastic rounding); every rank must pass the same values for a given call.
+            Without ``step`` a per-``bucket`` counter is used.
         memory: an :class:`ErrorFeedback`; with it the residual of ``bucket`` is added
             before compression and updated with what the receivers decode.
     """
     transport = comm if isinstance(comm, MPITransport) else MPITransport(comm)
-    flat = tensor.detach().reshape(-1)
-    compensated = memory.compensate(bucket, flat) if memory is not None else flat
-    result = compressor.encode(compensated, step=step, bucket=bucket)
-    if memory is not None:
-        memory.update(bucket, compensated, result.sent)
-    payloads = transport.allgather_varlen(result.payload)
-    out = torch.zeros(flat.numel(), dtype=flat.dtype, device=flat.device)
-    sum_in_rank_order(payloads, out, own_rank=transport.rank, own_sent=result.sent, what=f"bucket {bucket}")
-    if average:
-        out.div_(transport.world_size)
+    engine = Engine(
+        transport, compressor, memory=memory if memory is not None else ErrorFeedback(enabled=False),
+        min_numel=0, dense_fallback=False, average=average, check=False,
+    )
+    engine.step = step if step is not None else compressor.step_of(bucket)
+    out = tensor.detach().reshape(-1).clone()
+    engine.reduce(out, key=bucket).wait()
     return out.view_as(tensor)
 
 
@@ -84,12 +86,18 @@ def broadcast_parameters(params: Iterable[torch.Tensor], comm: Any = None, root:
             tensor.copy_(host)
 
 
-class GradientAverager(GradientExchange):
+class GradientAverager(GradientSync):
     """Averages a model's gradients across MPI ranks with compressed payloads.
 
-    Call :meth:`synchronize` after ``backward()`` and before ``optimizer.step()``. See
-    :class:`deepreduce.exchange.GradientExchange` for ``min_numel``, ``error_feedback``
-    and ``average``; ``stats.as_dict()`` reports bytes and time.
+    Call :meth:`synchronize` after ``backward()`` and before ``optimizer.step()``;
+    :meth:`stats` reports bytes and time, :meth:`state_dict` holds the residuals.
+
+    Args:
+        named_parameters: ``model.named_parameters()``, the same on every rank.
+        compressor: the same on every rank.
+        comm: mpi4py communicator (default ``MPI.COMM_WORLD``).
+        min_numel, error_feedback, average, start_iter, momentum, dense_fallback,
+        granularity, stats_every: as for :class:`deepreduce.DeepReduceState`.
     """
 
     def __init__(
@@ -101,9 +109,15 @@ class GradientAverager(GradientExchange):
         min_numel: int = 1024,
         error_feedback: bool = True,
         average: bool = True,
+        start_iter: int = 0,
+        momentum: float = 0.0,
+        dense_fallback: bool = True,
+        granularity: str = "tensor",
+        stats_every: int = 0,
     ) -> None:
         transport = comm if isinstance(comm, MPITransport) else MPITransport(comm)
         super().__init__(
-            transport, compressor, named_parameters,
-            min_numel=min_numel, error_feedback=error_feedback, average=average,
+            transport, compressor, named_parameters, min_numel=min_numel, error_feedback=error_feedback,
+            average=average, start_iter=start_iter, momentum=momentum, dense_fallback=dense_fallback,
+            granularity=granularity, stats_every=stats_every,
         )

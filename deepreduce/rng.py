@@ -1,7 +1,10 @@
 """Private random streams: every random choice comes from a generator seeded by
-(seed, step, bucket), never from torch's global RNG, so all ranks can replay it."""
+(seed, step, key), never from torch's global RNG, so all ranks can replay it. The key
+names what is compressed (a parameter, a bucket)."""
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 
@@ -15,11 +18,19 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def stream_seed(seed: int, step: int, bucket: int) -> int:
-    """A 63-bit seed for one (seed, step, bucket); it travels in the payload header."""
+def stream_key(key: int | str) -> int:
+    """An int stream key for ``key``: ints as they are, names by their CRC-32 (stable
+    across processes and machines, unlike ``hash``)."""
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+        raise TypeError(f"a stream key is an int or a str, got {type(key).__name__}")
+    return key if isinstance(key, int) else zlib.crc32(key.encode())
+
+
+def stream_seed(seed: int, step: int, key: int) -> int:
+    """A 63-bit seed for one (seed, step, key); it travels in the payload header."""
     x = _splitmix64(seed & _MASK64)
     x = _splitmix64(x ^ (step & _MASK64))
-    x = _splitmix64(x ^ (bucket & _MASK64))
+    x = _splitmix64(x ^ (key & _MASK64))
     return x >> 1
 
 

@@ -23,8 +23,10 @@ Layout (little endian)::
     64      ...   index params, value params, zero padding to 8 bytes,
                   index part, zero padding to 8 bytes, value part
 
-:func:`decode` validates every field before it allocates anything that depends on
-it, and raises :class:`~deepreduce.errors.DecodeError` naming the field.
+:func:`read_header` validates every field before anything that depends on it is
+allocated, and raises :class:`~deepreduce.errors.DecodeError` naming the field. This
+module is the byte format only: :mod:`deepreduce.compressor` encodes and decodes the
+parts; codec and sparsifier ids come from :mod:`deepreduce.codecs.ids`.
 """
 
 from __future__ import annotations
@@ -37,9 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codecs import INDEX_CODECS, VALUE_CODECS, CodecContext, IndexEncoding, ValueEncoding
+from .codecs.ids import name_of
 from .errors import DecodeError
-from .sparse import SparseGrad, sparsifier_name
 
 MAGIC = b"DRPL"
 VERSION = 1
@@ -59,7 +60,8 @@ CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 assert HEADER_SIZE == 64
 
 
-def _pad8(n: int) -> int:
+def pad8(n: int) -> int:
+    """``n`` rounded up to a multiple of 8 bytes: every part and framed entry starts aligned."""
     return (n + 7) & ~7
 
 
@@ -80,23 +82,23 @@ class Header:
 
     @property
     def index_codec(self) -> str:
-        return INDEX_CODECS.from_id(self.index_codec_id).name
+        return name_of("index", self.index_codec_id)
 
     @property
     def value_codec(self) -> str:
-        return VALUE_CODECS.from_id(self.value_codec_id).name
+        return name_of("value", self.value_codec_id)
 
     @property
     def sparsifier(self) -> str | None:
-        return sparsifier_name(self.sparsifier_id)
+        return name_of("sparsifier", self.sparsifier_id)
 
     @property
     def index_offset(self) -> int:
-        return HEADER_SIZE + _pad8(len(self.index_params) + len(self.value_params))
+        return HEADER_SIZE + pad8(len(self.index_params) + len(self.value_params))
 
     @property
     def value_offset(self) -> int:
-        return self.index_offset + _pad8(self.index_nbytes)
+        return self.index_offset + pad8(self.index_nbytes)
 
     @property
     def total_nbytes(self) -> int:
@@ -120,12 +122,13 @@ def pack(
     k: int,
     index_codec_id: int,
     value_codec_id: int,
-    index: IndexEncoding | Any,
-    value: ValueEncoding | Any,
+    index: Any,
+    value: Any,
     sparsifier_id: int = 0,
     rng_seed: int = 0,
 ) -> torch.Tensor:
-    """Frame the encoded parts into one payload (on the device of the index part)."""
+    """Frame the encoded parts (``.data`` bytes and ``.params`` header bytes of each)
+    into one payload, on the device of the index part."""
     device = index.data.device
     header = HEADER.pack(
         MAGIC, VERSION, sparsifier_id, index_codec_id, value_codec_id, DTYPE_CODES[dtype], 0,
@@ -133,9 +136,9 @@ def pack(
         numel, k, index.data.numel(), value.data.numel(), rng_seed, 0, 0,
     )
     params = index.params + value.params
-    head = header + params + bytes(_pad8(len(params)) - len(params))
+    head = header + params + bytes(pad8(len(params)) - len(params))
     parts = [torch.frombuffer(bytearray(head), dtype=torch.uint8).to(device), index.data.reshape(-1)]
-    gap = _pad8(index.data.numel()) - index.data.numel()
+    gap = pad8(index.data.numel()) - index.data.numel()
     if gap:
         parts.append(torch.zeros(gap, dtype=torch.uint8, device=device))
     parts.append(value.data.reshape(-1).to(device))
@@ -145,16 +148,23 @@ def pack(
     return payload
 
 
-def _as_payload(payload: Any) -> torch.Tensor:
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        raw = bytearray(payload)
-        payload = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-    elif isinstance(payload, np.ndarray):
-        payload = torch.from_numpy(np.ascontiguousarray(payload))
-    if not isinstance(payload, torch.Tensor):
-        raise DecodeError(f"payload must be a uint8 tensor or bytes, got {type(payload).__name__}")
-    if payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise DecodeError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
+def as_bytes_tensor(data: Any, what: str = "payload", error: type[Exception] = DecodeError) -> torch.Tensor:
+    """``data`` (a tensor, bytes or numpy array) as a 1-D uint8 tensor, or ``error`` naming ``what``."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytearray(data)
+        data = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    elif isinstance(data, np.ndarray):
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    if not isinstance(data, torch.Tensor):
+        raise error(f"{what} must be a uint8 tensor or bytes, got {type(data).__name__}")
+    if data.dtype != torch.uint8 or data.dim() != 1:
+        raise error(f"{what} must be a 1-D uint8 tensor, got {data.dtype} of shape {tuple(data.shape)}")
+    return data
+
+
+def as_payload(payload: Any) -> torch.Tensor:
+    """A payload as an 8-byte-aligned 1-D uint8 tensor; :class:`DecodeError` for anything else."""
+    payload = as_bytes_tensor(payload)
     if payload.storage_offset() % 8:
         payload = payload.clone()  # keep the parts 8-byte aligned so they can be viewed as wider types
     return payload
@@ -162,7 +172,7 @@ def _as_payload(payload: Any) -> torch.Tensor:
 
 def read_header(payload: Any) -> Header:
     """Parse and validate the header (and checksum) of a payload without decoding it."""
-    payload = _as_payload(payload)
+    payload = as_payload(payload)
     n = payload.numel()
     if n < HEADER_SIZE:
         raise DecodeError(f"payload of {n} bytes is shorter than the {HEADER_SIZE}-byte header")
@@ -177,10 +187,11 @@ def read_header(payload: Any) -> Header:
         raise DecodeError("header field flags/reserved: must be zero")
     if dtype_code not in CODE_DTYPES:
         raise DecodeError(f"header field dtype: unknown dtype code {dtype_code}")
-    if sparsifier_id and sparsifier_name(sparsifier_id) is None:
+    if sparsifier_id and name_of("sparsifier", sparsifier_id) is None:
         raise DecodeError(f"header field sparsifier: unknown sparsifier id {sparsifier_id}")
-    INDEX_CODECS.from_id(index_id)
-    VALUE_CODECS.from_id(value_id)
+    for kind, codec_id in (("index", index_id), ("value", value_id)):
+        if name_of(kind, codec_id) is None:
+            raise DecodeError(f"header field {kind}_codec: unknown codec id {codec_id}")
     if numel > MAX_NUMEL:
         raise DecodeError(f"header field numel: {numel} exceeds the limit of {MAX_NUMEL}")
     if k > numel:
@@ -209,30 +220,11 @@ def read_header(payload: Any) -> Header:
     return header
 
 
-def _check_indices(indices: torch.Tensor, k: int, numel: int, codec: str) -> None:
-    if indices.dtype != torch.int64 or indices.dim() != 1 or indices.numel() != k:
-        raise DecodeError(f"index part ({codec}): decoded {indices.numel()} indices, header says k={k}")
-    if k == 0:
-        return
-    if bool(indices[0] < 0) or bool(indices[-1] >= numel):
-        raise DecodeError(f"index part ({codec}): index out of range [0, {numel})")
-    if k > 1 and not bool((indices[1:] > indices[:-1]).all()):
-        raise DecodeError(f"index part ({codec}): indices are not strictly ascending")
+def decode(payload: Any):
+    """Deprecated alias of :func:`deepreduce.decode` (decoding lives in :mod:`deepreduce.compressor`)."""
+    import warnings
 
+    from .compressor import decode as decode_payload
 
-def decode(payload: Any) -> SparseGrad:
-    """Decode any deepreduce payload into a :class:`SparseGrad` (no compressor needed)."""
-    payload = _as_payload(payload)
-    header = read_header(payload)
-    ctx = CodecContext(header.numel, header.dtype, payload.device, header.rng_seed)
-    index_data = payload[header.index_offset : header.index_offset + header.index_nbytes]
-    value_data = payload[header.value_offset : header.total_nbytes]
-    # Values first: their length bounds k before any index decoder allocates for it.
-    value_cls = VALUE_CODECS.from_id(header.value_codec_id)
-    values = value_cls.decode(value_data, header.value_params, header.k, ctx)
-    if values.numel() != header.k or values.dtype != header.dtype:
-        raise DecodeError(f"value part ({value_cls.name}): decoded {values.numel()} values, header says k={header.k}")
-    index_cls = INDEX_CODECS.from_id(header.index_codec_id)
-    indices = index_cls.decode(index_data, header.index_params, header.k, ctx)
-    _check_indices(indices, header.k, header.numel, index_cls.name)
-    return SparseGrad(indices, values, header.numel)
+    warnings.warn("deepreduce.wire.decode moved: use deepreduce.decode", DeprecationWarning, stacklevel=2)
+    return decode_payload(payload)

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         return 0
     agree = len(set(digests)) == 1
-    stats = averager.stats.as_dict()
+    stats = averager.stats()
     print(f"{world} ranks, {args.spec}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps, "
           f"{stats['sent_bytes'] / stats['steps']:.0f} bytes sent per rank per step "
           f"({stats['ratio']:.1f}x less than dense)")

@@ -1,4 +1,5 @@
-"""Shared test helpers: build payloads from explicit parts, compare bit patterns, re-seal payloads."""
+"""Shared test helpers: build payloads from explicit parts, compare bit patterns, re-seal
+payloads, a one-rank transport."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from deepreduce import wire
 from deepreduce.codecs import CodecContext, make_index_codec, make_value_codec
+from deepreduce.comm import Transport, completed
 
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
 
@@ -62,3 +64,23 @@ HEADER_FIELDS = {  # name: (offset, struct format)
     "value_len": (40, "<Q"),
     "rng_seed": (48, "<Q"),
 }
+
+
+
+class SoloTransport(Transport):
+    """A world of one rank, for in-process tests of the engine and its front ends."""
+
+    rank = 0
+    world_size = 1
+
+    def allgather_sizes(self, nbytes: int) -> list[int]:
+        return [nbytes]
+
+    def allgather_async(self, payload: torch.Tensor, sizes: list[int]) -> torch.futures.Future:
+        return completed([self._check_sizes(payload, sizes).clone()])
+
+    def allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        return completed(tensor)
+
+    def barrier(self) -> None:
+        pass

@@ -115,7 +115,7 @@ def test_sender_and_receivers_derive_the_same_set_and_aligned_values(policy, dty
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(d, generator=gen).to(dtype)
     c = dr.Compressor(0.02, "topk", "bloom", "raw", policy=policy, seed=11)
-    out = c.encode(x, step=5)
+    out = c.compress_detailed(x, step=5)
     first, second = dr.decode(out.payload), dr.decode(out.payload.clone())
     for got in (first, second):
         assert torch.equal(got.indices, out.sent.indices) and torch.equal(got.values, out.sent.values)
@@ -140,8 +140,8 @@ def test_random_choices_follow_the_seed(policy):
     picks = {}
     for seed in (1, 2):
         c = dr.Compressor(0.05, "topk", "bloom", "raw", policy=policy, fpr=0.05, seed=seed)
-        picks[seed] = c.encode(x, step=3).sent.indices
-        again = dr.Compressor(0.05, "topk", "bloom", "raw", policy=policy, fpr=0.05, seed=seed).encode(x, step=3)
+        picks[seed] = c.compress_detailed(x, step=3).sent.indices
+        again = dr.Compressor(0.05, "topk", "bloom", "raw", policy=policy, fpr=0.05, seed=seed).compress_detailed(x, step=3)
         assert torch.equal(again.sent.indices, picks[seed])
     assert not torch.equal(picks[1], picks[2])
 
@@ -216,7 +216,7 @@ def test_spec_strings_and_empty_selection():
         dr.Compressor(0.01, "topk", "bloom", "raw", policy="p3")
     with pytest.raises(dr.ConfigError):
         dr.Compressor(0.01, "topk", "bloom", "raw", fpr=1.5)
-    empty = dr.Compressor(0.0, "topk", "bloom", "raw").encode(torch.randn(100))
+    empty = dr.Compressor(0.0, "topk", "bloom", "raw").compress_detailed(torch.randn(100))
     assert dr.decode(empty.payload).k == 0
 
 

@@ -30,7 +30,7 @@ def test_compress_decompress_round_trip_on_a_real_gradient(real_gradients):
 @pytest.mark.parametrize("value", dr.value_codecs())
 def test_sent_is_exactly_what_receivers_decode(real_gradients, value):
     g = real_gradients["resnet18"][:500_000]
-    result = dr.Compressor(0.01, "topk", "eliasfano", value).encode(g, step=3, bucket=1)
+    result = dr.Compressor(0.01, "topk", "eliasfano", value).compress_detailed(g, step=3, key=1)
     decoded = dr.decode(result.payload)
     assert torch.equal(decoded.indices, result.sent.indices)
     assert torch.equal(bits(decoded.values), bits(result.sent.values))
@@ -57,7 +57,7 @@ def test_spec_defaults_and_keyword_routing():
     assert dr.Compressor.from_spec("topk:0.01").spec == "topk:0.01/eliasfano/fp16"
     c = dr.Compressor(0.02, "topk", "zstd", "zstd", level=7)  # `level` reaches both zstd codecs
     assert c.spec == "topk:0.02/zstd:level=7/zstd:level=7"
-    c = dr.Compressor(0.02, "topk", "zstd", "zstd", index_params={"level": 5})
+    c = dr.Compressor(0.02, "topk", "zstd", "zstd", index_options={"level": 5})
     assert c.spec == "topk:0.02/zstd:level=5/zstd"
 
 
@@ -71,7 +71,7 @@ def test_spec_defaults_and_keyword_routing():
         ({"sparsifier": "bogus"}, "unknown sparsifier 'bogus'"),
         ({"index": "zstd", "level": 99}, r"must be in \[1, 22\]"),
         ({"index": "zstd", "level": "high"}, "must be int"),
-        ({"colour": "red"}, "unknown parameter 'colour'"),
+        ({"colour": "red"}, "unknown option 'colour'"),
         ({"seed": -1}, "seed must be a non-negative int"),
     ],
 )
@@ -106,11 +106,11 @@ def test_seed_step_and_bucket_give_independent_streams():
     a = dr.Compressor(0.01, "randomk", "eliasfano", "raw", seed=1)
     b = dr.Compressor(0.01, "randomk", "eliasfano", "raw", seed=2)
     same = dr.Compressor(0.01, "randomk", "eliasfano", "raw", seed=1)
-    ia = a.decompress(a.compress(x, step=5, bucket=0)).indices
-    assert torch.equal(ia, same.decompress(same.compress(x, step=5, bucket=0)).indices)
-    assert not torch.equal(ia, b.decompress(b.compress(x, step=5, bucket=0)).indices)
-    assert not torch.equal(ia, a.decompress(a.compress(x, step=6, bucket=0)).indices)
-    assert not torch.equal(ia, a.decompress(a.compress(x, step=5, bucket=1)).indices)
+    ia = a.decompress(a.compress(x, step=5, key=0)).indices
+    assert torch.equal(ia, same.decompress(same.compress(x, step=5, key=0)).indices)
+    assert not torch.equal(ia, b.decompress(b.compress(x, step=5, key=0)).indices)
+    assert not torch.equal(ia, a.decompress(a.compress(x, step=6, key=0)).indices)
+    assert not torch.equal(ia, a.decompress(a.compress(x, step=5, key=1)).indices)
     # Without an explicit step each bucket counts its own calls.
     auto = dr.Compressor(0.01, "randomk", "eliasfano", "raw", seed=1)
     first = auto.compress(x)

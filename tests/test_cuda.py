@@ -43,7 +43,7 @@ def spec(index: str, value: str, ratio: float = 0.02) -> str:
 @pytest.mark.parametrize("index", INDEX_SPECS)
 def test_payload_decodes_alike_on_gpu_and_cpu(index, value):
     x = distinct_magnitudes(60_000, seed=1).to(CUDA)
-    result = dr.Compressor.from_spec(spec(index, value), seed=7).encode(x, step=3, bucket=1)
+    result = dr.Compressor.from_spec(spec(index, value), seed=7).compress_detailed(x, step=3, key=1)
     assert result.payload.is_cuda and result.payload.dtype == torch.uint8
     on_gpu = dr.decode(result.payload)
     on_cpu = dr.decode(result.payload.cpu())
@@ -73,7 +73,7 @@ def test_deterministic_pipelines_give_the_cpu_payload_byte_for_byte(index, value
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_tensors_on_gpu(dtype):
     x = distinct_magnitudes(30_000, seed=3).to(CUDA, dtype)
-    result = dr.Compressor.from_spec(spec("eliasfano", "raw", 0.05)).encode(x, step=0)
+    result = dr.Compressor.from_spec(spec("eliasfano", "raw", 0.05)).compress_detailed(x, step=0)
     decoded = dr.decode(result.payload)
     assert decoded.values.dtype == dtype and torch.equal(bits(decoded.values), bits(x[decoded.indices]))
 

@@ -30,7 +30,7 @@ DEFAULTS = [f"index:{n}" for n in dr.index_codecs()] + [f"value:{n}" for n in dr
 VARIANTS = [
     entry
     for entry in ("index:bloom:policy=leftmost", "index:bloom:policy=random", "index:bloom:policy=p2",
-                  "value:qsgd:bits=3,bucket=7", "value:dexp:segments=single", "value:polyfit:degree=2")
+                  "value:qsgd:bits=3,block=7", "value:dexp:segments=single", "value:polyfit:degree=2")
     if entry.split(":")[1] in (dr.index_codecs() if entry.startswith("index") else dr.value_codecs())
 ]
 

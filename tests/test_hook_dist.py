@@ -1,28 +1,27 @@
 """The comm hook across processes: torchrun with 2 and 3 ranks (gloo).
 
-One launch per world size runs every check (tests/_dist_worker.py); the tests here
+One launch per world size runs every check (tests/workers/hook_checks.py); the tests here
 compare what the ranks wrote."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _dist_worker as worker  # noqa: E402
+from launching import worker_env
+from workers import hook_checks as worker
 
 pytestmark = pytest.mark.slow
 
-WORKER = Path(__file__).with_name("_dist_worker.py")
+WORKER = Path(worker.__file__)
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = worker_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -43,7 +42,7 @@ def launch(tmp_path_factory, nproc: int, checks: str, *worker_args: str) -> list
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return launch(tmp_path_factory, 2, "specs,dtypes,equals_allreduce,fallback,encode_failure,mismatch")
+    return launch(tmp_path_factory, 2, "specs,bucket,dtypes,equals_allreduce,fallback,encode_failure,mismatch")
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +69,12 @@ def test_parameters_stay_bitwise_identical(world, request):
         assert stats["ratio"] > 2, stats
 
 
+def test_bucket_granularity_keeps_parameters_identical(two):
+    for spec, first in two[0]["bucket"].items():
+        assert first["digest"] == two[1]["bucket"][spec]["digest"], spec
+        assert first["stats"]["compressed_buckets"] > 0 and first["stats"]["dense_fallbacks"] == 0, spec
+
+
 def test_lossy_codecs_are_covered_when_registered():
     import deepreduce as dr
 
@@ -77,7 +82,7 @@ def test_lossy_codecs_are_covered_when_registered():
     lossy_value = [n for n in dr.value_codecs() if not dr.codecs.VALUE_CODECS.lookup(n).lossless]
     covered = " ".join(EXPECTED_SPECS)
     for name in lossy_index + lossy_value:
-        assert f"/{name}" in covered, f"lossy codec {name!r} is registered but no spec in _dist_worker.SPECS uses it"
+        assert f"/{name}" in covered, f"lossy codec {name!r} is registered but no spec in workers/hook_checks.SPECS uses it"
 
 
 def test_half_precision_buckets(two):

@@ -11,9 +11,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import deepreduce as dr
-from deepreduce.memory import ErrorFeedback, memory_dtype
+from deepreduce.engine.memory import ErrorFeedback, memory_dtype
 from deepreduce.sparse import SparseGrad
-from deepreduce.stats import CommStats, format_stats
+from deepreduce.engine.stats import CommStats, format_stats
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_error_feedback_conserves_the_gradient_sum():
         grad = torch.randn(1000, generator=gen)
         total_grad += grad.double()
         compensated = memory.compensate(0, grad)
-        sent = compressor.encode(compensated, step=step).sent
+        sent = compressor.compress_detailed(compensated, step=step).sent
         total_sent += sent.to_dense().double()
         memory.update(0, compensated, sent)
     assert torch.allclose(total_sent + memory.residual(0).double(), total_grad, atol=1e-4)
@@ -139,8 +139,14 @@ def test_stats_ratio_and_round_trip():
 
 
 def test_state_rejects_bad_configuration():
-    with pytest.raises(dr.ConfigError, match="start_iter"):
-        dr.DeepReduceState(compressor="topk:0.01/eliasfano/fp16", start_iter=1)
+    with pytest.raises(dr.ConfigError, match="start_iter must be >= 2 with granularity='bucket'"):
+        dr.DeepReduceState(compressor="topk:0.01/eliasfano/fp16", start_iter=1, granularity="bucket")
+    with pytest.raises(dr.ConfigError, match="start_iter must be a non-negative int"):
+        dr.DeepReduceState(start_iter=-1)
+    with pytest.raises(dr.ConfigError, match="granularity must be one of"):
+        dr.DeepReduceState(granularity="layer")
+    with pytest.raises(dr.ConfigError, match="momentum"):
+        dr.DeepReduceState(momentum=1.0)
     with pytest.raises(dr.ConfigError, match="seed"):
         dr.DeepReduceState(compressor=dr.Compressor(seed=1), seed=2)
     with pytest.raises(dr.ConfigError, match="compressor"):
@@ -163,9 +169,9 @@ def test_torch_transport_one_rank(group):
     [back] = transport.allgather_varlen(payload)
     assert torch.equal(back, payload)
     assert transport.allgather_bytes(b"spec") == [b"spec"]
-    assert transport.exchange_sizes(5) == [5]
+    assert transport.allgather_sizes(5) == [5]
     with pytest.raises(ValueError, match="sizes"):
-        transport.allgather_padded_async(payload, [7])
+        transport.allgather_async(payload, [7])
     t = torch.ones(3)
     assert torch.equal(transport.allreduce_(t), torch.ones(3))
     transport.barrier()
@@ -177,13 +183,17 @@ def _model(seed: int = 0) -> torch.nn.Module:
 
 
 def _recording(hook, log):
-    """A hook that records each bucket's input and its reduced result."""
+    """A hook that records each bucket's input, its named segments and its reduced result."""
 
     def recorded(state, bucket):
         step, key, before = state.step, bucket.index(), bucket.buffer().clone()
+        if state.granularity == "tensor":
+            segments = [(seg.name, seg.offset, seg.numel) for seg in state.segments(bucket)]
+        else:
+            segments = [(key, 0, before.numel())]
 
         def keep(fut):
-            log.append((step, key, before, fut.value().clone()))
+            log.append((step, segments, before, fut.value().clone()))
             return fut.value()
 
         return hook(state, bucket).then(keep)
@@ -191,12 +201,15 @@ def _recording(hook, log):
     return recorded
 
 
-def test_hook_one_rank_sends_sparse_and_conserves(group):
-    """World size 1: after start_iter the reduced bucket has at most k nonzeros, and
-    sum(reduced) + residual == sum(raw gradients) per bucket (error feedback loses nothing)."""
+@pytest.mark.parametrize("granularity", ["tensor", "bucket"])
+def test_hook_one_rank_sends_sparse_and_conserves(group, granularity):
+    """World size 1: after start_iter each compressed segment (a parameter, or the whole
+    bucket) keeps at most k nonzeros, and sum(reduced) + residual == sum(raw gradients)
+    per segment (error feedback loses nothing); small parameters pass unchanged."""
     model = _model()
     ddp = DDP(model, bucket_cap_mb=0.01)
-    state = dr.DeepReduceState(compressor="topk:0.05/eliasfano/raw", start_iter=2, min_numel=100, stats_every=0)
+    state = dr.DeepReduceState(compressor="topk:0.05/eliasfano/raw", start_iter=2, min_numel=100, stats_every=0,
+                               granularity=granularity)
     log: list = []
     ddp.register_comm_hook(state, _recording(dr.deepreduce_hook, log))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -207,18 +220,25 @@ def test_hook_one_rank_sends_sparse_and_conserves(group):
         opt.step()
     stats = state.stats()
     assert stats["steps"] == 8 and stats["compressed_buckets"] > 0 and stats["ratio"] > 1
-    compressed = [(key, raw, out) for step, key, raw, out in log if step >= 2 and raw.numel() >= 100]
+    compressed = [(segments, raw, out) for step, segments, raw, out in log if step >= 2 and raw.numel() >= 100]
     assert len(compressed) == stats["compressed_buckets"]
-    raw_sum: dict[int, torch.Tensor] = {}
-    out_sum: dict[int, torch.Tensor] = {}
-    for key, raw, out in compressed:
-        k = max(1, round(0.05 * raw.numel()))
-        assert int(torch.count_nonzero(out)) <= k
-        raw_sum[key] = raw_sum.get(key, 0) + raw.double()
-        out_sum[key] = out_sum.get(key, 0) + out.double()
-    for key in raw_sum:
-        residual = state.memory.residual(key).double()
-        assert torch.allclose(out_sum[key] + residual, raw_sum[key], atol=1e-6)
+    raw_sum: dict = {}
+    out_sum: dict = {}
+    small = 0
+    for segments, raw, out in compressed:
+        for name, offset, numel in segments:
+            raw_part, out_part = raw[offset : offset + numel], out[offset : offset + numel]
+            if numel < 100:
+                assert torch.equal(raw_part, out_part)
+                small += 1
+                continue
+            assert int(torch.count_nonzero(out_part)) <= max(1, round(0.05 * numel))
+            raw_sum[name] = raw_sum.get(name, 0) + raw_part.double()
+            out_sum[name] = out_sum.get(name, 0) + out_part.double()
+    assert raw_sum and (small > 0) == (granularity == "tensor")
+    for name in raw_sum:
+        residual = state.memory.residual(name).double()
+        assert torch.allclose(out_sum[name] + residual, raw_sum[name], atol=1e-6)
 
 
 def test_hook_one_rank_lossless_full_ratio_is_identity(group):
@@ -234,6 +254,25 @@ def test_hook_one_rank_lossless_full_ratio_is_identity(group):
     assert state.stats()["compressed_buckets"] > 0
     for _, _, raw, out in log:
         assert torch.equal(raw, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hook_puts_half_precision_on_the_wire(group, dtype):
+    """A half-precision bucket travels as half-precision values (the compensated fp32
+    gradient is rounded to the bucket's dtype before it is compressed)."""
+    model = _model().to(dtype)
+    ddp = DDP(model)
+    state = dr.DeepReduceState(compressor="topk:0.01/eliasfano/raw", start_iter=2, min_numel=0, stats_every=0,
+                               granularity="bucket")
+    ddp.register_comm_hook(state, dr.deepreduce_hook)
+    for _ in range(3):  # two dense warm-up steps, then one compressed
+        ddp(torch.randn(8, 64, dtype=dtype)).float().sum().backward()
+    assert state.stats()["compressed_buckets"] == 1
+    numel = sum(p.numel() for p in model.parameters())
+    k = round(0.01 * numel)
+    payload = state.stats()["payload_bytes"] - 16  # one framed entry
+    # header, Elias-Fano index (< 2 + log2(d/k) bits) and 2-byte values; fp32 values would add 2k bytes
+    assert 2 * k <= payload - 64 < 2 * k + k * (2 + (numel // k).bit_length()) / 8 + 16
 
 
 def test_hook_logs_stats_periodically(group, caplog):

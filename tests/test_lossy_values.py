@@ -47,8 +47,8 @@ def _heavy_tailed(k: int, seed: int = 0) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _real_gradient() -> torch.Tensor:
-    from deepreduce.data import stdlib_corpus
-    from deepreduce.models import ByteTransformer
+    from deepreduce.apps.data import stdlib_corpus
+    from deepreduce.apps.models import ByteTransformer
 
     torch.manual_seed(0)
     corpus = stdlib_corpus(max_bytes=1 << 20)
@@ -67,7 +67,7 @@ def test_qsgd_is_unbiased_across_steps_and_seeds():
     for seed in (0, 1):
         c = dr.Compressor(0.1, "topk", "eliasfano", "qsgd", seed=seed)
         for step in range(150):
-            out = c.encode(x, step=step)
+            out = c.compress_detailed(x, step=step)
             draws.append(out.sent.values.double())
     v = x[out.sent.indices].double()
     for d in draws:
@@ -89,14 +89,14 @@ def test_qsgd_seeds_and_steps_give_independent_draws():
     a = dr.Compressor(0.2, "topk", "eliasfano", "qsgd", seed=1)
     b = dr.Compressor(0.2, "topk", "eliasfano", "qsgd", seed=2)
     assert torch.equal(a.compress(x, step=0), dr.Compressor(0.2, "topk", "eliasfano", "qsgd", seed=1).compress(x, step=0))
-    assert not torch.equal(a.encode(x, step=0).sent.values, b.encode(x, step=0).sent.values)
-    assert not torch.equal(a.encode(x, step=0).sent.values, a.encode(x, step=1).sent.values)
+    assert not torch.equal(a.compress_detailed(x, step=0).sent.values, b.compress_detailed(x, step=0).sent.values)
+    assert not torch.equal(a.compress_detailed(x, step=0).sent.values, a.compress_detailed(x, step=1).sent.values)
 
 
-@pytest.mark.parametrize("k,params", [(1000, {}), (5000, {"bits": 4}), (3000, {"s": 3, "bucket": 64}), (20000, {"s": 1000, "bucket": 2048}), (777, {"bits": 2})])
+@pytest.mark.parametrize("k,params", [(1000, {}), (5000, {"bits": 4}), (3000, {"s": 3, "block": 64}), (20000, {"s": 1000, "block": 2048}), (777, {"bits": 2})])
 def test_qsgd_payload_matches_the_formula(k, params):
     codec = QSGDValueCodec(**params)
-    s, bucket = codec.levels, codec.config["bucket"]
+    s, bucket = codec.levels, codec.config["block"]
     enc = codec.encode(_heavy_tailed(k).float(), _ctx())
     predicted_bits = k * (math.ceil(math.log2(s + 1)) + 1) + 32 * math.ceil(k / bucket)
     assert abs(8 * enc.data.numel() - predicted_bits) <= 0.05 * predicted_bits
@@ -110,7 +110,7 @@ def test_qsgd_parameters():
     with pytest.raises(dr.ConfigError):
         QSGDValueCodec(bits=1)
     with pytest.raises(dr.ConfigError):
-        QSGDValueCodec(bucket=0)
+        QSGDValueCodec(block=0)
     assert dr.Compressor.from_spec("topk:0.1/eliasfano/qsgd:bits=4").value_codec.levels == 7
 
 
@@ -125,7 +125,7 @@ def test_qsgd_dtypes_and_extremes(dtype):
     assert bool((zeros == 0).all())
     poisoned = values.clone()
     poisoned[700] = float("inf")
-    decoded, _ = _round_trip("qsgd:bucket=512", poisoned)
+    decoded, _ = _round_trip("qsgd:block=512", poisoned)
     assert not bool(torch.isfinite(decoded[512:1024]).all()) and bool(torch.isfinite(decoded[:512]).all())
 
 
@@ -199,7 +199,7 @@ def test_relative_error_on_real_top_k_gradients(ratio):
     g = _real_gradient()
     errors = {}
     for value in ("polyfit", "dexp", "qsgd"):
-        out = dr.Compressor(ratio, "topk", "eliasfano", value).encode(g, step=0)
+        out = dr.Compressor(ratio, "topk", "eliasfano", value).compress_detailed(g, step=0)
         true = g[out.sent.indices]
         _assert_signs_and_order(out.sent.values, true) if value != "qsgd" else None
         errors[value] = ((out.sent.values - true).norm() / true.norm()).item()
@@ -277,7 +277,7 @@ def test_dexp_rejects_huge_exponents():
 
 
 def test_qsgd_decoder_rejects_inconsistent_fields():
-    codec = QSGDValueCodec(s=5, bucket=100)
+    codec = QSGDValueCodec(s=5, block=100)
     enc = codec.encode(_heavy_tailed(1000).float(), _ctx())
     for params in (struct.pack("<II", 0, 100), struct.pack("<II", 5, 0), struct.pack("<II", 5, 99), struct.pack("<II", 8, 100), struct.pack("<II", 5, (1 << 31) - 1), b"\0"):
         with pytest.raises(dr.DecodeError):

@@ -127,7 +127,7 @@ def test_every_codec_pair_handles_empty_and_full_selection(index, value):
     x = torch.randn(777)
     for ratio in (0.0, 1.0):
         c = dr.Compressor(ratio, "topk", index, value)
-        result = c.encode(x)
+        result = c.compress_detailed(x)
         decoded = dr.decode(result.payload)
         assert torch.equal(decoded.indices, result.sent.indices)
         assert torch.equal(bits(decoded.values), bits(result.sent.values))

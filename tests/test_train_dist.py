@@ -1,10 +1,9 @@
-"""`deepreduce train` under torchrun (2 ranks): checkpoint/resume is bitwise exact, the
-built-in comparison hooks run, metrics are written."""
+"""`deepreduce train` under torchrun (2 ranks): checkpoint/resume is bitwise exact in the
+gradient and the update mode, the built-in comparison hooks run, metrics are written."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _train_worker as worker  # noqa: E402
+from launching import worker_env
+from workers import train_runs as worker
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +20,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).with_name("_train_worker.py")), str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker.__file__, str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=worker_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return out
 
@@ -96,3 +94,25 @@ def test_resume_refuses_other_optimizer_or_data(runs):
     assert optimizer == "deepreduce train: checkpoint used --optimizer adam, not sgd"
     assert data.startswith("deepreduce train: checkpoint trained on stdlib (corpus digest ")
     assert "--corpus-mb 1) has digest" in data
+
+
+def test_update_mode_resumes_bitwise_and_ends_identical(runs):
+    full, [full_summary] = records(runs / "update-full.jsonl")
+    part, summaries = records(runs / "update-part.jsonl")
+    assert [r["step"] for r in part] == list(range(1, worker.STEPS + 1))
+    for a, b in zip(full, part):
+        assert (a["loss"], a["bytes_sent"]) == (b["loss"], b["bytes_sent"]), (a, b)
+        if a["step"] > worker.STOP:  # the interrupted run also evaluates where it stopped
+            assert a.get("val_loss") == b.get("val_loss"), (a, b)
+    assert summaries[-1]["params_digest"] == full_summary["params_digest"]
+    assert full_summary["mode"] == "update" and full_summary["local_steps"] == 2
+    hook = full_summary["hook"]
+    assert hook["exchanges"] == worker.STEPS // 2 + 1 and hook["compressed_buckets"] > 0  # + the final flush
+    exchanged = [r["bytes_sent"] for r in full if r["step"] > 4 and r["bytes_sent"]]  # after the dense warm-up
+    assert exchanged and max(exchanged) < full_summary["dense_bytes_per_step"] / 5
+    models = [torch.load(runs / "update-full" / f"rank{r}.pt", weights_only=False)["model"] for r in range(2)]
+    resumed = [torch.load(runs / "update-resumed" / f"rank{r}.pt", weights_only=False)["model"] for r in range(2)]
+    for name in models[0]:
+        assert torch.equal(models[0][name], resumed[0][name]) and torch.equal(models[1][name], resumed[1][name])
+    refused = (runs / "update-refused.txt").read_text()
+    assert refused.startswith("deepreduce train: checkpoint used mode/local steps")

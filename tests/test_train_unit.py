@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from deepreduce import cli
 from deepreduce.apps import comm_hooks, train
@@ -42,7 +43,7 @@ def test_bad_compression_is_a_clear_error():
     with pytest.raises(ConfigError, match="'topk:0.01/nope/fp16'.*dense, fp16, powersgd"):
         comm_hooks.make_hook("topk:0.01/nope/fp16")
     with pytest.raises(SystemExit, match="--compression 'topk:0.01/nope/fp16'.*dense, fp16, powersgd"):
-        train._hook(train.build_parser().parse_args(["--compression", "topk:0.01/nope/fp16"]))
+        train._hook(train.build_parser().parse_args(["--compression", "topk:0.01/nope/fp16"]), torch.nn.Linear(2, 2))
 
 
 def test_make_hook_takes_explicit_arguments():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..codecs import INDEX_CODECS, VALUE_CODECS
-from ..sparse import get_sparsifier, sparsifiers
+from ..sparsifiers import get_sparsifier, sparsifiers
 
 
 def _params_text(params) -> str:
@@ -17,12 +17,12 @@ def rows() -> list[tuple[str, str, str, str]]:
     out = []
     for name in sparsifiers():
         entry = get_sparsifier(name)
-        out.append(("sparsifier", name, _params_text(entry.params), entry.description))
+        out.append(("sparsifier", name, _params_text(entry.options), entry.description))
     for kind, registry in (("index", INDEX_CODECS), ("value", VALUE_CODECS)):
         for name in registry.names():
             cls = registry.lookup(name)
             lossy = "" if cls.lossless else "[lossy] "
-            out.append((kind, name, _params_text(cls.params), lossy + cls.description))
+            out.append((kind, name, _params_text(cls.options), lossy + cls.description))
     return out
 
 

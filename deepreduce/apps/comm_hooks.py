@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -112,6 +112,8 @@ def make_hook(
     error_feedback: bool = True,
     dense_fallback: bool = True,
     powersgd_rank: int = 4,
+    granularity: str = "tensor",
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
 ) -> tuple[Any, Callable, CommMeter, Callable[[], int] | None]:
     """``(state, hook, meter, bytes_counter)`` for a compressor spec or a built-in hook name.
 
@@ -122,7 +124,9 @@ def make_hook(
 
     ``start_iter``: dense steps before compression starts (``powersgd``: at least 2).
     ``min_numel`` and ``dense_fallback`` apply to deepreduce compressors only,
-    ``powersgd_rank`` to ``powersgd`` only. Raises :class:`~deepreduce.errors.ConfigError`
+    ``powersgd_rank`` to ``powersgd`` only; ``granularity`` and ``named_parameters`` (which
+    name residuals after parameters, so checkpoints do not depend on DDP's bucket layout)
+    to deepreduce compressors only. Raises :class:`~deepreduce.errors.ConfigError`
     for an unknown or malformed ``compression``.
     """
     if compression == "dense":
@@ -156,17 +160,19 @@ def make_hook(
         raise ConfigError(f"{compression!r}: {error} (or use one of {', '.join(BUILTIN_HOOKS)})") from error
     state = DeepReduceState(
         None, compressor, start_iter=start_iter, error_feedback=error_feedback,
-        min_numel=min_numel, stats_every=0, dense_fallback=dense_fallback,
+        min_numel=min_numel, stats_every=0, dense_fallback=dense_fallback, granularity=granularity,
+        named_parameters=named_parameters,
     )
     meter = CommMeter(None)
     return state, meter.wrap(deepreduce_hook), meter, lambda: state.stats()["sent_bytes"]
 
 
 def hook_state_dict(state: Any) -> Any:
-    """What a checkpoint keeps of a hook state from :func:`make_hook` (None for stateless hooks)."""
+    """What a checkpoint keeps of a hook state from :func:`make_hook`, or of an
+    :class:`~deepreduce.UpdateSync` (None for stateless hooks)."""
     if state is None:
         return None
-    if isinstance(state, DeepReduceState):
+    if hasattr(state, "load_state_dict"):  # DeepReduceState, UpdateSync
         return state.state_dict()
     return state.__getstate__()  # PowerSGDState: everything but the process group
 
@@ -175,7 +181,7 @@ def load_hook_state(state: Any, saved: Any) -> None:
     """Restore what :func:`hook_state_dict` returned into a fresh state of the same kind."""
     if state is None:
         return
-    if isinstance(state, DeepReduceState):
+    if hasattr(state, "load_state_dict"):
         state.load_state_dict(saved)
     else:
         state.__setstate__(saved)

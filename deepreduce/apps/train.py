@@ -34,6 +34,7 @@ a checkpoint of another world size, compression, optimizer, weight decay or corp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -48,9 +49,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..comm.torch_dist import close_process_group
+from ..compressor import Compressor
 from ..errors import ConfigError
 from ..hooks import DeepReduceState
-from .comm_hooks import hook_state_dict, load_hook_state, make_hook
+from ..optim import UpdateSync
+from .comm_hooks import BUILTIN_HOOKS, CommMeter, hook_state_dict, load_hook_state, make_hook
 from .data import ByteCorpus, CorpusError, stdlib_corpus, text_corpus
 from .metrics import params_digest
 from .models import ByteTransformer
@@ -89,8 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("communication")
     c.add_argument("--compression", default="dense",
                    help="a compressor spec such as topk:0.01/eliasfano/fp16, or dense | fp16 | powersgd")
-    c.add_argument("--start-iter", type=int, default=10, help="dense steps before compression starts (>= 2)")
-    c.add_argument("--min-numel", type=int, default=1024, help="buckets smaller than this go dense")
+    c.add_argument("--mode", default="gradient", choices=("gradient", "update"),
+                   help="gradient: compress gradients in the DDP hook; update: every rank steps its own "
+                        "optimizer and the compressed parameter updates are averaged (deepreduce.UpdateSync)")
+    c.add_argument("--local-steps", type=int, default=1,
+                   help="update mode: optimizer steps between exchanges (the density per exchange scales with it)")
+    c.add_argument("--outer-lr", type=float, default=1.0, help="update mode: outer SGD learning rate")
+    c.add_argument("--outer-momentum", type=float, default=0.0, help="update mode: outer SGD momentum")
+    c.add_argument("--nesterov", action="store_true", help="update mode: Nesterov outer momentum")
+    c.add_argument("--overlap", action="store_true",
+                   help="update mode: apply each exchange one round late so the wire time hides behind compute")
+    c.add_argument("--start-iter", type=int, default=10, help="dense steps before compression starts")
+    c.add_argument("--min-numel", type=int, default=1024,
+                   help="buckets smaller than this go dense; smaller parameters travel uncompressed")
+    c.add_argument("--granularity", default="tensor", choices=("tensor", "bucket"),
+                   help="top-k per parameter, or one top-k over each DDP bucket")
     c.add_argument("--no-error-feedback", action="store_true")
     c.add_argument("--no-dense-fallback", action="store_true")
     c.add_argument("--powersgd-rank", type=int, default=4)
@@ -201,6 +217,7 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, hook_state, da
         "step": step,
         "world_size": dist.get_world_size(),
         "compression": args.compression,
+        "mode": [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov],
         "optimizer_name": args.optimizer,
         "weight_decay": args.weight_decay,
         "data": data_label(args),
@@ -225,6 +242,11 @@ def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_ge
         raise SystemExit(f"deepreduce train: checkpoint is from {saved['world_size']} ranks, this run has {dist.get_world_size()}")
     if saved["compression"] != args.compression:
         raise SystemExit(f"deepreduce train: checkpoint used --compression {saved['compression']}, not {args.compression}")
+    mode = [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov]
+    saved_mode = saved.get("mode", ["gradient", 1, False, 1.0, 0.0, False])
+    if saved_mode != mode:
+        raise SystemExit(f"deepreduce train: checkpoint used mode/local steps/overlap/outer lr/outer momentum/nesterov "
+                         f"{saved_mode}, this run {mode}")
     # Checkpoints written before these options existed trained with Adam, no weight decay.
     saved_optimizer = saved.get("optimizer_name", "adam")
     if saved_optimizer != args.optimizer:
@@ -265,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("deepreduce train: --steps must be >= 1")
     if args.weight_decay < 0:
         raise SystemExit("deepreduce train: --weight-decay must be >= 0")
+    if args.local_steps < 1:
+        raise SystemExit("deepreduce train: --local-steps must be >= 1")
+    if args.mode == "update" and args.compression in BUILTIN_HOOKS:
+        raise SystemExit(f"deepreduce train: --mode update needs a compressor spec for --compression, not {args.compression!r}")
+    if args.mode == "gradient" and (args.local_steps != 1 or args.overlap or args.outer_lr != 1.0 or args.outer_momentum):
+        raise SystemExit("deepreduce train: --local-steps, --overlap, --outer-lr and --outer-momentum need --mode update")
     if args.threads:
         torch.set_num_threads(args.threads)
     corpus = load_corpus(args)
@@ -279,15 +307,30 @@ def main(argv: list[str] | None = None) -> int:
             close_process_group(completed)
 
 
-def _hook(args: argparse.Namespace):
+def _hook(args: argparse.Namespace, model: torch.nn.Module):
     try:
         return make_hook(
             args.compression, seed=args.seed, start_iter=args.start_iter, min_numel=args.min_numel,
             error_feedback=not args.no_error_feedback, dense_fallback=not args.no_dense_fallback,
-            powersgd_rank=args.powersgd_rank,
+            powersgd_rank=args.powersgd_rank, granularity=args.granularity, named_parameters=model.named_parameters(),
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --compression {error}")
+
+
+def _update_sync(args: argparse.Namespace, model: torch.nn.Module, ddp: DDP) -> UpdateSync:
+    """The update-mode exchange for ``--compression`` (a compressor spec)."""
+    try:
+        compressor = Compressor.from_spec(args.compression, seed=args.seed)
+        return UpdateSync(
+            model.named_parameters(), compressor, local_steps=args.local_steps, outer_lr=args.outer_lr,
+            outer_momentum=args.outer_momentum, nesterov=args.nesterov, overlap=args.overlap, broadcast=False,
+            ddp=ddp, min_numel=args.min_numel, error_feedback=not args.no_error_feedback,
+            dense_fallback=not args.no_dense_fallback, granularity=args.granularity,
+            start_iter=-(-args.start_iter // args.local_steps),
+        )
+    except ConfigError as error:
+        raise SystemExit(f"deepreduce train: --mode update: {error}")
 
 
 def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -> int:
@@ -296,15 +339,24 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -
     torch.manual_seed(args.seed)
     model = ByteTransformer(args.d_model, args.layers, args.heads, args.seq_len).to(device)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
-    hook_state, hook, meter, sent_counter = _hook(args)
     data_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)
     start = 0
-    if args.resume:
-        start = load_checkpoint(args.resume, args, model, optimizer, hook_state, data_gen, corpus.digest)
-    ddp = DDP(model, bucket_cap_mb=args.bucket_mb)
-    if start:
-        _settle_buckets(ddp, args.seq_len, device)
-    ddp.register_comm_hook(hook_state, hook)
+    sync = None
+    if args.mode == "update":
+        ddp = DDP(model, bucket_cap_mb=args.bucket_mb)  # broadcasts rank 0's parameters
+        sync = _update_sync(args, model, ddp)  # DDP keeps local gradients from now on
+        hook_state, meter, sent_counter = sync, CommMeter(None), lambda: sync.stats()["sent_bytes"]
+        if args.resume:
+            # after DDP's broadcast: with overlapped exchanges each rank has its own parameters
+            start = load_checkpoint(args.resume, args, model, optimizer, sync, data_gen, corpus.digest)
+    else:
+        hook_state, hook, meter, sent_counter = _hook(args, model)
+        if args.resume:
+            start = load_checkpoint(args.resume, args, model, optimizer, hook_state, data_gen, corpus.digest)
+        ddp = DDP(model, bucket_cap_mb=args.bucket_mb)
+        if start:
+            _settle_buckets(ddp, args.seq_len, device)
+        ddp.register_comm_hook(hook_state, hook)
 
     n_params = sum(p.numel() for p in model.parameters())
     if verbose:
@@ -325,9 +377,14 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            exchange_began = time.perf_counter()
+            if sync is not None:
+                sync.step()
             loss_value = loss.item()
             step_s = time.perf_counter() - began
             sent, comm_s = meter.take()
+            if sync is not None:
+                comm_s = step_s - (exchange_began - began)
             if sent_counter:
                 now = sent_counter()
                 sent, sent_before = now - sent_before, now
@@ -337,7 +394,8 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -
                       "step_s": step_s, "comm_s": comm_s}
             done = step + 1
             if args.eval_every and (done % args.eval_every == 0 or done == stop):
-                val_loss = evaluate(model, corpus, args, device)
+                with sync.consensus() if sync is not None else contextlib.nullcontext():
+                    val_loss = evaluate(model, corpus, args, device)
                 record["val_loss"] = val_loss
             if metrics:
                 metrics.write(json.dumps(record) + "\n")
@@ -348,8 +406,11 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -
                       f"{sent / 1e6:.3f} MB sent, comm {comm_s * 1e3:.0f} ms", flush=True)
             if args.checkpoint and (done == stop or (args.checkpoint_every and done % args.checkpoint_every == 0)):
                 save_checkpoint(args.checkpoint, done, model, optimizer, hook_state, data_gen, args, corpus.digest)
+        if sync is not None and stop == args.steps:
+            sync.finish()  # every rank ends with the same parameters (overlap, a last partial round)
         summary = {
             "steps": stop, "world_size": world, "compression": args.compression, "parameters": n_params,
+            "mode": args.mode, "local_steps": args.local_steps,
             "data": data_label(args), "corpus_digest": corpus.digest,
             "optimizer": args.optimizer, "weight_decay": args.weight_decay,
             "val_loss": val_loss,
@@ -358,7 +419,7 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -
             "dense_bytes_per_step": 4 * n_params,
             "params_digest": params_digest(model),
         }
-        if isinstance(hook_state, DeepReduceState):
+        if isinstance(hook_state, (DeepReduceState, UpdateSync)):
             summary["hook"] = hook_state.stats()
         if metrics:
             metrics.write(json.dumps({"summary": summary}) + "\n")

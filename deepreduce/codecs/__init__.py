@@ -7,7 +7,8 @@ positions from the dense gradient. A *value codec* turns the aligned values into
 
 Each codec lives in its own module under ``codecs/index`` or ``codecs/value`` and
 registers itself with :func:`register_index_codec` / :func:`register_value_codec`;
-modules there are imported automatically, so adding a file adds a codec.
+modules there are imported automatically, so adding a file (and its wire id in
+:mod:`deepreduce.codecs.ids`) adds a codec.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 from .. import rng
 from ..errors import ConfigError, DecodeError
-from ..params import Param, format_params, resolve_params
+from ..options import Option, format_options, resolve_options
+from .ids import wire_id
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,15 @@ class _Codec:
     codec_id: ClassVar[int]
     description: ClassVar[str] = ""
     lossless: ClassVar[bool] = True
-    params: ClassVar[Sequence[Param]] = ()
+    options: ClassVar[Sequence[Option]] = ()
     kind: ClassVar[str] = "codec"
 
-    def __init__(self, **params: Any) -> None:
-        self.config = resolve_params(f"{self.kind} codec {self.name!r}", self.params, params)
+    def __init__(self, **options: Any) -> None:
+        self.config = resolve_options(f"{self.kind} codec {self.name!r}", self.options, options)
 
     @property
     def spec(self) -> str:
-        args = format_params(self.config, self.params)
+        args = format_options(self.config, self.options)
         return f"{self.name}:{args}" if args else self.name
 
     def __repr__(self) -> str:
@@ -107,10 +109,9 @@ class _Registry:
         self.by_id: dict[int, type[_Codec]] = {}
 
     def add(self, cls: type[_Codec]) -> type[_Codec]:
+        cls.codec_id = wire_id(self.kind, cls.name)
         if cls.name in self.by_name or cls.codec_id in self.by_id:
             raise RuntimeError(f"{self.kind} codec {cls.name!r} (id {cls.codec_id}) registered twice")
-        if not 0 < cls.codec_id < 256:
-            raise RuntimeError(f"{self.kind} codec id must fit in one byte, got {cls.codec_id}")
         self.by_name[cls.name] = cls
         self.by_id[cls.codec_id] = cls
         return cls
@@ -176,12 +177,12 @@ def value_codecs() -> list[str]:
     return VALUE_CODECS.names()
 
 
-def make_index_codec(name: str, params: Mapping[str, Any] | None = None) -> IndexCodec:
-    return INDEX_CODECS.lookup(name)(**dict(params or {}))  # type: ignore[return-value]
+def make_index_codec(name: str, options: Mapping[str, Any] | None = None) -> IndexCodec:
+    return INDEX_CODECS.lookup(name)(**dict(options or {}))  # type: ignore[return-value]
 
 
-def make_value_codec(name: str, params: Mapping[str, Any] | None = None) -> ValueCodec:
-    return VALUE_CODECS.lookup(name)(**dict(params or {}))  # type: ignore[return-value]
+def make_value_codec(name: str, options: Mapping[str, Any] | None = None) -> ValueCodec:
+    return VALUE_CODECS.lookup(name)(**dict(options or {}))  # type: ignore[return-value]
 
 
 __all__ = [

@@ -9,7 +9,7 @@ and the base hashes of double hashing are
 (``fmix32`` is MurmurHash3's finaliser: a bijection with full avalanche). ``g_i`` is
 mapped onto the ``m`` filter bits by multiply-shift, ``g_i * m >> 32``, which is
 uniform and exact in int64 for ``m < 2^31``. For tensors below 2^32 elements ``hi``
-is always 0, so the query of a whole tensor is pure 32-bit arithmetic -- 3-8x
+is always 0, so the query of a whole tensor is pure 32-bit arithmetic -- much
 cheaper than 64-bit on CPUs without 64-bit vector multiplies -- and ``h2`` is only
 computed for the positions that pass the first hash.
 

@@ -5,8 +5,7 @@ zeros and a negative part. Each non-empty sign part is a sequence of magnitudes 
 descending order -- a smooth, monotone curve -- that is cut into segments and fitted
 per segment by the codec over ``x`` scaled to ``[0, 1]``. The payload holds the
 curves and the permutation from sorted order back to ascending-index order,
-bit-packed at ``ceil(log2 k)`` bits per value (the dominant cost: ~18 bits per
-value at k = 256 K). Signs travel for free: the part a position belongs to is its
+bit-packed at ``ceil(log2 k)`` bits per value (the dominant cost). Signs travel for free: the part a position belongs to is its
 sign.
 
 The receiver evaluates the curves, clamps each part into the exact ``[min, max]``

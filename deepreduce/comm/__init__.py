@@ -1,9 +1,15 @@
 """Transports: how payloads travel between ranks.
 
-One implementation per backend (torch.distributed, Horovod, mpi4py), all with the
-same small interface, so the same compressor produces the same payloads whatever
-carries them. Payloads have different lengths on different ranks, hence
-``allgather_varlen``: exchange sizes, pad to the largest, one all-gather, slice.
+:class:`Transport` holds every collective the per-step engine needs; torch.distributed,
+Horovod and mpi4py each implement it, so the same compressor produces the same payloads
+and the same averages whatever carries them. Payloads have different lengths on
+different ranks: the engine first all-gathers the sizes (:meth:`Transport.allgather_sizes`),
+decides (compressed gather or dense fallback) from sizes every rank has seen, then
+issues the variable-length all-gather (:meth:`Transport.allgather_async`).
+
+"Async" methods issue the collective and return a ``torch.futures.Future``; a backend
+without a non-blocking form (Horovod, mpi4py here) completes it before returning. Every
+rank must call the same methods in the same order.
 """
 
 from __future__ import annotations
@@ -12,6 +18,15 @@ import abc
 import importlib
 
 import torch
+
+from ..wire import as_bytes_tensor
+
+
+def completed(value: object) -> torch.futures.Future:
+    """A future that already holds ``value``."""
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(value)
+    return future
 
 
 class Transport(abc.ABC):
@@ -26,20 +41,50 @@ class Transport(abc.ABC):
     def world_size(self) -> int: ...
 
     @abc.abstractmethod
-    def allgather_varlen(self, payload: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's 1-D uint8 ``payload`` (lengths may differ), in rank order."""
+    def allgather_sizes(self, nbytes: int) -> list[int]:
+        """Every rank's ``nbytes`` (any int, -1 included), in rank order. Blocking."""
 
     @abc.abstractmethod
-    def allreduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over ranks in place (the dense fallback); returns it."""
+    def allgather_async(self, payload: torch.Tensor, sizes: list[int]) -> torch.futures.Future:
+        """Issue an all-gather of 1-D uint8 ``payload``s whose lengths are ``sizes``
+        (from :meth:`allgather_sizes`). The future's value: every rank's payload, in
+        rank order, on ``payload``'s device."""
+
+    @abc.abstractmethod
+    def allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        """Issue a sum over ranks of ``tensor``, in place; the future's value is ``tensor``."""
 
     @abc.abstractmethod
     def barrier(self) -> None: ...
 
+    # --- derived -----------------------------------------------------------------------
+
+    def allgather_varlen(self, payload: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's 1-D uint8 ``payload`` (lengths may differ), in rank order. Blocking."""
+        payload = check_payload(payload)
+        return self.allgather_async(payload, self.allgather_sizes(payload.numel())).wait()
+
+    def allreduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place and return it. Blocking."""
+        return self.allreduce_async(tensor).wait()
+
     def allgather_bytes(self, data: bytes) -> list[bytes]:
-        """Small host-side messages (e.g. compressor specs), in rank order."""
+        """Small host-side messages (e.g. configuration descriptions), in rank order."""
         tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         return [bytes(t.cpu().numpy().tobytes()) for t in self.allgather_varlen(tensor)]
+
+    def _check_sizes(self, payload: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        payload = check_payload(payload)
+        if len(sizes) != self.world_size or sizes[self.rank] != payload.numel() or min(sizes) < 0:
+            raise ValueError(f"sizes {sizes} do not describe a world of {self.world_size} with this rank's payload of {payload.numel()} bytes")
+        return payload
+
+
+def check_payload(payload: object) -> torch.Tensor:
+    """``payload`` if it is a 1-D uint8 tensor, else TypeError/ValueError saying what it is."""
+    if not isinstance(payload, torch.Tensor):
+        raise TypeError(f"a payload must be a torch.Tensor, got {type(payload).__name__}")
+    return as_bytes_tensor(payload, "a payload", error=ValueError).detach()
 
 
 _TRANSPORTS = {

@@ -2,8 +2,9 @@
 
 Horovod's allreduce cannot carry sparse payloads, but its allgather concatenates
 tensors whose first dimension differs between ranks, which is exactly what a
-variable-length uint8 payload needs: one small allgather of the lengths (to split the
-result), one allgather of the bytes. No padding.
+variable-length uint8 payload needs: with the lengths known (one small allgather), one
+allgather of the bytes, split by those lengths. No padding. Every call waits for its
+result, so the "async" methods return completed futures.
 
 Horovod 0.28.1 must be built against the installed torch with a C++17 patch: run
 ``launch/install-horovod.sh`` (``pip install horovod`` fails to build with torch >= 2.1).
@@ -16,7 +17,10 @@ from typing import Any
 
 import torch
 
-from . import Transport
+from . import Transport, completed
+
+# Dtypes Horovod's allreduce sums directly; others go through float32.
+_NATIVE_SUM_DTYPES = {torch.float16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.int8}
 
 INSTALL_HINT = (
     "Horovod is not installed: pip cannot build horovod 0.28.1 against this torch as released "
@@ -63,20 +67,28 @@ class HorovodTransport(Transport):
     def world_size(self) -> int:
         return self.process_set.size()
 
-    def allgather_varlen(self, payload: torch.Tensor) -> list[torch.Tensor]:
-        if not isinstance(payload, torch.Tensor):
-            raise TypeError(f"allgather_varlen expects a torch.Tensor, got {type(payload).__name__}")
-        if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise ValueError(f"allgather_varlen expects a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
-        payload = payload.detach().contiguous()
-        size = torch.tensor([payload.numel()], dtype=torch.int64)
-        sizes = self.hvd.allgather(size, name=self._op_name("sizes"), process_set=self.process_set)
-        gathered = self.hvd.allgather(payload, name=self._op_name("payload"), process_set=self.process_set)
-        return list(torch.split(gathered, sizes.tolist()))
+    def allgather_sizes(self, nbytes: int) -> list[int]:
+        size = torch.tensor([nbytes], dtype=torch.int64)
+        return self.hvd.allgather(size, name=self._op_name("sizes"), process_set=self.process_set).tolist()
 
-    def allreduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.hvd.allreduce_(tensor, op=self.hvd.Sum, name=self._op_name("allreduce"), process_set=self.process_set)
-        return tensor
+    def allgather_async(self, payload: torch.Tensor, sizes: list[int]) -> torch.futures.Future:
+        payload = self._check_sizes(payload, sizes).contiguous()
+        gathered = self.hvd.allgather(payload, name=self._op_name("payload"), process_set=self.process_set)
+        if gathered.numel() != sum(sizes):
+            raise RuntimeError(f"horovod allgather returned {gathered.numel()} bytes, the sizes add up to {sum(sizes)}")
+        return completed(list(torch.split(gathered.to(payload.device), sizes)))
+
+    def allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        """Sum over ranks in place. bf16 (which Horovod cannot sum) is summed in float32
+        and rounded back; a strided view is summed through a contiguous copy."""
+        if tensor.dtype in _NATIVE_SUM_DTYPES and tensor.is_contiguous():
+            self.hvd.allreduce_(tensor, op=self.hvd.Sum, name=self._op_name("allreduce"), process_set=self.process_set)
+            return completed(tensor)
+        work = tensor.detach().to(tensor.dtype if tensor.dtype in _NATIVE_SUM_DTYPES else torch.float32).contiguous()
+        self.hvd.allreduce_(work, op=self.hvd.Sum, name=self._op_name("allreduce"), process_set=self.process_set)
+        with torch.no_grad():
+            tensor.copy_(work)
+        return completed(tensor)
 
     def barrier(self) -> None:
         self.hvd.barrier(process_set=self.process_set)

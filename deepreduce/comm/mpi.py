@@ -5,8 +5,9 @@ with ``pip install -c constraints.txt mpi4py mpich`` (or ``launch/install-mpi.sh
 launch with the ``mpiexec`` that belongs to the same MPI (the ``mpich`` wheel installs
 it next to the Python interpreter).
 
-Payloads of different lengths need no padding here: one ``Allgather`` of the lengths,
-then one ``Allgatherv`` places every rank's bytes at its own offset.
+Payloads of different lengths need no padding here: with the lengths known (one
+``Allgather``), one ``Allgatherv`` places every rank's bytes at its own offset. Every
+call waits for its result, so the "async" methods return completed futures.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import Transport
+from . import Transport, completed
 
 # Dense fallback: dtypes numpy/MPI can sum directly; others are summed in float32.
 _NATIVE_SUM_DTYPES = {torch.float32, torch.float64, torch.int32, torch.int64}
@@ -31,14 +32,6 @@ def _import_mpi() -> Any:
             "(or run launch/install-mpi.sh)"
         ) from exc
     return MPI
-
-
-def _host_bytes(payload: torch.Tensor) -> np.ndarray:
-    if not isinstance(payload, torch.Tensor):
-        raise TypeError(f"allgather_varlen expects a torch.Tensor, got {type(payload).__name__}")
-    if payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise ValueError(f"allgather_varlen expects a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
-    return payload.detach().to("cpu").contiguous().numpy()
 
 
 class MPITransport(Transport):
@@ -64,27 +57,26 @@ class MPITransport(Transport):
     def world_size(self) -> int:
         return self.comm.Get_size()
 
-    def allgather_sizes(self, size: int) -> np.ndarray:
-        """Every rank's ``size`` (int64), in rank order."""
+    def allgather_sizes(self, nbytes: int) -> list[int]:
         sizes = np.empty(self.world_size, dtype=np.int64)
-        self.comm.Allgather(np.array([size], dtype=np.int64), sizes)
-        return sizes
+        self.comm.Allgather(np.array([nbytes], dtype=np.int64), sizes)
+        return sizes.tolist()
 
-    def allgather_varlen(self, payload: torch.Tensor) -> list[torch.Tensor]:
-        local = _host_bytes(payload)
-        sizes = self.allgather_sizes(local.size)
+    def allgather_async(self, payload: torch.Tensor, sizes: list[int]) -> torch.futures.Future:
+        local = self._check_sizes(payload, sizes).to("cpu").contiguous().numpy()
+        counts = np.asarray(sizes, dtype=np.int64)
         offsets = np.zeros(self.world_size, dtype=np.int64)
-        np.cumsum(sizes[:-1], out=offsets[1:])
-        gathered = np.empty(int(sizes.sum()), dtype=np.uint8)
-        self.comm.Allgatherv(local, [gathered, sizes, offsets, self._mpi.BYTE])
+        np.cumsum(counts[:-1], out=offsets[1:])
+        gathered = np.empty(int(counts.sum()), dtype=np.uint8)
+        self.comm.Allgatherv(local, [gathered, counts, offsets, self._mpi.BYTE])
         flat = torch.from_numpy(gathered).to(payload.device)
-        return list(torch.split(flat, sizes.tolist()))
+        return completed(list(torch.split(flat, sizes)))
 
-    def allreduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+    def allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
         """Sum over ranks in place. fp16/bf16 are summed in float32 and rounded back
         (MPI has no standard half-precision sum)."""
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"allreduce_ expects a torch.Tensor, got {type(tensor).__name__}")
+            raise TypeError(f"allreduce expects a torch.Tensor, got {type(tensor).__name__}")
         direct = tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype in _NATIVE_SUM_DTYPES
         work = tensor.detach() if direct else tensor.detach().to("cpu").contiguous()
         if work.dtype not in _NATIVE_SUM_DTYPES:
@@ -93,7 +85,7 @@ class MPITransport(Transport):
         if not direct:
             with torch.no_grad():
                 tensor.copy_(work)
-        return tensor
+        return completed(tensor)
 
     def barrier(self) -> None:
         self.comm.Barrier()

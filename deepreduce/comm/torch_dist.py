@@ -1,20 +1,18 @@
 """``TorchTransport``: torch.distributed (gloo on CPU, NCCL on CUDA), same code for both.
 
 Variable-length all-gather, the way that works on every backend (gloo's list-form
-``all_gather`` rejects unequal sizes): exchange the sizes, pad every payload to the
+``all_gather`` rejects unequal sizes): with the sizes known, pad every payload to the
 largest (rounded up to 8 bytes so decoded parts stay aligned), one flat
 ``all_gather_single`` (``all_gather_into_tensor`` before torch 2.13), slice.
 
 gloo all-gathers host memory only (CUDA tensors abort the process), so on a gloo group
 CUDA payloads travel through host copies and come back on their device; NCCL gathers
-them in place.
+on the group's GPU.
 
-The comm hook needs the two halves separately: :meth:`exchange_sizes` blocks (the
-hook must know the sizes to choose between gather and dense allreduce, and all ranks
-must choose alike), while :meth:`allgather_padded_async` and :meth:`allreduce_async`
-only *issue* a collective and return a future. Both must be called from the hook body,
-never from a ``Future.then`` callback: callbacks run on the backend's threads, where
-issuing a collective breaks the fixed order gloo needs.
+:meth:`allgather_async` and :meth:`allreduce_async` only *issue* a collective. In a DDP
+comm hook they must be called from the hook body, never from a ``Future.then``
+callback: callbacks run on the backend's threads, where issuing a collective breaks the
+fixed order gloo needs.
 """
 
 from __future__ import annotations
@@ -23,14 +21,10 @@ import torch
 import torch.distributed as dist
 
 from . import Transport
+from ..wire import pad8
 
 # torch 2.13 renamed all_gather_into_tensor; use whichever this torch has.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def padded_size(nbytes: int) -> int:
-    """Payload length rounded up to a multiple of 8 bytes."""
-    return (nbytes + 7) & ~7
 
 
 class TorchTransport(Transport):
@@ -62,30 +56,23 @@ class TorchTransport(Transport):
     def world_size(self) -> int:
         return self._world_size
 
-    # --- pieces the comm hook uses ---------------------------------------------------
-
     def _gather_device(self, device: torch.device) -> torch.device:
-        """Where an all-gather of tensors on ``device`` runs: the host on gloo."""
-        return torch.device("cpu") if self._host_gather else device
+        """Where a collective on tensors of ``device`` runs: the host on gloo, the
+        group's GPU on NCCL."""
+        if self._host_gather:
+            return torch.device("cpu")
+        return device if device.type == self.device.type else self.device
 
-    def exchange_sizes(self, nbytes: int, device: torch.device | None = None) -> list[int]:
-        """Every rank's ``nbytes``, in rank order (blocking)."""
-        device = self._gather_device(device or self.device)
+    def allgather_sizes(self, nbytes: int) -> list[int]:
+        device = self._gather_device(self.device)
         mine = torch.tensor([nbytes], dtype=torch.int64, device=device)
         everyone = torch.empty(self._world_size, dtype=torch.int64, device=device)
         _all_gather_single(everyone, mine, group=self.group)
         return everyone.tolist()
 
-    def allgather_padded_async(self, payload: torch.Tensor, sizes: list[int]) -> torch.futures.Future:
-        """Issue one padded all-gather of ``payload`` (whose length is ``sizes[rank]``).
-
-        The future's value is the list of every rank's payload (views into one buffer on
-        the payload's device), in rank order."""
-        if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise TypeError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
-        if len(sizes) != self._world_size or sizes[self._rank] != payload.numel():
-            raise ValueError(f"sizes {sizes} do not match this rank's payload of {payload.numel()} bytes")
-        width = padded_size(max(sizes))
+    def allgather_async(self, payload: torch.Tensor, sizes: list[int]) -> torch.futures.Future:
+        payload = self._check_sizes(payload, sizes)
+        width = pad8(max(sizes))
         where = self._gather_device(payload.device)
         padded = torch.nn.functional.pad(payload, (0, width - payload.numel())).to(where)
         gathered = torch.empty(self._world_size * width, dtype=torch.uint8, device=where)
@@ -98,21 +85,21 @@ class TorchTransport(Transport):
         return work.get_future().then(split)
 
     def allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
-        """Issue a sum-allreduce of ``tensor`` in place; the future's value is ``tensor``."""
-        work = dist.all_reduce(tensor, group=self.group, async_op=True)
-        return work.get_future().then(lambda _: tensor)
+        where = self._gather_device(tensor.device)
+        if where == tensor.device and tensor.is_contiguous():
+            work = dist.all_reduce(tensor, group=self.group, async_op=True)
+            return work.get_future().then(lambda _: tensor)
+        # gloo sums host memory only, and a strided view would be summed wrongly: stage a
+        # contiguous copy and write the sum back.
+        staged = tensor.to(where).contiguous()
+        work = dist.all_reduce(staged, group=self.group, async_op=True)
 
-    # --- the Transport interface -----------------------------------------------------
+        def copy_back(_: torch.futures.Future) -> torch.Tensor:
+            with torch.no_grad():
+                tensor.copy_(staged)
+            return tensor
 
-    def allgather_varlen(self, payload: torch.Tensor) -> list[torch.Tensor]:
-        if payload.device.type != self.device.type:  # e.g. host bytes over NCCL
-            payload = payload.to(self.device)
-        sizes = self.exchange_sizes(payload.numel(), payload.device)
-        return self.allgather_padded_async(payload, sizes).wait()
-
-    def allreduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, group=self.group)
-        return tensor
+        return work.get_future().then(copy_back)
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

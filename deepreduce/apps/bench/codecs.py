@@ -27,7 +27,7 @@ from rich.table import Table
 from ... import Compressor, decode, index_codecs, sparsify, value_codecs, wire
 from ..data import stdlib_corpus
 from ..models import ByteTransformer, resnet
-from ...sparse import target_k
+from ...sparsifiers import target_k
 from . import default_output_dir, reproduce_command, make_console, machine_facts, markdown_table, median_time, update_results_section, write_json
 
 # Index codecs are compared with raw values, value codecs with eliasfano indices, and a
@@ -100,7 +100,7 @@ def measure(model: ModelGradient, density: float, combination: str, repeats: int
     d = g.numel()
     r = target_k(d, density)
     compressor = Compressor.from_spec(f"topk:{density}/{combination}")
-    result = compressor.encode(g, step=0)
+    result = compressor.compress_detailed(g, step=0)
     header = wire.read_header(result.payload)
     decoded = decode(result.payload)
     assert torch.equal(decoded.indices, result.sent.indices)
@@ -117,7 +117,7 @@ def measure(model: ModelGradient, density: float, combination: str, repeats: int
     index_bits = 8 * (header.index_nbytes + len(header.index_params))
     bound = log2_binomial(d, r)
     mb = g.numel() * g.element_size() / 1e6
-    compress_s = median_time(lambda: compressor.encode(g, step=0), repeats)
+    compress_s = median_time(lambda: compressor.compress_detailed(g, step=0), repeats)
     decompress_s = median_time(lambda: decode(result.payload), repeats)
     return {
         "model": model.name,

@@ -2,7 +2,7 @@
 
 The sender inserts its ``r`` indices into a filter of ``m`` bits with ``h`` hashes,
 ``h = ceil(log2(1/fpr))`` and ``m = ceil(h*r / ln 2)`` (about ``1.44*log2(1/fpr)`` bits
-per index: 14.4 bits at the default ``fpr = 0.1*r/d`` and 1 % density). Receivers
+per index; the default ``fpr`` is ``0.1*r/d``). Receivers
 query all ``d`` positions and get the positive set ``P`` (the ``r`` true indices plus
 about ``fpr*(d-r)`` false positives, ascending). A *policy*, run identically on both
 sides, picks the set ``S`` that values are sent for:
@@ -24,13 +24,12 @@ query tests hash ``i`` only on the positions that passed hashes ``0..i-1`` and w
 the ``d`` positions in fixed-size chunks, so its memory does not grow with ``d``.
 
 Tuning: ``p0`` keeps the whole top-k but sends ~``fpr*d`` extra values; ``p2`` keeps
-nearly all of it (99.8 % of the top-k L2^2 mass of a ResNet-50 gradient at 1 %) at
-exactly ``r`` values; ``random`` keeps ~91 %. A smaller ``fpr`` costs
-``1.44*log2(1/fpr)`` bits per index and one more hash per query position. At the
-default ``fpr`` the filter (14.4 bits per index at 1 %) is larger than the lossless
-``eliasfano`` (8.4 bits), so prefer that unless reproducing DeepReduce. Decoding queries all ``d``
-positions once per payload: measured on 25.6 M positions at 1 % on 2 CPU cores,
-0.28 s for ``p0``/``leftmost``/``random`` and 0.57 s for ``p2``; 9 to 15 ms on an H100.
+nearly all of its mass at exactly ``r`` values; ``random`` loses more. A smaller ``fpr``
+costs ``1.44*log2(1/fpr)`` bits per index and one more hash per query position. At the
+default ``fpr`` the filter is larger than the lossless ``eliasfano`` index (about
+``log2(d/r) + 2`` bits), so prefer that unless reproducing DeepReduce. Decoding queries
+all ``d`` positions once per payload, on every rank for every rank's payload: the
+slowest index codec to decode (``benchmarks/RESULTS.md`` has the timings).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ import torch
 
 from ... import _bits
 from ...errors import DecodeError
-from ...params import Param, probability
+from ...options import Option, probability
 from .. import CodecContext, IndexCodec, IndexEncoding, register_index_codec
 from .. import _hashing
 from .._common import expect_nbytes, unpack_params
@@ -308,12 +307,11 @@ def _select(policy: str, table: torch.Tensor, r: int, d: int, key: int, nhashes:
 @register_index_codec
 class BloomIndexCodec(IndexCodec):
     name = "bloom"
-    codec_id = 5
     description = "Bloom filter of the indices (DeepReduce); policy p0|leftmost|random|p2 picks the sent set"
     lossless = False
-    params = (
-        Param("fpr", float, None, "false-positive rate; default 0.1*r/d (~0.1*r false positives)", check=probability, check_text="must be in (0, 1)"),
-        Param("policy", str, "p0", "which positives get values: p0 all, leftmost / random / p2 exactly r", choices=POLICIES),
+    options = (
+        Option("fpr", float, None, "false-positive rate; default 0.1*r/d (~0.1*r false positives)", check=probability, check_text="must be in (0, 1)"),
+        Option("policy", str, "p0", "which positives get values: p0 all, leftmost / random / p2 exactly r", choices=POLICIES),
     )
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:

@@ -8,9 +8,8 @@ every high part at once.
 
 Coding the gaps rather than the absolute indices (classic Elias-Fano) never costs
 more for the same ``l`` -- the unary stream holds ``sum(g_i >> l) <= (d - r) >> l``
-zeros instead of ``d >> l`` -- and it is near the entropy bound for scattered sets
-(about 1.5 % above ``log2 C(d, r)`` at 10 % density, where classic Elias-Fano is 12 %
-above). ``l`` is chosen per payload to minimise the size.
+zeros instead of ``d >> l`` -- and it is near the entropy bound ``log2 C(d, r)`` for
+scattered sets, where classic Elias-Fano is well above it. ``l`` is chosen per payload to minimise the size.
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ def best_low_width(gaps: torch.Tensor, numel: int) -> int:
 @register_index_codec
 class EliasFanoIndexCodec(IndexCodec):
     name = "eliasfano"
-    codec_id = 3
     description = "Elias-Fano split of the index gaps (low bits packed, high bits unary); near the entropy bound"
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:

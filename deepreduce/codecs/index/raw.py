@@ -18,7 +18,6 @@ def index_dtype(numel: int) -> torch.dtype:
 @register_index_codec
 class RawIndexCodec(IndexCodec):
     name = "raw"
-    codec_id = 1
     description = "int32 indices (int64 for tensors of 2^31+ elements); the uncompressed reference"
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:

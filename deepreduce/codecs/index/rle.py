@@ -24,7 +24,6 @@ _PARAMS = "<QB"  # number of 1-runs, bit width of a run length
 @register_index_codec
 class RunLengthIndexCodec(IndexCodec):
     name = "rle"
-    codec_id = 2
     description = "run lengths of the membership bitmap, bit-packed; best for clustered indices"
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:

@@ -1,8 +1,8 @@
 """``zstd`` index codec: zstd of the index gaps, split into byte planes first.
 
 Gaps of a sparse set are small integers whose high bytes are mostly zero; putting
-all low bytes first, then all second bytes, ... hands zstd long runs (about 1.5x
-smaller than zstd of the plain gaps). Runs on the CPU (the payload is copied there).
+all low bytes first, then all second bytes, ... hands zstd long runs, which it
+compresses better than the plain gaps. Runs on the CPU (the payload is copied there).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import struct
 import torch
 
 from ...errors import DecodeError
-from ...params import Param
+from ...options import Option
 from .. import CodecContext, IndexCodec, IndexEncoding, register_index_codec
 from .._common import byte_planes, from_byte_planes, unpack_params, zstd_compress, zstd_decompress
 from .eliasfano import gaps_of, indices_from_gaps
@@ -22,9 +22,8 @@ from .raw import index_dtype
 @register_index_codec
 class ZstdIndexCodec(IndexCodec):
     name = "zstd"
-    codec_id = 4
     description = "zstd of byte-plane-split index gaps (lossless, CPU)"
-    params = (Param("level", int, 3, "zstd level (1-22): higher is smaller and slower", check=lambda v: 1 <= v <= 22, check_text="must be in [1, 22]"),)
+    options = (Option("level", int, 3, "zstd level (1-22): higher is smaller and slower", check=lambda v: 1 <= v <= 22, check_text="must be in [1, 22]"),)
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:
         gaps = gaps_of(indices).to(index_dtype(ctx.numel))

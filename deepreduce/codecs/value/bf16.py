@@ -11,7 +11,6 @@ from .._common import as_bytes, expect_nbytes, from_bytes, unpack_params
 @register_value_codec
 class BFloat16ValueCodec(ValueCodec):
     name = "bf16"
-    codec_id = 3
     description = "bfloat16 values: 16 bits, fp32's range, relative error <= 2^-9"
     lossless = False
 

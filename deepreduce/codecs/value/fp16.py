@@ -23,7 +23,6 @@ _MAX_SHIFT = 110  # keeps 2^e finite in float32
 @register_value_codec
 class Float16ValueCodec(ValueCodec):
     name = "fp16"
-    codec_id = 2
     description = "float16 values with a per-payload power-of-two scale (no overflow or underflow)"
     lossless = False
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import DecodeError
-from ...params import Param
+from ...options import Option
 from .. import register_value_codec
 from .._sorted_curves import SortedCurveCodec, head_segments
 
@@ -40,9 +40,8 @@ def lstsq(design: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @register_value_codec
 class PolyFitValueCodec(SortedCurveCodec):
     name = "polyfit"
-    codec_id = 6
     description = "piecewise polynomial fit of the sorted values + bit-packed permutation (~log2 k bits/value)"
-    params = (Param("degree", int, 5, f"polynomial degree per segment (0..{MAX_DEGREE})", check=lambda v: 0 <= v <= MAX_DEGREE, check_text=f"must be in [0, {MAX_DEGREE}]"),)
+    options = (Option("degree", int, 5, f"polynomial degree per segment (0..{MAX_DEGREE})", check=lambda v: 0 <= v <= MAX_DEGREE, check_text=f"must be in [0, {MAX_DEGREE}]"),)
 
     def coefficient_arg(self) -> int:
         return self.config["degree"]

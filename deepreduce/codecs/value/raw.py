@@ -11,7 +11,6 @@ from .._common import as_bytes, expect_nbytes, from_bytes, unpack_params
 @register_value_codec
 class RawValueCodec(ValueCodec):
     name = "raw"
-    codec_id = 1
     description = "values in the gradient's dtype, bit-exact"
 
     def encode(self, values: torch.Tensor, ctx: CodecContext) -> ValueEncoding:

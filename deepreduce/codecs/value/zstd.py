@@ -1,6 +1,6 @@
 """``zstd`` value codec: lossless zstd of the values' byte planes.
 
-Float mantissas are close to random, so expect ~5-10 % savings: the sign/exponent
+Float mantissas are close to random, so expect small savings: the sign/exponent
 plane is what compresses. Runs on the CPU (the payload is copied there).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...params import Param
+from ...options import Option
 from .. import CodecContext, ValueCodec, ValueEncoding, register_value_codec
 from .._common import byte_planes, from_byte_planes, unpack_params, zstd_compress, zstd_decompress
 
@@ -16,9 +16,8 @@ from .._common import byte_planes, from_byte_planes, unpack_params, zstd_compres
 @register_value_codec
 class ZstdValueCodec(ValueCodec):
     name = "zstd"
-    codec_id = 4
     description = "zstd of byte-plane-split values (lossless, CPU; small gains on floats)"
-    params = (Param("level", int, 3, "zstd level (1-22)", check=lambda v: 1 <= v <= 22, check_text="must be in [1, 22]"),)
+    options = (Option("level", int, 3, "zstd level (1-22)", check=lambda v: 1 <= v <= 22, check_text="must be in [1, 22]"),)
 
     def encode(self, values: torch.Tensor, ctx: CodecContext) -> ValueEncoding:
         return ValueEncoding(zstd_compress(byte_planes(values.to(ctx.dtype)), self.config["level"]), b"")

@@ -1,6 +1,6 @@
 """Multi-process checks of the DDP comm hook, run under torchrun by tests/test_hook_dist.py.
 
-    torchrun --standalone --nproc_per_node=2 tests/_dist_worker.py OUT_DIR [--checks a,b] [--backend nccl] [--device cuda]
+    torchrun --standalone --nproc_per_node=2 tests/workers/hook_checks.py OUT_DIR [--checks a,b] [--backend nccl] [--device cuda]
 
 Each rank writes OUT_DIR/rank<r>.json with one entry per check; the test compares the
 ranks' entries (e.g. parameter digests must be equal). Several checks share one launch
@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import deepreduce as dr
 from deepreduce.comm.torch_dist import close_process_group
-from deepreduce.models import ByteTransformer
+from deepreduce.apps.models import ByteTransformer
 
 # Compressor specs whose training must keep parameters bitwise identical on all ranks.
 # A spec is tested when its codecs are registered; add new codecs here.
@@ -111,6 +111,17 @@ def check_specs() -> dict:
     return out
 
 
+def check_bucket_granularity() -> dict:
+    """One top-k per bucket instead of per parameter (a lossless and a lossy spec)."""
+    out = {}
+    for spec in ("topk:0.05/eliasfano/fp16", "randomk:0.05/raw/qsgd"):
+        model = make_model()
+        state = hook_state(spec, granularity="bucket")
+        _, losses = train(model, state, dr.deepreduce_hook, 20)
+        out[spec] = {"digest": digest(model), "stats": state.stats(), "losses": losses}
+    return out
+
+
 def check_dtypes() -> dict:
     out = {}
     for dtype in (torch.float16, torch.bfloat16):
@@ -174,14 +185,14 @@ def check_encode_failure() -> dict:
     model = make_model()
     state = hook_state("topk:0.05/eliasfano/fp16")
     if dist.get_rank() == 1:
-        encode = state.compressor.encode
+        encode = state.compressor.compress_detailed
 
-        def failing(tensor, *, step=None, bucket=0):
+        def failing(tensor, *, step=None, key=0):
             if step == 3:
                 raise RuntimeError("injected encode failure")
-            return encode(tensor, step=step, bucket=bucket)
+            return encode(tensor, step=step, key=key)
 
-        state.compressor.encode = failing
+        state.compressor.compress_detailed = failing
     try:
         train(model, state, dr.deepreduce_hook, 5)
     except Exception as error:
@@ -191,6 +202,7 @@ def check_encode_failure() -> dict:
 
 CHECKS = {
     "specs": check_specs,
+    "bucket": check_bucket_granularity,
     "dtypes": check_dtypes,
     "equals_allreduce": check_equals_allreduce,
     "fallback": check_fallback,

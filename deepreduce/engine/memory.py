@@ -22,7 +22,7 @@ from typing import Any, Hashable
 
 import torch
 
-from .sparse import SparseGrad
+from ..sparse import SparseGrad
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Runs `deepreduce train` several times in one torchrun launch (tests/test_train_dist.py).
 
-    torchrun --standalone --nproc_per_node=2 tests/_train_worker.py OUT_DIR
+    torchrun --standalone --nproc_per_node=2 tests/workers/train_runs.py OUT_DIR
 
 The process group is made here once, so train.main reuses it (and leaves it alone)."""
 
@@ -37,6 +37,19 @@ def main() -> int:
             refusals.append(str(refused))
     if dist.get_rank() == 0:
         (out / "refused.txt").write_text("\n".join(refusals))
+    # Update mode with overlapped exchanges and an outer Nesterov step: resumes bit for bit too.
+    update = ["--compression", "topk:0.02/eliasfano/fp16", "--steps", str(STEPS), "--mode", "update", "--local-steps", "2",
+              "--overlap", "--outer-lr", "0.8", "--outer-momentum", "0.5", "--nesterov", "--optimizer", "adamw"] + TINY
+    train.main(update + ["--metrics", str(out / "update-full.jsonl"), "--checkpoint", str(out / "update-full")])
+    train.main(update + ["--metrics", str(out / "update-part.jsonl"), "--checkpoint", str(out / "update-part"),
+                         "--stop-after", str(STOP)])
+    train.main(update + ["--metrics", str(out / "update-part.jsonl"), "--checkpoint", str(out / "update-resumed"),
+                         "--resume", str(out / "update-part")])
+    try:
+        train.main(update[:-len(TINY)] + ["--local-steps", "3"] + TINY + ["--resume", str(out / "update-part")])
+    except SystemExit as refused:
+        if dist.get_rank() == 0:
+            (out / "update-refused.txt").write_text(str(refused))
     # The built-in hooks, for comparison runs.
     for name in ("dense", "fp16", "powersgd"):
         train.main(["--compression", name, "--steps", "6", "--powersgd-rank", "2"] + TINY

@@ -1,6 +1,6 @@
-"""Declared, validated parameters for sparsifiers and codecs.
+"""Declared, validated options of sparsifiers and codecs.
 
-Every configurable component lists its parameters as :class:`Param` objects, so the
+Every configurable component lists its options as :class:`Option` objects, so the
 same declaration parses spec strings (``"bloom:fpr=1e-3,policy=p2"``), checks keyword
 arguments, and prints help in ``deepreduce codecs``.
 """
@@ -14,7 +14,7 @@ from .errors import ConfigError
 
 
 @dataclass(frozen=True)
-class Param:
+class Option:
     name: str
     type: type
     default: Any
@@ -41,31 +41,31 @@ class Param:
                 value = self.type(raw)
         except (TypeError, ValueError):
             raise ConfigError(
-                f"{owner}: parameter {self.name!r} must be {self.type.__name__}, got {raw!r}"
+                f"{owner}: option {self.name!r} must be {self.type.__name__}, got {raw!r}"
             ) from None
         if self.choices is not None and value not in self.choices:
             raise ConfigError(
-                f"{owner}: parameter {self.name!r} must be one of {list(self.choices)}, got {value!r}"
+                f"{owner}: option {self.name!r} must be one of {list(self.choices)}, got {value!r}"
             )
         if self.check is not None and not self.check(value):
-            raise ConfigError(f"{owner}: parameter {self.name!r} {self.check_text}, got {value!r}")
+            raise ConfigError(f"{owner}: option {self.name!r} {self.check_text}, got {value!r}")
         return value
 
 
-def resolve_params(owner: str, declared: Sequence[Param], given: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_options(owner: str, declared: Sequence[Option], given: Mapping[str, Any]) -> dict[str, Any]:
     """Coerce and validate ``given`` against ``declared``; fill defaults; reject unknown names."""
     names = {p.name: p for p in declared}
     unknown = sorted(set(given) - set(names))
     if unknown:
         accepted = ", ".join(sorted(names)) or "none"
-        raise ConfigError(f"{owner}: unknown parameter(s) {unknown}; accepted: {accepted}")
+        raise ConfigError(f"{owner}: unknown option(s) {unknown}; accepted: {accepted}")
     return {
         p.name: p.coerce(owner, given[p.name]) if p.name in given else p.default for p in declared
     }
 
 
-def format_params(values: Mapping[str, Any], declared: Sequence[Param]) -> str:
-    """``k=v`` pairs of the parameters that differ from their defaults, in declaration order."""
+def format_options(values: Mapping[str, Any], declared: Sequence[Option]) -> str:
+    """``k=v`` pairs of the options that differ from their defaults, in declaration order."""
     parts = []
     for param in declared:
         value = values.get(param.name, param.default)

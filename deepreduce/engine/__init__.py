@@ -1,0 +1,21 @@
+"""The one per-step pipeline every front end adapts to.
+
+- :class:`Engine` (``pipeline.py``): agreement check, warm-up, small-bucket policy,
+  error feedback, encode, size exchange, dense fallback, one all-gather, decode and sum
+  in rank order, stats.
+- ``memory.py`` (error feedback), ``stats.py`` (counters), ``framing.py`` (one message
+  per bucket), ``agreement.py`` (the configuration check).
+- ``flat.py`` and ``gradients.py``: named tensors packed into flat buffers, for the front
+  ends without a DDP reducer (Horovod, mpi4py, the update mode).
+
+Front ends: :mod:`deepreduce.hooks` (DDP), :mod:`deepreduce.horovod`,
+:mod:`deepreduce.mpi`, :mod:`deepreduce.optim` (compressed updates).
+"""
+
+from .flat import FlatGroup, plan_groups, reduce_named
+from .gradients import GradientSync
+from .memory import ErrorFeedback, memory_dtype
+from .pipeline import Engine, Segment
+from .stats import CommStats
+
+__all__ = ["CommStats", "Engine", "ErrorFeedback", "FlatGroup", "GradientSync", "Segment", "memory_dtype", "plan_groups", "reduce_named"]

@@ -1,0 +1,358 @@
+"""The per-step pipeline that every front end runs: one flat buffer ("bucket") at a time.
+
+    engine = Engine(transport, compressor, start_iter=10, min_numel=1024)
+    future = engine.reduce(buffer, segments, key=0)   # issues the collectives now
+    ...
+    averaged = future.wait()                           # buffer, averaged in place
+    engine.end_step()                                  # after the last bucket of a step
+
+Per bucket, on every rank::
+
+    first call ever         agreement check (configuration compared across ranks)
+    step < start_iter       dense allreduce (warm-up)
+    numel < min_numel       dense allreduce (a small bucket is latency-bound)
+    otherwise, per segment  (a parameter; or the whole bucket with granularity="bucket")
+        numel < min_numel   raw bytes
+        else                compensated = segment + residual            (error feedback)
+                            payload, sent = compress(compensated as the bucket's dtype)
+                            residual = compensated - sent               (sent: what receivers decode)
+    frame the entries into one message; all-gather every rank's message size (blocking)
+    W * message > 2 * bucket bytes  ->  dense allreduce instead (every rank saw the same sizes)
+    else one variable-length all-gather, then decode-and-sum in the future's callback
+
+Averaging order, the same for every front end: each rank's contribution is divided by W
+and then added, in rank order, into an accumulator of the bucket's dtype (fp32 for
+fp16/bf16 buckets, rounded once at the end); the dense allreduce divides before it
+sums, as torch's built-in hook does. Dividing first keeps fp16 sums from overflowing,
+and the fixed rank order gives bitwise-identical results on every rank.
+
+Segments are named: the name keys the error-feedback memory and the random streams, so
+the same parameter gets the same residual and the same random draws wherever it lies in
+a bucket, and a parameter is compressed alike by every front end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import torch
+
+from ..comm import Transport
+from ..compressor import Compressor, decode
+from ..errors import ConfigError, DecodeError, DeepReduceError
+from ..sparse import SparseGrad
+from ..wire import pad8
+from .agreement import check_agreement
+from .framing import frame, unframe
+from .memory import ErrorFeedback, memory_dtype
+from .stats import CommStats, log_stats
+
+logger = logging.getLogger(__name__)
+
+_STATE_FORMAT = 2
+GRANULARITIES = ("tensor", "bucket")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A slice ``[offset, offset + numel)`` of a flat buffer, compressed on its own.
+
+    ``name`` keys the error-feedback memory and the random streams: it must be the same
+    on every rank and stable across steps (a parameter's name, a bucket's index)."""
+
+    name: Hashable
+    offset: int
+    numel: int
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _from_bytes(entry: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if entry.storage_offset() % itemsize:
+        entry = entry.clone()
+    return entry.view(dtype)
+
+
+class Engine:
+    """Compressed averaging of flat buffers across the ranks of a :class:`Transport`.
+
+    Args:
+        transport: how messages travel, or a zero-argument callable that makes it on
+            first use (a torch.distributed group may not exist yet when the front end is
+            built).
+        compressor: sparsifier + codecs; the same on every rank.
+        error_feedback: keep what compression left out and add it to the next step.
+        momentum: DGC momentum correction in ``[0, 1)`` (0: off); use with plain SGD.
+        start_iter: steps of dense allreduce before compression starts.
+        min_numel: buckets with fewer elements are allreduced; inside a compressed
+            bucket, segments with fewer elements travel as raw bytes.
+        dense_fallback: allreduce a bucket whose all-gather would move more bytes
+            (``W * message > 2 * bucket bytes``, decided from the exchanged sizes).
+        granularity: ``"tensor"``: one top-k per segment (per parameter); ``"bucket"``:
+            one top-k over the whole buffer.
+        average: divide by the world size (else sum).
+        stats_every: log :meth:`stats` every that many steps (0: never).
+        memory: an existing :class:`ErrorFeedback` to use (e.g. shared with a caller).
+        check: compare the configuration across ranks at the first call.
+        describe_extra: more entries for the agreement check (e.g. the parameter list).
+    """
+
+    def __init__(
+        self,
+        transport: Transport | Callable[[], Transport],
+        compressor: Compressor,
+        *,
+        error_feedback: bool = True,
+        momentum: float = 0.0,
+        start_iter: int = 0,
+        min_numel: int = 1024,
+        dense_fallback: bool = True,
+        granularity: str = "tensor",
+        average: bool = True,
+        stats_every: int = 0,
+        memory: ErrorFeedback | None = None,
+        check: bool = True,
+        describe_extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(compressor, Compressor):
+            raise ConfigError(f"compressor must be a deepreduce.Compressor, got {type(compressor).__name__}")
+        for name, value in (("start_iter", start_iter), ("min_numel", min_numel), ("stats_every", stats_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative int, got {value!r}")
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if not (isinstance(transport, Transport) or callable(transport)):
+            raise ConfigError(f"transport must be a deepreduce.comm.Transport, got {type(transport).__name__}")
+        self._transport = transport if isinstance(transport, Transport) else None
+        self._make_transport = None if isinstance(transport, Transport) else transport
+        self.compressor = compressor
+        try:
+            self.memory = memory if memory is not None else ErrorFeedback(enabled=error_feedback, momentum=momentum)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.start_iter = start_iter
+        self.min_numel = min_numel
+        self.dense_fallback = bool(dense_fallback)
+        self.granularity = granularity
+        self.average = bool(average)
+        self.stats_every = stats_every
+        self.check = bool(check)
+        self.describe_extra = dict(describe_extra or {})
+        self.step = 0
+        self._stats = CommStats()
+        self._agreed = not self.check
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            self._transport = self._make_transport()
+        return self._transport
+
+    # --- configuration agreement ---------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """Everything ranks must agree on, as plain data."""
+        c = self.compressor
+        return {
+            "compressor": c.spec,
+            "seed": c.seed,
+            "fingerprint": c.fingerprint,
+            "start_iter": self.start_iter,
+            "min_numel": self.min_numel,
+            "error_feedback": self.memory.enabled,
+            "momentum": self.memory.momentum,
+            "dense_fallback": self.dense_fallback,
+            "granularity": self.granularity,
+            "average": self.average,
+            **self.describe_extra,
+        }
+
+    def check_agreement(self) -> None:
+        """Compare :meth:`describe` across ranks; ConfigError on every rank if they differ.
+        Collective."""
+        check_agreement(self.transport, self.describe())
+        self._agreed = True
+
+    # --- one bucket ----------------------------------------------------------------------
+
+    def reduce(self, buffer: torch.Tensor, segments: Sequence[Segment] | None = None, *, key: Hashable = 0) -> torch.futures.Future:
+        """Average (or sum) the flat ``buffer`` over all ranks, in place.
+
+        Issues every collective before returning (so a DDP hook may call it); the
+        future completes with ``buffer``. ``segments`` split the buffer into separately
+        compressed, named parts (default: one segment named ``key``)."""
+        if buffer.dim() != 1:
+            raise ValueError(f"reduce expects a flat (1-D) buffer, got shape {tuple(buffer.shape)}")
+        if not self._agreed:
+            self.check_agreement()
+        numel = buffer.numel()
+        dense_bytes = numel * buffer.element_size()
+        self._stats.add(buckets=1, dense_bytes=dense_bytes)
+        if self.step < self.start_iter or numel < self.min_numel:
+            warmup = self.step < self.start_iter
+            self._stats.add(sent_bytes=dense_bytes, warmup_buckets=int(warmup), small_buckets=int(not warmup))
+            return self._allreduce(buffer)
+        return self._compressed(buffer, self._segments(buffer, segments, key), dense_bytes)
+
+    def end_step(self) -> None:
+        """Close a step (after its last bucket): advances the step that seeds the random
+        streams and counts warm-up, and logs stats every ``stats_every`` steps."""
+        self.step += 1
+        self._stats.add(steps=1)
+        if self.stats_every and self.step % self.stats_every == 0:
+            log_stats(self._stats.as_dict(), prefix=f"deepreduce rank {self.transport.rank} step {self.step}")
+
+    def _segments(self, buffer: torch.Tensor, segments: Sequence[Segment] | None, key: Hashable) -> list[Segment]:
+        if segments is None or self.granularity == "bucket":
+            return [Segment(key, 0, buffer.numel())]
+        segments = list(segments)
+        end = 0
+        for seg in segments:
+            if seg.offset != end or seg.numel < 0:
+                raise ValueError(f"segments must tile the buffer in order; {seg} starts at {seg.offset}, expected {end}")
+            end += seg.numel
+        if end != buffer.numel():
+            raise ValueError(f"segments cover {end} elements, the buffer has {buffer.numel()}")
+        return segments
+
+    def _allreduce(self, buffer: torch.Tensor) -> torch.futures.Future:
+        if self.average:
+            buffer.div_(self.transport.world_size)  # before the sum: fp16 sums of W gradients may overflow
+        return self.transport.allreduce_async(buffer)
+
+    def _compressed(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int) -> torch.futures.Future:
+        transport = self.transport
+        started = time.perf_counter()
+        entries: list[torch.Tensor] = []
+        pending: list[tuple[torch.Tensor, torch.Tensor, Any] | None] = []
+        try:
+            for seg in segments:
+                view = buffer.narrow(0, seg.offset, seg.numel)
+                if seg.numel < self.min_numel:
+                    entries.append(_as_bytes(view))
+                    pending.append(None)
+                    continue
+                compensated = self.memory.compensate(seg.name, view)  # consumes the residual; updated below
+                to_send = compensated.to(buffer.dtype)  # the wire carries the bucket's dtype (fp16 stays fp16)
+                result = self.compressor.compress_detailed(to_send, step=self.step, key=_stream_name(seg.name))
+                entries.append(result.payload)
+                pending.append((compensated, to_send, result))
+            message = frame(entries, buffer.device)
+        except Exception:
+            # Tell the other ranks, or they would wait for this rank's size until timeout.
+            transport.allgather_sizes(-1)
+            raise
+        encoded = time.perf_counter()
+        sizes = transport.allgather_sizes(message.numel())
+        exchanged = time.perf_counter()
+        if min(sizes) < 0:
+            failed = ", ".join(str(r) for r, n in enumerate(sizes) if n < 0)
+            raise DeepReduceError(f"deepreduce: rank {failed} failed to compress a bucket at step {self.step} (see its error)")
+        width = pad8(max(sizes))
+
+        if self.dense_fallback and transport.world_size * width > 2 * dense_bytes:
+            for seg, entry in zip(segments, pending):
+                if entry is not None:
+                    compensated, to_send, _ = entry
+                    buffer.narrow(0, seg.offset, seg.numel).copy_(to_send)
+                    self.memory.update_dense(seg.name, compensated, to_send)
+            self._stats.add(dense_fallbacks=1, sent_bytes=dense_bytes, compress_s=encoded - started, exchange_s=exchanged - encoded)
+            return self._allreduce(buffer)
+
+        own: list[SparseGrad | None] = []
+        kept = 0
+        for seg, entry in zip(segments, pending):
+            if entry is None:
+                own.append(None)
+                kept += seg.numel
+                continue
+            compensated, _, result = entry
+            self.memory.update(seg.name, compensated, result.sent)
+            own.append(result.sent)
+            kept += result.sent.k
+        self._stats.add(
+            compressed_buckets=1, sent_bytes=width, payload_bytes=message.numel(), numel=buffer.numel(), kept=kept,
+            compress_s=time.perf_counter() - started - (exchanged - encoded), exchange_s=exchanged - encoded,
+        )
+        gathered = transport.allgather_async(message, sizes)
+        return gathered.then(lambda future: self._decode_and_sum(future.value(), buffer, segments, own))
+
+    def _decode_and_sum(self, messages: list[torch.Tensor], buffer: torch.Tensor, segments: list[Segment],
+                        own: list[SparseGrad | None]) -> torch.Tensor:
+        """The one place payloads are decoded and summed: rank order, divide then add."""
+        began = time.perf_counter()
+        world, rank = len(messages), self.transport.rank
+        accumulate = memory_dtype(buffer.dtype)
+        exact = accumulate == buffer.dtype
+        total = buffer.zero_() if exact else torch.zeros(buffer.numel(), dtype=accumulate, device=buffer.device)
+        for source, message in enumerate(messages):
+            entries = unframe(message, len(segments), f"message from rank {source}")
+            for seg, entry, mine in zip(segments, entries, own):
+                target = total.narrow(0, seg.offset, seg.numel)
+                if seg.numel < self.min_numel:
+                    expected = seg.numel * buffer.element_size()
+                    if entry.numel() != expected:
+                        raise ConfigError(f"segment {seg.name!r}: rank {source} sent {entry.numel()} raw bytes, expected {expected}")
+                    values = _from_bytes(entry, buffer.dtype).to(accumulate)
+                    target.add_(values / world if self.average else values)
+                    continue
+                sparse = mine if source == rank else _decode(entry, seg, source)
+                if sparse.numel != seg.numel or sparse.values.dtype != buffer.dtype:
+                    raise ConfigError(
+                        f"segment {seg.name!r}: rank {source} sent {sparse.numel} {sparse.values.dtype} elements, "
+                        f"this rank has {seg.numel} {buffer.dtype} (do all ranks reduce the same tensors?)"
+                    )
+                values = sparse.values.to(accumulate)
+                target.index_add_(0, sparse.indices, values / world if self.average else values)
+        if not exact:
+            buffer.copy_(total)
+        self._stats.add(decompress_s=time.perf_counter() - began)
+        return buffer
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the start (or the checkpoint); see :mod:`deepreduce.engine.stats`."""
+        out = self._stats.as_dict()
+        out["step"] = self.step
+        out["compressor"] = self.compressor.spec
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Residuals, step and stats (tensors on the CPU). Residuals belong to one rank."""
+        c = self.compressor
+        return {
+            "format": _STATE_FORMAT,
+            "step": self.step,
+            "memory": self.memory.state_dict(),
+            "stats": self._stats.state_dict(),
+            "compressor": {"spec": c.spec, "seed": c.seed, "fingerprint": c.fingerprint},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or state.get("format") not in (1, _STATE_FORMAT):
+            raise ValueError(f"not a deepreduce engine state dict (format {_STATE_FORMAT}): got {type(state).__name__}")
+        saved = state["compressor"]
+        if saved["fingerprint"] != self.compressor.fingerprint:
+            logger.warning("loading state saved with compressor %s seed=%s into %r; residuals are kept",
+                           saved["spec"], saved["seed"], self.compressor)
+        self.step = int(state["step"])
+        self.memory.load_state_dict(state["memory"])
+        self._stats.load_state_dict(state["stats"])
+
+
+def _stream_name(name: Hashable) -> int | str:
+    return name if isinstance(name, (int, str)) and not isinstance(name, bool) else str(name)
+
+
+def _decode(entry: torch.Tensor, seg: Segment, source: int) -> SparseGrad:
+    try:
+        return decode(entry)
+    except DecodeError as exc:
+        raise DecodeError(f"segment {seg.name!r}: payload from rank {source}: {exc}") from exc

@@ -1,0 +1,161 @@
+"""Sparsifier registry: which gradient elements travel.
+
+Each sparsifier lives in its own module here and registers a plain function with
+:func:`register_sparsifier`; modules in this folder are imported automatically, so
+adding a file (and its wire id in :mod:`deepreduce.codecs.ids`) adds a sparsifier, as
+for codecs. A sparsifier returns positions; :func:`select_with` turns them into the
+canonical :class:`~deepreduce.sparse.SparseGrad` (ascending unique int64 indices with
+their values).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .. import rng
+from ..codecs.ids import name_of, wire_id
+from ..errors import ConfigError
+from ..options import Option, format_options, resolve_options
+from ..sparse import SparseGrad
+
+
+@dataclass
+class SelectContext:
+    """Per-call context handed to a sparsifier: its private random stream."""
+
+    rng_seed: int = 0
+
+    def generator(self, salt: int, device: torch.device) -> torch.Generator:
+        return rng.generator(self.rng_seed, salt, device)
+
+
+SelectFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    name: str
+    sparsifier_id: int
+    select: SelectFn
+    description: str
+    options: Sequence[Option] = ()
+    exact_k: bool = True  # returns exactly round(ratio * d) elements
+
+    def spec(self, ratio: float, config: Mapping[str, Any]) -> str:
+        args = format_options(config, self.options)
+        return f"{self.name}:{ratio:g}" + (f",{args}" if args else "")
+
+
+_SPARSIFIERS: dict[str, Sparsifier] = {}
+
+
+def register_sparsifier(
+    name: str,
+    description: str,
+    options: Sequence[Option] = (),
+    exact_k: bool = True,
+) -> Callable[[SelectFn], SelectFn]:
+    """Register ``fn(abs_values, k, ctx, **options) -> indices`` under ``name``.
+
+    ``abs_values`` is ``|x|`` as a flat tensor; the function returns int64 positions,
+    ascending if it can do so cheaply (they are sorted otherwise)."""
+
+    def decorator(fn: SelectFn) -> SelectFn:
+        if name in _SPARSIFIERS:
+            raise RuntimeError(f"sparsifier {name!r} registered twice")
+        _SPARSIFIERS[name] = Sparsifier(name, wire_id("sparsifier", name), fn, description, tuple(options), exact_k)
+        return fn
+
+    return decorator
+
+
+_discovered = False
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def sparsifiers() -> list[str]:
+    """Names of the registered sparsifiers."""
+    _discover()
+    return sorted(_SPARSIFIERS)
+
+
+def get_sparsifier(name: str) -> Sparsifier:
+    _discover()
+    try:
+        return _SPARSIFIERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown sparsifier {name!r}; registered: {', '.join(sparsifiers())}") from None
+
+
+def sparsifier_name(sparsifier_id: int) -> str | None:
+    """The name behind a sparsifier's wire id, or None."""
+    return name_of("sparsifier", sparsifier_id)
+
+
+def target_k(numel: int, ratio: float) -> int:
+    """Elements kept for a density ``ratio``: at least one unless the ratio is 0."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"ratio must be in [0, 1], got {ratio}")
+    if ratio == 0.0 or numel == 0:
+        return 0
+    return min(numel, max(1, int(round(ratio * numel))))
+
+
+def _is_ascending(indices: torch.Tensor) -> bool:
+    return indices.numel() < 2 or bool((indices[1:] > indices[:-1]).all())
+
+
+def sparsify(
+    x: torch.Tensor,
+    ratio: float,
+    method: str = "topk",
+    ctx: SelectContext | None = None,
+    **options: Any,
+) -> SparseGrad:
+    """Select elements of ``x`` (flattened) with the named sparsifier."""
+    entry = get_sparsifier(method)
+    config = resolve_options(f"sparsifier {method!r}", entry.options, options)
+    return select_with(entry, config, x, ratio, ctx or SelectContext())
+
+
+def select_with(
+    entry: Sparsifier, config: Mapping[str, Any], x: torch.Tensor, ratio: float, ctx: SelectContext
+) -> SparseGrad:
+    flat = x.reshape(-1)
+    k = target_k(flat.numel(), ratio)
+    if k == flat.numel() and entry.exact_k:
+        indices = torch.arange(k, device=flat.device)
+    elif k == 0 and entry.exact_k:
+        indices = torch.empty(0, dtype=torch.int64, device=flat.device)
+    else:
+        indices = entry.select(flat.abs(), k, ctx, **config)
+        if not _is_ascending(indices):
+            indices = torch.sort(indices).values
+    return SparseGrad(indices, flat[indices], flat.numel())
+
+
+__all__ = [
+    "SelectContext",
+    "Sparsifier",
+    "get_sparsifier",
+    "register_sparsifier",
+    "select_with",
+    "sparsifier_name",
+    "sparsifiers",
+    "sparsify",
+    "target_k",
+]

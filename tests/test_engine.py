@@ -1,0 +1,148 @@
+"""The per-step engine in one process: message framing, exact replay of the averaging on a
+one-rank transport, the options every front end shares, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deepreduce as dr
+from deepreduce.engine import Engine, GradientSync, Segment
+from deepreduce.engine.framing import frame, framed_size, unframe
+from helpers import SoloTransport
+from workers.cases import EXCHANGE_MIN_NUMEL, EXCHANGE_SPEC, MODEL_SHAPES, expected_averages, make_parameters, model_gradients
+
+# --- framing ------------------------------------------------------------------------------------
+
+
+def test_frame_round_trip_and_alignment():
+    entries = [torch.arange(5, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8), torch.full((9,), 7, dtype=torch.uint8)]
+    message = frame(entries)
+    assert message.numel() == 8 * 4 + 8 + 0 + 16 == framed_size([5, 0, 9])
+    back = unframe(message, len(entries))
+    for sent, got in zip(entries, back):
+        assert torch.equal(sent, got)
+    assert [e.storage_offset() % 8 for e in back] == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda m: m[:4], "cannot hold the entry count"),
+        (lambda m: m, "carries 3 entries, expected 2"),
+        (lambda m: m[:-8], "add up to"),
+        (lambda m: torch.cat([m[:8], torch.tensor([-5], dtype=torch.int64).view(torch.uint8), m[16:]]), "negative entry size"),
+        (lambda m: m[:12], "cannot hold the size table"),
+    ],
+)
+def test_unframe_rejects_malformed_messages(mutate, match):
+    message = frame([torch.arange(5, dtype=torch.uint8), torch.ones(9, dtype=torch.uint8), torch.ones(3, dtype=torch.uint8)])
+    expected = 2 if "expected 2" in match else 3
+    with pytest.raises(dr.DecodeError, match=match):
+        unframe(mutate(message), expected)
+
+
+# --- the engine on one rank ------------------------------------------------------------------------
+
+
+def test_gradient_sync_matches_the_replay():
+    """Per-parameter compression with error feedback, raw small tensors, divide-then-add."""
+    params = make_parameters()
+    sync = GradientSync(SoloTransport(), dr.Compressor.from_spec(EXCHANGE_SPEC), params, min_numel=EXCHANGE_MIN_NUMEL)
+    expected = expected_averages(1, 3)
+    for step in range(3):
+        for name, param in params:
+            param.grad = model_gradients(0, step)[name].clone()
+        sync.synchronize()
+        for name, param in params:
+            assert torch.equal(param.grad, expected[step][name]), (step, name)
+    stats = sync.stats()
+    assert stats["steps"] == 3 and stats["step"] == 3 and stats["ratio"] > 5 and stats["compressed_buckets"] == 3
+
+
+def test_missing_gradients_count_as_zeros():
+    params = make_parameters()
+    sync = GradientSync(SoloTransport(), dr.Compressor(ratio=1.0, value="raw"), params, min_numel=EXCHANGE_MIN_NUMEL)
+    params[0][1].grad = torch.ones(MODEL_SHAPES[0][1])
+    sync.synchronize()
+    assert torch.equal(params[0][1].grad, torch.ones(MODEL_SHAPES[0][1]))
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for _, p in params[1:])
+
+
+def test_gradient_sync_rejects_bad_arguments():
+    params = make_parameters()
+    with pytest.raises(TypeError, match="Transport"):
+        GradientSync(object(), dr.Compressor(), params)
+    with pytest.raises(dr.ConfigError, match="Compressor"):
+        GradientSync(SoloTransport(), "topk", params)
+    with pytest.raises(ValueError, match="repeated: a"):
+        GradientSync(SoloTransport(), dr.Compressor(), [("a", params[0][1]), ("a", params[1][1])])
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        GradientSync(SoloTransport(), dr.Compressor(), [("i", torch.zeros(3, dtype=torch.int64))])
+    sparse = torch.nn.Embedding(10, 3, sparse=True)
+    sparse(torch.tensor([1])).sum().backward()
+    with pytest.raises(TypeError, match="sparse gradient"):
+        GradientSync(SoloTransport(), dr.Compressor(), [("e", sparse.weight)]).synchronize()
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"start_iter": -1}, "start_iter must be a non-negative int"),
+        ({"min_numel": 1.5}, "min_numel must be a non-negative int"),
+        ({"granularity": "layer"}, "granularity must be one of"),
+        ({"momentum": 1.0}, "momentum must be in"),
+    ],
+)
+def test_engine_rejects_bad_options(options, match):
+    with pytest.raises(dr.ConfigError, match=match):
+        Engine(SoloTransport(), dr.Compressor(), **options)
+
+
+def test_engine_rejects_segments_that_do_not_tile_the_buffer():
+    engine = Engine(SoloTransport(), dr.Compressor(), min_numel=0)
+    with pytest.raises(ValueError, match="cover 8 elements, the buffer has 10"):
+        engine.reduce(torch.zeros(10), [Segment("a", 0, 4), Segment("b", 4, 4)])
+    with pytest.raises(ValueError, match="tile the buffer in order"):
+        engine.reduce(torch.zeros(10), [Segment("a", 0, 4), Segment("b", 5, 5)])
+    with pytest.raises(ValueError, match="flat"):
+        engine.reduce(torch.zeros(2, 5))
+
+
+def test_warmup_small_buckets_and_fallback_are_counted():
+    engine = Engine(SoloTransport(), dr.Compressor(ratio=0.9, value="raw"), start_iter=1, min_numel=50)
+    buffer = torch.randn(100)
+    engine.reduce(buffer.clone()).wait()  # warm-up: dense
+    engine.end_step()
+    engine.reduce(torch.randn(10)).wait()  # small: dense
+    out = engine.reduce(buffer.clone()).wait()  # compressed (or, at 90 % kept, the dense fallback)
+    engine.end_step()
+    stats = engine.stats()
+    assert (stats["warmup_buckets"], stats["small_buckets"], stats["steps"]) == (1, 1, 2)
+    assert stats["compressed_buckets"] + stats["dense_fallbacks"] == 1
+    assert out.shape == buffer.shape
+
+
+def test_dense_fallback_when_the_gather_would_move_more():
+    """Every element with a raw int32 index and an fp32 value, plus the header, is more
+    than twice the bucket: the bucket is allreduced instead, and nothing is lost."""
+    engine = Engine(SoloTransport(), dr.Compressor(ratio=1.0, index="raw", value="raw"), min_numel=0)
+    buffer = torch.randn(64)
+    want = buffer.clone()
+    out = engine.reduce(buffer).wait()
+    assert engine.stats()["dense_fallbacks"] == 1 and torch.equal(out, want)
+
+
+def test_state_dict_round_trip_and_format_check():
+    params = make_parameters()
+    sync = GradientSync(SoloTransport(), dr.Compressor.from_spec(EXCHANGE_SPEC), params, min_numel=EXCHANGE_MIN_NUMEL)
+    for name, param in params:
+        param.grad = model_gradients(0, 0)[name].clone()
+    sync.synchronize()
+    state = sync.state_dict()
+    assert state["step"] == 1 and set(state["memory"]["residuals"]) == {"embed.weight", "proj.weight"}
+    other = GradientSync(SoloTransport(), dr.Compressor.from_spec(EXCHANGE_SPEC), make_parameters(), min_numel=EXCHANGE_MIN_NUMEL)
+    other.load_state_dict(state)
+    assert other.step == 1 and torch.equal(other.engine.memory.residual("embed.weight"), sync.engine.memory.residual("embed.weight"))
+    with pytest.raises(ValueError, match="state dict"):
+        other.load_state_dict({"format": 99})

@@ -1,0 +1,141 @@
+"""The compressed-update mode (``deepreduce.UpdateSync``): bitwise-identical parameters on
+2 and 3 ranks for lossless and lossy specs, with one and several local steps, an outer
+Nesterov step and overlapped exchanges; checkpoints that resume bit for bit; the same
+result under DDP (local gradients); and, at ratio 1 with lossless codecs, plain
+data-parallel training with per-rank optimizers averaged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deepreduce as dr
+from helpers import SoloTransport
+from launching import gloo_run, worker
+from workers import update_mode
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["two", "three"])
+def ranks(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"update{request.param}")
+    gloo_run(request.param, worker("update_mode"), str(out), timeout=300)
+    return [torch.load(out / f"rank{r}.pt") for r in range(request.param)]
+
+
+@pytest.mark.slow
+def test_parameters_identical_on_every_rank(ranks):
+    for name in update_mode.CONFIGS:
+        digests = {r[name]["digest"] for r in ranks}
+        assert len(digests) == 1, name
+        stats = ranks[0][name]["stats"]
+        local_steps = update_mode.CONFIGS[name][1]["local_steps"]
+        assert stats["optimizer_steps"] == update_mode.STEPS
+        assert stats["exchanges"] == update_mode.STEPS // local_steps + (1 if update_mode.CONFIGS[name][1].get("overlap") else 0)
+        assert stats["compressed_buckets"] > 0 and stats["ratio"] > 2, (name, stats)
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted_run(ranks):
+    for rank in ranks:
+        for name in update_mode.CONFIGS:
+            assert rank[name]["resumed_digest"] == rank[name]["digest"], name
+
+
+@pytest.mark.slow
+def test_ddp_with_local_gradients_equals_plain_loop(ranks):
+    for rank in ranks:
+        assert rank["ddp"]["digest"] == rank["lossy-h1"]["digest"]
+
+
+@pytest.mark.slow
+def test_lossless_full_ratio_equals_averaged_local_optimizers(ranks):
+    for rank in ranks:
+        diffs = rank["equals_dense"]["diffs"]
+        assert max(diffs) < 1e-5, diffs
+        assert rank["equals_dense"]["stats"]["dense_fallbacks"] == 0
+
+
+# --- in process -----------------------------------------------------------------------------------------
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 2))
+
+
+def test_density_per_exchange_scales_with_local_steps():
+    model = _model()
+    sync = dr.UpdateSync(model.named_parameters(), "topk:0.01/eliasfano/fp16", local_steps=4, transport=SoloTransport())
+    assert sync.compressor.ratio == pytest.approx(0.04) and sync.ratio == 0.01
+    capped = dr.UpdateSync(model.named_parameters(), "topk:0.5/eliasfano/fp16", local_steps=4, transport=SoloTransport())
+    assert capped.compressor.ratio == 1.0
+
+
+def test_exchanges_every_local_steps_and_keeps_what_was_not_sent():
+    """One rank: exchanges happen every local_steps; nothing is lost, only delayed: the
+    anchor plus the residual is the start plus every round's local progress, and the
+    parameters equal the anchor after each exchange."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sync = dr.UpdateSync(model.named_parameters(), "topk:0.05/eliasfano/raw", local_steps=3, min_numel=0,
+                         transport=SoloTransport())
+    start = {n: p.detach().clone().double() for n, p in model.named_parameters()}
+    progress = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    exchanged = []
+    for step in range(6):
+        anchors = {n: a.clone() for n, a in sync.anchors.items()}
+        model(torch.randn(8, 20)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        local = {n: p.detach().clone() for n, p in model.named_parameters()}
+        exchanged.append(sync.step())
+        if exchanged[-1]:
+            for name, p in model.named_parameters():
+                progress[name] += (local[name] - anchors[name]).double()
+                residual = sync.engine.memory.residual(name).view_as(p).double()
+                assert torch.allclose(sync.anchors[name].double() + residual, start[name] + progress[name], atol=1e-6), name
+                assert torch.equal(p, sync.anchors[name])
+                assert int(torch.count_nonzero(p.detach() - anchors[name])) <= max(1, round(sync.compressor.ratio * p.numel()))
+    assert exchanged == [False, False, True, False, False, True]
+    assert sync.exchanges == 2
+    assert any(not torch.equal(start[n].float(), p) for n, p in model.named_parameters())
+
+
+def test_consensus_evaluates_the_agreed_parameters():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sync = dr.UpdateSync(model.named_parameters(), "topk:0.1/eliasfano/raw", local_steps=2, transport=SoloTransport())
+    model(torch.randn(8, 20)).sum().backward()
+    optimizer.step()
+    sync.step()  # no exchange yet: local parameters moved, anchors did not
+    local = [p.detach().clone() for p in model.parameters()]
+    with sync.consensus():
+        assert all(torch.equal(p, sync.anchors[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), local))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"local_steps": 0}, "local_steps must be a positive int"),
+        ({"outer_lr": 0}, "outer_lr must be > 0"),
+        ({"outer_momentum": 1.0}, "outer_momentum must be in"),
+        ({"nesterov": True}, "nesterov needs outer_momentum > 0"),
+        ({"compressor": 3}, "compressor must be a Compressor or a spec string"),
+    ],
+)
+def test_bad_configuration_is_reported(kwargs, match):
+    with pytest.raises(dr.ConfigError, match=match):
+        dr.UpdateSync(_model().named_parameters(), transport=SoloTransport(), **kwargs)
+
+
+def test_state_dict_rejects_another_model_or_settings():
+    sync = dr.UpdateSync(_model().named_parameters(), transport=SoloTransport())
+    state = sync.state_dict()
+    other = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="saved parameters differ"):
+        dr.UpdateSync(other.named_parameters(), transport=SoloTransport()).load_state_dict(state)
+    with pytest.raises(ValueError, match="overlap or outer-step"):
+        dr.UpdateSync(_model().named_parameters(), transport=SoloTransport(), overlap=True).load_state_dict(state)
+    with pytest.raises(ValueError, match="not an UpdateSync state dict"):
+        sync.load_state_dict({"format": 0})
