@@ -219,8 +219,9 @@ class Compressor:
         if numel > wire.MAX_NUMEL:
             raise ValueError(f"tensor of {numel} elements exceeds the payload limit of {wire.MAX_NUMEL}")
         stream = rng.stream_key(key)
-        rng_seed = rng.stream_seed(self.seed, self._next_step(stream, step), stream)
-        selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, SelectContext(rng_seed))
+        step = self._next_step(stream, step)
+        rng_seed = rng.stream_seed(self.seed, step, stream)
+        selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, SelectContext(rng_seed, step))
         ctx = CodecContext(numel, flat.dtype, flat.device, rng_seed)
         index_part = self.index_codec.encode(selected.indices, ctx)
         indices = index_part.indices

@@ -32,6 +32,10 @@ Tuning:
 - ``dense_fallback``: an all-gather moves every rank's payload to every rank, so with
   many ranks or a high density it can move more than an allreduce: then the bucket is
   allreduced (``stats()["dense_fallbacks"]`` counts it).
+- DGC's recipe (Lin et al., 2018) for SGD: ``momentum`` (momentum correction and
+  momentum-factor masking; use with a momentum-free optimizer), ``density_warmup``
+  (the density falls exponentially from dense to the target over that many steps) and
+  ``clip_norm`` (local gradient clipping per bucket before compression).
 - ``named_parameters``: ``model.named_parameters()`` names the residuals after the
   parameters in checkpoints; without it parameters are named by the order the hook
   first sees them, which is the same in every run of the same model.
@@ -74,6 +78,10 @@ class DeepReduceState:
         dense_fallback: allreduce a bucket whose all-gather would move more bytes.
         momentum: DGC momentum correction (see :mod:`deepreduce.engine.memory`); 0 disables.
         granularity: ``"tensor"`` (top-k per parameter) or ``"bucket"`` (one per bucket).
+        density_warmup: steps after ``start_iter`` over which the density ramps
+            exponentially from dense to the compressor's ratio; 0: none.
+        clip_norm: local gradient clipping before compression (per bucket, to
+            ``clip_norm / sqrt(W)``); None: none.
         named_parameters: ``model.named_parameters()``, to name residuals after parameters.
     """
 
@@ -90,6 +98,8 @@ class DeepReduceState:
         momentum: float = 0.0,
         granularity: str = "tensor",
         named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
+        density_warmup: int = 0,
+        clip_norm: float | None = None,
     ) -> None:
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=0 if seed is None else seed)
@@ -105,7 +115,7 @@ class DeepReduceState:
         self.engine = Engine(
             self._make_transport, compressor, error_feedback=error_feedback, momentum=momentum,
             start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback, granularity=granularity,
-            stats_every=stats_every,
+            density_warmup=density_warmup, clip_norm=clip_norm, stats_every=stats_every,
         )
         self._names: dict[int, str] = {}
         self._named = named_parameters is not None

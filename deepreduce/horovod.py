@@ -159,6 +159,8 @@ def DistributedOptimizer(
     dense_fallback: bool = True,
     granularity: str = "tensor",
     stats_every: int = 0,
+    density_warmup: int = 0,
+    clip_norm: float | None = None,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` first averages compressed gradients across ranks.
 
@@ -174,8 +176,8 @@ def DistributedOptimizer(
         op: ``"average"`` / ``hvd.Average`` (default) or ``"sum"`` / ``hvd.Sum``.
         min_numel: tensors with fewer elements travel uncompressed.
         error_feedback: keep what compression dropped and add it to the next gradient.
-        start_iter, momentum, dense_fallback, granularity, stats_every: as for
-            :class:`deepreduce.DeepReduceState`.
+        start_iter, momentum, dense_fallback, granularity, stats_every, density_warmup,
+            clip_norm: as for :class:`deepreduce.DeepReduceState`.
         process_set: a Horovod process set (default: all ranks).
         transport: another :class:`deepreduce.comm.Transport` instead of Horovod.
 
@@ -216,6 +218,7 @@ def DistributedOptimizer(
         transport, compressor if compressor is not None else Compressor(), named,
         min_numel=min_numel, error_feedback=error_feedback, average=average, start_iter=start_iter,
         momentum=momentum, dense_fallback=dense_fallback, granularity=granularity, stats_every=stats_every,
+        density_warmup=density_warmup, clip_norm=clip_norm,
     )
     cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
     wrapped = cls.__new__(cls)

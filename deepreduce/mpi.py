@@ -97,7 +97,8 @@ class GradientAverager(GradientSync):
         compressor: the same on every rank.
         comm: mpi4py communicator (default ``MPI.COMM_WORLD``).
         min_numel, error_feedback, average, start_iter, momentum, dense_fallback,
-        granularity, stats_every: as for :class:`deepreduce.DeepReduceState`.
+        granularity, stats_every, density_warmup, clip_norm: as for
+        :class:`deepreduce.DeepReduceState`.
     """
 
     def __init__(
@@ -114,10 +115,12 @@ class GradientAverager(GradientSync):
         dense_fallback: bool = True,
         granularity: str = "tensor",
         stats_every: int = 0,
+        density_warmup: int = 0,
+        clip_norm: float | None = None,
     ) -> None:
         transport = comm if isinstance(comm, MPITransport) else MPITransport(comm)
         super().__init__(
             transport, compressor, named_parameters, min_numel=min_numel, error_feedback=error_feedback,
             average=average, start_iter=start_iter, momentum=momentum, dense_fallback=dense_fallback,
-            granularity=granularity, stats_every=stats_every,
+            granularity=granularity, stats_every=stats_every, density_warmup=density_warmup, clip_norm=clip_norm,
         )

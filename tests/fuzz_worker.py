@@ -18,6 +18,7 @@ import torch
 
 import deepreduce as dr
 from deepreduce import wire
+from deepreduce.codecs import INDEX_CODECS
 
 from helpers import HEADER_FIELDS, reseal
 
@@ -35,10 +36,13 @@ BOUNDARY = [0, 1, 2, 7, 8, 63, 64, 255, 256, 65535, 2**31 - 1, 2**31, 2**32, 2**
 def base_payloads(entry: str) -> list[torch.Tensor]:
     kind, _, spec = entry.partition(":")
     parts = f"{spec}/raw" if kind == "index" else f"eliasfano/{spec}"
+    # An index codec that carries only its own sparsifier's sets (strided) gets that sparsifier.
+    general = kind != "index" or INDEX_CODECS.lookup(spec.split(":")[0]).general
+    sparsifier = "topk" if general else "cyclic"
     payloads = []
     for i, (numel, ratio, dtype) in enumerate(BASES):
         x = torch.randn(numel, generator=torch.Generator().manual_seed(i)).to(dtype)
-        payloads.append(dr.Compressor.from_spec(f"topk:{ratio}/{parts}", seed=i).compress(x))
+        payloads.append(dr.Compressor.from_spec(f"{sparsifier}:{ratio}/{parts}", seed=i).compress(x))
     return payloads
 
 

@@ -146,3 +146,27 @@ def test_state_dict_round_trip_and_format_check():
     assert other.step == 1 and torch.equal(other.engine.memory.residual("embed.weight"), sync.engine.memory.residual("embed.weight"))
     with pytest.raises(ValueError, match="state dict"):
         other.load_state_dict({"format": 99})
+
+
+def test_density_warmup_falls_exponentially_to_the_target():
+    engine = Engine(SoloTransport(), dr.Compressor(ratio=0.01, value="raw"), start_iter=2, density_warmup=4, min_numel=0)
+    assert [round(engine.density(step), 4) for step in range(7)] == [1.0, 1.0, 0.3162, 0.1, 0.0316, 0.01, 0.01]
+    kept = []
+    for _ in range(7):
+        before = engine.stats()["kept"]
+        engine.reduce(torch.randn(10_000)).wait()
+        kept.append(engine.stats()["kept"] - before)
+        engine.end_step()
+    assert kept == [0, 0, 3162, 1000, 316, 100, 100]  # two dense warm-up steps, then the ramp
+    assert engine.describe()["density_warmup"] == 4
+
+
+def test_clip_norm_scales_each_bucket_before_compression():
+    engine = Engine(SoloTransport(), dr.Compressor(ratio=1.0, index="raw", value="raw"), min_numel=0,
+                    dense_fallback=False, clip_norm=2.0)
+    big, small = torch.full((100,), 1.0), torch.full((100,), 0.01)
+    out = engine.reduce(big.clone()).wait()
+    assert torch.allclose(torch.linalg.vector_norm(out), torch.tensor(2.0)) and torch.allclose(out, big / 5)
+    assert torch.equal(engine.reduce(small.clone()).wait(), small)  # below the limit: untouched
+    with pytest.raises(dr.ConfigError, match="clip_norm must be a positive number"):
+        Engine(SoloTransport(), dr.Compressor(), clip_norm=0)

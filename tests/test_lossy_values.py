@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import deepreduce as dr
+from deepreduce import _bits
 from deepreduce.codecs import CodecContext, make_value_codec
 from deepreduce.codecs import _sorted_curves
 from deepreduce.codecs.value.dexp import DoubleExponentialValueCodec, fit_double_exponential
@@ -291,3 +292,51 @@ def test_qsgd_decoder_rejects_inconsistent_fields():
             QSGDValueCodec.decode(data, enc.params, 1000, _ctx())
 
 
+
+
+# --- uniform --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("block", [1, 7, 128])
+def test_uniform_error_is_bounded_by_half_a_step_and_by_the_values(bits, block):
+    values = _heavy_tailed(1000).float()
+    codec = make_value_codec("uniform", {"bits": bits, "block": block})
+    ctx = _ctx()
+    enc = codec.encode(values, ctx)
+    decoded = codec.decode(enc.data, enc.params, values.numel(), ctx)
+    nblocks = -(-1000 // block)
+    assert enc.data.numel() == 4 * nblocks * (1 if bits == 1 else 2) + _bits.fixed_nbytes(1000, bits)
+    assert torch.equal(torch.signbit(decoded), torch.signbit(values))
+    blocks = torch.arange(1000) // block
+    magnitude = values.abs()
+    if bits == 1:  # sign times the block's mean magnitude
+        means = torch.zeros(nblocks, dtype=torch.float64).index_add_(0, blocks, magnitude.double()) / torch.bincount(blocks)
+        assert torch.allclose(decoded.abs().double(), means[blocks], rtol=1e-6)
+    else:
+        low = torch.full((nblocks,), float("inf")).scatter_reduce(0, blocks, magnitude, "amin")
+        high = torch.zeros(nblocks).scatter_reduce(0, blocks, magnitude, "amax")
+        half_step = (high - low)[blocks] / (2 * (2 ** (bits - 1) - 1))
+        assert bool(((decoded - values).abs() <= half_step + high[blocks] * 2.0**-22).all())  # + fp32 rounding
+        # no element is further off than its own value
+        assert bool(((decoded - values).abs() <= magnitude * (1 + 2.0**-20) + high[blocks] * 2.0**-22).all())
+    # the error is smaller than the values: error feedback stays bounded
+    assert torch.linalg.vector_norm(decoded - values) < torch.linalg.vector_norm(values)
+
+
+def test_uniform_keeps_non_finite_blocks_non_finite_and_rejects_bad_parts():
+    values = torch.randn(300)
+    values[5] = float("inf")
+    codec = make_value_codec("uniform", {"bits": 3, "block": 100})
+    enc = codec.encode(values, _ctx())
+    decoded = codec.decode(enc.data, enc.params, 300, _ctx())
+    assert not torch.isfinite(decoded[:100]).any() and torch.isfinite(decoded[100:]).all()
+    good = codec.encode(torch.randn(300), _ctx())
+    flipped = good.data.clone()
+    flipped[:8] = torch.cat([good.data[4:8], good.data[0:4]])  # block 0's (low, high) swapped
+    with pytest.raises(dr.DecodeError, match="smallest magnitude exceeds its largest"):
+        codec.decode(flipped, good.params, 300, _ctx())
+    with pytest.raises(dr.DecodeError, match="has"):
+        codec.decode(good.data[:-1], good.params, 300, _ctx())
+    with pytest.raises(dr.ConfigError, match="must be in \\[1, 8\\]"):
+        make_value_codec("uniform", {"bits": 9})

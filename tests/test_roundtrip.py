@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from deepreduce.codecs import INDEX_CODECS, VALUE_CODECS
 from helpers import bits, pack_parts
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-LOSSLESS_INDEX = [n for n in dr.index_codecs() if INDEX_CODECS.lookup(n).lossless]
+# Codecs that carry any ascending index set (strided carries only evenly spaced ones: tested below).
+LOSSLESS_INDEX = [n for n in dr.index_codecs() if INDEX_CODECS.lookup(n).lossless and INDEX_CODECS.lookup(n).general]
 LOSSLESS_VALUE = [n for n in dr.value_codecs() if VALUE_CODECS.lookup(n).lossless]
 ROUNDING = {"fp16": 2.0**-11, "bf16": 2.0**-8}  # unit roundoff of the target format
 
@@ -167,3 +169,28 @@ def test_eliasfano_is_within_ten_percent_of_the_entropy_bound():
         bound = (math.lgamma(numel + 1) - math.lgamma(k + 1) - math.lgamma(numel - k + 1)) / math.log(2)
         assert index_bits <= 1.10 * bound, (density, index_bits / bound)
         assert index_bits >= bound * 0.999  # no codec beats the bound: guards the measurement itself
+
+
+@given(numel=st.integers(1, 10**6), ratio=st.floats(1e-4, 1.0), step=st.integers(0, 10**4))
+@settings(max_examples=60, deadline=None)
+def test_cyclic_selection_round_trips_through_the_strided_codec(numel, ratio, step):
+    """Offset and stride carry the whole index set: 64 header + 16 parameter bytes, no index part."""
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    result = dr.Compressor(ratio, "cyclic", "strided", "raw").compress_detailed(x, step=step)
+    decoded = dr.decode(result.payload)
+    assert torch.equal(decoded.indices, result.sent.indices) and torch.equal(decoded.values, x[decoded.indices])
+    assert dr.read_header(result.payload).index_nbytes == 0
+    assert result.payload.numel() == 64 + 16 + 4 * decoded.k
+
+
+def test_strided_codec_refuses_other_index_sets_and_bad_parameters():
+    with pytest.raises(dr.ConfigError, match="evenly spaced indices only"):
+        dr.Compressor(0.1, "topk", "strided", "raw").compress(torch.randn(1000))
+    good = dr.Compressor(0.1, "cyclic", "strided", "raw").compress(torch.randn(1000), step=3)
+    from helpers import reseal
+
+    for offset, stride, match in ((0, 0, "stride 0 must be >= 1"), (995, 10, "exceed numel=1000")):
+        bad = good.clone()
+        bad[64:80] = torch.frombuffer(bytearray(struct.pack("<QQ", offset, stride)), dtype=torch.uint8)
+        with pytest.raises(dr.DecodeError, match=match):
+            dr.decode(reseal(bad))

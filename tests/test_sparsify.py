@@ -8,7 +8,7 @@ import torch
 import deepreduce as dr
 from deepreduce.errors import ConfigError
 from deepreduce.sparse import SparseGrad
-from deepreduce.sparsifiers import SelectContext, target_k
+from deepreduce.sparsifiers import SelectContext, sparsify, target_k
 
 
 def ascending_unique(indices: torch.Tensor) -> bool:
@@ -130,3 +130,14 @@ def test_bad_sparsifier_configuration_is_reported():
         dr.sparsify(torch.randn(10), 1.5)
     with pytest.raises(ConfigError, match="unknown option"):
         dr.sparsify(torch.randn(10), 0.1, "topk", rounds=3)
+
+
+def test_cyclic_sends_every_element_once_per_stride_steps():
+    x = torch.randn(1003)
+    seen = torch.zeros(1003, dtype=torch.int64)
+    for step in range(10):
+        chosen = sparsify(x, 0.1, "cyclic", SelectContext(step=step)).indices
+        assert bool((chosen % 10 == step % 10).all()) and chosen.numel() in (100, 101)
+        seen[chosen] += 1
+    assert bool((seen == 1).all())
+    assert sparsify(x, 0.0, "cyclic").k == 0 and sparsify(x, 1.0, "cyclic").k == 1003

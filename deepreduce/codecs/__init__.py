@@ -76,6 +76,7 @@ class IndexCodec(_Codec):
     """Base class of index codecs."""
 
     kind: ClassVar[str] = "index"
+    general: ClassVar[bool] = True  # carries any ascending index set (False: only what its sparsifier makes)
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:
         """Encode ascending unique int64 ``indices`` in ``[0, ctx.numel)``."""

@@ -11,6 +11,7 @@ Per bucket, on every rank::
     first call ever         agreement check (configuration compared across ranks)
     step < start_iter       dense allreduce (warm-up)
     numel < min_numel       dense allreduce (a small bucket is latency-bound)
+    clip_norm               the bucket is scaled to norm <= clip_norm / sqrt(W)   (DGC local clipping)
     otherwise, per segment  (a parameter; or the whole bucket with granularity="bucket")
         numel < min_numel   raw bytes
         else                compensated = segment + residual            (error feedback)
@@ -97,6 +98,11 @@ class Engine:
         granularity: ``"tensor"``: one top-k per segment (per parameter); ``"bucket"``:
             one top-k over the whole buffer.
         average: divide by the world size (else sum).
+        density_warmup: steps after ``start_iter`` over which the density falls
+            exponentially from 1 to the compressor's ratio (DGC's warm-up); 0: none.
+        clip_norm: scale each rank's bucket to an L2 norm of at most
+            ``clip_norm / sqrt(W)`` before compression (DGC's local gradient clipping,
+            per bucket); None: no clipping.
         stats_every: log :meth:`stats` every that many steps (0: never).
         memory: an existing :class:`ErrorFeedback` to use (e.g. shared with a caller).
         check: compare the configuration across ranks at the first call.
@@ -115,6 +121,8 @@ class Engine:
         dense_fallback: bool = True,
         granularity: str = "tensor",
         average: bool = True,
+        density_warmup: int = 0,
+        clip_norm: float | None = None,
         stats_every: int = 0,
         memory: ErrorFeedback | None = None,
         check: bool = True,
@@ -122,9 +130,12 @@ class Engine:
     ) -> None:
         if not isinstance(compressor, Compressor):
             raise ConfigError(f"compressor must be a deepreduce.Compressor, got {type(compressor).__name__}")
-        for name, value in (("start_iter", start_iter), ("min_numel", min_numel), ("stats_every", stats_every)):
+        for name, value in (("start_iter", start_iter), ("min_numel", min_numel), ("stats_every", stats_every),
+                            ("density_warmup", density_warmup)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative int, got {value!r}")
+        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
+            raise ConfigError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
         if granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if not (isinstance(transport, Transport) or callable(transport)):
@@ -141,12 +152,15 @@ class Engine:
         self.dense_fallback = bool(dense_fallback)
         self.granularity = granularity
         self.average = bool(average)
+        self.density_warmup = density_warmup
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.stats_every = stats_every
         self.check = bool(check)
         self.describe_extra = dict(describe_extra or {})
         self.step = 0
         self._stats = CommStats()
         self._agreed = not self.check
+        self._ramp: tuple[int, Compressor] | None = None  # (step, compressor at that step's density)
 
     @property
     def transport(self) -> Transport:
@@ -170,6 +184,8 @@ class Engine:
             "dense_fallback": self.dense_fallback,
             "granularity": self.granularity,
             "average": self.average,
+            "density_warmup": self.density_warmup,
+            "clip_norm": self.clip_norm,
             **self.describe_extra,
         }
 
@@ -221,6 +237,28 @@ class Engine:
             raise ValueError(f"segments cover {end} elements, the buffer has {buffer.numel()}")
         return segments
 
+    def density(self, step: int | None = None) -> float:
+        """The density compressed buckets use at ``step`` (default: the current one)."""
+        step = self.step if step is None else step
+        target = self.compressor.ratio
+        done = step - self.start_iter + 1
+        if not self.density_warmup or done >= self.density_warmup or target <= 0:
+            return target
+        return target ** (max(done, 0) / self.density_warmup)
+
+    def _step_compressor(self) -> Compressor:
+        if not self.density_warmup or self.step - self.start_iter + 1 >= self.density_warmup:
+            return self.compressor
+        if self._ramp is None or self._ramp[0] != self.step:
+            self._ramp = (self.step, self.compressor.with_ratio(self.density()))
+        return self._ramp[1]
+
+    def _clip(self, buffer: torch.Tensor) -> None:
+        limit = self.clip_norm / self.transport.world_size ** 0.5
+        norm = float(torch.linalg.vector_norm(buffer, dtype=torch.float32))
+        if norm > limit:
+            buffer.mul_(limit / norm)
+
     def _allreduce(self, buffer: torch.Tensor) -> torch.futures.Future:
         if self.average:
             buffer.div_(self.transport.world_size)  # before the sum: fp16 sums of W gradients may overflow
@@ -229,6 +267,9 @@ class Engine:
     def _compressed(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int) -> torch.futures.Future:
         transport = self.transport
         started = time.perf_counter()
+        if self.clip_norm is not None:
+            self._clip(buffer)
+        compressor = self._step_compressor()
         entries: list[torch.Tensor] = []
         pending: list[tuple[torch.Tensor, torch.Tensor, Any] | None] = []
         try:
@@ -240,7 +281,7 @@ class Engine:
                     continue
                 compensated = self.memory.compensate(seg.name, view)  # consumes the residual; updated below
                 to_send = compensated.to(buffer.dtype)  # the wire carries the bucket's dtype (fp16 stays fp16)
-                result = self.compressor.compress_detailed(to_send, step=self.step, key=_stream_name(seg.name))
+                result = compressor.compress_detailed(to_send, step=self.step, key=_stream_name(seg.name))
                 entries.append(result.payload)
                 pending.append((compensated, to_send, result))
             message = frame(entries, buffer.device)

@@ -26,9 +26,11 @@ from ..sparse import SparseGrad
 
 @dataclass
 class SelectContext:
-    """Per-call context handed to a sparsifier: its private random stream."""
+    """Per-call context handed to a sparsifier: its private random stream and the step
+    (the same on every rank)."""
 
     rng_seed: int = 0
+    step: int = 0
 
     def generator(self, salt: int, device: torch.device) -> torch.Generator:
         return rng.generator(self.rng_seed, salt, device)

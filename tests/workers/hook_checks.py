@@ -40,6 +40,8 @@ SPECS = [
     "topk:0.05/bloom:fpr=1e-2,policy=random/qsgd",
     "topk:0.05/eliasfano/polyfit",
     "topk:0.05/eliasfano/dexp",
+    "cyclic:0.1/strided/uniform:bits=2",
+    "topk:0.05/eliasfano/uniform:bits=1",
 ]
 
 
