@@ -1,5 +1,6 @@
 """`deepreduce train` under torchrun (2 ranks): checkpoint/resume is bitwise exact in the
-gradient and the update mode, the built-in comparison hooks run, metrics are written."""
+gradient and the update mode and for --task classify, the built-in comparison hooks run,
+metrics are written."""
 
 from __future__ import annotations
 
@@ -116,3 +117,28 @@ def test_update_mode_resumes_bitwise_and_ends_identical(runs):
         assert torch.equal(models[0][name], resumed[0][name]) and torch.equal(models[1][name], resumed[1][name])
     refused = (runs / "update-refused.txt").read_text()
     assert refused.startswith("deepreduce train: checkpoint used mode/local steps")
+
+
+def test_classify_resumes_bitwise(runs):
+    full, [full_summary] = records(runs / "classify-full.jsonl")
+    part, summaries = records(runs / "classify-part.jsonl")
+    assert [r["step"] for r in part] == [r["step"] for r in full] == list(range(1, worker.CLASSIFY_STEPS + 1))
+    for a, b in zip(full, part):
+        assert (a["loss"], a["bytes_sent"]) == (b["loss"], b["bytes_sent"]), (a, b)
+        if a["step"] > worker.CLASSIFY_STOP and "val_loss" in a:
+            assert (a["val_loss"], a["val_acc"]) == (b["val_loss"], b["val_acc"]), (a, b)
+    assert [r["step"] for r in full if "val_acc" in r] == [3, 6, 8]
+    assert all(0 <= r["val_acc"] <= 1 for r in full if "val_acc" in r)
+    assert full_summary["task"] == "classify" and full_summary["val_acc"] == full[-1]["val_acc"]
+    assert summaries[-1]["params_digest"] == full_summary["params_digest"]
+    assert full_summary["hook"]["compressed_buckets"] > 0
+    for rank in range(2):
+        a = torch.load(runs / "classify-full" / f"rank{rank}.pt", weights_only=False)
+        b = torch.load(runs / "classify-resumed" / f"rank{rank}.pt", weights_only=False)
+        assert a["task"] == b["task"] == "classify"
+        for name, tensor in a["model"].items():
+            assert torch.equal(tensor, b["model"][name]), name
+        residuals_a, residuals_b = a["hook"]["memory"]["residuals"], b["hook"]["memory"]["residuals"]
+        assert residuals_a and all(torch.equal(residuals_a[k], residuals_b[k]) for k in residuals_a)
+    refused = (runs / "classify-refused.txt").read_text()
+    assert refused == "deepreduce train: checkpoint is of --task classify, not lm"

@@ -16,7 +16,7 @@ import torch
 
 from deepreduce import cli
 from deepreduce.apps import comm_hooks, train
-from deepreduce.apps.data import CorpusError, text_corpus
+from deepreduce.apps.data import CorpusError, stdlib_classes, stdlib_packages, text_corpus
 from deepreduce.errors import ConfigError
 
 
@@ -67,6 +67,7 @@ def test_make_optimizer():
     assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["weight_decay"] == 0.1
     sgd = train.make_optimizer("sgd", params, 1e-2)
     assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["momentum"] == 0.9
+    assert train.make_optimizer("sgd", params, 1e-2, sgd_momentum=0.0).param_groups[0]["momentum"] == 0.0
     with pytest.raises(ValueError, match="adam, adamw, sgd"):
         train.make_optimizer("lamb", params, 1e-3)
 
@@ -219,3 +220,136 @@ def test_demo_smoke(tmp_path):
     assert "│ dense" in out and "topk:0.01/eliasfano/fp16" in out
     assert (tmp_path / "dense.jsonl").exists() and (tmp_path / "compressed.jsonl").exists()
     assert time.monotonic() - started < 240
+
+
+# --- --task classify -------------------------------------------------------------------------
+
+TINY_CLASSIFY = ["--task", "classify", "--d-model", "16", "--layers", "2", "--seq-len", "64", "--batch", "4",
+                 "--corpus-mb", "1", "--eval-every", "2", "--eval-batches", "2", "--threads", "1"]
+
+
+def test_stdlib_classes_hold_out_whole_files_and_sample_deterministically():
+    data = stdlib_classes(8, 1 << 20)
+    assert len(data.classes) == 8 and data.classes == tuple(list(stdlib_packages())[:8])
+    assert set(data.train.paths).isdisjoint(data.val.paths)  # no validation file is ever trained on
+    for split in (data.train, data.val):
+        assert split.labels.min() == 0 and split.labels.max() == 7
+        assert (split.labels[1:] >= split.labels[:-1]).all()
+        assert (split.class_files[1:] > split.class_files[:-1]).all()  # every class has files in both splits
+        assert all(path.split("/")[0] == data.classes[label] for path, label in zip(split.paths, split.labels.tolist()))
+        assert int(split.lengths.sum()) == split.data.numel()
+    assert data.train_bytes + data.val.data.numel() <= 2 << 20  # a class stops after the file that reaches its share
+    assert stdlib_classes(8, 1 << 20).digest == data.digest != stdlib_classes(9, 1 << 20).digest
+    x, y = data.batch("train", 64, 128, torch.Generator().manual_seed(3))
+    again = data.batch("train", 64, 128, torch.Generator().manual_seed(3))
+    assert torch.equal(x, again[0]) and torch.equal(y, again[1])
+    assert x.shape == (64, 128) and y.shape == (64,) and x.dtype == y.dtype == torch.int64
+    assert 0 <= int(y.min()) and int(y.max()) < 8 and 0 <= int(x.min()) and int(x.max()) < 256
+    # A window is a slice of one file of its class (padded with zeros past a short file's end).
+    val_x, val_y = data.batch("val", 16, 4096, torch.Generator().manual_seed(4))
+    for window, label in zip(val_x, val_y.tolist()):
+        text = bytes(window.tolist()).rstrip(b"\0")
+        files = [bytes(data.val.data[s:s + n].tolist()) for s, n, l in
+                 zip(data.val.starts.tolist(), data.val.lengths.tolist(), data.val.labels.tolist()) if l == label]
+        assert any(text in f for f in files)
+
+
+def test_classify_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--data is not supported with --task classify"):
+        train.main(TINY_CLASSIFY + ["--data", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--classes must be >= 2, not 1"):
+        train.main(TINY_CLASSIFY + ["--classes", "1"])
+    with pytest.raises(SystemExit, match="--classes 500: the standard library has .* fewer than the 500 classes"):
+        train.main(TINY_CLASSIFY + ["--classes", "500"])
+    with pytest.raises(SystemExit, match="--classes needs --task classify"):
+        train.main(["--classes", "4"])
+    with pytest.raises(CorpusError, match="at least 2 classes"):
+        stdlib_classes(1)
+
+
+def test_task_defaults():
+    lm, classify = train.parse_args([]), train.parse_args(["--task", "classify"])
+    assert (lm.task, lm.seq_len, lm.classes) == ("lm", 128, None)
+    assert (classify.task, classify.seq_len, classify.classes) == ("classify", 256, 16)
+    assert train.parse_args(["--task", "classify", "--seq-len", "64"]).seq_len == 64
+    model = train.build_model(train.parse_args(TINY_CLASSIFY + ["--classes", "5"]))
+    assert model(torch.zeros(3, 64, dtype=torch.long)).shape == (3, 5)
+
+
+def test_one_process_classify_run(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    rc = subprocess.run(
+        [sys.executable, "-m", "deepreduce", "train", *TINY_CLASSIFY, "--steps", "4", "--start-iter", "2",
+         "--compression", "topk:0.1/rle/bf16", "--min-numel", "0", "--optimizer", "adamw",
+         "--metrics", str(metrics), "--log-every", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    assert "classify" in rc.stdout and "acc " in rc.stdout
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    evals = [r for r in lines if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0 <= r["val_acc"] <= 1 and r["val_loss"] > 0 for r in evals)
+    summary = lines[-1]["summary"]
+    assert summary["task"] == "classify" and summary["val_acc"] == evals[-1]["val_acc"]
+    assert len(summary["classes"]) == 16 and summary["corpus_digest"] == stdlib_classes(16, 1 << 20).digest
+
+
+# --- DGC options ---------------------------------------------------------------------------
+
+
+def test_dgc_options_reach_the_hook_state(monkeypatch):
+    seen = {}
+
+    class FakeState:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(comm_hooks, "DeepReduceState", FakeState)
+    args = train.parse_args(["--compression", "topk:0.01/eliasfano/fp16", "--momentum-correction", "0.9",
+                             "--density-warmup", "50", "--clip-norm", "2.5"])
+    train._hook(args, torch.nn.Linear(2, 2))
+    assert (seen["momentum"], seen["density_warmup"], seen["clip_norm"]) == (0.9, 50, 2.5)
+    seen.clear()
+    train._hook(train.parse_args(["--compression", "topk:0.01/eliasfano/fp16"]), torch.nn.Linear(2, 2))
+    assert not {"momentum", "density_warmup", "clip_norm"} & seen.keys()  # unset: left to DeepReduceState
+    with pytest.raises(ConfigError, match="momentum apply to deepreduce compressors, not to 'dense'"):
+        comm_hooks.make_hook("dense", momentum=0.9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "update", "--compression", "topk:0.01/rle/fp16", "--momentum-correction", "0.9"], "need --mode gradient"),
+    (["--mode", "update", "--compression", "topk:0.01/rle/fp16", "--density-warmup", "5"], "need --mode gradient"),
+    (["--mode", "update", "--compression", "topk:0.01/rle/fp16", "--clip-norm", "1"], "need --mode gradient"),
+    (["--compression", "powersgd", "--clip-norm", "1"], "need a compressor spec"),
+    (["--compression", "topk:0.01/rle/fp16", "--momentum-correction", "1.0"], r"must be in \[0, 1\)"),
+    (["--compression", "topk:0.01/rle/fp16", "--density-warmup", "-1"], "must be >= 0"),
+    (["--compression", "topk:0.01/rle/fp16", "--clip-norm", "0"], "must be > 0"),
+])
+def test_dgc_options_are_checked(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(argv + ["--steps", "1"])
+
+
+def test_one_process_dgc_run_and_resume_check(tmp_path):
+    """SGD loses its momentum to the hook; the summary and checkpoint record the options."""
+    import inspect
+
+    from deepreduce.hooks import DeepReduceState
+
+    if not {"density_warmup", "clip_norm"} <= inspect.signature(DeepReduceState).parameters.keys():
+        pytest.skip("DeepReduceState has no density_warmup/clip_norm yet")
+    common = [sys.executable, "-m", "deepreduce", "train", *TINY_CLASSIFY, "--steps", "4", "--start-iter", "1",
+              "--compression", "topk:0.1/rle/bf16", "--min-numel", "0", "--optimizer", "sgd", "--lr", "0.05",
+              "--momentum-correction", "0.9", "--density-warmup", "2", "--quiet"]
+    metrics, checkpoint = tmp_path / "m.jsonl", tmp_path / "ckpt"
+    rc = subprocess.run(common + ["--clip-norm", "1.0", "--metrics", str(metrics), "--checkpoint", str(checkpoint)],
+                        capture_output=True, text=True, timeout=120)
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    summary = json.loads(metrics.read_text().splitlines()[-1])["summary"]
+    assert (summary["momentum_correction"], summary["density_warmup"], summary["clip_norm"]) == (0.9, 2, 1.0)
+    saved = torch.load(checkpoint / "rank0.pt", weights_only=False)
+    assert saved["optimizer"]["param_groups"][0]["momentum"] == 0.0 and saved["dgc"] == [0.9, 2, 1.0]
+    refused = subprocess.run(common + ["--clip-norm", "2.0", "--steps", "6", "--resume", str(checkpoint)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "checkpoint used --momentum-correction/--density-warmup/--clip-norm" in refused.stderr

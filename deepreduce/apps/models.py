@@ -1,6 +1,8 @@
 """Small real models for demos, tests and benchmarks (no torchvision needed).
 
 - :class:`ByteTransformer`: a GPT-style byte-level language model.
+- :class:`ByteConvClassifier`: a 1-D convolutional network that classifies a window of
+  bytes (which package a snippet of source comes from).
 - :func:`resnet`: a ResNet (basic or bottleneck blocks) that reads a 1024-byte window
   of source text laid out as a 32x32 grid (source code is 2-D: lines and columns)
   and predicts the byte that follows it. ``resnet("resnet50")`` has ResNet-50's
@@ -56,8 +58,46 @@ class ByteTransformer(nn.Module):
         return self.head(self.ln(x))
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self(tokens)
+        return self.logits_loss(self(tokens), targets)
+
+    @staticmethod
+    def logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-byte cross-entropy of ``forward``'s logits against ``targets`` ``(B, T)``."""
         return F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1))
+
+
+class ByteConvClassifier(nn.Module):
+    """Byte embedding, ``n_layers`` Conv1d + ReLU (residual after the first; the length is
+    max-pooled by 2 before each), global max and mean pooling, a linear layer to
+    ``num_classes``. No normalisation layers: without them the residual stack learns
+    faster here, and there are no buffers or per-rank batch statistics under DDP."""
+
+    def __init__(self, num_classes: int, width: int = 128, n_layers: int = 4, kernel: int = 5, embed_dim: int = 32) -> None:
+        super().__init__()
+        if num_classes < 2 or width < 1 or n_layers < 1 or kernel < 1:
+            raise ValueError(f"need num_classes >= 2 and positive width, n_layers and kernel, got "
+                             f"{num_classes}, {width}, {n_layers}, {kernel}")
+        self.embed = nn.Embedding(256, embed_dim)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(embed_dim if i == 0 else width, width, kernel, padding=kernel // 2) for i in range(n_layers))
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens``: ``(B, T)`` bytes; returns ``(B, num_classes)`` logits."""
+        x = F.relu(self.convs[0](self.embed(tokens).transpose(1, 2)))
+        for conv in self.convs[1:]:
+            if x.shape[-1] >= 2:
+                x = F.max_pool1d(x, 2)
+            x = x + F.relu(conv(x))
+        return self.head(torch.cat([x.amax(dim=-1), x.mean(dim=-1)], dim=1))
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.logits_loss(self(tokens), labels)
+
+    @staticmethod
+    def logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of ``forward``'s logits against ``labels`` ``(B,)``."""
+        return F.cross_entropy(logits, labels)
 
 
 class _Basic(nn.Module):

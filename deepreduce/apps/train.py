@@ -1,6 +1,7 @@
 """``deepreduce train``: a byte-level transformer LM on the standard library's source text
-(or your own, ``--data``), with DDP and a choice of gradient communication. Launched by
-torchrun::
+(or your own, ``--data``), or (``--task classify``) a convolutional classifier of which
+stdlib package a snippet of source comes from, with DDP and a choice of gradient
+communication. Launched by torchrun::
 
     torchrun --standalone --nproc_per_node=2 -m deepreduce train --compression topk:0.01/eliasfano/fp16
     torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \\
@@ -18,17 +19,29 @@ returns: the stock hook issues collectives from callbacks, which breaks gloo); s
 validation). ``--optimizer`` is ``adam`` (default), ``adamw`` or ``sgd`` (momentum 0.9),
 with ``--weight-decay``.
 
+``--task classify`` (:func:`deepreduce.apps.data.stdlib_classes`,
+:class:`deepreduce.apps.models.ByteConvClassifier`): ``--classes`` packages, whole files
+held out for validation, class-balanced windows of ``--seq-len`` bytes; ``--d-model`` is
+the convolution width and ``--layers`` the number of convolutions, ``--heads`` is unused.
+Its defaults differ where the LM's do not suit it (see ``TASK_DEFAULTS``).
+
+DGC's recipe, gradient mode with a compressor spec only: ``--momentum-correction``
+(momentum moves into the hook; ``--optimizer sgd`` then runs without momentum),
+``--density-warmup`` and ``--clip-norm`` (see :class:`deepreduce.DeepReduceState`).
+
 Metrics: one JSON object per line (rank 0 writes them): ``step``, ``loss`` (rank 0's
-training loss), ``val_loss`` (on evaluation steps), ``lr``, ``bytes_sent`` (bytes this
+training loss), ``val_loss`` and, for classify, ``val_acc`` (top-1 accuracy; both on
+evaluation steps, over the same validation windows every time), ``lr``, ``bytes_sent`` (bytes this
 rank handed to collectives in the step), ``step_s`` and ``comm_s`` (time with a bucket's
 reduction in flight, from the hook call to its result, merged over buckets: it includes
 the hook's own encode/decode time and overlaps the backward pass). The last line has
-``"summary"`` (with the data, its digest and the optimizer).
+``"summary"`` (with the task, the data, its digest and the optimizer).
 
 Checkpoints (``--checkpoint DIR``) hold, per rank, the model, optimizer, hook state
 (error-feedback residuals, step, stats), the data stream and RNG state; ``--resume DIR``
 continues so that the following steps equal an uninterrupted run bit for bit. It refuses
-a checkpoint of another world size, compression, optimizer, weight decay or corpus.
+a checkpoint of another task, world size, compression, DGC options, optimizer, weight
+decay or corpus.
 """
 
 from __future__ import annotations
@@ -54,40 +67,57 @@ from ..errors import ConfigError
 from ..hooks import DeepReduceState
 from ..optim import UpdateSync
 from .comm_hooks import BUILTIN_HOOKS, CommMeter, hook_state_dict, load_hook_state, make_hook
-from .data import ByteCorpus, CorpusError, stdlib_corpus, text_corpus
+from .data import ByteCorpus, CorpusError, SnippetClasses, stdlib_classes, stdlib_corpus, text_corpus
 from .metrics import params_digest
-from .models import ByteTransformer
+from .models import ByteConvClassifier, ByteTransformer
 
+TASKS = ("lm", "classify")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SGD_MOMENTUM = 0.9
+# Defaults of --task classify where the LM's (the parser's) do not suit it.
+TASK_DEFAULTS = {
+    "lm": {},
+    "classify": {"seq_len": 256, "layers": 4, "batch": 32, "classes": 16, "eval_batches": 32},
+}
 _CHECKPOINT_FORMAT = 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(task: str = "lm") -> argparse.ArgumentParser:
+    """The parser, with ``task``'s defaults (:data:`TASK_DEFAULTS`); :func:`parse_args`
+    picks them from ``--task``."""
     p = argparse.ArgumentParser(
         prog="deepreduce train",
-        description="Train a byte-level transformer LM on the standard library's source text (or --data) "
+        description="Train a byte-level transformer LM on the standard library's source text (or --data), or "
+                    "(--task classify) a convolutional classifier of which stdlib package a snippet comes from, "
                     "with DDP (launch with torchrun; without it, one process). --compression picks the "
                     "gradient communication: a compressor spec or a built-in torch hook.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--d-model", type=int, default=128, help="embedding width")
-    m.add_argument("--layers", type=int, default=2, help="transformer blocks")
-    m.add_argument("--heads", type=int, default=4, help="attention heads (must divide --d-model)")
+    m.add_argument("--task", default="lm", choices=TASKS,
+                   help="lm: next-byte language model; classify: which stdlib package a snippet of --seq-len "
+                        "bytes comes from (other defaults: " + ", ".join(
+                            f"--{k.replace('_', '-')} {v}" for k, v in TASK_DEFAULTS["classify"].items()) + ")")
+    m.add_argument("--d-model", type=int, default=128, help="embedding width (classify: convolution channels)")
+    m.add_argument("--layers", type=int, default=2, help="transformer blocks (classify: convolutions)")
+    m.add_argument("--heads", type=int, default=4, help="attention heads (must divide --d-model; lm only)")
     m.add_argument("--seq-len", type=int, default=128, help="context length in bytes")
+    m.add_argument("--classes", type=int, default=None,
+                   help="classify: the largest stdlib packages to tell apart")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=300, help="total steps (sets the learning-rate schedule)")
     t.add_argument("--stop-after", type=int, default=None, help="stop after this step (e.g. to resume later)")
     t.add_argument("--batch", type=int, default=16, help="sequences per rank per step")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    t.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help=f"sgd uses momentum {SGD_MOMENTUM}")
+    t.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                   help=f"sgd uses momentum {SGD_MOMENTUM}, or none with --momentum-correction")
     t.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the optimizer (all parameters)")
     t.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay to lr/10")
     t.add_argument("--seed", type=int, default=0, help="model init, data order and compressor streams")
     t.add_argument("--data", type=Path, default=None, metavar="PATH",
                    help="a text file or a folder of text files (read recursively) to train on "
-                        "instead of the standard library's source")
-    t.add_argument("--corpus-mb", type=float, default=16, help="megabytes of text to load")
+                        "instead of the standard library's source (lm only)")
+    t.add_argument("--corpus-mb", type=float, default=16,
+                   help="megabytes of text to load (classify: shared equally by the classes)")
     t.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's choice)")
     c = p.add_argument_group("communication")
     c.add_argument("--compression", default="dense",
@@ -110,18 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-error-feedback", action="store_true")
     c.add_argument("--no-dense-fallback", action="store_true")
     c.add_argument("--powersgd-rank", type=int, default=4)
+    c.add_argument("--momentum-correction", type=float, default=0.0, metavar="M",
+                   help="DGC momentum correction M in the hook (a compressor spec, gradient mode); with "
+                        "--optimizer sgd the optimizer then has no momentum of its own")
+    c.add_argument("--density-warmup", type=int, default=0, metavar="N",
+                   help="DGC: over N steps after --start-iter the density falls exponentially from dense "
+                        "to the compressor's")
+    c.add_argument("--clip-norm", type=float, default=None, metavar="X",
+                   help="DGC: clip gradients locally to norm X before compression")
     c.add_argument("--bucket-mb", type=float, default=25.0, help="DDP bucket cap")
     c.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"))
     o = p.add_argument_group("output")
     o.add_argument("--metrics", type=Path, default=None, help="JSON-lines metrics file (rank 0)")
     o.add_argument("--eval-every", type=int, default=50)
-    o.add_argument("--eval-batches", type=int, default=8)
+    o.add_argument("--eval-batches", type=int, default=8, help="validation batches of --batch windows")
     o.add_argument("--log-every", type=int, default=25, help="console line every N steps (0: none)")
     o.add_argument("--checkpoint", type=Path, default=None, help="directory for checkpoints (one file per rank)")
     o.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
     o.add_argument("--resume", type=Path, default=None, help="checkpoint directory to continue from")
     o.add_argument("--quiet", action="store_true")
+    p.set_defaults(**TASK_DEFAULTS[task])
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with the defaults of the ``--task`` it names."""
+    pre = argparse.ArgumentParser(prog="deepreduce train", add_help=False)
+    pre.add_argument("--task", default="lm", choices=TASKS)
+    task = pre.parse_known_args(argv)[0].task
+    return build_parser(task).parse_args(argv)
 
 
 # --- process group -----------------------------------------------------------------------
@@ -157,21 +204,28 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, corpus, args: argparse.Namespace, device: torch.device) -> float:
-    """Mean validation loss over the same ``--eval-batches`` batches every time, split
-    between ranks."""
+def evaluate(model: torch.nn.Module, corpus, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """``val_loss``, the mean validation loss over the same ``--eval-batches`` batches every
+    time, split between ranks; for classify also ``val_acc``, the top-1 accuracy on them."""
     gen = torch.Generator().manual_seed(args.seed + 0x5EED)
     rank, world = dist.get_rank(), dist.get_world_size()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, batches, correct, windows
     model.eval()
     for i in range(args.eval_batches):
         x, y = corpus.batch("val", args.batch, args.seq_len, gen)
         if i % world == rank:
-            total[0] += model.loss(x.to(device), y.to(device)).double()
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            total[0] += model.logits_loss(logits, y).double()
             total[1] += 1
+            total[2] += (logits.argmax(dim=-1) == y).sum()
+            total[3] += y.numel()
     model.train()
     dist.all_reduce(total)
-    return float(total[0] / total[1].clamp(min=1))
+    result = {"val_loss": float(total[0] / total[1].clamp(min=1))}
+    if args.task == "classify":
+        result["val_acc"] = float(total[2] / total[3].clamp(min=1))
+    return result
 
 
 def _checkpoint_path(directory: Path, rank: int) -> Path:
@@ -183,9 +237,18 @@ def data_label(args: argparse.Namespace) -> str:
     return str(args.data) if args.data is not None else "stdlib"
 
 
-def load_corpus(args: argparse.Namespace) -> ByteCorpus:
-    """The corpus ``--data`` and ``--corpus-mb`` ask for; a clear exit for bad ``--data``."""
+def load_corpus(args: argparse.Namespace) -> ByteCorpus | SnippetClasses:
+    """The data ``--task``, ``--data``, ``--classes`` and ``--corpus-mb`` ask for; a clear
+    exit for bad ``--data`` or ``--classes``."""
     max_bytes = max(1, int(args.corpus_mb * (1 << 20)))
+    if args.task == "classify":
+        if args.data is not None:
+            raise SystemExit("deepreduce train: --data is not supported with --task classify "
+                             "(it classifies the standard library's packages)")
+        try:
+            return stdlib_classes(args.classes, max_bytes)
+        except CorpusError as error:
+            raise SystemExit(f"deepreduce train: --classes {args.classes}: {error}")
     if args.data is None:
         return stdlib_corpus(max_bytes)
     try:
@@ -195,14 +258,16 @@ def load_corpus(args: argparse.Namespace) -> ByteCorpus:
         raise SystemExit(f"deepreduce train: --data: {error}")
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """``adam``, ``adamw`` or ``sgd`` (momentum 0.9), with ``weight_decay`` on every parameter."""
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
+                   sgd_momentum: float = SGD_MOMENTUM) -> torch.optim.Optimizer:
+    """``adam``, ``adamw`` or ``sgd`` (with ``sgd_momentum``), with ``weight_decay`` on every
+    parameter."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=sgd_momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
@@ -214,9 +279,11 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, hook_state, da
     tmp = path.with_suffix(".tmp")
     torch.save({
         "format": _CHECKPOINT_FORMAT,
+        "task": args.task,
         "step": step,
         "world_size": dist.get_world_size(),
         "compression": args.compression,
+        "dgc": _dgc_options(args),
         "mode": [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov],
         "optimizer_name": args.optimizer,
         "weight_decay": args.weight_decay,
@@ -238,10 +305,17 @@ def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_ge
     saved = torch.load(path, map_location="cpu", weights_only=False)
     if saved.get("format") != _CHECKPOINT_FORMAT:
         raise SystemExit(f"deepreduce train: {path} is not a checkpoint of this format")
+    saved_task = saved.get("task", "lm")  # checkpoints from before --task are LM ones
+    if saved_task != args.task:
+        raise SystemExit(f"deepreduce train: checkpoint is of --task {saved_task}, not {args.task}")
     if saved["world_size"] != dist.get_world_size():
         raise SystemExit(f"deepreduce train: checkpoint is from {saved['world_size']} ranks, this run has {dist.get_world_size()}")
     if saved["compression"] != args.compression:
         raise SystemExit(f"deepreduce train: checkpoint used --compression {saved['compression']}, not {args.compression}")
+    saved_dgc = saved.get("dgc", [0.0, 0, None])  # checkpoints from before these options
+    if saved_dgc != _dgc_options(args):
+        raise SystemExit(f"deepreduce train: checkpoint used --momentum-correction/--density-warmup/--clip-norm "
+                         f"{saved_dgc}, this run {_dgc_options(args)}")
     mode = [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov]
     saved_mode = saved.get("mode", ["gradient", 1, False, 1.0, 0.0, False])
     if saved_mode != mode:
@@ -281,8 +355,12 @@ def _settle_buckets(ddp: DDP, seq_len: int, device: torch.device) -> None:
     torch.set_rng_state(rng)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _dgc_options(args: argparse.Namespace) -> list:
+    return [args.momentum_correction, args.density_warmup, args.clip_norm]
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Exit with a clear message for options that do not go together."""
     if args.steps < 1:
         raise SystemExit("deepreduce train: --steps must be >= 1")
     if args.weight_decay < 0:
@@ -293,6 +371,30 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"deepreduce train: --mode update needs a compressor spec for --compression, not {args.compression!r}")
     if args.mode == "gradient" and (args.local_steps != 1 or args.overlap or args.outer_lr != 1.0 or args.outer_momentum):
         raise SystemExit("deepreduce train: --local-steps, --overlap, --outer-lr and --outer-momentum need --mode update")
+    if args.momentum_correction or args.density_warmup or args.clip_norm is not None:
+        if args.mode != "gradient":
+            raise SystemExit("deepreduce train: --momentum-correction, --density-warmup and --clip-norm need --mode gradient")
+        if args.compression in BUILTIN_HOOKS:
+            raise SystemExit("deepreduce train: --momentum-correction, --density-warmup and --clip-norm need a "
+                             f"compressor spec for --compression, not {args.compression!r}")
+    if not 0.0 <= args.momentum_correction < 1.0:
+        raise SystemExit(f"deepreduce train: --momentum-correction must be in [0, 1), not {args.momentum_correction}")
+    if args.density_warmup < 0:
+        raise SystemExit(f"deepreduce train: --density-warmup must be >= 0, not {args.density_warmup}")
+    if args.clip_norm is not None and not args.clip_norm > 0:
+        raise SystemExit(f"deepreduce train: --clip-norm must be > 0, not {args.clip_norm}")
+    if args.task == "classify":
+        if args.classes is None or args.classes < 2:
+            raise SystemExit(f"deepreduce train: --classes must be >= 2, not {args.classes}")
+        if args.seq_len < 1 or args.d_model < 1 or args.layers < 1:
+            raise SystemExit("deepreduce train: --seq-len, --d-model and --layers must be >= 1")
+    elif args.classes is not None:
+        raise SystemExit("deepreduce train: --classes needs --task classify")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     corpus = load_corpus(args)
@@ -313,6 +415,7 @@ def _hook(args: argparse.Namespace, model: torch.nn.Module):
             args.compression, seed=args.seed, start_iter=args.start_iter, min_numel=args.min_numel,
             error_feedback=not args.no_error_feedback, dense_fallback=not args.no_dense_fallback,
             powersgd_rank=args.powersgd_rank, granularity=args.granularity, named_parameters=model.named_parameters(),
+            momentum=args.momentum_correction, density_warmup=args.density_warmup, clip_norm=args.clip_norm,
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --compression {error}")
@@ -333,12 +436,21 @@ def _update_sync(args: argparse.Namespace, model: torch.nn.Module, ddp: DDP) -> 
         raise SystemExit(f"deepreduce train: --mode update: {error}")
 
 
-def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -> int:
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The model ``--task`` trains, from the model options that apply to it."""
+    if args.task == "classify":
+        return ByteConvClassifier(args.classes, width=args.d_model, n_layers=args.layers)
+    return ByteTransformer(args.d_model, args.layers, args.heads, args.seq_len)
+
+
+def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | SnippetClasses) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     verbose = rank == 0 and not args.quiet
     torch.manual_seed(args.seed)
-    model = ByteTransformer(args.d_model, args.layers, args.heads, args.seq_len).to(device)
-    optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
+    model = build_model(args).to(device)
+    # With momentum correction the hook carries the momentum, so SGD must not add its own.
+    sgd_momentum = 0.0 if args.momentum_correction > 0 else SGD_MOMENTUM
+    optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay, sgd_momentum)
     data_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)
     start = 0
     sync = None
@@ -360,12 +472,13 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -
 
     n_params = sum(p.numel() for p in model.parameters())
     if verbose:
-        print(f"deepreduce train: {world} rank(s), {n_params / 1e6:.2f} M parameters, {data_label(args)} corpus "
-              f"{corpus.train.numel() / 1e6:.1f} MB (digest {corpus.digest}), {args.optimizer}, compression "
+        what = f"{len(corpus.classes)} classes of " if args.task == "classify" else ""
+        print(f"deepreduce train: {args.task}, {world} rank(s), {n_params / 1e6:.2f} M parameters, {what}"
+              f"{data_label(args)} corpus {corpus.train_bytes / 1e6:.1f} MB (digest {corpus.digest}), {args.optimizer}, compression "
               f"{args.compression}, steps {start}->{args.steps}", flush=True)
     metrics = open(args.metrics, "a" if start else "w") if (args.metrics and rank == 0) else None
     stop = min(args.steps, args.stop_after if args.stop_after is not None else args.steps)
-    step_times, bytes_per_step, val_loss = [], [], None
+    step_times, bytes_per_step, evaluation = [], [], {}
     sent_before = sent_counter() if sent_counter else 0
     try:
         for step in range(start, stop):
@@ -380,6 +493,8 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -
             exchange_began = time.perf_counter()
             if sync is not None:
                 sync.step()
+                if step + 1 == args.steps:
+                    sync.finish()  # every rank ends with the same parameters (overlap, a partial round, unsent updates)
             loss_value = loss.item()
             step_s = time.perf_counter() - began
             sent, comm_s = meter.take()
@@ -395,30 +510,34 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -
             done = step + 1
             if args.eval_every and (done % args.eval_every == 0 or done == stop):
                 with sync.consensus() if sync is not None else contextlib.nullcontext():
-                    val_loss = evaluate(model, corpus, args, device)
-                record["val_loss"] = val_loss
+                    evaluation = evaluate(model, corpus, args, device)
+                record.update(evaluation)
             if metrics:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if verbose and args.log_every and (done % args.log_every == 0 or done == stop):
-                val = f", val {val_loss:.4f}" if "val_loss" in record else ""
+                val = f", val {record['val_loss']:.4f}" if "val_loss" in record else ""
+                val += f", acc {record['val_acc']:.3f}" if "val_acc" in record else ""
                 print(f"step {done:>6}: loss {loss_value:.4f}{val}, {step_s * 1e3:.0f} ms/step, "
                       f"{sent / 1e6:.3f} MB sent, comm {comm_s * 1e3:.0f} ms", flush=True)
             if args.checkpoint and (done == stop or (args.checkpoint_every and done % args.checkpoint_every == 0)):
                 save_checkpoint(args.checkpoint, done, model, optimizer, hook_state, data_gen, args, corpus.digest)
-        if sync is not None and stop == args.steps:
-            sync.finish()  # every rank ends with the same parameters (overlap, a last partial round)
         summary = {
-            "steps": stop, "world_size": world, "compression": args.compression, "parameters": n_params,
-            "mode": args.mode, "local_steps": args.local_steps,
+            "task": args.task, "steps": stop, "world_size": world, "compression": args.compression,
+            "parameters": n_params, "mode": args.mode, "local_steps": args.local_steps,
+            "momentum_correction": args.momentum_correction, "density_warmup": args.density_warmup,
+            "clip_norm": args.clip_norm,
             "data": data_label(args), "corpus_digest": corpus.digest,
             "optimizer": args.optimizer, "weight_decay": args.weight_decay,
-            "val_loss": val_loss,
+            "val_loss": evaluation.get("val_loss"),
             "median_step_s": statistics.median(step_times) if step_times else None,
             "mean_bytes_per_step": statistics.fmean(bytes_per_step) if bytes_per_step else None,
             "dense_bytes_per_step": 4 * n_params,
             "params_digest": params_digest(model),
         }
+        if args.task == "classify":
+            summary["classes"] = list(corpus.classes)
+            summary["val_acc"] = evaluation.get("val_acc")
         if isinstance(hook_state, (DeepReduceState, UpdateSync)):
             summary["hook"] = hook_state.stats()
         if metrics:
@@ -430,9 +549,9 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus) -
 
 
 def _ddp_loss(ddp: DDP, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # Through DDP's forward (not module.loss) so DDP prepares the backward reduction.
-    logits = ddp(x)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    # Through DDP's forward (not module.loss) so DDP prepares the backward reduction;
+    # the model says how its logits become a loss.
+    return ddp.module.logits_loss(ddp(x), y)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ TINY = ["--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "
         "--corpus-mb", "2", "--threads", "1", "--bucket-mb", "0.03", "--min-numel", "256",
         "--start-iter", "3", "--eval-every", "4", "--eval-batches", "2", "--log-every", "0", "--quiet"]
 STEPS, STOP = 14, 7
+CLASSIFY = ["--task", "classify", "--d-model", "16", "--layers", "2", "--seq-len", "64", "--batch", "4",
+            "--corpus-mb", "1", "--threads", "1", "--bucket-mb", "0.01", "--min-numel", "256",
+            "--start-iter", "2", "--eval-every", "3", "--eval-batches", "2", "--log-every", "0", "--quiet",
+            "--compression", "topk:0.05/eliasfano/fp16", "--optimizer", "adamw"]
+CLASSIFY_STEPS, CLASSIFY_STOP = 8, 4
 
 
 def main() -> int:
@@ -50,6 +55,18 @@ def main() -> int:
     except SystemExit as refused:
         if dist.get_rank() == 0:
             (out / "update-refused.txt").write_text(str(refused))
+    # The classification task resumes bit for bit too, and an LM run refuses its checkpoint.
+    classify = CLASSIFY + ["--steps", str(CLASSIFY_STEPS)]
+    train.main(classify + ["--metrics", str(out / "classify-full.jsonl"), "--checkpoint", str(out / "classify-full")])
+    train.main(classify + ["--metrics", str(out / "classify-part.jsonl"), "--checkpoint", str(out / "classify-part"),
+                           "--stop-after", str(CLASSIFY_STOP)])
+    train.main(classify + ["--metrics", str(out / "classify-part.jsonl"), "--checkpoint", str(out / "classify-resumed"),
+                           "--resume", str(out / "classify-part")])
+    try:
+        train.main(spec + ["--resume", str(out / "classify-part")])
+    except SystemExit as refused:
+        if dist.get_rank() == 0:
+            (out / "classify-refused.txt").write_text(str(refused))
     # The built-in hooks, for comparison runs.
     for name in ("dense", "fp16", "powersgd"):
         train.main(["--compression", name, "--steps", "6", "--powersgd-rank", "2"] + TINY
