@@ -100,6 +100,7 @@ class UpdateSync:
         outer_momentum: float = 0.0,
         nesterov: bool = False,
         overlap: bool = False,
+        keep_unsent: bool = False,
         process_group: dist.ProcessGroup | None = None,
         transport: Transport | None = None,
         broadcast: bool = True,
@@ -134,6 +135,9 @@ class UpdateSync:
         self.ratio = compressor.ratio
         self.outer_lr, self.outer_momentum, self.nesterov = float(outer_lr), float(outer_momentum), bool(nesterov)
         self.overlap = bool(overlap)
+        self.keep_unsent = bool(keep_unsent)
+        if self.keep_unsent and self.overlap:
+            raise ConfigError("keep_unsent and overlap cannot be combined")
         if transport is None:
             from .comm.torch_dist import TorchTransport
 
@@ -146,6 +150,7 @@ class UpdateSync:
             describe_extra={
                 "mode": "update", "local_steps": local_steps, "outer_lr": self.outer_lr,
                 "outer_momentum": self.outer_momentum, "nesterov": self.nesterov, "overlap": self.overlap,
+                "keep_unsent": self.keep_unsent,
                 "parameters": described,
             },
         )
@@ -156,7 +161,7 @@ class UpdateSync:
         # Anchors: the agreed parameters, in fp32 for half-precision parameters (their
         # updates would round away in fp16).
         self.anchors = {name: p.detach().to(memory_dtype(p.dtype), copy=True) for name, p in self.named_parameters}
-        self._base = {name: a.clone() for name, a in self.anchors.items()} if self.overlap else None
+        self._base = {name: a.clone() for name, a in self.anchors.items()} if self.overlap or self.keep_unsent else None
         self.groups = plan_groups(list(self.anchors.items()))
         self._outer = None
         if (self.outer_lr, self.outer_momentum) != (1.0, 0.0):
@@ -214,10 +219,20 @@ class UpdateSync:
             p.copy_(value)
 
     def _exchange(self) -> None:
-        averaged = reduce_named(self.engine, self.groups, self._deltas(self.anchors))
+        averaged = reduce_named(self.engine, self.groups, self._deltas(self._base if self.keep_unsent else self.anchors))
         self.engine.end_step()
         self._apply(averaged)
-        self._set_parameters()
+        if not self.keep_unsent:
+            self._set_parameters()
+            return
+        unsent = {name: self._residual(name, p) for name, p in self.named_parameters}
+        self._set_parameters(unsent)
+        for name, p in self.named_parameters:
+            self._base[name].copy_(p.detach())
+
+    def _residual(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        residual = self.engine.memory.residual(name)
+        return torch.zeros_like(self.anchors[name]) if residual is None else residual.view_as(param)
 
     def _exchange_overlapped(self) -> None:
         progress = self._deltas(self._base)
@@ -239,6 +254,9 @@ class UpdateSync:
     def finish(self) -> None:
         """Bring every rank to the same parameters: apply a pending (overlapped) exchange
         and exchange any progress made since. Collective. Training may continue after."""
+        if self.keep_unsent:
+            self._flush_dense()
+            return
         if not self.overlap:
             if self.local_step % self.local_steps:
                 self._exchange()
@@ -248,6 +266,21 @@ class UpdateSync:
         averaged = reduce_named(self.engine, self.groups, progress)
         self.engine.end_step()
         self._apply(averaged)
+        self._set_parameters()
+        for name, p in self.named_parameters:
+            self._base[name].copy_(p.detach())
+
+    def _flush_dense(self) -> None:
+        """Average every rank's whole unsent update densely (one allreduce of the model's
+        size), so every rank ends with the same parameters and no residual."""
+        transport = self.engine.transport
+        for name, p in self.named_parameters:
+            delta = p.detach().to(self.anchors[name].dtype) - self.anchors[name]
+            delta.div_(transport.world_size)  # divide first, as the engine does
+            transport.allreduce_(delta)
+            self.anchors[name].add_(delta)
+            self.engine._stats.add(sent_bytes=delta.numel() * delta.element_size())
+        self.engine.memory.reset()
         self._set_parameters()
         for name, p in self.named_parameters:
             self._base[name].copy_(p.detach())
@@ -307,7 +340,7 @@ class UpdateSync:
             raise ValueError(f"not an UpdateSync state dict (format {_STATE_FORMAT})")
         if set(state["anchors"]) != set(self.anchors):
             raise ValueError("UpdateSync state: the saved parameters differ from this model's")
-        if (state["base"] is None) == self.overlap or (state["outer"] is None) != (self._outer is None):
+        if (state["base"] is None) != (self._base is None) or (state["outer"] is None) != (self._outer is None):
             raise ValueError("UpdateSync state was saved with other overlap or outer-step settings")
         self.local_step = int(state["local_step"])
         self.engine.load_state_dict(state["engine"])

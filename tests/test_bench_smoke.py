@@ -30,23 +30,26 @@ def test_bandwidth_benchmark_quick_run(tmp_path):
 
 
 def test_convergence_benchmark_quick_run(tmp_path):
-    assert convergence.main(["--quick", "--steps", "10", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "results" / "convergence.json").read_text())
-    assert [r["config"] for r in rows] == ["dense", "topk:0.05/eliasfano/fp16"]
-    for row in rows:
-        assert row["steps"] == 10 and row["final_val_loss"] > 0 and row["curve"]
-    assert rows[1]["bytes_per_step"] < rows[0]["bytes_per_step"]
-    assert rows[0]["time_to_target_s"] is not None  # dense reaches its own final loss + 2 %
-    assert "## Convergence" in (tmp_path / "RESULTS.md").read_text()
+    assert convergence.main(["--quick", "--steps", "20", "--out", str(tmp_path)]) == 0
+    stored = json.loads((tmp_path / "results" / "convergence.json").read_text())
+    runs = stored["runs"]
+    assert [r["row"] for r in runs] == ["dense", "update H=4"]
+    for run in runs:
+        assert run["steps"] == 20 and run["final"] > 0 and [p["step"] for p in run["curve"]] == [5, 10, 15, 20]
+    assert runs[1]["bytes_per_step"] < 0.5 * runs[0]["bytes_per_step"]
+    dense, update = stored["summary"]
+    assert dense["gap"] == 0 and dense["steps_to_target"] == 20 and update["target"] == dense["final"]
+    assert "### lm, adamw" in (tmp_path / "RESULTS.md").read_text()
     assert (tmp_path / "results" / "convergence.png").stat().st_size > 1000
+    # a second call reuses the stored runs: nothing is trained again
+    before = (tmp_path / "results" / "convergence.json").read_text()
+    assert convergence.main(["--quick", "--steps", "20", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results" / "convergence.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
-def test_convergence_rows_merge_with_stored_runs_of_the_same_settings():
-    def row(config, link="loopback", args=("--steps", "400")):
-        return {"config": config, "link": link, "train_args": list(args)}
-
-    stored = [row("dense"), row("fp16"), row("powersgd", args=("--steps", "10")), row("fp16", link="100mbit")]
-    merged = convergence.merge_rows(stored, [row("topk:0.1/eliasfano/fp16"), row("fp16")])
-    # Kept: stored dense (same link and settings); replaced: fp16; dropped: other settings or link.
-    assert [r["config"] for r in merged] == ["dense", "fp16", "topk:0.1/eliasfano/fp16"]
-    assert merged[1] is not stored[1]
+def test_time_to_target_counts_warm_up_and_compressed_steps_apart():
+    curve = [{"step": 50, "value": 3.0}, {"step": 100, "value": 2.5}, {"step": 150, "value": 2.4}]
+    assert convergence.reached(curve, 2.5, higher=False) == 100
+    assert convergence.reached(curve, 2.0, higher=False) is None
+    assert convergence.reached([{"step": 5, "value": 0.4}, {"step": 9, "value": 0.6}], 0.5, higher=True) == 9
+    assert convergence.seconds_to(100, {"warm_step_s": 2.0, "step_s": 0.1}) == 10 * 2.0 + 90 * 0.1

@@ -101,6 +101,30 @@ def test_exchanges_every_local_steps_and_keeps_what_was_not_sent():
     assert any(not torch.equal(start[n].float(), p) for n, p in model.named_parameters())
 
 
+def test_keep_unsent_keeps_each_ranks_unsent_update_in_its_parameters():
+    """keep_unsent: after an exchange the parameters are the agreed anchor plus this rank's
+    residual (what it has not sent yet); finish() sends everything densely."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sync = dr.UpdateSync(model.named_parameters(), "topk:0.05/eliasfano/raw", min_numel=0, keep_unsent=True,
+                         transport=SoloTransport())
+    for _ in range(3):
+        model(torch.randn(8, 20)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        local = {n: p.detach().clone() for n, p in model.named_parameters()}
+        sync.step()
+        for name, p in model.named_parameters():
+            residual = sync.engine.memory.residual(name).view_as(p)
+            assert torch.allclose(p, sync.anchors[name] + residual) and torch.allclose(p, local[name], atol=1e-6)
+            assert torch.count_nonzero(residual) > 0
+    sync.finish()
+    assert all(torch.equal(p, sync.anchors[n]) for n, p in model.named_parameters())
+    assert all(torch.allclose(p, local[n], atol=1e-6) for n, p in model.named_parameters())  # nothing lost
+    with pytest.raises(dr.ConfigError, match="keep_unsent and overlap"):
+        dr.UpdateSync(_model().named_parameters(), keep_unsent=True, overlap=True, transport=SoloTransport())
+
+
 def test_consensus_evaluates_the_agreed_parameters():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

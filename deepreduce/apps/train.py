@@ -132,6 +132,8 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     c.add_argument("--nesterov", action="store_true", help="update mode: Nesterov outer momentum")
     c.add_argument("--overlap", action="store_true",
                    help="update mode: apply each exchange one round late so the wire time hides behind compute")
+    c.add_argument("--keep-unsent", action="store_true",
+                   help="update mode: each rank keeps its not-yet-sent update in its own parameters (flushed densely at the end)")
     c.add_argument("--start-iter", type=int, default=10, help="dense steps before compression starts")
     c.add_argument("--min-numel", type=int, default=1024,
                    help="buckets smaller than this go dense; smaller parameters travel uncompressed")
@@ -284,7 +286,7 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, hook_state, da
         "world_size": dist.get_world_size(),
         "compression": args.compression,
         "dgc": _dgc_options(args),
-        "mode": [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov],
+        "mode": [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov, args.keep_unsent],
         "optimizer_name": args.optimizer,
         "weight_decay": args.weight_decay,
         "data": data_label(args),
@@ -316,10 +318,10 @@ def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_ge
     if saved_dgc != _dgc_options(args):
         raise SystemExit(f"deepreduce train: checkpoint used --momentum-correction/--density-warmup/--clip-norm "
                          f"{saved_dgc}, this run {_dgc_options(args)}")
-    mode = [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov]
-    saved_mode = saved.get("mode", ["gradient", 1, False, 1.0, 0.0, False])
+    mode = [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov, args.keep_unsent]
+    saved_mode = saved.get("mode", ["gradient", 1, False, 1.0, 0.0, False, False])
     if saved_mode != mode:
-        raise SystemExit(f"deepreduce train: checkpoint used mode/local steps/overlap/outer lr/outer momentum/nesterov "
+        raise SystemExit(f"deepreduce train: checkpoint used mode/local steps/overlap/outer lr/outer momentum/nesterov/keep unsent "
                          f"{saved_mode}, this run {mode}")
     # Checkpoints written before these options existed trained with Adam, no weight decay.
     saved_optimizer = saved.get("optimizer_name", "adam")
@@ -369,8 +371,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("deepreduce train: --local-steps must be >= 1")
     if args.mode == "update" and args.compression in BUILTIN_HOOKS:
         raise SystemExit(f"deepreduce train: --mode update needs a compressor spec for --compression, not {args.compression!r}")
-    if args.mode == "gradient" and (args.local_steps != 1 or args.overlap or args.outer_lr != 1.0 or args.outer_momentum):
-        raise SystemExit("deepreduce train: --local-steps, --overlap, --outer-lr and --outer-momentum need --mode update")
+    if args.mode == "gradient" and (args.local_steps != 1 or args.overlap or args.keep_unsent or args.outer_lr != 1.0 or args.outer_momentum):
+        raise SystemExit("deepreduce train: --local-steps, --overlap, --keep-unsent, --outer-lr and --outer-momentum need --mode update")
     if args.momentum_correction or args.density_warmup or args.clip_norm is not None:
         if args.mode != "gradient":
             raise SystemExit("deepreduce train: --momentum-correction, --density-warmup and --clip-norm need --mode gradient")
@@ -427,7 +429,8 @@ def _update_sync(args: argparse.Namespace, model: torch.nn.Module, ddp: DDP) -> 
         compressor = Compressor.from_spec(args.compression, seed=args.seed)
         return UpdateSync(
             model.named_parameters(), compressor, local_steps=args.local_steps, outer_lr=args.outer_lr,
-            outer_momentum=args.outer_momentum, nesterov=args.nesterov, overlap=args.overlap, broadcast=False,
+            outer_momentum=args.outer_momentum, nesterov=args.nesterov, overlap=args.overlap,
+            keep_unsent=args.keep_unsent, broadcast=False,
             ddp=ddp, min_numel=args.min_numel, error_feedback=not args.no_error_feedback,
             dense_fallback=not args.no_dense_fallback, granularity=args.granularity,
             start_iter=-(-args.start_iter // args.local_steps),
@@ -509,7 +512,8 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | 
                       "step_s": step_s, "comm_s": comm_s}
             done = step + 1
             if args.eval_every and (done % args.eval_every == 0 or done == stop):
-                with sync.consensus() if sync is not None else contextlib.nullcontext():
+                # the agreed parameters; with --keep-unsent each rank's own, which include its unsent update
+                with sync.consensus() if sync is not None and not sync.keep_unsent else contextlib.nullcontext():
                     evaluation = evaluate(model, corpus, args, device)
                 record.update(evaluation)
             if metrics:

@@ -22,6 +22,7 @@ CONFIGS = {
     "lossless-h4": ("topk:0.05/zstd/raw", {"local_steps": 4}, "sgd"),
     "lossy-h4-outer": ("randomk:0.02/rle/fp16", {"local_steps": 4, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True}, "adamw"),
     "lossy-h2-overlap": ("topk:0.02/eliasfano/fp16", {"local_steps": 2, "overlap": True}, "adamw"),
+    "lossy-h2-keep": ("topk:0.02/eliasfano/uniform:bits=3", {"local_steps": 2, "keep_unsent": True}, "sgd"),
 }
 STEPS = 12
 

@@ -80,9 +80,10 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def write_json(path: Path, rows: Iterable[dict]) -> None:
+def write_json(path: Path, rows: Iterable[dict] | dict) -> None:
+    """Rows (a list) or one object, indented, to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(list(rows), indent=1) + "\n")
+    path.write_text(json.dumps(rows if isinstance(rows, dict) else list(rows), indent=1) + "\n")
 
 
 def update_results_section(results_md: Path, name: str, body: str) -> None:

@@ -1,15 +1,29 @@
-"""Convergence benchmark: does compression cost accuracy, and what does it buy in time?
+"""Convergence benchmark: does a configuration learn as well as dense, and how long does it
+take over a slow link to get there?
 
-Trains the byte-level transformer language model on the standard library's source text
-(``deepreduce train``) with the same seed, data and number of steps under each
-configuration on 2 ranks, and reports the final validation loss, bytes per step, and
-the wall-clock time until the validation loss first reaches a target. With ``--link``
-the two ranks sit on emulated nodes joined by a link of that rate (network namespaces,
-``tc tbf``), so the time-to-target includes a real network's cost.
+Two real tasks that need no download (``deepreduce train --task lm``: a byte-level
+transformer language model on the standard library's source; ``--task classify``: which
+stdlib package a snippet of source comes from, a convolutional classifier), each with
+AdamW and with SGD + momentum, several seeds. Every configuration trains the same steps
+from the same seed and data on 2 ranks (loopback), and the benchmark reports:
 
-    deepreduce bench convergence                          # loopback, 400 steps
-    deepreduce bench convergence --link 100mbit           # time to target over 100 Mbit/s
-    deepreduce bench convergence --quick                  # a smoke test
+- the final validation metric (loss for ``lm``, accuracy for ``classify``), mean and
+  spread over seeds, and its gap to dense (relative);
+- the steps until the metric first reaches dense's final value (evaluated every
+  ``--eval-every`` steps);
+- the wall-clock to that point over an emulated link (``--link``, default 100 Mbit/s,
+  network namespaces as in ``launch/netns-cluster``): each configuration's step time is
+  measured there in a separate short run on 2 emulated nodes (its dense warm-up steps
+  and its compressed steps apart), then applied to the step count. Training is
+  deterministic, so the steps to a target do not depend on the link; only their time
+  does.
+
+    deepreduce bench convergence                      # full run (hours on 2 cores)
+    deepreduce bench convergence --tasks lm --optimizers adamw --seeds 0
+    deepreduce bench convergence --quick              # seconds: a smoke test
+
+Runs already stored in ``results/convergence.json`` with the same settings are reused, so
+an interrupted benchmark continues where it stopped.
 """
 
 from __future__ import annotations
@@ -23,48 +37,47 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from ..metrics import read_metrics
-from . import default_output_dir, reproduce_command, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
+from . import default_output_dir, machine_facts, make_console, markdown_table, progress_bar, reproduce_command, update_results_section, write_json
 
-CONFIGS = [
-    "dense",
-    "fp16",
-    "powersgd",
-    "topk:0.1/eliasfano/fp16",
-    "topk:0.01/eliasfano/fp16",
-    "topk:0.01/eliasfano/qsgd",
-    "topk:0.01/bloom:policy=p2/polyfit",
-]
-MODEL_ARGS = ["--d-model", "192", "--layers", "3", "--heads", "4", "--seq-len", "128", "--batch", "16",
-              "--lr", "3e-3", "--corpus-mb", "8", "--start-iter", "10"]
-QUICK_ARGS = ["--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch", "4",
-              "--corpus-mb", "1", "--start-iter", "2", "--eval-batches", "2"]
-
-
-def _launch(config: str, train_args: list[str], metrics: Path, log: Path, port: int, cluster) -> list[subprocess.Popen]:
-    args = ["-m", "deepreduce", "train", *train_args, "--compression", config, "--metrics", str(metrics),
-            "--log-every", "0", "--threads", "1"]
-    env = {"OMP_NUM_THREADS": "1"}
-    if cluster is None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               f"--master_port={port}", *args]
-        with open(log, "w") as out:
-            return [subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})]
-    procs = []
-    for node in range(cluster.nodes):
-        with open(log.with_suffix(f".node{node}.log"), "w") as out:
-            procs.append(cluster.popen(node, cluster.torchrun_argv(node, args, port=port), env=env, port=port,
-                                       stdout=out, stderr=subprocess.STDOUT))
-    return procs
+# The compressed rows move about 1 % of dense's bytes per step once compression starts.
+BUDGET_SPEC = "topk:0.01/eliasfano/fp16"
+ROWS: dict[str, list[str]] = {
+    "dense": ["--compression", "dense"],
+    "fp16": ["--compression", "fp16"],
+    "powersgd r4": ["--compression", "powersgd", "--powersgd-rank", "4"],
+    "hook top-1%": ["--compression", BUDGET_SPEC],
+    "hook top-1% + DGC recipe": ["--compression", BUDGET_SPEC, "--density-warmup", "300", "--clip-norm", "1.0"],
+    "update H=1": ["--compression", BUDGET_SPEC, "--mode", "update", "--local-steps", "1"],
+    "update H=4": ["--compression", BUDGET_SPEC, "--mode", "update", "--local-steps", "4"],
+    "update H=16": ["--compression", BUDGET_SPEC, "--mode", "update", "--local-steps", "16"],
+}
+TASKS: dict[str, list[str]] = {
+    "lm": ["--task", "lm", "--d-model", "128", "--layers", "2", "--heads", "4", "--seq-len", "64", "--batch", "8",
+           "--corpus-mb", "4"],
+    "classify": ["--task", "classify", "--seq-len", "256", "--batch", "16", "--corpus-mb", "8"],
+}
+OPTIMIZERS: dict[str, dict[str, list[str]]] = {
+    "lm": {"adamw": ["--optimizer", "adamw", "--lr", "3e-3", "--weight-decay", "0.01"],
+           "sgd": ["--optimizer", "sgd", "--lr", "0.3"]},
+    "classify": {"adamw": ["--optimizer", "adamw", "--lr", "2e-3", "--weight-decay", "0.01"],
+                 "sgd": ["--optimizer", "sgd", "--lr", "0.05"]},
+}
+METRICS = {"lm": ("val_loss", "validation loss", False), "classify": ("val_acc", "validation accuracy", True)}
+COMMON = ["--threads", "1", "--start-iter", "10", "--log-every", "0", "--quiet"]
+QUICK_TASK = ["--task", "lm", "--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch", "4",
+              "--corpus-mb", "1", "--eval-batches", "2"]
 
 
-def run_config(config: str, train_args: list[str], steps: int, out: Path, port: int, cluster, progress, task,
-               timeout: float) -> dict:
-    name = config.replace("/", "_").replace(":", "-")
-    metrics, log = out / f"{name}.jsonl", out / f"{name}.log"
-    metrics.unlink(missing_ok=True)
-    procs = _launch(config, train_args, metrics, log, port, cluster)
+def _torchrun(args: list[str], port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--master_port={port}",
+            "-m", "deepreduce", "train", *args]
+
+
+def _run(cmd_or_procs, metrics: Path, log: Path, progress, task, timeout: float) -> tuple[list[dict], dict]:
+    procs = cmd_or_procs
     deadline = time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in procs):
@@ -79,94 +92,175 @@ def run_config(config: str, train_args: list[str], steps: int, out: Path, port: 
                 p.wait()
     records, summary = read_metrics(metrics)
     if summary is None:
-        logs = sorted(out.glob(f"{name}*.log"))
-        tail = logs[0].read_text()[-2000:] if logs else ""
-        raise RuntimeError(f"{config}: training did not finish (exit codes {[p.returncode for p in procs]}):\n{tail}")
-    elapsed = 0.0
-    curve = []
-    for record in records:
-        elapsed += record["step_s"]
-        if "val_loss" in record:
-            curve.append({"step": record["step"], "wall_s": elapsed, "val_loss": record["val_loss"]})
-    return {
-        "config": config,
-        "nodes": 2,
-        "link": cluster.rate if cluster and cluster.rate else ("unshaped" if cluster else "loopback"),
-        "steps": steps,
-        "final_val_loss": summary["val_loss"],
-        "step_time_s": statistics.median(r["step_s"] for r in records),
-        "bytes_per_step": statistics.median(r["bytes_sent"] for r in records),
-        "train_wall_s": elapsed,
-        "train_args": train_args,
-        "curve": curve,
-    }
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        raise RuntimeError(f"{' '.join(procs[0].args) if hasattr(procs[0], 'args') else ''}: training did not finish "
+                           f"(exit codes {[p.returncode for p in procs]}):\n{tail}")
+    return records, summary
 
 
-def merge_rows(previous: list[dict], rows: list[dict]) -> list[dict]:
-    """This run's rows, plus stored rows of other configurations trained on the same link with
-    the same settings (so one configuration can be added without re-running the rest)."""
-    ran = {r["config"] for r in rows}
-    link, train_args = rows[0]["link"], rows[0]["train_args"]
-    kept = [r for r in previous if r.get("link") == link and r.get("train_args") == train_args and r["config"] not in ran]
-    order = {config: i for i, config in enumerate(CONFIGS)}
-    return sorted(kept + rows, key=lambda r: order.get(r["config"], len(order)))
+def train_run(key: dict, train_args: list[str], scratch: Path, port: int, progress, timeout: float) -> dict:
+    """One loopback training run; its evaluation curve and bytes."""
+    name = f"{key['task']}-{key['optimizer']}-{key['row']}-s{key['seed']}".replace(" ", "_").replace("%", "pct").replace("=", "")
+    metrics, log = scratch / f"{name}.jsonl", scratch / f"{name}.log"
+    metrics.unlink(missing_ok=True)
+    task = progress.add_task(f"{key['task']:<8} {key['optimizer']:<5} s{key['seed']} {key['row']:<26}", total=key["steps"])
+    with open(log, "w") as out:
+        procs = [subprocess.Popen(_torchrun(train_args + ["--metrics", str(metrics)], port), stdout=out,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})]
+    records, summary = _run(procs, metrics, log, progress, task, timeout)
+    metric = METRICS[key["task"]][0]
+    curve = [{"step": r["step"], "value": r[metric]} for r in records if metric in r]
+    steady = [r["bytes_sent"] for r in records if r["step"] > 10]
+    return dict(key, train_args=train_args, final=summary[metric], curve=curve,
+                bytes_per_step=statistics.fmean(steady) if steady else 0.0,
+                dense_bytes_per_step=summary["dense_bytes_per_step"], train_s=sum(r["step_s"] for r in records))
 
 
-def time_to_target(curve: list[dict], target: float) -> float | None:
-    return next((point["wall_s"] for point in curve if point["val_loss"] <= target), None)
+def timing_run(task_name: str, row: str, train_args: list[str], steps: int, cluster, scratch: Path, port: int,
+               progress, timeout: float) -> dict:
+    """Step time of one configuration on the emulated link: dense warm-up and compressed steps apart."""
+    name = f"timing-{task_name}-{row}".replace(" ", "_").replace("%", "pct").replace("=", "")
+    metrics = scratch / f"{name}.jsonl"
+    metrics.unlink(missing_ok=True)
+    args = ["-m", "deepreduce", "train", *train_args, "--steps", str(steps), "--eval-every", "0", "--metrics", str(metrics)]
+    task = progress.add_task(f"timing {task_name:<8} {row:<26}", total=steps)
+    procs = []
+    for node in range(cluster.nodes):
+        with open(scratch / f"{name}.node{node}.log", "w") as out:
+            procs.append(cluster.popen(node, cluster.torchrun_argv(node, args, port=port), env={"OMP_NUM_THREADS": "1"},
+                                       port=port, stdout=out, stderr=subprocess.STDOUT))
+    records, _ = _run(procs, metrics, scratch / f"{name}.node0.log", progress, task, timeout)
+    warm = [r["step_s"] for r in records if r["step"] <= 10]
+    steady = [r["step_s"] for r in records if r["step"] > 10]
+    return {"task": task_name, "row": row, "link": cluster.rate, "warm_step_s": statistics.fmean(warm),
+            "step_s": statistics.fmean(steady), "steps": steps}
 
 
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+# --- analysis --------------------------------------------------------------------------------------
 
 
-def render(rows: list[dict], target: float, common: float, facts: dict, train_args: list[str]) -> str:
-    commands = " and ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
-    header = ["config", "link", "steps", "final val loss", "step time s", "bytes/step/rank", "time to target s",
-              f"time to {common:.4f} s"]
-    table = [[r["config"], r["link"], r["steps"], f"{r['final_val_loss']:.4f}", f"{r['step_time_s']:.3f}",
-              f"{r['bytes_per_step'] / 1e6:.3f} MB", _seconds(r["time_to_target_s"]), _seconds(r["time_to_common_s"])]
-             for r in rows]
-    return "\n".join([
-        "## Convergence: validation loss and time to target",
+def reached(curve: list[dict], target: float, higher: bool) -> int | None:
+    """First evaluated step whose metric is at least as good as ``target``."""
+    return next((p["step"] for p in curve if (p["value"] >= target if higher else p["value"] <= target)), None)
+
+
+def seconds_to(step: int | None, timing: dict | None) -> float | None:
+    if step is None or timing is None:
+        return None
+    return min(step, 10) * timing["warm_step_s"] + max(step - 10, 0) * timing["step_s"]
+
+
+def summarize(runs: list[dict], timings: list[dict]) -> list[dict]:
+    """One row per (task, optimizer, configuration), seeds combined."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["task"], run["optimizer"], run["row"]), []).append(run)
+    for (task, optimizer, row), group in groups.items():
+        higher = METRICS[task][2]
+        dense = groups.get((task, optimizer, "dense"))
+        target = statistics.fmean(r["final"] for r in dense) if dense else None
+        finals = [r["final"] for r in group]
+        mean = statistics.fmean(finals)
+        timing = next((t for t in timings if t["task"] == task and t["row"] == row), None)
+        steps = [reached(r["curve"], target, higher) if target is not None else None for r in group]
+        got = [s for s in steps if s is not None]
+        step_to = statistics.fmean(got) if len(got) == len(steps) else None
+        out.append({
+            "task": task, "optimizer": optimizer, "row": row, "seeds": len(group), "final": mean,
+            "final_min": min(finals), "final_max": max(finals), "target": target,
+            "gap": None if target is None else ((target - mean) if higher else (mean - target)) / abs(target),
+            "bytes_per_step": statistics.fmean(r["bytes_per_step"] for r in group),
+            "dense_bytes_per_step": group[0]["dense_bytes_per_step"],
+            "steps_to_target": step_to, "reached": f"{len(got)}/{len(steps)}",
+            "step_s_link": timing["step_s"] if timing else None, "link": timing["link"] if timing else None,
+            "time_to_target_s": seconds_to(round(step_to) if step_to is not None else None, timing),
+        })
+    order = list(ROWS)
+    return sorted(out, key=lambda r: (r["task"], r["optimizer"], order.index(r["row"]) if r["row"] in order else 99))
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None else format(value, pattern)
+
+
+def render(summary: list[dict], facts: dict, command: str, steps: int, seeds: list[int]) -> str:
+    lines = [
+        "## Convergence: learning as well as dense, and the time to get there",
         "",
-        f"Reproduce: {commands}. Machine: {facts['cpu_cores']} cores, torch {facts['torch']}. "
-        f"Training: `deepreduce train {' '.join(train_args)}` on 2 ranks (gloo, 1 thread each), same seed and "
-        f"data order for every configuration; compressed hooks start after 10 dense steps.",
+        f"Reproduce: `{command}`. Machine: {facts['cpu_cores']} cores, torch {facts['torch']}. Each row trains "
+        f"{steps} steps on 2 ranks (gloo, 1 thread each) from the same seed and data; seeds {', '.join(map(str, seeds))}. "
+        "Compressed rows start after 10 dense steps. Bytes/step: mean bytes a rank hands to collectives per step after "
+        "those 10 steps (the update mode's exchanges spread over their local steps). Gap: relative to dense's mean "
+        "final metric (positive = worse). Steps to target: first evaluation at or past dense's mean final metric, "
+        "mean over seeds (`-` unless every seed got there). Time to target: those steps at the step time measured "
+        "on 2 emulated nodes joined by the link (dense warm-up steps and compressed steps timed apart); evaluation "
+        "excluded.",
         "",
-        f"Target validation loss: {target:.4f} (the dense run's final loss + 2 %); {common:.4f} is the worst "
-        "final loss of all configurations, a target every one of them reaches. Times count training step time "
-        "only (evaluation excluded). Bytes/step: median bytes each rank hands to collectives.",
-        "",
-        markdown_table(header, table),
-        "",
-        "![validation loss](results/convergence.png)",
-    ])
+    ]
+    for task in dict.fromkeys(r["task"] for r in summary):
+        for optimizer in dict.fromkeys(r["optimizer"] for r in summary if r["task"] == task):
+            rows = [r for r in summary if r["task"] == task and r["optimizer"] == optimizer]
+            metric_name = METRICS[task][1]
+            link = next((r["link"] for r in rows if r["link"]), None)
+            dense_time = next((r["time_to_target_s"] for r in rows if r["row"] == "dense"), None)
+            header = ["configuration", f"final {metric_name} (min-max)", "gap to dense", "bytes/step",
+                      "steps to target", f"step time at {link or '-'}", "time to target", "vs dense"]
+            table = []
+            for r in rows:
+                speedup = dense_time / r["time_to_target_s"] if dense_time and r["time_to_target_s"] else None
+                table.append([
+                    r["row"], f"{r['final']:.4f} ({r['final_min']:.4f}-{r['final_max']:.4f})",
+                    _fmt(None if r["gap"] is None else 100 * r["gap"], "+.1f") + (" %" if r["gap"] is not None else ""),
+                    f"{r['bytes_per_step'] / 1e3:.1f} kB ({100 * r['bytes_per_step'] / r['dense_bytes_per_step']:.2f} %)",
+                    _fmt(r["steps_to_target"], ".0f") + f" ({r['reached']})",
+                    _fmt(r["step_s_link"], ".3f") + (" s" if r["step_s_link"] is not None else ""),
+                    _fmt(r["time_to_target_s"], ".0f") + (" s" if r["time_to_target_s"] is not None else ""),
+                    _fmt(speedup, ".1f") + ("x" if speedup else ""),
+                ])
+            lines += [f"### {task}, {optimizer}", "", markdown_table(header, table), ""]
+    lines += ["![curves](results/convergence.png)", ""]
+    return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for row in rows:
-        steps = [p["step"] for p in row["curve"]]
-        wall = [p["wall_s"] for p in row["curve"]]
-        losses = [p["val_loss"] for p in row["curve"]]
-        by_step.plot(steps, losses, marker=".", label=row["config"])
-        by_time.plot(wall, losses, marker=".", label=row["config"])
-    by_step.set_xlabel("step")
-    by_time.set_xlabel(f"training wall-clock (s), link {rows[0]['link']}")
-    for ax in (by_step, by_time):
-        ax.set_ylabel("validation loss (nats/byte)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Byte-level transformer on stdlib source, 2 ranks")
+    panels = list(dict.fromkeys((r["task"], r["optimizer"]) for r in runs))
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 8), squeeze=False)
+    for col, (task, optimizer) in enumerate(panels):
+        by_step, by_time = axes[0][col], axes[1][col]
+        for row in ROWS:
+            group = [r for r in runs if (r["task"], r["optimizer"], r["row"]) == (task, optimizer, row)]
+            if not group:
+                continue
+            steps = [p["step"] for p in group[0]["curve"]]
+            values = [[p["value"] for p in r["curve"]] for r in group if len(r["curve"]) == len(steps)]
+            mean = [statistics.fmean(v) for v in zip(*values)]
+            line, = by_step.plot(steps, mean, label=row, linewidth=1.2)
+            by_step.fill_between(steps, [min(v) for v in zip(*values)], [max(v) for v in zip(*values)],
+                                 color=line.get_color(), alpha=0.15)
+            stats = next(s for s in summary if (s["task"], s["optimizer"], s["row"]) == (task, optimizer, row))
+            if stats["step_s_link"] is not None:
+                timing = {"warm_step_s": stats["warm_step_s"], "step_s": stats["step_s_link"]}
+                by_time.plot([seconds_to(s, timing) for s in steps], mean, label=row, color=line.get_color(), linewidth=1.2)
+        name = METRICS[task][1]
+        by_step.set(title=f"{task}, {optimizer}", xlabel="step", ylabel=name)
+        by_time.set(xlabel=f"estimated wall-clock (s) at {summary[0].get('link') or '-'}", ylabel=name, xscale="log")
+        for ax in (by_step, by_time):
+            ax.grid(alpha=0.3)
+        if task == "lm":
+            lows = [p["value"] for r in runs if r["task"] == task for p in r["curve"]]
+            by_step.set_ylim(min(lows) * 0.98, min(lows) * 1.6)
+            by_time.set_ylim(min(lows) * 0.98, min(lows) * 1.6)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("2 ranks; mean over seeds, shaded: min-max")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -174,81 +268,90 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="deepreduce bench convergence", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=None, help=f"default: {' '.join(CONFIGS)}")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per configuration (default 400)")
-    parser.add_argument("--link", default=None, help="emulate 2 nodes on a link of this rate (e.g. 100mbit; needs root)")
-    parser.add_argument("--target", type=float, default=None, help="target validation loss (default: dense final + 2 %%)")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 20 steps, 2 configs (a smoke test)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration before it is stopped")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--optimizers", nargs="+", default=["adamw", "sgd"], choices=["adamw", "sgd"])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW",
+                        help=f"configurations (default: all of {', '.join(ROWS)})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--link", default="100mbit", help="rate of the emulated link for the step times, or 'none'")
+    parser.add_argument("--timing-steps", type=int, default=58, help="steps of each timing run (10 dense first)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps, 2 rows, no link (a smoke test)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is stopped")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
     args = parser.parse_args(argv)
-
-    from rich.table import Table
-
     console = make_console()
-    steps = args.steps or (20 if args.quick else 400)
-    configs = args.configs or (["dense", "topk:0.05/eliasfano/fp16"] if args.quick else CONFIGS)
-    from .bandwidth import available
-
-    skipped = [c for c in configs if c not in ("dense", "fp16", "powersgd") and not available(c)]
-    if skipped:
-        console.print(f"[yellow]skipping configurations whose codecs are not registered: {', '.join(skipped)}")
-        configs = [c for c in configs if c not in skipped]
-    train_args = (QUICK_ARGS if args.quick else MODEL_ARGS) + ["--steps", str(steps), "--eval-every", str(max(1, steps // 20))]
+    if args.quick:
+        args.tasks, args.optimizers, args.seeds, args.link = ["lm"], ["adamw"], [0], "none"
+        args.rows = [r for r in args.rows if r in ("dense", "update H=4")] if len(args.rows) < len(ROWS) else ["dense", "update H=4"]
+        args.steps = min(args.steps, 20)
+        args.eval_every = 5
     out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
     scratch = Path(tempfile.mkdtemp(prefix="deepreduce-convergence-runs-"))
-    cluster = None
-    if args.link:
-        from ..netns import NetnsCluster, netns_unavailable_reason
-
-        reason = netns_unavailable_reason()
-        if reason:
-            console.print(f"[red]--link needs network namespaces: {reason}")
-            return 2
-        cluster = NetnsCluster(2, rate=None if args.link == "unshaped" else args.link, name=f"drcv{os.getpid() % 10000}")
-        cluster.up()
-    rows = []
-    try:
-        with progress_bar(console) as progress:
-            for i, config in enumerate(configs):
-                task = progress.add_task(f"{config:<36}", total=steps)
-                rows.append(run_config(config, train_args, steps, scratch, 29700 + i, cluster, progress, task, args.timeout))
-    finally:
-        if cluster is not None:
-            cluster.down()
-    # One JSON for every link and configuration: stored rows of other runs are kept.
     json_path = out / "results" / "convergence.json"
-    previous = json.loads(json_path.read_text()) if json_path.exists() else []
-    command = reproduce_command("convergence", argv)
-    rows = merge_rows(previous, [dict(r, command=command) for r in rows])
-    dense = next((r for r in rows if r["config"] == "dense"), None)
-    target = args.target if args.target is not None else (dense or rows[0])["final_val_loss"] * 1.02
-    common = max(r["final_val_loss"] for r in rows)
-    for row in rows:
-        row["target_val_loss"] = target
-        row["time_to_target_s"] = time_to_target(row["curve"], target)
-        row["common_val_loss"] = common
-        row["time_to_common_s"] = time_to_target(row["curve"], common)
+    stored = json.loads(json_path.read_text()) if json_path.exists() else {}
+    stored = stored if isinstance(stored, dict) else {}
+    runs: list[dict] = stored.get("runs", [])
+    timings: list[dict] = stored.get("timings", [])
 
-    table = Table(title=f"deepreduce bench convergence ({steps} steps, target val loss {target:.4f})")
-    for column in ("config", "link", "final val loss", "step s", "bytes/step", "time to target s", f"time to {common:.4f} s"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(r["config"], r["link"], f"{r['final_val_loss']:.4f}", f"{r['step_time_s']:.3f}",
-                      f"{r['bytes_per_step'] / 1e6:.3f} MB", _seconds(r["time_to_target_s"]), _seconds(r["time_to_common_s"]))
-    console.print(table)
+    def arguments(task: str, optimizer: str, row: str, seed: int) -> list[str]:
+        base = QUICK_TASK if args.quick else TASKS[task]
+        return [*base, *OPTIMIZERS[task][optimizer], *COMMON, *ROWS[row], "--seed", str(seed), "--steps", str(args.steps),
+                "--eval-every", str(args.eval_every)]
+
+    def save() -> None:
+        write_json(json_path, {"runs": runs, "timings": timings, "machine": machine_facts()})
+
+    port = 29600 + os.getpid() % 200
+    with progress_bar(console) as progress:
+        for task in args.tasks:
+            for optimizer in args.optimizers:
+                for seed in args.seeds:
+                    for row in args.rows:
+                        key = {"task": task, "optimizer": optimizer, "row": row, "seed": seed, "steps": args.steps}
+                        train_args = arguments(task, optimizer, row, seed)
+                        if any(r.get("train_args") == train_args for r in runs):
+                            continue  # stored from an earlier run with the same settings
+                        runs = [r for r in runs if any(r[k] != v for k, v in key.items())]
+                        runs.append(train_run(key, train_args, scratch, port, progress, args.timeout))
+                        save()
+        if args.link != "none":
+            from ..netns import NetnsCluster, netns_unavailable_reason
+
+            reason = netns_unavailable_reason()
+            if reason:
+                console.print(f"[red]--link needs network namespaces ({reason}); use --link none")
+                return 2
+            with NetnsCluster(2, rate=args.link, name=f"drcv{os.getpid() % 10000}") as cluster:
+                for task in args.tasks:
+                    for row in args.rows:
+                        train_args = [a for a in arguments(task, args.optimizers[0], row, 0)]
+                        train_args = train_args[: train_args.index("--steps")]
+                        if any(t["task"] == task and t["row"] == row and t["link"] == args.link
+                               and t.get("train_args") == train_args and t["steps"] == args.timing_steps for t in timings):
+                            continue
+                        timing = timing_run(task, row, train_args, args.timing_steps, cluster, scratch, port, progress,
+                                            args.timeout)
+                        timings = [t for t in timings if not (t["task"] == task and t["row"] == row)]
+                        timings.append(dict(timing, train_args=train_args))
+                        save()
+    wanted = [r for r in runs if r["task"] in args.tasks and r["optimizer"] in args.optimizers and r["row"] in args.rows
+              and r["seed"] in args.seeds and r["steps"] == args.steps]
+    summary = summarize(wanted, [t for t in timings if t["link"] == args.link])
+    for row in summary:
+        timing = next((t for t in timings if t["task"] == row["task"] and t["row"] == row["row"] and t["link"] == args.link), None)
+        row["warm_step_s"] = timing["warm_step_s"] if timing else None
     facts = machine_facts()
-    links = {r["link"] for r in rows}
-    others = [r for r in previous if r.get("link") not in links]
-    write_json(json_path, others + [dict(r, machine=r.get("machine", facts)) for r in rows])
-    section = "convergence" + (f"-{rows[0]['link']}" if args.link else "")
-    update_results_section(out / "RESULTS.md", section, render(rows, target, common, facts, train_args).replace(
-        "results/convergence.png", f"results/{section}.png"))
+    write_json(json_path, {"runs": runs, "timings": timings, "summary": summary, "machine": facts})
+    section = render(summary, facts, reproduce_command("convergence", argv), args.steps, args.seeds)
+    update_results_section(out / "RESULTS.md", "convergence", section)
+    console.print(section)
     try:
-        plot(rows, out / "results" / f"{section}.png")
+        plot(wanted, summary, out / "results" / "convergence.png")
     except ImportError:
         console.print("[yellow]matplotlib not installed: no plot (pip install 'deepreduce[bench]')")
-    console.print(f"wrote {out / 'RESULTS.md'}, {out / 'results' / 'convergence.json'}; run logs in {scratch}")
+    console.print(f"wrote {out / 'RESULTS.md'}, {json_path}; run logs in {scratch}")
     return 0
 
 
