@@ -27,6 +27,11 @@ second moment (which is why compressing the gradient hurts Adam).
 
 Tuning:
 
+- Learning rate: with Adam(W) every rank normalises its own, noisier gradient, and the
+  average of W such updates is shorter than one update from the averaged gradient (their
+  noise points different ways). Raise the inner learning rate by about ``sqrt(W)`` over
+  the one tuned for data-parallel training. SGD is linear: the average of the ranks'
+  SGD steps is the data-parallel step, no change needed.
 - ``compressor``: its ratio is the density *per local step*; each exchange sends
   ``ratio * local_steps`` of the parameters (capped at 1), so bytes per step stay the
   configured figure whatever ``local_steps`` is.
@@ -37,6 +42,12 @@ Tuning:
   update taken as a negative gradient (DiLoCo uses lr 0.7, Nesterov momentum 0.9 with
   hundreds of local steps). The default, lr 1 without momentum, applies the average as
   it is; error feedback already carries what compression delayed.
+- ``keep_unsent``: each rank keeps the part of its update not sent yet in its own
+  parameters (parameters = agreed anchor + own residual), so its optimizer never works
+  on a model that lags its own progress; the ranks' parameters then differ by their
+  residuals between exchanges, and :meth:`UpdateSync.finish` averages the residuals
+  densely (one allreduce of the model) so every rank ends with the same parameters.
+  With few bytes per step this learns markedly better (``benchmarks/RESULTS.md``).
 - ``overlap``: start an exchange and apply its average one round later, so the wire
   time hides behind the next round's compute. Parameters then differ between ranks by
   their own un-averaged progress; :meth:`UpdateSync.finish` (or any checkpoint) makes
@@ -79,6 +90,7 @@ class UpdateSync:
         outer_lr, outer_momentum, nesterov: the outer SGD step on the averaged update.
         overlap: apply each exchange's average one round late (wire time hides behind
             compute).
+        keep_unsent: keep each rank's unsent update in its own parameters (see above).
         process_group: the torch.distributed group (default: the world), unless
             ``transport`` is given (any :class:`~deepreduce.comm.Transport`: Horovod,
             mpi4py).

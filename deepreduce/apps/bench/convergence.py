@@ -42,27 +42,36 @@ from typing import Any
 from ..metrics import read_metrics
 from . import default_output_dir, machine_facts, make_console, markdown_table, progress_bar, reproduce_command, update_results_section, write_json
 
-# The compressed rows move about 1 % of dense's bytes per step once compression starts.
-BUDGET_SPEC = "topk:0.01/eliasfano/fp16"
+# Every compressed row moves about 1 % of dense's bytes per step once compression starts:
+# the hook with top-1 % (Elias-Fano indices, fp16 values: ~24 bits per kept element), the
+# update mode with top-4 % and 1-bit values (~7.4 bits per kept element).
+HOOK_SPEC = "topk:0.01/eliasfano/fp16"
+UPDATE_SPEC = "topk:0.04/eliasfano/uniform:bits=1"
 ROWS: dict[str, list[str]] = {
     "dense": ["--compression", "dense"],
     "fp16": ["--compression", "fp16"],
     "powersgd r4": ["--compression", "powersgd", "--powersgd-rank", "4"],
-    "hook top-1%": ["--compression", BUDGET_SPEC],
-    "hook top-1% + DGC recipe": ["--compression", BUDGET_SPEC, "--density-warmup", "300", "--clip-norm", "1.0"],
-    "update H=1": ["--compression", BUDGET_SPEC, "--mode", "update", "--local-steps", "1"],
-    "update H=4": ["--compression", BUDGET_SPEC, "--mode", "update", "--local-steps", "4"],
-    "update H=16": ["--compression", BUDGET_SPEC, "--mode", "update", "--local-steps", "16"],
+    "hook top-1%": ["--compression", HOOK_SPEC],
+    "hook top-1% + DGC recipe": ["--compression", HOOK_SPEC, "--density-warmup", "300"],
+    "update H=1": ["--compression", UPDATE_SPEC, "--mode", "update", "--keep-unsent", "--local-steps", "1"],
+    "update H=4": ["--compression", UPDATE_SPEC, "--mode", "update", "--keep-unsent", "--local-steps", "4"],
+    "update H=16": ["--compression", UPDATE_SPEC, "--mode", "update", "--keep-unsent", "--local-steps", "16"],
 }
+# In update mode each rank's Adam normalises its own noisier gradient and the average of the
+# ranks' updates is shorter: the inner learning rate is raised (by 2x at 2 ranks, as measured
+# on a tuning task; see deepreduce.optim). SGD needs no change.
+UPDATE_ADAM_LR_SCALE = 2.0
+# DGC's momentum correction moves SGD's momentum into the hook (the optimizer then runs without).
+RECIPE_EXTRA = {"sgd": ["--momentum-correction", "0.9"], "adamw": []}
 TASKS: dict[str, list[str]] = {
     "lm": ["--task", "lm", "--d-model", "128", "--layers", "2", "--heads", "4", "--seq-len", "64", "--batch", "8",
            "--corpus-mb", "4"],
-    "classify": ["--task", "classify", "--seq-len", "256", "--batch", "16", "--corpus-mb", "8"],
+    "classify": ["--task", "classify"],  # its defaults: a 1-D conv net, 16 classes, 256-byte snippets
 }
 OPTIMIZERS: dict[str, dict[str, list[str]]] = {
-    "lm": {"adamw": ["--optimizer", "adamw", "--lr", "3e-3", "--weight-decay", "0.01"],
+    "lm": {"adamw": ["--optimizer", "adamw", "--lr", "4.2e-3", "--weight-decay", "0.01"],
            "sgd": ["--optimizer", "sgd", "--lr", "0.3"]},
-    "classify": {"adamw": ["--optimizer", "adamw", "--lr", "2e-3", "--weight-decay", "0.01"],
+    "classify": {"adamw": ["--optimizer", "adamw", "--lr", "2e-3", "--weight-decay", "0.1"],
                  "sgd": ["--optimizer", "sgd", "--lr", "0.05"]},
 }
 METRICS = {"lm": ("val_loss", "validation loss", False), "classify": ("val_acc", "validation accuracy", True)}
@@ -110,15 +119,23 @@ def train_run(key: dict, train_args: list[str], scratch: Path, port: int, progre
     records, summary = _run(procs, metrics, log, progress, task, timeout)
     metric = METRICS[key["task"]][0]
     curve = [{"step": r["step"], "value": r[metric]} for r in records if metric in r]
-    steady = [r["bytes_sent"] for r in records if r["step"] > 10]
+    steady = [r["bytes_sent"] for r in records if r["step"] > warm_steps(train_args)]
     return dict(key, train_args=train_args, final=summary[metric], curve=curve,
                 bytes_per_step=statistics.fmean(steady) if steady else 0.0,
                 dense_bytes_per_step=summary["dense_bytes_per_step"], train_s=sum(r["step_s"] for r in records))
 
 
+def warm_steps(train_args: list[str]) -> int:
+    """Steps that go dense before compression starts: 10, rounded up to whole exchanges."""
+    local = int(train_args[train_args.index("--local-steps") + 1]) if "--local-steps" in train_args else 1
+    return -(-10 // local) * local
+
+
 def timing_run(task_name: str, row: str, train_args: list[str], steps: int, cluster, scratch: Path, port: int,
                progress, timeout: float) -> dict:
     """Step time of one configuration on the emulated link: dense warm-up and compressed steps apart."""
+    warm_count = warm_steps(train_args)
+    steps += warm_count
     name = f"timing-{task_name}-{row}".replace(" ", "_").replace("%", "pct").replace("=", "")
     metrics = scratch / f"{name}.jsonl"
     metrics.unlink(missing_ok=True)
@@ -130,10 +147,10 @@ def timing_run(task_name: str, row: str, train_args: list[str], steps: int, clus
             procs.append(cluster.popen(node, cluster.torchrun_argv(node, args, port=port), env={"OMP_NUM_THREADS": "1"},
                                        port=port, stdout=out, stderr=subprocess.STDOUT))
     records, _ = _run(procs, metrics, scratch / f"{name}.node0.log", progress, task, timeout)
-    warm = [r["step_s"] for r in records if r["step"] <= 10]
-    steady = [r["step_s"] for r in records if r["step"] > 10]
+    warm = [r["step_s"] for r in records if r["step"] <= warm_count]
+    steady = [r["step_s"] for r in records if r["step"] > warm_count]
     return {"task": task_name, "row": row, "link": cluster.rate, "warm_step_s": statistics.fmean(warm),
-            "step_s": statistics.fmean(steady), "steps": steps}
+            "step_s": statistics.fmean(steady), "steps": steps, "warm_steps": warm_count}
 
 
 # --- analysis --------------------------------------------------------------------------------------
@@ -147,7 +164,8 @@ def reached(curve: list[dict], target: float, higher: bool) -> int | None:
 def seconds_to(step: int | None, timing: dict | None) -> float | None:
     if step is None or timing is None:
         return None
-    return min(step, 10) * timing["warm_step_s"] + max(step - 10, 0) * timing["step_s"]
+    warm = timing.get("warm_steps", 10)
+    return min(step, warm) * timing["warm_step_s"] + max(step - warm, 0) * timing["step_s"]
 
 
 def summarize(runs: list[dict], timings: list[dict]) -> list[dict]:
@@ -245,7 +263,7 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
                                  color=line.get_color(), alpha=0.15)
             stats = next(s for s in summary if (s["task"], s["optimizer"], s["row"]) == (task, optimizer, row))
             if stats["step_s_link"] is not None:
-                timing = {"warm_step_s": stats["warm_step_s"], "step_s": stats["step_s_link"]}
+                timing = {"warm_step_s": stats["warm_step_s"], "step_s": stats["step_s_link"], "warm_steps": stats["warm_steps"]}
                 by_time.plot([seconds_to(s, timing) for s in steps], mean, label=row, color=line.get_color(), linewidth=1.2)
         name = METRICS[task][1]
         by_step.set(title=f"{task}, {optimizer}", xlabel="step", ylabel=name)
@@ -276,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--link", default="100mbit", help="rate of the emulated link for the step times, or 'none'")
-    parser.add_argument("--timing-steps", type=int, default=58, help="steps of each timing run (10 dense first)")
+    parser.add_argument("--timing-steps", type=int, default=64,
+                        help="compressed steps of each timing run (after its dense warm-up steps)")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps, 2 rows, no link (a smoke test)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is stopped")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
@@ -297,25 +316,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def arguments(task: str, optimizer: str, row: str, seed: int) -> list[str]:
         base = QUICK_TASK if args.quick else TASKS[task]
-        return [*base, *OPTIMIZERS[task][optimizer], *COMMON, *ROWS[row], "--seed", str(seed), "--steps", str(args.steps),
-                "--eval-every", str(args.eval_every)]
+        extra = RECIPE_EXTRA[optimizer] if "DGC" in row else []
+        optimizer_args = list(OPTIMIZERS[task][optimizer])
+        if row.startswith("update") and optimizer == "adamw":
+            where = optimizer_args.index("--lr") + 1
+            optimizer_args[where] = f"{float(optimizer_args[where]) * UPDATE_ADAM_LR_SCALE:g}"
+        return [*base, *optimizer_args, *COMMON, *ROWS[row], *extra, "--seed", str(seed),
+                "--steps", str(args.steps), "--eval-every", str(args.eval_every)]
 
     def save() -> None:
         write_json(json_path, {"runs": runs, "timings": timings, "machine": machine_facts()})
 
     port = 29600 + os.getpid() % 200
     with progress_bar(console) as progress:
-        for task in args.tasks:
-            for optimizer in args.optimizers:
-                for seed in args.seeds:
-                    for row in args.rows:
-                        key = {"task": task, "optimizer": optimizer, "row": row, "seed": seed, "steps": args.steps}
-                        train_args = arguments(task, optimizer, row, seed)
-                        if any(r.get("train_args") == train_args for r in runs):
-                            continue  # stored from an earlier run with the same settings
-                        runs = [r for r in runs if any(r[k] != v for k, v in key.items())]
-                        runs.append(train_run(key, train_args, scratch, port, progress, args.timeout))
-                        save()
         if args.link != "none":
             from ..netns import NetnsCluster, netns_unavailable_reason
 
@@ -329,12 +342,24 @@ def main(argv: list[str] | None = None) -> int:
                         train_args = [a for a in arguments(task, args.optimizers[0], row, 0)]
                         train_args = train_args[: train_args.index("--steps")]
                         if any(t["task"] == task and t["row"] == row and t["link"] == args.link
-                               and t.get("train_args") == train_args and t["steps"] == args.timing_steps for t in timings):
+                               and t.get("train_args") == train_args and t["steps"] - t["warm_steps"] == args.timing_steps
+                               for t in timings):
                             continue
                         timing = timing_run(task, row, train_args, args.timing_steps, cluster, scratch, port, progress,
                                             args.timeout)
                         timings = [t for t in timings if not (t["task"] == task and t["row"] == row)]
                         timings.append(dict(timing, train_args=train_args))
+                        save()
+        for task in args.tasks:
+            for optimizer in args.optimizers:
+                for seed in args.seeds:
+                    for row in args.rows:
+                        key = {"task": task, "optimizer": optimizer, "row": row, "seed": seed, "steps": args.steps}
+                        train_args = arguments(task, optimizer, row, seed)
+                        if any(r.get("train_args") == train_args for r in runs):
+                            continue  # stored from an earlier run with the same settings
+                        runs = [r for r in runs if any(r[k] != v for k, v in key.items())]
+                        runs.append(train_run(key, train_args, scratch, port, progress, args.timeout))
                         save()
     wanted = [r for r in runs if r["task"] in args.tasks and r["optimizer"] in args.optimizers and r["row"] in args.rows
               and r["seed"] in args.seeds and r["steps"] == args.steps]
@@ -342,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in summary:
         timing = next((t for t in timings if t["task"] == row["task"] and t["row"] == row["row"] and t["link"] == args.link), None)
         row["warm_step_s"] = timing["warm_step_s"] if timing else None
+        row["warm_steps"] = timing.get("warm_steps", 10) if timing else None
     facts = machine_facts()
     write_json(json_path, {"runs": runs, "timings": timings, "summary": summary, "machine": facts})
     section = render(summary, facts, reproduce_command("convergence", argv), args.steps, args.seeds)
