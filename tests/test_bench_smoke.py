@@ -12,6 +12,7 @@ from deepreduce.apps.netns import netns_unavailable_reason
 NETNS_REASON = netns_unavailable_reason()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NETNS_REASON is not None, reason=f"network namespaces unavailable: {NETNS_REASON}")
 def test_bandwidth_benchmark_quick_run(tmp_path):
     assert bandwidth.main(["--quick", "--out", str(tmp_path)]) == 0
@@ -29,6 +30,7 @@ def test_bandwidth_benchmark_quick_run(tmp_path):
     assert (tmp_path / "results" / "bandwidth.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_convergence_benchmark_quick_run(tmp_path):
     assert convergence.main(["--quick", "--steps", "20", "--out", str(tmp_path)]) == 0
     stored = json.loads((tmp_path / "results" / "convergence.json").read_text())
@@ -53,3 +55,7 @@ def test_time_to_target_counts_warm_up_and_compressed_steps_apart():
     assert convergence.reached(curve, 2.0, higher=False) is None
     assert convergence.reached([{"step": 5, "value": 0.4}, {"step": 9, "value": 0.6}], 0.5, higher=True) == 9
     assert convergence.seconds_to(100, {"warm_step_s": 2.0, "step_s": 0.1}) == 10 * 2.0 + 90 * 0.1
+    ramp = {"warm_step_s": 1.0, "step_s": 0.1, "warm_times": [2.0, 1.0, 0.5]}  # a density ramp, step by step
+    assert convergence.seconds_to(2, ramp) == 3.0 and convergence.seconds_to(5, ramp) == 3.5 + 2 * 0.1
+    assert convergence.warm_steps(["--local-steps", "16"]) == 16
+    assert convergence.warm_steps(["--density-warmup", "300"]) == 310

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # starts processes
+
+
 import deepreduce as dr
 from deepreduce import wire
 
@@ -44,7 +47,7 @@ def fuzz_results() -> dict[str, dict]:
         (max(1, ITERATIONS // 4), VARIANTS),
     ]
     jobs = [
-        (count, subprocess.Popen([sys.executable, str(HERE / "fuzz_worker.py"), str(count), "2026", *entries],
+        (count, subprocess.Popen([sys.executable, str(HERE / "workers" / "fuzz.py"), str(count), "2026", *entries],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
         for count, entries in groups if entries
     ]

@@ -40,7 +40,12 @@ def test_cluster_refuses_public_addresses():
 
 
 REASON = netns_unavailable_reason()
-needs_netns = pytest.mark.skipif(REASON is not None, reason=f"network namespaces unavailable: {REASON}")
+_skip_without_netns = pytest.mark.skipif(REASON is not None, reason=f"network namespaces unavailable: {REASON}")
+
+
+def needs_netns(test):
+    """Namespaces, links and processes: a slow test, skipped where namespaces cannot be made."""
+    return pytest.mark.slow(_skip_without_netns(test))
 
 
 def namespaces() -> set[str]:

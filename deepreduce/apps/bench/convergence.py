@@ -119,16 +119,22 @@ def train_run(key: dict, train_args: list[str], scratch: Path, port: int, progre
     records, summary = _run(procs, metrics, log, progress, task, timeout)
     metric = METRICS[key["task"]][0]
     curve = [{"step": r["step"], "value": r[metric]} for r in records if metric in r]
-    steady = [r["bytes_sent"] for r in records if r["step"] > warm_steps(train_args)]
+    steady = [r["bytes_sent"] for r in records if r["step"] > dense_steps(train_args)]
     return dict(key, train_args=train_args, final=summary[metric], curve=curve,
                 bytes_per_step=statistics.fmean(steady) if steady else 0.0,
                 dense_bytes_per_step=summary["dense_bytes_per_step"], train_s=sum(r["step_s"] for r in records))
 
 
-def warm_steps(train_args: list[str]) -> int:
+def dense_steps(train_args: list[str]) -> int:
     """Steps that go dense before compression starts: 10, rounded up to whole exchanges."""
     local = int(train_args[train_args.index("--local-steps") + 1]) if "--local-steps" in train_args else 1
     return -(-10 // local) * local
+
+
+def warm_steps(train_args: list[str]) -> int:
+    """Steps before compression reaches its steady density: the dense steps plus a density warm-up."""
+    ramp = int(train_args[train_args.index("--density-warmup") + 1]) if "--density-warmup" in train_args else 0
+    return dense_steps(train_args) + ramp
 
 
 def timing_run(task_name: str, row: str, train_args: list[str], steps: int, cluster, scratch: Path, port: int,
@@ -150,7 +156,8 @@ def timing_run(task_name: str, row: str, train_args: list[str], steps: int, clus
     warm = [r["step_s"] for r in records if r["step"] <= warm_count]
     steady = [r["step_s"] for r in records if r["step"] > warm_count]
     return {"task": task_name, "row": row, "link": cluster.rate, "warm_step_s": statistics.fmean(warm),
-            "step_s": statistics.fmean(steady), "steps": steps, "warm_steps": warm_count}
+            "step_s": statistics.fmean(steady), "steps": steps, "warm_steps": warm_count,
+            "warm_times": [r["step_s"] for r in records if r["step"] <= warm_count]}
 
 
 # --- analysis --------------------------------------------------------------------------------------
@@ -162,10 +169,12 @@ def reached(curve: list[dict], target: float, higher: bool) -> int | None:
 
 
 def seconds_to(step: int | None, timing: dict | None) -> float | None:
+    """Link time of the first ``step`` steps: the warm-up steps as measured one by one (dense
+    steps, a density ramp), then the steady mean."""
     if step is None or timing is None:
         return None
-    warm = timing.get("warm_steps", 10)
-    return min(step, warm) * timing["warm_step_s"] + max(step - warm, 0) * timing["step_s"]
+    warm = timing.get("warm_times") or [timing["warm_step_s"]] * timing.get("warm_steps", 10)
+    return sum(warm[:step]) + max(step - len(warm), 0) * timing["step_s"]
 
 
 def summarize(runs: list[dict], timings: list[dict]) -> list[dict]:
@@ -209,11 +218,12 @@ def render(summary: list[dict], facts: dict, command: str, steps: int, seeds: li
         f"Reproduce: `{command}`. Machine: {facts['cpu_cores']} cores, torch {facts['torch']}. Each row trains "
         f"{steps} steps on 2 ranks (gloo, 1 thread each) from the same seed and data; seeds {', '.join(map(str, seeds))}. "
         "Compressed rows start after 10 dense steps. Bytes/step: mean bytes a rank hands to collectives per step after "
-        "those 10 steps (the update mode's exchanges spread over their local steps). Gap: relative to dense's mean "
+        "those 10 steps (the update mode's exchanges spread over their local steps; a density warm-up and the update "
+        "mode's final dense flush included). Gap: relative to dense's mean "
         "final metric (positive = worse). Steps to target: first evaluation at or past dense's mean final metric, "
         "mean over seeds (`-` unless every seed got there). Time to target: those steps at the step time measured "
-        "on 2 emulated nodes joined by the link (dense warm-up steps and compressed steps timed apart); evaluation "
-        "excluded.",
+        "on 2 emulated nodes joined by the link (the dense steps and any density warm-up timed step by step, then the "
+        "mean of 64 compressed steps); evaluation excluded.",
         "",
     ]
     for task in dict.fromkeys(r["task"] for r in summary):
@@ -263,7 +273,8 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
                                  color=line.get_color(), alpha=0.15)
             stats = next(s for s in summary if (s["task"], s["optimizer"], s["row"]) == (task, optimizer, row))
             if stats["step_s_link"] is not None:
-                timing = {"warm_step_s": stats["warm_step_s"], "step_s": stats["step_s_link"], "warm_steps": stats["warm_steps"]}
+                timing = {"warm_step_s": stats["warm_step_s"], "step_s": stats["step_s_link"],
+                          "warm_steps": stats["warm_steps"], "warm_times": stats["warm_times"]}
                 by_time.plot([seconds_to(s, timing) for s in steps], mean, label=row, color=line.get_color(), linewidth=1.2)
         name = METRICS[task][1]
         by_step.set(title=f"{task}, {optimizer}", xlabel="step", ylabel=name)
@@ -368,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         timing = next((t for t in timings if t["task"] == row["task"] and t["row"] == row["row"] and t["link"] == args.link), None)
         row["warm_step_s"] = timing["warm_step_s"] if timing else None
         row["warm_steps"] = timing.get("warm_steps", 10) if timing else None
+        row["warm_times"] = timing.get("warm_times") if timing else None
     facts = machine_facts()
     write_json(json_path, {"runs": runs, "timings": timings, "summary": summary, "machine": facts})
     section = render(summary, facts, reproduce_command("convergence", argv), args.steps, args.seeds)

@@ -1,6 +1,6 @@
 """Fuzz loop run in a child process with a capped address space (see test_fuzz.py).
 
-Usage: python fuzz_worker.py ITERATIONS SEED ENTRY [ENTRY ...]
+Usage: python tests/workers/fuzz.py ITERATIONS SEED ENTRY [ENTRY ...]
 ENTRY is ``index:SPEC`` or ``value:SPEC`` with a codec spec such as ``bloom:policy=p2``.
 Prints one JSON line per entry: {"codec", "decoded", "rejected", "failures", "max_s"}.
 """
