@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import sys
 
 # Each subcommand is a module with main(argv) -> int, imported only when used so that
@@ -73,5 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     return _run(COMMANDS[command][0], rest)
 
 
+def exit_distributed_process(code: int) -> None:
+    """End a process that ran distributed training with ``os._exit`` once its output is
+    flushed: gloo's worker threads can still hold tensors when the interpreter finalises,
+    and destroying them then aborts the process ("terminate called without an active
+    exception") after a run that succeeded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def entry() -> None:
+    """The ``deepreduce`` command."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if argv[:1] == ["train"]:
+        exit_distributed_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -17,6 +17,8 @@ fixed order gloo needs.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.distributed as dist
 
@@ -111,9 +113,12 @@ def close_process_group(completed: bool = True) -> None:
     Rank 0 hosts the rendezvous store: if it leaves while another rank is still busy
     (evaluating, writing a checkpoint), that rank's gloo threads lose their peer during
     its own teardown and the process aborts ("terminate called without an active
-    exception"). After a failure the barrier is skipped: the other ranks may never come."""
+    exception"). After a failure the barrier is skipped: the other ranks may never come.
+    Unreachable DDP models and their pending work are collected first, while the group
+    still exists."""
     if not dist.is_initialized():
         return
+    gc.collect()
     if completed:
         dist.barrier()
     dist.destroy_process_group()

@@ -332,4 +332,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ...cli import exit_distributed_process
+
+    code = main()
+    if "--worker" in sys.argv[1:2]:
+        exit_distributed_process(code)
+    sys.exit(code)
