@@ -218,13 +218,3 @@ def read_header(payload: Any) -> Header:
     if actual != crc:
         raise DecodeError(f"header field crc32: checksum mismatch (stored {crc:#010x}, computed {actual:#010x})")
     return header
-
-
-def decode(payload: Any):
-    """Deprecated alias of :func:`deepreduce.decode` (decoding lives in :mod:`deepreduce.compressor`)."""
-    import warnings
-
-    from .compressor import decode as decode_payload
-
-    warnings.warn("deepreduce.wire.decode moved: use deepreduce.decode", DeprecationWarning, stacklevel=2)
-    return decode_payload(payload)

@@ -152,20 +152,25 @@ def register_value_codec(cls: type[ValueCodec]) -> type[ValueCodec]:
     return cls
 
 
+def import_plugins(package: str) -> None:
+    """Import every public module of ``package`` (each registers itself when imported)."""
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
+
+
 _discovered = False
 
 
 def _discover() -> None:
-    """Import every module in codecs/index and codecs/value once (each registers itself)."""
+    """Import every codec in codecs/index and codecs/value, once."""
     global _discovered
     if _discovered:
         return
     _discovered = True
     for package in ("index", "value"):
-        pkg = importlib.import_module(f"{__name__}.{package}")
-        for info in pkgutil.iter_modules(pkg.__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{pkg.__name__}.{info.name}")
+        import_plugins(f"{__name__}.{package}")
 
 
 def index_codecs() -> list[str]:

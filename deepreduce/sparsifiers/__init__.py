@@ -10,14 +10,13 @@ their values).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from .. import rng
+from ..codecs import import_plugins
 from ..codecs.ids import name_of, wire_id
 from ..errors import ConfigError
 from ..options import Option, format_options, resolve_options
@@ -80,13 +79,12 @@ _discovered = False
 
 
 def _discover() -> None:
+    """Import every sparsifier in this folder, once."""
     global _discovered
     if _discovered:
         return
     _discovered = True
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+    import_plugins(__name__)
 
 
 def sparsifiers() -> list[str]:
