@@ -206,7 +206,7 @@ def test_bad_data_fails_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_demo_smoke(tmp_path):
-    """The demo end to end with a tiny model: two torchrun runs and the table."""
+    """The demo end to end with a tiny model: three torchrun runs (dense, hook, update mode) and the table."""
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "deepreduce", "demo", "--steps", "6", "--out", str(tmp_path), "--",
@@ -217,8 +217,9 @@ def test_demo_smoke(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "val loss" in out and "bytes/step" in out and "ratio" in out and "step time" in out
-    assert "│ dense" in out and "topk:0.01/eliasfano/fp16" in out
-    assert (tmp_path / "dense.jsonl").exists() and (tmp_path / "compressed.jsonl").exists()
+    assert "│ dense" in out and "hook topk:0.01/eliasfano/fp16" in out and "update topk:0.035/eliasfano/uniform" in out
+    for name in ("dense", "hook1", "update1"):
+        assert (tmp_path / f"{name}.jsonl").exists(), name
     assert time.monotonic() - started < 240
 
 

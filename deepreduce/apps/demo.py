@@ -1,9 +1,10 @@
 """``deepreduce demo``: dense vs. compressed training side by side, on 2 local workers.
 
-Trains the byte-level transformer on the standard library's source text twice with
-``torchrun --standalone --nproc_per_node=2`` (gloo), once with the plain allreduce and
-once with a compressor, then prints final validation loss, bytes sent per step,
-compression ratio and step time in one table.
+Trains the byte-level transformer on the standard library's source text with
+``torchrun --standalone --nproc_per_node=2`` (gloo) three times -- the plain allreduce,
+compressed gradients in the DDP hook, compressed parameter updates (update mode) at about
+the same bytes -- then prints final validation loss, bytes sent per step, compression
+ratio and step time in one table.
 
 On one machine the "network" is loopback, so step time shows the cost of compressing
 rather than the time saved on a slow link; ``deepreduce bench bandwidth`` (or
@@ -27,7 +28,8 @@ from rich.table import Table
 from .bench import make_console
 from .metrics import read_metrics
 
-DEFAULT_SPEC = "topk:0.01/eliasfano/fp16"
+DEFAULT_SPEC = "topk:0.01/eliasfano/fp16"  # gradient mode: the DDP hook
+DEFAULT_UPDATE_SPEC = "topk:0.035/eliasfano/uniform:bits=1"  # update mode, about the same bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(torchrun, gloo) and print one table.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--compression", action="append", default=None,
-                   help=f"compressor spec to compare with dense (repeatable; also fp16 or powersgd) [default: {DEFAULT_SPEC}]")
+                   help="a compressor spec for the DDP hook (gradient mode) to compare with dense (repeatable; also "
+                        f"fp16 or powersgd) [default: {DEFAULT_SPEC}, and the update mode below]")
+    p.add_argument("--update", action="append", default=None, metavar="SPEC",
+                   help="a compressor spec for the update mode (deepreduce.UpdateSync, unsent updates kept, "
+                        f"learning rate doubled) [default: {DEFAULT_UPDATE_SPEC}, and the hook above]")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="keep metrics and logs here (default: a temporary directory)")
@@ -50,15 +56,22 @@ TRAIN_ARGS = ["--d-model", "128", "--layers", "2", "--heads", "4", "--seq-len", 
               "--lr", "3e-3", "--corpus-mb", "4", "--threads", "1", "--start-iter", "10"]
 
 
-def run_one(name: str, compression: str, args: argparse.Namespace, out: Path, progress: Progress) -> dict:
+# Compressed runs compress the small tensors too: in this small model, biases and norms sent
+# whole would cost more than the rest.
+HOOK_ARGS = ["--min-numel", "0"]
+# Each rank's Adam normalises its own noisier gradient: the update mode wants about twice the rate.
+UPDATE_ARGS = ["--mode", "update", "--keep-unsent", "--min-numel", "0", "--lr", "6e-3"]
+
+
+def run_one(name: str, label: str, train_args: list[str], args: argparse.Namespace, out: Path, progress: Progress) -> dict:
     metrics, log = out / f"{name}.jsonl", out / f"{name}.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.workers}",
            "-m", "deepreduce", "train", *TRAIN_ARGS, "--steps", str(args.steps), "--seed", str(args.seed),
-           "--compression", compression, "--metrics", str(metrics), "--log-every", "0",
+           *train_args, "--metrics", str(metrics), "--log-every", "0",
            "--eval-every", str(max(1, args.steps // 6)), *args.extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    label = compression if len(compression) <= 28 else compression[:27] + "…"
-    task = progress.add_task(f"{label:<28}", total=args.steps)
+    title = label if len(label) <= 36 else label[:35] + "…"
+    task = progress.add_task(f"{title:<36}", total=args.steps)
     with open(log, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         try:
@@ -75,7 +88,7 @@ def run_one(name: str, compression: str, args: argparse.Namespace, out: Path, pr
     if proc.returncode or summary is None:
         tail = "\n".join(log.read_text().splitlines()[-25:])
         raise RuntimeError(f"the {name} run failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    return {"name": name, "compression": compression, "steps": steps, "summary": summary}
+    return {"name": name, "compression": label, "steps": steps, "summary": summary}
 
 
 def _row(run: dict, dense_bytes: float) -> list[str]:
@@ -105,7 +118,12 @@ def _curves(runs: list[dict]) -> Table:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    specs = args.compression or [DEFAULT_SPEC]
+    hooks = args.compression or ([] if args.update else [DEFAULT_SPEC])
+    updates = args.update or ([] if args.compression else [DEFAULT_UPDATE_SPEC])
+    rows = [("dense", "dense", ["--compression", "dense"])]
+    rows += [(f"hook{i + 1}", f"hook {spec}", ["--compression", spec] + (HOOK_ARGS if spec not in ("fp16", "powersgd") else []))
+             for i, spec in enumerate(hooks)]
+    rows += [(f"update{i + 1}", f"update {spec}", ["--compression", spec, *UPDATE_ARGS]) for i, spec in enumerate(updates)]
     console = make_console()
     out = args.out or Path(tempfile.mkdtemp(prefix="deepreduce-demo-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -115,21 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
-        runs.append(run_one("dense", "dense", args, out, progress))
-        for i, spec in enumerate(specs):
-            runs.append(run_one("compressed" if len(specs) == 1 else f"run{i + 1}", spec, args, out, progress))
+        for name, label, train_args in rows:
+            runs.append(run_one(name, label, train_args, args, out, progress))
 
     dense_bytes = statistics.median(r["bytes_sent"] for r in runs[0]["steps"])
     table = Table(title=f"{args.steps} steps, {args.workers} workers (medians over steps)")
-    for column in ("compression", "val loss", "bytes/step", "ratio", "step time", "comm time"):
-        table.add_column(column, no_wrap=True, justify="left" if column == "compression" else "right")
+    for column in ("configuration", "val loss", "bytes/step", "ratio", "step time", "comm time"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "configuration" else "right")
     for run in runs:
         table.add_row(*_row(run, dense_bytes))
     console.print(table)
     console.print(_curves(runs))
     console.print(
-        "bytes/step: what each worker hands to collectives per step (the compressed run's first "
-        "steps are dense). comm time: a bucket's reduction in flight, encode and decode included. "
+        "hook: gradients compressed in the DDP hook; update: each worker steps its own Adam and the "
+        "compressed parameter updates are averaged (deepreduce.UpdateSync). bytes/step: what each worker "
+        "hands to collectives per step (the first steps are dense). comm time: a bucket's reduction in "
+        "flight, encode and decode included (update mode: the exchange). "
         "Loopback makes the network free here, so step time shows the cost of compressing; on a slow "
         "link the bytes decide (try launch/netns-cluster --rate 100mbit). "
         f"Total {time.perf_counter() - started:.0f} s."
