@@ -42,14 +42,15 @@ from typing import Any
 from ..metrics import read_metrics
 from . import default_output_dir, machine_facts, make_console, markdown_table, progress_bar, reproduce_command, update_results_section, write_json
 
-# Every compressed row moves about 1 % of dense's bytes per step once compression starts:
-# the hook with top-1 % (Elias-Fano indices, fp16 values: ~24 bits per kept element), the
-# update mode with top-3.5 % and 1-bit values (~7.5 bits per kept element). Small tensors
-# are compressed too (--min-numel 0): in these small models, biases and norms sent whole
-# would cost more than the rest.
+# The compressed rows move the same bytes per step once compression starts: the hook with
+# top-1 % (Elias-Fano indices, fp16 values: ~24 bits per kept element), the update mode with
+# top-3.5 % and 1-bit values (~7.5 bits per kept element); both send tensors below
+# min_numel (biases, norms) whole, as by default. In these small models that is about as
+# much again as the rest, so the rows total about 1.6 % of dense's bytes; compressing
+# them too cost accuracy on the tuning task.
 HOOK_SPEC = "topk:0.01/eliasfano/fp16"
 UPDATE_SPEC = "topk:0.035/eliasfano/uniform:bits=1"
-SMALL = ["--min-numel", "0"]
+SMALL: list[str] = []
 ROWS: dict[str, list[str]] = {
     "dense": ["--compression", "dense"],
     "fp16": ["--compression", "fp16"],
