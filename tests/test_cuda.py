@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import deepreduce as dr
-from deepreduce.codecs import VALUE_CODECS
+from deepreduce.codecs import INDEX_CODECS, VALUE_CODECS
 
 from helpers import bits
 from test_hook_dist import launch
@@ -20,7 +20,8 @@ from test_hook_dist import launch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 CUDA = torch.device("cuda")
-INDEX_SPECS = [n for n in dr.index_codecs() if n != "bloom"] + [f"bloom:policy={p}" for p in ("p0", "leftmost", "random", "p2")]
+INDEX_SPECS = ([n for n in dr.index_codecs() if n != "bloom" and INDEX_CODECS.lookup(n).general]
+               + [f"bloom:policy={p}" for p in ("p0", "leftmost", "random", "p2")])
 # Decoding evaluates curves (polyfit, dexp) or scales levels (qsgd) in floating point: GPU
 # kernels may fuse multiply-adds, so those values agree to rounding, not bit for bit.
 EXACT_VALUE = ["raw", "fp16", "bf16", "zstd"]
@@ -37,6 +38,15 @@ def distinct_magnitudes(numel: int, seed: int) -> torch.Tensor:
 
 def spec(index: str, value: str, ratio: float = 0.02) -> str:
     return f"topk:{ratio}/{index}/{value}"
+
+
+@pytest.mark.parametrize("value", ["raw", "uniform:bits=1", "uniform:bits=3"])
+def test_cyclic_strided_payload_decodes_alike_on_gpu_and_cpu(value):
+    x = distinct_magnitudes(60_000, seed=6).to(CUDA)
+    result = dr.Compressor.from_spec(f"cyclic:0.1/strided/{value}").compress_detailed(x, step=7)
+    on_gpu, on_cpu = dr.decode(result.payload), dr.decode(result.payload.cpu())
+    assert torch.equal(on_gpu.indices, result.sent.indices) and torch.equal(on_cpu.indices, result.sent.indices.cpu())
+    assert float((on_cpu.values - on_gpu.values.cpu()).abs().max()) <= 1e-6 * float(on_gpu.values.abs().max())
 
 
 @pytest.mark.parametrize("value", EXACT_VALUE + ROUNDED_VALUE)
