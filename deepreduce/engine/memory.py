@@ -1,6 +1,6 @@
 """Error feedback: what compression leaves out of one step is added to the next.
 
-Every bucket keeps a *residual*. Before compression the gradient is *compensated*
+Every key (a parameter's name, or a bucket's index) keeps a *residual*. Before compression the gradient is *compensated*
 (``g + residual``); after it the residual becomes ``compensated - decoded`` where
 ``decoded`` is exactly what the receivers will reconstruct (``Compressed.sent``). So
 nothing is lost, only delayed: elements top-k skipped, values a lossy codec rounded,
@@ -33,15 +33,15 @@ def memory_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class ErrorFeedback:
-    """Per-key (per-bucket) residual memory.
+    """Residual memory per key (a parameter's name, or a bucket's index).
 
     Args:
         enabled: with ``False`` :meth:`compensate` returns the gradient (as the memory
             dtype) and :meth:`update` keeps nothing: plain lossy compression.
         momentum: DGC momentum correction factor in ``[0, 1)``; 0 disables it.
 
-    A residual whose shape, dtype or device no longer matches the gradient (DDP
-    rebuilt its buckets) is dropped and starts again from zero.
+    A residual whose size or dtype no longer matches (DDP rebuilt a bucket kept by index)
+    is dropped and starts again from zero.
     """
 
     def __init__(self, enabled: bool = True, momentum: float = 0.0) -> None:
@@ -58,7 +58,7 @@ class ErrorFeedback:
         if stored is None:
             return None
         if stored.numel() != numel or stored.dtype != dtype:
-            logger.info("error feedback: bucket %s changed from %d %s to %d %s elements; its memory restarts from zero",
+            logger.info("error feedback: %s changed from %d %s to %d %s elements; its memory restarts from zero",
                         key, stored.numel(), stored.dtype, numel, dtype)
             del table[key]
             return None

@@ -1,6 +1,8 @@
-"""Bytes and time accounting for the comm hook, and its periodic log line.
+"""Bytes and time accounting of the engine (every front end reports these), and the
+periodic log line.
 
-Byte counts are what *this* rank hands to collectives, per bucket:
+Byte counts are what *this* rank hands to collectives, per bucket (a DDP bucket, or the
+flat buffer of a front end's tensors):
 
 - ``dense_bytes``: what the plain allreduce hook would hand over (the bucket's size);
 - ``sent_bytes``: what it actually handed over: the padded payload of a compressed
@@ -36,7 +38,7 @@ class _Counters:
     numel: int = 0  # elements of compressed buckets
     kept: int = 0  # elements carried by their payloads
     compress_s: float = 0.0  # error feedback + sparsify + encode
-    exchange_s: float = 0.0  # payload size exchange (blocking)
+    exchange_s: float = 0.0  # message size exchange (blocking)
     decompress_s: float = 0.0  # decode + sum of W payloads
 
 
