@@ -13,7 +13,7 @@ self-describing payload, all-gathered and decoded by one per-step engine
 
 from .codecs import index_codecs, value_codecs
 from .compressor import Compressed, Compressor, decode
-from .errors import ConfigError, DecodeError, DeepReduceError
+from .errors import ConfigError, DecodeError, DeepReduceError, NonFiniteError
 from .hooks import DeepReduceState, deepreduce_hook
 from .optim import UpdateSync
 from .sparse import SparseGrad
@@ -29,6 +29,7 @@ __all__ = [
     "DecodeError",
     "DeepReduceState",
     "DeepReduceError",
+    "NonFiniteError",
     "SparseGrad",
     "UpdateSync",
     "decode",

@@ -13,3 +13,7 @@ class DecodeError(DeepReduceError, ValueError):
 
 class ConfigError(DeepReduceError, ValueError):
     """A compressor, codec or sparsifier was configured with bad or unknown parameters."""
+
+
+class NonFiniteError(DeepReduceError, FloatingPointError):
+    """A gradient held NaN or Inf and the engine was told to raise (``nonfinite="raise"``)."""

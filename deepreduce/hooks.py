@@ -24,9 +24,7 @@ Tuning:
   runs one top-k over the whole bucket (fewer, larger payloads: less per-call overhead
   with hundreds of small tensors).
 - ``start_iter``: dense allreduce for the first steps; a few hundred help accuracy early
-  in training, like PowerSGD's ``start_powerSGD_iter``. With ``granularity="bucket"``
-  it must be >= 2: DDP rebuilds its buckets after the first step, and residuals are
-  kept per bucket.
+  in training, like PowerSGD's ``start_powerSGD_iter``.
 - ``min_numel``: buckets smaller than this go dense; inside a bucket, parameters smaller
   than this travel uncompressed (biases, norms).
 - ``dense_fallback``: an all-gather moves every rank's payload to every rank, so with
@@ -36,6 +34,13 @@ Tuning:
   momentum-factor masking; use with a momentum-free optimizer), ``density_warmup``
   (the density falls exponentially from dense to the target over that many steps) and
   ``clip_norm`` (local gradient clipping per bucket before compression).
+- ``nonfinite``: ``"propagate"`` (default) behaves as allreduce: a NaN/Inf gradient on
+  any rank reaches every rank's average (AMP's ``GradScaler`` then skips the step) and
+  no residual keeps it; ``"raise"`` stops with :class:`~deepreduce.NonFiniteError`
+  naming the rank, bucket and step -- for runs without AMP, where a NaN means a bug.
+- Residuals are kept per parameter (also with ``granularity="bucket"``), so DDP's
+  rebuilt buckets, another ``bucket_cap_mb`` or a resume in any training loop lose
+  nothing.
 - ``named_parameters``: ``model.named_parameters()`` names the residuals after the
   parameters in checkpoints; without it parameters are named by the order the hook
   first sees them, which is the same in every run of the same model.
@@ -82,6 +87,7 @@ class DeepReduceState:
             exponentially from dense to the compressor's ratio; 0: none.
         clip_norm: local gradient clipping before compression (per bucket, to
             ``clip_norm / sqrt(W)``); None: none.
+        nonfinite: ``"propagate"`` (as allreduce) or ``"raise"`` on NaN/Inf gradients.
         named_parameters: ``model.named_parameters()``, to name residuals after parameters.
     """
 
@@ -100,6 +106,7 @@ class DeepReduceState:
         named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
         density_warmup: int = 0,
         clip_norm: float | None = None,
+        nonfinite: str = "propagate",
     ) -> None:
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=0 if seed is None else seed)
@@ -109,13 +116,11 @@ class DeepReduceState:
             raise ConfigError(f"seed={seed} conflicts with the compressor's seed={compressor.seed}; pass it to one of them")
         if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
             raise ConfigError(f"start_iter must be a non-negative int, got {start_iter!r}")
-        if granularity == "bucket" and start_iter < 2:
-            raise ConfigError(f"start_iter must be >= 2 with granularity='bucket' (DDP rebuilds its buckets after the first step), got {start_iter}")
         self.process_group = process_group
         self.engine = Engine(
             self._make_transport, compressor, error_feedback=error_feedback, momentum=momentum,
             start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback, granularity=granularity,
-            density_warmup=density_warmup, clip_norm=clip_norm, stats_every=stats_every,
+            density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite, stats_every=stats_every,
         )
         self._names: dict[int, str] = {}
         self._named = named_parameters is not None
@@ -225,8 +230,7 @@ def deepreduce_hook(state: DeepReduceState, bucket: dist.GradBucket) -> torch.fu
     allreduce (``state.dense_fallback``). Works for fp32, fp16 and bf16 buckets, gloo on
     CPU and NCCL on CUDA."""
     engine = state.engine
-    segments = state.segments(bucket) if engine.granularity == "tensor" else None
-    future = engine.reduce(bucket.buffer(), segments, key=bucket.index())
+    future = engine.reduce(bucket.buffer(), state.segments(bucket), key=bucket.index())
     if bucket.is_last():
         engine.end_step()
     return future

@@ -97,7 +97,7 @@ class UpdateSync:
         broadcast: copy rank 0's parameters to every rank first (so all start alike).
         ddp: a DistributedDataParallel model to switch to local gradients.
         seed: the compressor's seed when ``compressor`` is a spec.
-        min_numel, error_feedback, dense_fallback, granularity, start_iter,
+        min_numel, error_feedback, dense_fallback, granularity, start_iter, nonfinite,
         stats_every: engine options (see :class:`deepreduce.DeepReduceState`);
             ``start_iter`` exchanges go dense.
     """
@@ -123,6 +123,7 @@ class UpdateSync:
         dense_fallback: bool = True,
         granularity: str = "tensor",
         start_iter: int = 0,
+        nonfinite: str = "propagate",
         stats_every: int = 0,
     ) -> None:
         if isinstance(compressor, str):
@@ -158,7 +159,7 @@ class UpdateSync:
         self.engine = Engine(
             transport, compressor.with_ratio(min(1.0, compressor.ratio * local_steps)),
             error_feedback=error_feedback, start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback,
-            granularity=granularity, stats_every=stats_every,
+            granularity=granularity, nonfinite=nonfinite, stats_every=stats_every,
             describe_extra={
                 "mode": "update", "local_steps": local_steps, "outer_lr": self.outer_lr,
                 "outer_momentum": self.outer_momentum, "nesterov": self.nesterov, "overlap": self.overlap,

@@ -42,7 +42,8 @@ def launch(tmp_path_factory, nproc: int, checks: str, *worker_args: str) -> list
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return launch(tmp_path_factory, 2, "specs,bucket,dtypes,equals_allreduce,fallback,encode_failure,mismatch")
+    return launch(tmp_path_factory, 2, "specs,bucket,dtypes,equals_allreduce,fallback,nonfinite_amp,nonfinite_fp16,"
+                                        "resume_layout,nonfinite_raise,encode_failure,mismatch")
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,45 @@ def test_one_rank_failing_to_compress_fails_every_rank(two):
     assert own["raised"] and "injected encode failure" in own["message"]
     assert other["raised"] and "DeepReduceError" in other["message"] and "rank 1 failed to compress" in other["message"]
     assert own["step"] == other["step"] == 3
+
+
+def test_nonfinite_gradients_skip_the_same_steps_as_plain_ddp_under_amp(two):
+    """Rank 1's gradient gets Inf, -Inf, NaN at three steps: GradScaler skips exactly
+    those steps and follows the same scale schedule as with the built-in allreduce hook;
+    no residual or momentum buffer keeps a non-finite value; ranks stay identical."""
+    reference = two[0]["nonfinite_amp"]["allreduce"]
+    assert reference["skipped"] == sorted(worker.POISONED)
+    for run_name, run in two[0]["nonfinite_amp"].items():
+        assert run["skipped"] == reference["skipped"] and run["scales"] == reference["scales"], run_name
+        assert run["digest"] == two[1]["nonfinite_amp"][run_name]["digest"], run_name
+        if run_name != "allreduce":
+            assert run["residuals_finite"] and two[1]["nonfinite_amp"][run_name]["residuals_finite"], run_name
+            assert run["stats"]["nonfinite_buckets"] == len(worker.POISONED), run_name
+
+
+def test_nonfinite_fp16_buckets_match_allreduce_positions(two):
+    for rank in two:
+        entry = rank["nonfinite_fp16"]
+        assert entry["deepreduce"]["nonfinite"] == entry["allreduce"]["nonfinite"] == {"5": {"head.weight": [3, 700]}}
+        assert entry["deepreduce"]["residuals_finite"]
+    assert two[0]["nonfinite_fp16"]["deepreduce"]["digest"] == two[1]["nonfinite_fp16"]["deepreduce"]["digest"]
+
+
+def test_nonfinite_raise_stops_every_rank_naming_rank_bucket_and_step(two):
+    for rank in two:
+        entry = rank["nonfinite_raise"]
+        assert entry["raised"] and entry["step"] == 4
+        assert "NonFiniteError" in entry["message"] and "rank 1" in entry["message"] and "step 4" in entry["message"]
+
+
+def test_resume_into_another_bucket_layout_loses_nothing(two):
+    """No settling pass, another bucket_cap_mb: per-parameter residuals make the resumed
+    run bitwise equal to the uninterrupted one; with one top-k per bucket every saved
+    parameter's residual is carried into the new layout."""
+    for rank in two:
+        tensor, bucket = rank["resume_layout"]["tensor"], rank["resume_layout"]["bucket"]
+        assert tensor["resumed"] == tensor["uninterrupted"]
+        for entry in (tensor, bucket):
+            assert entry["saved_residuals"] and entry["end_residuals"] == entry["saved_residuals"]
+            assert entry["residuals_finite"]
+    assert two[0]["resume_layout"]["bucket"]["resumed"] == two[1]["resume_layout"]["bucket"]["resumed"]

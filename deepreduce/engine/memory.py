@@ -13,12 +13,19 @@ optimizer (no optimizer momentum), as in Deep Gradient Compression.
 
 Residuals of half-precision gradients are kept in fp32: summing many small fp16
 remainders in fp16 would round them away, which is the very error feedback corrects.
+
+A key may cover several named parts (one top-k over a whole DDP bucket): ``parts``
+lists ``(name, numel)`` in buffer order. Such a residual is saved split by part, and a
+key that is not stored is assembled from the parts wherever they were kept before (a
+parameter's own key, or another bucket's), so a changed bucket layout -- DDP's rebuilt
+buckets, another ``bucket_cap_mb``, a resume in another training loop -- loses nothing
+and never mixes parameters.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Hashable
+from typing import Any, Hashable, Sequence
 
 import torch
 
@@ -40,8 +47,8 @@ class ErrorFeedback:
             dtype) and :meth:`update` keeps nothing: plain lossy compression.
         momentum: DGC momentum correction factor in ``[0, 1)``; 0 disables it.
 
-    A residual whose size or dtype no longer matches (DDP rebuilt a bucket kept by index)
-    is dropped and starts again from zero.
+    A residual whose size or dtype no longer matches (a key reused for another tensor)
+    is dropped and starts again from zero, logged at INFO.
     """
 
     def __init__(self, enabled: bool = True, momentum: float = 0.0) -> None:
@@ -51,6 +58,42 @@ class ErrorFeedback:
         self.momentum = float(momentum)
         self.residuals: dict[Hashable, torch.Tensor] = {}
         self.velocities: dict[Hashable, torch.Tensor] = {}
+        self.layouts: dict[Hashable, tuple[tuple[Hashable, int], ...]] = {}  # key -> its parts
+        self._pending: dict[Hashable, tuple[torch.Tensor, bool, bool]] = {}  # key -> (grad, had residual, had velocity)
+
+    def _split(self, key: Hashable) -> None:
+        """Store the parts of a multi-part key under their own names (views, no copy)."""
+        parts = self.layouts.pop(key)
+        for table in (self.residuals, self.velocities):
+            stored = table.pop(key, None)
+            if stored is None:
+                continue
+            offset = 0
+            for name, numel in parts:
+                table[name] = stored.narrow(0, offset, numel)
+                offset += numel
+
+    def _assemble(self, key: Hashable, parts: Sequence[tuple[Hashable, int]]) -> None:
+        """Make ``key``'s entries from its parts, wherever they were kept."""
+        names = {name for name, _ in parts}
+        for other in [k for k, layout in self.layouts.items() if k != key and names & {n for n, _ in layout}]:
+            self._split(other)
+        self.layouts[key] = tuple(parts)
+        for table in (self.residuals, self.velocities):
+            pieces = [table.pop(name, None) for name, _ in parts]
+            present = [p for p in pieces if p is not None]
+            if not present:
+                continue
+            like = present[0]
+            for (name, numel), piece in zip(parts, pieces):
+                if piece is not None and (piece.numel() != numel or piece.dtype != like.dtype):
+                    logger.info("error feedback: %s changed from %d %s to %d elements; its memory restarts from zero",
+                                name, piece.numel(), piece.dtype, numel)
+            table[key] = torch.cat([
+                p.reshape(-1).to(like.device) if p is not None and p.numel() == numel and p.dtype == like.dtype
+                else torch.zeros(numel, dtype=like.dtype, device=like.device)
+                for (_, numel), p in zip(parts, pieces)
+            ])
 
     def _stored(self, table: dict[Hashable, torch.Tensor], key: Hashable, numel: int, dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor | None:
@@ -66,29 +109,55 @@ class ErrorFeedback:
             stored = table[key] = stored.to(device)
         return stored
 
-    def compensate(self, key: Hashable, grad: torch.Tensor) -> torch.Tensor:
+    def compensate(self, key: Hashable, grad: torch.Tensor, parts: Sequence[tuple[Hashable, int]] | None = None) -> torch.Tensor:
         """``grad + residual`` (or ``velocity + residual`` with momentum), flat, in the
-        memory dtype; ``grad`` itself is not modified.
+        memory dtype; ``grad`` itself is not modified. ``parts``: the named parts the
+        key covers, in order (see the module docstring).
 
         The sum is made in place in the residual's storage (one pass, no new buffer of
-        the bucket's size), so the residual is *consumed*: call :meth:`update` or
-        :meth:`update_dense` with the returned tensor before the next compensate."""
+        the bucket's size), so the residual is *consumed*: call :meth:`update`,
+        :meth:`update_dense` or :meth:`restore` with the returned tensor before the next
+        compensate."""
         flat = grad.detach().reshape(-1)
         dtype = memory_dtype(flat.dtype)
         if not self.enabled:
             return flat.to(dtype, copy=True)
+        if parts is not None and key not in self.layouts:
+            self._assemble(key, parts)
+        had_velocity = False
         if self.momentum:
             velocity = self._stored(self.velocities, key, flat.numel(), dtype, flat.device)
+            had_velocity = velocity is not None
             if velocity is None:
                 velocity = self.velocities[key] = flat.to(dtype, copy=True)
             else:
                 velocity.mul_(self.momentum).add_(flat)
-            flat = velocity
         residual = self._stored(self.residuals, key, flat.numel(), dtype, flat.device)
+        self._pending[key] = (flat, residual is not None, had_velocity)
+        source = self.velocities[key] if self.momentum else flat
         if residual is None:
-            return flat.to(dtype, copy=True)
+            return source.to(dtype, copy=True)
         del self.residuals[key]  # consumed; update() stores the new one
-        return residual.add_(flat)
+        return residual.add_(source)
+
+    def restore(self, key: Hashable, compensated: torch.Tensor) -> None:
+        """Undo :meth:`compensate` for a step whose update is dropped (another rank's
+        gradient was not finite): the residual and velocity return to what they were,
+        up to one rounding of the subtraction."""
+        pending = self._pending.pop(key, None)
+        if not self.enabled or pending is None:
+            return
+        grad, had_residual, had_velocity = pending
+        if self.momentum:
+            velocity = self.velocities[key]
+            if had_residual:
+                self.residuals[key] = compensated.sub_(velocity)
+            if had_velocity:
+                velocity.sub_(grad).div_(self.momentum)
+            else:
+                del self.velocities[key]
+        elif had_residual:
+            self.residuals[key] = compensated.sub_(grad)
 
     def update(self, key: Hashable, compensated: torch.Tensor, sent: SparseGrad) -> None:
         """Residual := ``compensated - sent`` (``sent`` as the receivers decode it).
@@ -96,6 +165,7 @@ class ErrorFeedback:
         Takes ownership of ``compensated`` (it becomes the residual, updated in place)."""
         if not self.enabled:
             return
+        self._pending.pop(key, None)
         if sent.numel != compensated.numel():
             raise ValueError(f"sent gradient has {sent.numel} elements, compensated one {compensated.numel()}")
         # Assignment, not subtraction in place: indices are unique, and the exact
@@ -110,26 +180,54 @@ class ErrorFeedback:
         the dense tensor handed to allreduce; only its rounding remains)."""
         if not self.enabled:
             return
+        self._pending.pop(key, None)
         residual = compensated.sub_(sent.reshape(-1).to(compensated.dtype))
         self.residuals[key] = residual
         if self.momentum and key in self.velocities:
             self.velocities[key].zero_()
 
     def residual(self, key: Hashable) -> torch.Tensor | None:
-        """The current residual of ``key`` (None before its first update)."""
-        return self.residuals.get(key)
+        """The current residual of ``key``, or of a part of a multi-part key (a view);
+        None before its first update."""
+        stored = self.residuals.get(key)
+        if stored is not None or key in self.layouts:
+            return stored
+        for whole, parts in self.layouts.items():
+            offset = 0
+            for name, numel in parts:
+                if name == key:
+                    stored = self.residuals.get(whole)
+                    return None if stored is None else stored.narrow(0, offset, numel)
+                offset += numel
+        return None
 
     def reset(self) -> None:
         self.residuals.clear()
         self.velocities.clear()
+        self.layouts.clear()
+        self._pending.clear()
+
+    def _by_part(self, table: dict[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        out = {}
+        for key, stored in table.items():
+            parts = self.layouts.get(key)
+            if parts is None:
+                out[key] = stored.detach().cpu().clone()
+                continue
+            offset = 0
+            for name, numel in parts:
+                out[name] = stored.narrow(0, offset, numel).detach().cpu().clone()
+                offset += numel
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Residuals and velocities as CPU tensors (portable between devices)."""
+        """Residuals and velocities as CPU tensors (portable between devices), a
+        multi-part key's split by part (portable between bucket layouts)."""
         return {
             "enabled": self.enabled,
             "momentum": self.momentum,
-            "residuals": {k: v.detach().cpu().clone() for k, v in self.residuals.items()},
-            "velocities": {k: v.detach().cpu().clone() for k, v in self.velocities.items()},
+            "residuals": self._by_part(self.residuals),
+            "velocities": self._by_part(self.velocities),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -139,3 +237,5 @@ class ErrorFeedback:
         # Tensors move to the gradient's device on first use (see _stored).
         self.residuals = {k: v.clone() for k, v in state["residuals"].items()}
         self.velocities = {k: v.clone() for k, v in state["velocities"].items()}
+        self.layouts.clear()
+        self._pending.clear()

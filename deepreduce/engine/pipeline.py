@@ -11,13 +11,16 @@ Per bucket, on every rank::
     first call ever         agreement check (configuration compared across ranks)
     step < start_iter       dense allreduce (warm-up)
     numel < min_numel       dense allreduce (a small bucket is latency-bound)
+    not finite anywhere     dense allreduce of the gradient as it came, no error-feedback
+                            update (see "Non-finite gradients" below)
     clip_norm               the bucket is scaled to norm <= clip_norm / sqrt(W)   (DGC local clipping)
     otherwise, per segment  (a parameter; or the whole bucket with granularity="bucket")
         numel < min_numel   raw bytes
         else                compensated = segment + residual            (error feedback)
                             payload, sent = compress(compensated as the bucket's dtype)
                             residual = compensated - sent               (sent: what receivers decode)
-    frame the entries into one message; all-gather every rank's message size (blocking)
+    frame the entries into one message; all-gather every rank's message size (blocking;
+                            a rank whose bucket is not finite sends a flag instead)
     W * message > 2 * bucket bytes  ->  dense allreduce instead (every rank saw the same sizes)
     else one variable-length all-gather, then decode-and-sum in the future's callback
 
@@ -26,6 +29,14 @@ and then added, in rank order, into an accumulator of the bucket's dtype (fp32 f
 fp16/bf16 buckets, rounded once at the end); the dense allreduce divides before it
 sums, as torch's built-in hook does. Dividing first keeps fp16 sums from overflowing,
 and the fixed rank order gives bitwise-identical results on every rank.
+
+Non-finite gradients behave as under allreduce: if any rank's bucket holds NaN or Inf,
+every rank's averaged bucket holds non-finite values at those positions (so AMP's
+``GradScaler`` skips the step as it would with plain DDP), and no residual or momentum
+buffer takes in that step (the compressed ranks' error feedback is rolled back; logged
+once, counted in ``stats()["nonfinite_buckets"]``). ``nonfinite="raise"`` raises
+:class:`~deepreduce.NonFiniteError` on every rank instead, naming the ranks, the bucket
+and the step.
 
 Segments are named: the name keys the error-feedback memory and the random streams, so
 the same parameter gets the same residual and the same random draws wherever it lies in
@@ -43,7 +54,7 @@ import torch
 
 from ..comm import Transport
 from ..compressor import Compressor, decode
-from ..errors import ConfigError, DecodeError, DeepReduceError
+from ..errors import ConfigError, DecodeError, DeepReduceError, NonFiniteError
 from ..sparse import SparseGrad
 from ..wire import pad8
 from .agreement import check_agreement
@@ -55,6 +66,9 @@ logger = logging.getLogger(__name__)
 
 _STATE_FORMAT = 2
 GRANULARITIES = ("tensor", "bucket")
+NONFINITE_POLICIES = ("propagate", "raise")
+_FAILED = -1  # size a rank sends when compressing failed (it raises its own error)
+_NONFINITE = -2  # size a rank sends when its bucket holds NaN or Inf
 
 
 @dataclass(frozen=True)
@@ -62,11 +76,15 @@ class Segment:
     """A slice ``[offset, offset + numel)`` of a flat buffer, compressed on its own.
 
     ``name`` keys the error-feedback memory and the random streams: it must be the same
-    on every rank and stable across steps (a parameter's name, a bucket's index)."""
+    on every rank and stable across steps (a parameter's name, a bucket's index).
+    ``parts``: the named parts a segment covers, as ``(name, numel)`` in order, when it
+    spans several (one top-k over a whole bucket): residuals are then saved and
+    remapped per part."""
 
     name: Hashable
     offset: int
     numel: int
+    parts: tuple[tuple[Hashable, int], ...] | None = None
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -103,6 +121,9 @@ class Engine:
         clip_norm: scale each rank's bucket to an L2 norm of at most
             ``clip_norm / sqrt(W)`` before compression (DGC's local gradient clipping,
             per bucket); None: no clipping.
+        nonfinite: ``"propagate"`` (as allreduce: a NaN/Inf on any rank reaches every
+            rank's average, no residual keeps it) or ``"raise"``
+            (:class:`~deepreduce.NonFiniteError` on every rank).
         stats_every: log :meth:`stats` every that many steps (0: never).
         memory: an existing :class:`ErrorFeedback` to use (e.g. shared with a caller).
         check: compare the configuration across ranks at the first call.
@@ -123,6 +144,7 @@ class Engine:
         average: bool = True,
         density_warmup: int = 0,
         clip_norm: float | None = None,
+        nonfinite: str = "propagate",
         stats_every: int = 0,
         memory: ErrorFeedback | None = None,
         check: bool = True,
@@ -138,6 +160,13 @@ class Engine:
             raise ConfigError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
         if granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if compressor.ratio == 0 and compressor.sparsifier.exact_k:
+            raise ConfigError(
+                f"compressor {compressor.spec}: ratio 0 sends nothing, every gradient would stay in the residual; "
+                "use a positive ratio (e.g. 0.01)"
+            )
         if not (isinstance(transport, Transport) or callable(transport)):
             raise ConfigError(f"transport must be a deepreduce.comm.Transport, got {type(transport).__name__}")
         self._transport = transport if isinstance(transport, Transport) else None
@@ -154,6 +183,8 @@ class Engine:
         self.average = bool(average)
         self.density_warmup = density_warmup
         self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.nonfinite = nonfinite
+        self._warned_nonfinite = False
         self.stats_every = stats_every
         self.check = bool(check)
         self.describe_extra = dict(describe_extra or {})
@@ -186,6 +217,7 @@ class Engine:
             "average": self.average,
             "density_warmup": self.density_warmup,
             "clip_norm": self.clip_norm,
+            "nonfinite": self.nonfinite,
             **self.describe_extra,
         }
 
@@ -207,14 +239,33 @@ class Engine:
             raise ValueError(f"reduce expects a flat (1-D) buffer, got shape {tuple(buffer.shape)}")
         if not self._agreed:
             self.check_agreement()
+        if not self._stats.steady_marked and self.step >= self.start_iter + max(self.density_warmup - 1, 0):
+            self._stats.mark_steady()
         numel = buffer.numel()
         dense_bytes = numel * buffer.element_size()
         self._stats.add(buckets=1, dense_bytes=dense_bytes)
         if self.step < self.start_iter or numel < self.min_numel:
             warmup = self.step < self.start_iter
             self._stats.add(sent_bytes=dense_bytes, warmup_buckets=int(warmup), small_buckets=int(not warmup))
-            return self._allreduce(buffer)
-        return self._compressed(buffer, self._segments(buffer, segments, key), dense_bytes)
+            future = self._allreduce(buffer)
+            return self._checked(future, key) if self.nonfinite == "raise" else future
+        return self._compressed(buffer, self._segments(buffer, segments, key), dense_bytes, key)
+
+    def _checked(self, future: torch.futures.Future, key: Hashable) -> torch.futures.Future:
+        """``future``, failing with NonFiniteError if its result is not finite. (A
+        ``then`` callback keeps the future's CUDA stream semantics; its error reaches
+        the waiter wrapped in a RuntimeError that carries the message.)"""
+        step = self.step
+
+        def check(done: torch.futures.Future) -> torch.Tensor:
+            value = done.value()
+            averaged = value[0] if isinstance(value, list) else value
+            if not bool(torch.isfinite(averaged).all()):
+                raise NonFiniteError(f"deepreduce: bucket {key!r} at step {step}: the allreduced gradient is not "
+                                     "finite (a rank's gradient held NaN or Inf)")
+            return averaged
+
+        return future.then(check)
 
     def end_step(self) -> None:
         """Close a step (after its last bucket): advances the step that seeds the random
@@ -225,7 +276,7 @@ class Engine:
             log_stats(self._stats.as_dict(), prefix=f"deepreduce rank {self.transport.rank} step {self.step}")
 
     def _segments(self, buffer: torch.Tensor, segments: Sequence[Segment] | None, key: Hashable) -> list[Segment]:
-        if segments is None or self.granularity == "bucket":
+        if segments is None:
             return [Segment(key, 0, buffer.numel())]
         segments = list(segments)
         end = 0
@@ -235,6 +286,10 @@ class Engine:
             end += seg.numel
         if end != buffer.numel():
             raise ValueError(f"segments cover {end} elements, the buffer has {buffer.numel()}")
+        if self.granularity == "bucket" and len(segments) > 1:
+            # One top-k over the bucket; memory kept per part, so a new layout loses nothing.
+            names = tuple(seg.name for seg in segments)
+            return [Segment(names, 0, buffer.numel(), parts=tuple((seg.name, seg.numel) for seg in segments))]
         return segments
 
     def density(self, step: int | None = None) -> float:
@@ -264,9 +319,13 @@ class Engine:
             buffer.div_(self.transport.world_size)  # before the sum: fp16 sums of W gradients may overflow
         return self.transport.allreduce_async(buffer)
 
-    def _compressed(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int) -> torch.futures.Future:
+    def _compressed(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int,
+                    key: Hashable) -> torch.futures.Future:
         transport = self.transport
         started = time.perf_counter()
+        # One pass; a host sync on CUDA, as the size exchange below is anyway.
+        if not bool(torch.isfinite(buffer).all()):
+            return self._nonfinite(buffer, segments, [], transport.allgather_sizes(_NONFINITE), key, dense_bytes)
         if self.clip_norm is not None:
             self._clip(buffer)
         compressor = self._step_compressor()
@@ -279,7 +338,7 @@ class Engine:
                     entries.append(_as_bytes(view))
                     pending.append(None)
                     continue
-                compensated = self.memory.compensate(seg.name, view)  # consumes the residual; updated below
+                compensated = self.memory.compensate(seg.name, view, seg.parts)  # consumes the residual; updated below
                 to_send = compensated.to(buffer.dtype)  # the wire carries the bucket's dtype (fp16 stays fp16)
                 result = compressor.compress_detailed(to_send, step=self.step, key=_stream_name(seg.name))
                 entries.append(result.payload)
@@ -287,14 +346,16 @@ class Engine:
             message = frame(entries, buffer.device)
         except Exception:
             # Tell the other ranks, or they would wait for this rank's size until timeout.
-            transport.allgather_sizes(-1)
+            transport.allgather_sizes(_FAILED)
             raise
         encoded = time.perf_counter()
         sizes = transport.allgather_sizes(message.numel())
         exchanged = time.perf_counter()
-        if min(sizes) < 0:
-            failed = ", ".join(str(r) for r, n in enumerate(sizes) if n < 0)
-            raise DeepReduceError(f"deepreduce: rank {failed} failed to compress a bucket at step {self.step} (see its error)")
+        if _FAILED in sizes:
+            failed = ", ".join(str(r) for r, n in enumerate(sizes) if n == _FAILED)
+            raise DeepReduceError(f"deepreduce: rank {failed} failed to compress bucket {key!r} at step {self.step} (see its error)")
+        if _NONFINITE in sizes:
+            return self._nonfinite(buffer, segments, pending, sizes, key, dense_bytes)
         width = pad8(max(sizes))
 
         if self.dense_fallback and transport.world_size * width > 2 * dense_bytes:
@@ -323,6 +384,25 @@ class Engine:
         )
         gathered = transport.allgather_async(message, sizes)
         return gathered.then(lambda future: self._decode_and_sum(future.value(), buffer, segments, own))
+
+    def _nonfinite(self, buffer: torch.Tensor, segments: list[Segment], pending: list, sizes: list[int],
+                   key: Hashable, dense_bytes: int) -> torch.futures.Future:
+        """Some rank's bucket is not finite: drop this step's error feedback everywhere,
+        then raise or allreduce the buckets as they came (the non-finite values reach
+        every rank at their positions, as with plain allreduce)."""
+        for seg, entry in zip(segments, pending):
+            if entry is not None:
+                self.memory.restore(seg.name, entry[0])
+        ranks = [r for r, n in enumerate(sizes) if n == _NONFINITE]
+        where = f"bucket {key!r} at step {self.step}: the gradient of rank {', '.join(map(str, ranks))} is not finite"
+        if self.nonfinite == "raise":
+            raise NonFiniteError(f"deepreduce: {where} (NaN or Inf)")
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            logger.warning("deepreduce: %s; averaging it dense and keeping no error feedback for it "
+                           "(AMP skips such steps; later ones are counted in stats()['nonfinite_buckets'])", where)
+        self._stats.add(nonfinite_buckets=1, sent_bytes=dense_bytes)
+        return self._allreduce(buffer)
 
     def _decode_and_sum(self, messages: list[torch.Tensor], buffer: torch.Tensor, segments: list[Segment],
                         own: list[SparseGrad | None]) -> torch.Tensor:

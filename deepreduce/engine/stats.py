@@ -9,7 +9,10 @@ flat buffer of a front end's tensors):
   bucket (all ranks pad to the largest payload), the bucket itself for a dense one;
 - ``payload_bytes``: its own unpadded payloads (compressed buckets only).
 
-``ratio = dense_bytes / sent_bytes``. An allreduce moves about twice its input over the
+``ratio = dense_bytes / sent_bytes``. These totals include the dense warm-up; the
+``steady`` entry reports the same figures counted from the first step at the target
+density (after ``start_iter`` and ``density_warmup``): its ``ratio``, ``bits_per_kept``
+and ``sent_bytes_per_step`` are what a long run costs. An allreduce moves about twice its input over the
 wire and an all-gather W-1 times its input (sparse pays while W * payload < 2 * dense
 bytes); these counters count inputs, so they stay comparable with what other hooks report.
 """
@@ -32,6 +35,7 @@ class _Counters:
     warmup_buckets: int = 0  # dense because step < start_iter
     small_buckets: int = 0  # dense because numel < min_numel
     dense_fallbacks: int = 0  # compressed, then sent dense: the gather would move more than allreduce
+    nonfinite_buckets: int = 0  # sent dense because some rank's bucket held NaN/Inf
     dense_bytes: int = 0
     sent_bytes: int = 0
     payload_bytes: int = 0
@@ -48,6 +52,16 @@ class CommStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._c = _Counters()
+        self._steady_from: _Counters | None = None  # the counters when the steady phase began
+
+    @property
+    def steady_marked(self) -> bool:
+        return self._steady_from is not None
+
+    def mark_steady(self) -> None:
+        """The steady phase (target density) starts now."""
+        with self._lock:
+            self._steady_from = _Counters(**asdict(self._c))
 
     def add(self, **deltas: float) -> None:
         with self._lock:
@@ -55,38 +69,63 @@ class CommStats:
                 setattr(self._c, name, getattr(self._c, name) + delta)
 
     def as_dict(self) -> dict[str, Any]:
-        """Counters plus derived ``ratio``, ``density`` and ``bits_per_kept``."""
+        """Counters plus derived ``ratio``, ``density`` and ``bits_per_kept``, and
+        ``steady``: the same for the steady phase only (None before it starts)."""
         with self._lock:
             out: dict[str, Any] = asdict(self._c)
-        out["ratio"] = out["dense_bytes"] / out["sent_bytes"] if out["sent_bytes"] else 1.0
-        out["density"] = out["kept"] / out["numel"] if out["numel"] else None
-        out["bits_per_kept"] = 8 * out["payload_bytes"] / out["kept"] if out["kept"] else None
+            base = None if self._steady_from is None else asdict(self._steady_from)
+        out.update(_derived(out))
+        if base is None:
+            out["steady"] = None
+        else:
+            steady = {name: out[name] - base[name] for name in base}
+            steady.update(_derived(steady))
+            steady["sent_bytes_per_step"] = steady["sent_bytes"] / steady["steps"] if steady["steps"] else None
+            out["steady"] = steady
         return out
 
     def state_dict(self) -> dict[str, Any]:
         with self._lock:
-            return asdict(self._c)
+            state = asdict(self._c)
+            if self._steady_from is not None:
+                state["steady_from"] = asdict(self._steady_from)
+            return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        steady_from = state.pop("steady_from", None)
         known = {f.name for f in fields(_Counters)}
-        unknown = set(state) - known
-        if unknown:
-            raise ValueError(f"stats state: unknown fields {sorted(unknown)}")
+        for given in (state, steady_from or {}):
+            unknown = set(given) - known
+            if unknown:
+                raise ValueError(f"stats state: unknown fields {sorted(unknown)}")
         with self._lock:
             self._c = _Counters(**state)
+            self._steady_from = None if steady_from is None else _Counters(**steady_from)
 
     def reset(self) -> None:
         with self._lock:
             self._c = _Counters()
+            self._steady_from = None
+
+
+def _derived(counts: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ratio": counts["dense_bytes"] / counts["sent_bytes"] if counts["sent_bytes"] else 1.0,
+        "density": counts["kept"] / counts["numel"] if counts["numel"] else None,
+        "bits_per_kept": 8 * counts["payload_bytes"] / counts["kept"] if counts["kept"] else None,
+    }
 
 
 def format_stats(stats: dict[str, Any]) -> str:
     """One log line: the numbers worth watching while training."""
-    parts = [
-        f"steps {stats['steps']}",
-        f"ratio {stats['ratio']:.1f}x",
-        f"sent {stats['sent_bytes'] / max(stats['steps'], 1) / 1e6:.3f} MB/step",
-    ]
+    steady = stats.get("steady")
+    parts = [f"steps {stats['steps']}", f"ratio {stats['ratio']:.1f}x"]
+    if steady and steady["steps"]:
+        parts.append(f"steady ratio {steady['ratio']:.1f}x")
+        parts.append(f"sent {steady['sent_bytes_per_step'] / 1e6:.3f} MB/step (steady)")
+    else:
+        parts.append(f"sent {stats['sent_bytes'] / max(stats['steps'], 1) / 1e6:.3f} MB/step")
     if stats.get("density") is not None:
         parts.append(f"density {stats['density']:.4g}")
     if stats.get("bits_per_kept") is not None:
@@ -95,6 +134,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     parts.append(f"compress {1e3 * stats['compress_s'] / steps:.1f} ms/step")
     parts.append(f"decompress {1e3 * stats['decompress_s'] / steps:.1f} ms/step")
     parts.append(f"dense fallbacks {stats['dense_fallbacks']}/{stats['compressed_buckets'] + stats['dense_fallbacks']}")
+    if stats.get("nonfinite_buckets"):
+        parts.append(f"non-finite buckets {stats['nonfinite_buckets']}")
     return ", ".join(parts)
 
 

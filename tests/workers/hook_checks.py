@@ -202,13 +202,167 @@ def check_encode_failure() -> dict:
     return {"raised": False, "message": "", "step": state.step}
 
 
+# --- non-finite gradients, resume into another bucket layout ----------------------------------
+
+POISONED = {4: float("inf"), 9: -float("inf"), 12: float("nan")}  # step -> what rank 1's gradient gets
+
+
+def poison(model: torch.nn.Module, steps: dict[int, float], counter: list[int]) -> list[int]:
+    """On rank 1, put ``steps[step]`` into two elements of the head's gradient (before DDP
+    sees it); returns the flat positions poisoned."""
+    positions = [3, 700]
+    if dist.get_rank() == 1:
+        def hook(grad):
+            if counter[0] in steps:
+                grad = grad.clone()
+                grad.view(-1)[positions] = steps[counter[0]]
+            return grad
+
+        model.head.weight.register_hook(hook)
+    return positions
+
+
+def amp_run(hook, state, steps: int = 16) -> dict:
+    """SGD with AMP's GradScaler (growth every 3 steps) and poisoned gradients."""
+    model = make_model()
+    counter = [0]
+    poison(model, POISONED, counter)
+    ddp = DDP(model, bucket_cap_mb=0.03)
+    ddp.register_comm_hook(state, hook)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10, growth_interval=3)
+    scales, skipped = [], []
+    for step, (x, y) in enumerate(batches(dist.get_rank(), steps)):
+        counter[0] = step
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(ddp(x).float().reshape(-1, 256), y.reshape(-1))
+        scaler.scale(loss).backward()
+        before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        scales.append(scaler.get_scale())
+        skipped.append(scaler.get_scale() < before)
+    return {"digest": digest(model), "scales": scales, "skipped": [i for i, s in enumerate(skipped) if s]}
+
+
+def residuals_finite(state: dr.DeepReduceState) -> bool:
+    memory = state.memory
+    return all(bool(torch.isfinite(t).all()) for table in (memory.residuals, memory.velocities) for t in table.values())
+
+
+def check_nonfinite_amp() -> dict:
+    """The same skipped steps and scale schedule as plain DDP, no poisoned residual."""
+    reference = amp_run(default_hooks.allreduce_hook, None)
+    out = {"allreduce": reference}
+    for spec, options in (("topk:0.05/eliasfano/fp16", {}), ("mstopk:0.05/eliasfano/qsgd", {}),
+                          ("topk:0.05/eliasfano/fp16", {"momentum": 0.9, "granularity": "bucket"})):
+        state = hook_state(spec, start_iter=2, **options)
+        run = amp_run(dr.deepreduce_hook, state)
+        run.update(residuals_finite=residuals_finite(state), stats=state.stats())
+        out[f"{spec} {options}"] = run
+    return out
+
+
+def check_nonfinite_fp16() -> dict:
+    """fp16 buckets, no scaler: the averaged gradient is non-finite exactly where plain
+    allreduce's is; the step is skipped as AMP would; training goes on."""
+    out = {}
+    for name, hook, state in (("allreduce", default_hooks.allreduce_hook, None),
+                              ("deepreduce", dr.deepreduce_hook, hook_state("topk:0.05/eliasfano/fp16", start_iter=2))):
+        model = make_model(torch.float16)
+        counter = [0]
+        poison(model, {5: float("nan")}, counter)
+        ddp = DDP(model, bucket_cap_mb=0.03)
+        ddp.register_comm_hook(state, hook)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        nonfinite = {}
+        for step, (x, y) in enumerate(batches(dist.get_rank(), 10)):
+            counter[0] = step
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x).float().reshape(-1, 256), y.reshape(-1)).backward()
+            bad = {n: torch.nonzero(~torch.isfinite(p.grad.reshape(-1))).reshape(-1).tolist()
+                   for n, p in model.named_parameters() if not bool(torch.isfinite(p.grad).all())}
+            if bad:
+                nonfinite[step] = bad
+                continue  # skipped, as a scaler would
+            optimizer.step()
+        out[name] = {"digest": digest(model), "nonfinite": nonfinite}
+        if state is not None:
+            out[name].update(residuals_finite=residuals_finite(state), stats=state.stats())
+    return out
+
+
+def check_nonfinite_raise() -> dict:
+    state = hook_state("topk:0.05/eliasfano/fp16", start_iter=2, nonfinite="raise")
+    model = make_model()
+    counter = [0]
+    poison(model, {4: float("nan")}, counter)
+    ddp = DDP(model, bucket_cap_mb=0.03)
+    ddp.register_comm_hook(state, dr.deepreduce_hook)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    try:
+        for step, (x, y) in enumerate(batches(dist.get_rank(), 8)):
+            counter[0] = step
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
+            optimizer.step()
+    except Exception as error:  # DDP may wrap the hook's exception
+        return {"raised": True, "message": f"{type(error).__name__}: {error}", "step": counter[0]}
+    return {"raised": False, "message": "", "step": counter[0]}
+
+
+def check_resume_layout() -> dict:
+    """Save after 6 steps, resume into a DDP with another bucket size and no settling
+    pass (its first iteration uses yet another layout): per-parameter residuals make the
+    resumed run equal the uninterrupted one (granularity "tensor"); with one top-k per
+    bucket every parameter's residual is carried over."""
+    out = {}
+    for granularity in ("tensor", "bucket"):
+        def run(steps, bucket_mb, saved=None):
+            model = make_model()
+            state = hook_state("topk:0.05/eliasfano/fp16", start_iter=2, granularity=granularity,
+                               named_parameters=model.named_parameters())
+            ddp = DDP(model, bucket_cap_mb=bucket_mb)
+            ddp.register_comm_hook(state, dr.deepreduce_hook)
+            optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+            data = list(batches(dist.get_rank(), 12))
+            first = 0
+            if saved is not None:
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
+                state.load_state_dict(saved["hook"])
+                first = saved["step"]
+            for x, y in data[first:first + steps]:
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
+                optimizer.step()
+            snapshot = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                        "optimizer": optimizer.state_dict(), "hook": state.state_dict(), "step": first + steps}
+            return model, state, snapshot
+
+        whole, _, _ = run(12, 0.03)
+        _, _, saved = run(6, 0.03)
+        resumed, state, end = run(6, 0.01, saved)
+        out[granularity] = {
+            "uninterrupted": digest(whole), "resumed": digest(resumed),
+            "saved_residuals": sorted(saved["hook"]["memory"]["residuals"]),
+            "end_residuals": sorted(end["hook"]["memory"]["residuals"]),
+            "residuals_finite": residuals_finite(state),
+        }
+    return out
+
+
 CHECKS = {
     "specs": check_specs,
     "bucket": check_bucket_granularity,
     "dtypes": check_dtypes,
     "equals_allreduce": check_equals_allreduce,
     "fallback": check_fallback,
+    "nonfinite_amp": check_nonfinite_amp,
+    "nonfinite_fp16": check_nonfinite_fp16,
+    "resume_layout": check_resume_layout,
     # These leave a DDP model in a failed state: last.
+    "nonfinite_raise": check_nonfinite_raise,
     "encode_failure": check_encode_failure,
     "mismatch": check_mismatch,
 }

@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Any
 
 import numpy as np
 import torch
 
 from ... import _bits
-from ...errors import DecodeError
+from ...errors import ConfigError, DecodeError
 from ...options import Option, probability
 from .. import CodecContext, IndexCodec, IndexEncoding, register_index_codec
 from .. import _hashing
@@ -51,6 +52,9 @@ _PARAMS = "<QQBB"  # r, filter bits m, hashes h, policy code
 POLICIES = ("p0", "leftmost", "random", "p2")
 _POLICY_CODES = {name: code for code, name in enumerate(POLICIES)}
 MAX_HASHES = 64
+# Above this many hashes a filter costs more than raw int32 indices (h / ln 2 > 32 bits each).
+MAX_USEFUL_HASHES = int(32 * math.log(2))
+MIN_FPR = 2.0 ** -MAX_USEFUL_HASHES
 POSITIONS_PER_BIT = 1 << 12  # the filter has at least d / 2^12 bits: bounds query work per payload byte
 _CHUNK = 1 << 20  # positions per query chunk (~20 MB of buffers)
 # On a GPU each hash's survivor compaction waits for the device, so fewer, larger chunks
@@ -68,8 +72,9 @@ class _TooManyPositives(Exception):
 
 
 def default_fpr(r: int, d: int) -> float:
-    """``0.1 * r / d``: about ``0.1 * r`` false positives over the tensor."""
-    return 0.1 * r / d if d else 0.1
+    """``0.1 * r / d``: about ``0.1 * r`` false positives over the tensor; never below
+    :data:`MIN_FPR`, where the filter would outgrow raw indices."""
+    return max(0.1 * r / d, MIN_FPR) if d else 0.1
 
 
 def hash_count(fpr: float) -> int:
@@ -313,6 +318,15 @@ class BloomIndexCodec(IndexCodec):
         Option("fpr", float, None, "false-positive rate; default 0.1*r/d (~0.1*r false positives)", check=probability, check_text="must be in (0, 1)"),
         Option("policy", str, "p0", "which positives get values: p0 all, leftmost / random / p2 exactly r", choices=POLICIES),
     )
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        fpr = self.config["fpr"]
+        if fpr is not None and hash_count(fpr) > MAX_USEFUL_HASHES:
+            raise ConfigError(
+                f"bloom: fpr={fpr:g} needs {hash_count(fpr)} hashes, {hash_count(fpr) / math.log(2):.1f} bits per index: "
+                f"a filter larger than raw int32 indices (32 bits); use fpr >= {MIN_FPR:.2g} or a lossless index codec"
+            )
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:
         r, d = indices.numel(), ctx.numel
