@@ -354,3 +354,11 @@ def test_one_process_dgc_run_and_resume_check(tmp_path):
     refused = subprocess.run(common + ["--clip-norm", "2.0", "--steps", "6", "--resume", str(checkpoint)],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "checkpoint used --momentum-correction/--density-warmup/--clip-norm" in refused.stderr
+
+
+def test_auto_resume_needs_a_checkpoint_directory(tmp_path, capsys):
+    for argv in (["--auto-resume"], ["--auto-resume", "--checkpoint", str(tmp_path), "--resume", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert "--auto-resume needs --checkpoint DIR" in capsys.readouterr().err
+    assert train.parse_args(["--auto-resume", "--checkpoint", str(tmp_path)]).auto_resume

@@ -41,7 +41,10 @@ Checkpoints (``--checkpoint DIR``) hold, per rank, the model, optimizer, hook st
 (error-feedback residuals, step, stats), the data stream and RNG state; ``--resume DIR``
 continues so that the following steps equal an uninterrupted run bit for bit. It refuses
 a checkpoint of another task, world size, compression, DGC options, optimizer, weight
-decay or corpus.
+decay or corpus. Each rank keeps its last two checkpoints (``rank<r>.pt`` and
+``rank<r>.prev.pt``); ``--auto-resume`` continues from the newest step that every rank
+holds in ``--checkpoint DIR``, or starts afresh if there is none, so under
+``torchrun --max-restarts=N`` a job whose worker died restarts from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -160,6 +163,9 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     o.add_argument("--checkpoint", type=Path, default=None, help="directory for checkpoints (one file per rank)")
     o.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
     o.add_argument("--resume", type=Path, default=None, help="checkpoint directory to continue from")
+    o.add_argument("--auto-resume", action="store_true",
+                   help="continue from --checkpoint DIR if every rank holds a checkpoint there, else start afresh "
+                        "(for torchrun --max-restarts)")
     o.add_argument("--quiet", action="store_true")
     p.set_defaults(**TASK_DEFAULTS[task])
     return p
@@ -170,7 +176,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pre = argparse.ArgumentParser(prog="deepreduce train", add_help=False)
     pre.add_argument("--task", default="lm", choices=TASKS)
     task = pre.parse_known_args(argv)[0].task
-    return build_parser(task).parse_args(argv)
+    parser = build_parser(task)
+    args = parser.parse_args(argv)
+    if args.auto_resume and (args.checkpoint is None or args.resume is not None):
+        parser.error("--auto-resume needs --checkpoint DIR (and no --resume)")
+    return args
 
 
 # --- process group -----------------------------------------------------------------------
@@ -185,7 +195,15 @@ def _init_distributed(backend: str) -> tuple[bool, torch.device]:
     if dist.is_initialized():
         return False, device
     chosen = "nccl" if use_cuda else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and restart != "0":
+        # A restarted worker group reuses torchrun's store, which still holds the first
+        # attempt's gloo addresses: a fresh key prefix keeps the ranks off the dead ones.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                              is_master=False)
+        dist.init_process_group(chosen, store=dist.PrefixStore(f"deepreduce/attempt{restart}", store),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(chosen)
     else:
         store = dist.FileStore(tempfile.mktemp(prefix="deepreduce-store-"), 1)
@@ -230,8 +248,26 @@ def evaluate(model: torch.nn.Module, corpus, args: argparse.Namespace, device: t
     return result
 
 
-def _checkpoint_path(directory: Path, rank: int) -> Path:
-    return directory / f"rank{rank}.pt"
+def _checkpoint_path(directory: Path, rank: int, previous: bool = False) -> Path:
+    return directory / (f"rank{rank}.prev.pt" if previous else f"rank{rank}.pt")
+
+
+def newest_common_checkpoint(directory: Path) -> Path | None:
+    """This rank's checkpoint file of the newest step every rank holds in ``directory``
+    (a rank killed mid-save may be one checkpoint behind the others); None if none."""
+    held = {}
+    for previous in (False, True):
+        path = _checkpoint_path(directory, dist.get_rank(), previous)
+        try:
+            held[int(torch.load(path, map_location="cpu", weights_only=False)["step"])] = path
+        except FileNotFoundError:
+            continue
+        except Exception as error:  # a torn or foreign file: the other generation may do
+            print(f"deepreduce train: rank {dist.get_rank()}: ignoring unreadable {path}: {error}", file=sys.stderr)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(held))
+    common = set(everyone[0]).intersection(*everyone[1:])
+    return held[max(common)] if common else None
 
 
 def data_label(args: argparse.Namespace) -> str:
@@ -297,11 +333,16 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, hook_state, da
         "data_rng": data_gen.get_state(),
         "torch_rng": torch.get_rng_state(),
     }, tmp)
+    if path.exists():
+        os.replace(path, _checkpoint_path(directory, rank, previous=True))
     os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
 
 
-def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_gen, corpus_digest: str) -> int:
-    path = _checkpoint_path(directory, dist.get_rank())
+def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_gen, corpus_digest: str,
+                    path: Path | None = None) -> int:
+    """Restore from ``directory``'s newest checkpoint of this rank (or from ``path``);
+    returns its step."""
+    path = path or _checkpoint_path(directory, dist.get_rank())
     if not path.exists():
         raise SystemExit(f"deepreduce train: no checkpoint for rank {dist.get_rank()} at {path}")
     saved = torch.load(path, map_location="cpu", weights_only=False)
@@ -457,17 +498,24 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | 
     data_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)
     start = 0
     sync = None
+    resume_from = _checkpoint_path(args.resume, rank) if args.resume else None
+    if args.auto_resume:
+        resume_from = newest_common_checkpoint(args.checkpoint)
+        if verbose:
+            print(f"deepreduce train: {'resuming from ' + str(resume_from.parent) if resume_from else 'no checkpoint yet'}"
+                  f" (--auto-resume)", flush=True)
     if args.mode == "update":
         ddp = DDP(model, bucket_cap_mb=args.bucket_mb)  # broadcasts rank 0's parameters
         sync = _update_sync(args, model, ddp)  # DDP keeps local gradients from now on
         hook_state, meter, sent_counter = sync, CommMeter(None), lambda: sync.stats()["sent_bytes"]
-        if args.resume:
+        if resume_from:
             # after DDP's broadcast: with overlapped exchanges each rank has its own parameters
-            start = load_checkpoint(args.resume, args, model, optimizer, sync, data_gen, corpus.digest)
+            start = load_checkpoint(resume_from.parent, args, model, optimizer, sync, data_gen, corpus.digest, resume_from)
     else:
         hook_state, hook, meter, sent_counter = _hook(args, model)
-        if args.resume:
-            start = load_checkpoint(args.resume, args, model, optimizer, hook_state, data_gen, corpus.digest)
+        if resume_from:
+            start = load_checkpoint(resume_from.parent, args, model, optimizer, hook_state, data_gen, corpus.digest,
+                                    resume_from)
         ddp = DDP(model, bucket_cap_mb=args.bucket_mb)
         if start:
             _settle_buckets(ddp, args.seq_len, device)
