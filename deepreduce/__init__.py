@@ -13,7 +13,7 @@ self-describing payload, all-gathered and decoded by one per-step engine
 
 from .codecs import index_codecs, value_codecs
 from .compressor import Compressed, Compressor, decode
-from .errors import ConfigError, DecodeError, DeepReduceError, NonFiniteError
+from .errors import CommunicationError, ConfigError, DecodeError, DeepReduceError, NonFiniteError
 from .hooks import DeepReduceState, deepreduce_hook
 from .optim import UpdateSync
 from .sparse import SparseGrad
@@ -23,6 +23,7 @@ from .wire import read_header
 __version__ = "0.1.0"
 
 __all__ = [
+    "CommunicationError",
     "Compressed",
     "Compressor",
     "ConfigError",

@@ -15,6 +15,7 @@ import importlib
 import importlib.metadata
 import os
 import sys
+import traceback
 
 # Each subcommand is a module with main(argv) -> int, imported only when used so that
 # `deepreduce codecs` does not pay for matplotlib or torch.distributed.
@@ -87,10 +88,18 @@ def exit_distributed_process(code: int) -> None:
 def entry() -> None:
     """The ``deepreduce`` command."""
     argv = sys.argv[1:]
-    code = main(argv)
-    if argv[:1] == ["train"]:
-        exit_distributed_process(code)
-    sys.exit(code)
+    if argv[:1] != ["train"]:
+        sys.exit(main(argv))
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argument errors, refused checkpoints: already worded
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        code = stop.code if isinstance(stop.code, int) else 1
+    except Exception:  # a failed collective, a bad payload: report, then leave without gloo's teardown
+        traceback.print_exc()
+        code = 1
+    exit_distributed_process(code)
 
 
 if __name__ == "__main__":

@@ -17,3 +17,8 @@ class ConfigError(DeepReduceError, ValueError):
 
 class NonFiniteError(DeepReduceError, FloatingPointError):
     """A gradient held NaN or Inf and the engine was told to raise (``nonfinite="raise"``)."""
+
+
+class CommunicationError(DeepReduceError, RuntimeError):
+    """A collective failed (a peer died, a link went down, the process group's timeout
+    passed); the message names the bucket and step."""

@@ -196,3 +196,43 @@ def test_bloom_fpr_that_costs_more_than_raw_indices_is_refused():
     dr.Compressor.from_spec("topk:0.01/bloom:fpr=1e-6/fp16")  # 20 hashes, 28.9 bits per index: allowed
     # The default rate stays below raw indices at any density.
     assert default_fpr(1, 10**9) >= 2.0**-22
+
+
+# --- failed collectives -------------------------------------------------------------------
+
+
+class DeadPeer(SoloTransport):
+    """A transport whose peer is gone: the ``fail`` operation raises as gloo does."""
+
+    def __init__(self, fail: str) -> None:
+        self.fail = fail
+
+    def allgather_sizes(self, nbytes: int) -> list[int]:
+        if self.fail == "sizes":
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+        return [nbytes]
+
+    def allgather_async(self, payload, sizes):
+        if self.fail == "gather":
+            future = torch.futures.Future()
+            future.set_exception(RuntimeError("Timed out waiting 10000ms for recv operation to complete"))
+            return future
+        return super().allgather_async(payload, sizes)
+
+    def allreduce_async(self, tensor):
+        if self.fail == "allreduce":
+            raise RuntimeError("Connection reset by peer")
+        return super().allreduce_async(tensor)
+
+
+@pytest.mark.parametrize("fail, what", [("sizes", "exchanging payload sizes"), ("gather", "the all-gather"),
+                                        ("allreduce", "the dense allreduce")])
+def test_a_failed_collective_names_bucket_and_step(fail, what):
+    engine = Engine(DeadPeer(fail), dr.Compressor(ratio=0.01), min_numel=0 if fail != "allreduce" else 10**6,
+                    check=False)
+    engine.step = 7
+    message = rf"deepreduce: bucket 'layer3' at step 7: {what} failed \(a peer died.*\): .*(peer|Timed out)"
+    with pytest.raises((dr.CommunicationError, RuntimeError), match=message) as raised:
+        engine.reduce(torch.randn(3000), key="layer3").wait()
+    if fail != "gather":  # raised in the call itself; the gather's comes through its future
+        assert isinstance(raised.value, dr.CommunicationError)

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -155,6 +156,8 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                    help="DGC: clip gradients locally to norm X before compression")
     c.add_argument("--bucket-mb", type=float, default=25.0, help="DDP bucket cap")
     c.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"))
+    c.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a collective waits for a peer (a dead rank, a down link) before every rank fails")
     o = p.add_argument_group("output")
     o.add_argument("--metrics", type=Path, default=None, help="JSON-lines metrics file (rank 0)")
     o.add_argument("--eval-every", type=int, default=50)
@@ -186,8 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- process group -----------------------------------------------------------------------
 
 
-def _init_distributed(backend: str) -> tuple[bool, torch.device]:
+def _init_distributed(backend: str, timeout_s: float = 600.0) -> tuple[bool, torch.device]:
     """Join torchrun's group (or a one-process group). Returns (created, device)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
     use_cuda = torch.cuda.is_available() and backend in ("auto", "nccl")
     if use_cuda and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -202,9 +206,9 @@ def _init_distributed(backend: str) -> tuple[bool, torch.device]:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
                               is_master=False)
         dist.init_process_group(chosen, store=dist.PrefixStore(f"deepreduce/attempt{restart}", store),
-                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(chosen)
+        dist.init_process_group(chosen, timeout=timeout)
     else:
         store = dist.FileStore(tempfile.mktemp(prefix="deepreduce-store-"), 1)
         dist.init_process_group(chosen, store=store, rank=0, world_size=1)
@@ -441,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     corpus = load_corpus(args)
-    created, device = _init_distributed(args.backend)
+    if not args.timeout > 0:
+        raise SystemExit(f"deepreduce train: --timeout must be > 0, got {args.timeout:g}")
+    created, device = _init_distributed(args.backend, args.timeout)
     completed = False
     try:
         code = _train(args, device, corpus)
@@ -531,49 +537,57 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | 
     stop = min(args.steps, args.stop_after if args.stop_after is not None else args.steps)
     step_times, bytes_per_step, evaluation = [], [], {}
     sent_before = sent_counter() if sent_counter else 0
+    saved_at = start if resume_from else None
     try:
         for step in range(start, stop):
-            began = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args)
-            x, y = corpus.batch("train", args.batch, args.seq_len, data_gen)
-            loss = _ddp_loss(ddp, x.to(device), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            exchange_began = time.perf_counter()
-            if sync is not None:
-                sync.step()
-                if step + 1 == args.steps:
-                    sync.finish()  # every rank ends with the same parameters (overlap, a partial round, unsent updates)
-            loss_value = loss.item()
-            step_s = time.perf_counter() - began
-            sent, comm_s = meter.take()
-            if sync is not None:
-                comm_s = step_s - (exchange_began - began)
-            if sent_counter:
-                now = sent_counter()
-                sent, sent_before = now - sent_before, now
-            step_times.append(step_s)
-            bytes_per_step.append(sent)
-            record = {"step": step + 1, "loss": loss_value, "lr": learning_rate(step, args), "bytes_sent": sent,
-                      "step_s": step_s, "comm_s": comm_s}
-            done = step + 1
-            if args.eval_every and (done % args.eval_every == 0 or done == stop):
-                # the agreed parameters; with --keep-unsent each rank's own, which include its unsent update
-                with sync.consensus() if sync is not None and not sync.keep_unsent else contextlib.nullcontext():
-                    evaluation = evaluate(model, corpus, args, device)
-                record.update(evaluation)
-            if metrics:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if verbose and args.log_every and (done % args.log_every == 0 or done == stop):
-                val = f", val {record['val_loss']:.4f}" if "val_loss" in record else ""
-                val += f", acc {record['val_acc']:.3f}" if "val_acc" in record else ""
-                print(f"step {done:>6}: loss {loss_value:.4f}{val}, {step_s * 1e3:.0f} ms/step, "
-                      f"{sent / 1e6:.3f} MB sent, comm {comm_s * 1e3:.0f} ms", flush=True)
-            if args.checkpoint and (done == stop or (args.checkpoint_every and done % args.checkpoint_every == 0)):
-                save_checkpoint(args.checkpoint, done, model, optimizer, hook_state, data_gen, args, corpus.digest)
+            try:
+                began = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, args)
+                x, y = corpus.batch("train", args.batch, args.seq_len, data_gen)
+                loss = _ddp_loss(ddp, x.to(device), y.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                exchange_began = time.perf_counter()
+                if sync is not None:
+                    sync.step()
+                    if step + 1 == args.steps:
+                        sync.finish()  # every rank ends with the same parameters (overlap, a partial round, unsent updates)
+                loss_value = loss.item()
+                step_s = time.perf_counter() - began
+                sent, comm_s = meter.take()
+                if sync is not None:
+                    comm_s = step_s - (exchange_began - began)
+                if sent_counter:
+                    now = sent_counter()
+                    sent, sent_before = now - sent_before, now
+                step_times.append(step_s)
+                bytes_per_step.append(sent)
+                record = {"step": step + 1, "loss": loss_value, "lr": learning_rate(step, args), "bytes_sent": sent,
+                          "step_s": step_s, "comm_s": comm_s}
+                done = step + 1
+                if args.eval_every and (done % args.eval_every == 0 or done == stop):
+                    # the agreed parameters; with --keep-unsent each rank's own, which include its unsent update
+                    with sync.consensus() if sync is not None and not sync.keep_unsent else contextlib.nullcontext():
+                        evaluation = evaluate(model, corpus, args, device)
+                    record.update(evaluation)
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if verbose and args.log_every and (done % args.log_every == 0 or done == stop):
+                    val = f", val {record['val_loss']:.4f}" if "val_loss" in record else ""
+                    val += f", acc {record['val_acc']:.3f}" if "val_acc" in record else ""
+                    print(f"step {done:>6}: loss {loss_value:.4f}{val}, {step_s * 1e3:.0f} ms/step, "
+                          f"{sent / 1e6:.3f} MB sent, comm {comm_s * 1e3:.0f} ms", flush=True)
+                if args.checkpoint and (done == stop or (args.checkpoint_every and done % args.checkpoint_every == 0)):
+                    save_checkpoint(args.checkpoint, done, model, optimizer, hook_state, data_gen, args, corpus.digest)
+                    saved_at = done
+            except Exception:
+                where = f"the last checkpoint is step {saved_at} in {args.checkpoint}" if saved_at else "no checkpoint saved"
+                print(f"deepreduce train: rank {rank} failed in step {step + 1} of {stop} ({where}):",
+                      file=sys.stderr, flush=True)
+                raise
         summary = {
             "task": args.task, "steps": stop, "world_size": world, "compression": args.compression,
             "parameters": n_params, "mode": args.mode, "local_steps": args.local_steps,

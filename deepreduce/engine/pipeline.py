@@ -54,7 +54,7 @@ import torch
 
 from ..comm import Transport
 from ..compressor import Compressor, decode
-from ..errors import ConfigError, DecodeError, DeepReduceError, NonFiniteError
+from ..errors import CommunicationError, ConfigError, DecodeError, DeepReduceError, NonFiniteError
 from ..sparse import SparseGrad
 from ..wire import pad8
 from .agreement import check_agreement
@@ -247,9 +247,25 @@ class Engine:
         if self.step < self.start_iter or numel < self.min_numel:
             warmup = self.step < self.start_iter
             self._stats.add(sent_bytes=dense_bytes, warmup_buckets=int(warmup), small_buckets=int(not warmup))
-            future = self._allreduce(buffer)
+            future = self._allreduce(buffer, key)
             return self._checked(future, key) if self.nonfinite == "raise" else future
         return self._compressed(buffer, self._segments(buffer, segments, key), dense_bytes, key)
+
+    def _failed(self, what: str, key: Hashable, step: int, exc: BaseException) -> CommunicationError:
+        return CommunicationError(f"deepreduce: bucket {key!r} at step {step}: {what} failed "
+                                  f"(a peer died, a link is down, or the process group's timeout passed): {exc}")
+
+    def _guarded(self, future: torch.futures.Future, what: str, key: Hashable) -> torch.futures.Future:
+        """``future``, its failure re-raised naming the bucket and step."""
+        step = self.step
+
+        def value(done: torch.futures.Future) -> Any:
+            try:
+                return done.value()
+            except Exception as exc:
+                raise self._failed(what, key, step, exc) from exc
+
+        return future.then(value)
 
     def _checked(self, future: torch.futures.Future, key: Hashable) -> torch.futures.Future:
         """``future``, failing with NonFiniteError if its result is not finite. (A
@@ -314,10 +330,20 @@ class Engine:
         if norm > limit:
             buffer.mul_(limit / norm)
 
-    def _allreduce(self, buffer: torch.Tensor) -> torch.futures.Future:
+    def _allreduce(self, buffer: torch.Tensor, key: Hashable) -> torch.futures.Future:
         if self.average:
             buffer.div_(self.transport.world_size)  # before the sum: fp16 sums of W gradients may overflow
-        return self.transport.allreduce_async(buffer)
+        try:
+            future = self.transport.allreduce_async(buffer)
+        except Exception as exc:
+            raise self._failed("the dense allreduce", key, self.step, exc) from exc
+        return self._guarded(future, "the dense allreduce", key)
+
+    def _allgather_sizes(self, size: int, key: Hashable) -> list[int]:
+        try:
+            return self.transport.allgather_sizes(size)
+        except Exception as exc:
+            raise self._failed("exchanging payload sizes", key, self.step, exc) from exc
 
     def _compressed(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int,
                     key: Hashable) -> torch.futures.Future:
@@ -325,7 +351,7 @@ class Engine:
         started = time.perf_counter()
         # One pass; a host sync on CUDA, as the size exchange below is anyway.
         if not bool(torch.isfinite(buffer).all()):
-            return self._nonfinite(buffer, segments, [], transport.allgather_sizes(_NONFINITE), key, dense_bytes)
+            return self._nonfinite(buffer, segments, [], self._allgather_sizes(_NONFINITE, key), key, dense_bytes)
         if self.clip_norm is not None:
             self._clip(buffer)
         compressor = self._step_compressor()
@@ -346,10 +372,10 @@ class Engine:
             message = frame(entries, buffer.device)
         except Exception:
             # Tell the other ranks, or they would wait for this rank's size until timeout.
-            transport.allgather_sizes(_FAILED)
+            self._allgather_sizes(_FAILED, key)
             raise
         encoded = time.perf_counter()
-        sizes = transport.allgather_sizes(message.numel())
+        sizes = self._allgather_sizes(message.numel(), key)
         exchanged = time.perf_counter()
         if _FAILED in sizes:
             failed = ", ".join(str(r) for r, n in enumerate(sizes) if n == _FAILED)
@@ -365,7 +391,7 @@ class Engine:
                     buffer.narrow(0, seg.offset, seg.numel).copy_(to_send)
                     self.memory.update_dense(seg.name, compensated, to_send)
             self._stats.add(dense_fallbacks=1, sent_bytes=dense_bytes, compress_s=encoded - started, exchange_s=exchanged - encoded)
-            return self._allreduce(buffer)
+            return self._allreduce(buffer, key)
 
         own: list[SparseGrad | None] = []
         kept = 0
@@ -382,8 +408,20 @@ class Engine:
             compressed_buckets=1, sent_bytes=width, payload_bytes=message.numel(), numel=buffer.numel(), kept=kept,
             compress_s=time.perf_counter() - started - (exchanged - encoded), exchange_s=exchanged - encoded,
         )
-        gathered = transport.allgather_async(message, sizes)
-        return gathered.then(lambda future: self._decode_and_sum(future.value(), buffer, segments, own))
+        try:
+            gathered = transport.allgather_async(message, sizes)
+        except Exception as exc:
+            raise self._failed("the all-gather", key, self.step, exc) from exc
+        step = self.step
+
+        def decode(done: torch.futures.Future) -> torch.Tensor:
+            try:
+                messages = done.value()
+            except Exception as exc:
+                raise self._failed("the all-gather", key, step, exc) from exc
+            return self._decode_and_sum(messages, buffer, segments, own)
+
+        return gathered.then(decode)
 
     def _nonfinite(self, buffer: torch.Tensor, segments: list[Segment], pending: list, sizes: list[int],
                    key: Hashable, dense_bytes: int) -> torch.futures.Future:
@@ -402,7 +440,7 @@ class Engine:
             logger.warning("deepreduce: %s; averaging it dense and keeping no error feedback for it "
                            "(AMP skips such steps; later ones are counted in stats()['nonfinite_buckets'])", where)
         self._stats.add(nonfinite_buckets=1, sent_bytes=dense_bytes)
-        return self._allreduce(buffer)
+        return self._allreduce(buffer, key)
 
     def _decode_and_sum(self, messages: list[torch.Tensor], buffer: torch.Tensor, segments: list[Segment],
                         own: list[SparseGrad | None]) -> torch.Tensor:
