@@ -182,25 +182,30 @@ def seconds_to(step: int | None, timing: dict | None) -> float | None:
 
 
 def summarize(runs: list[dict], timings: list[dict]) -> list[dict]:
-    """One row per (task, optimizer, configuration), seeds combined."""
+    """One row per (task, optimizer, configuration), seeds combined. Each seed is compared
+    with dense of the same seed (same initialisation and data), then the comparisons are
+    averaged: seeds differ more from each other than configurations do."""
     out = []
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault((run["task"], run["optimizer"], run["row"]), []).append(run)
     for (task, optimizer, row), group in groups.items():
         higher = METRICS[task][2]
-        dense = groups.get((task, optimizer, "dense"))
-        target = statistics.fmean(r["final"] for r in dense) if dense else None
+        dense = {r["seed"]: r["final"] for r in groups.get((task, optimizer, "dense"), [])}
+        paired = [r for r in group if r["seed"] in dense]
         finals = [r["final"] for r in group]
-        mean = statistics.fmean(finals)
+        gaps = [((dense[r["seed"]] - r["final"]) if higher else (r["final"] - dense[r["seed"]])) / abs(dense[r["seed"]])
+                for r in paired]
         timing = next((t for t in timings if t["task"] == task and t["row"] == row), None)
-        steps = [reached(r["curve"], target, higher) if target is not None else None for r in group]
+        steps = [reached(r["curve"], dense[r["seed"]], higher) for r in paired]
         got = [s for s in steps if s is not None]
-        step_to = statistics.fmean(got) if len(got) == len(steps) else None
+        step_to = statistics.fmean(got) if got and len(got) == len(steps) else None
         out.append({
-            "task": task, "optimizer": optimizer, "row": row, "seeds": len(group), "final": mean,
-            "final_min": min(finals), "final_max": max(finals), "target": target,
-            "gap": None if target is None else ((target - mean) if higher else (mean - target)) / abs(target),
+            "task": task, "optimizer": optimizer, "row": row, "seeds": len(group), "final": statistics.fmean(finals),
+            "final_min": min(finals), "final_max": max(finals),
+            "target": statistics.fmean(dense.values()) if dense else None,
+            "gap": statistics.fmean(gaps) if gaps else None,
+            "gap_min": min(gaps) if gaps else None, "gap_max": max(gaps) if gaps else None,
             "bytes_per_step": statistics.fmean(r["bytes_per_step"] for r in group),
             "dense_bytes_per_step": group[0]["dense_bytes_per_step"],
             "steps_to_target": step_to, "reached": f"{len(got)}/{len(steps)}",
@@ -215,6 +220,13 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else format(value, pattern)
 
 
+def _gap(row: dict) -> str:
+    if row["gap"] is None:
+        return "-"
+    spread = f" ({100 * row['gap_min']:+.1f} to {100 * row['gap_max']:+.1f})" if row["seeds"] > 1 else ""
+    return f"{100 * row['gap']:+.1f} %{spread}"
+
+
 def render(summary: list[dict], facts: dict, command: str, steps: int, seeds: list[int]) -> str:
     lines = [
         "## Convergence: learning as well as dense, and the time to get there",
@@ -223,9 +235,10 @@ def render(summary: list[dict], facts: dict, command: str, steps: int, seeds: li
         f"{steps} steps on 2 ranks (gloo, 1 thread each) from the same seed and data; seeds {', '.join(map(str, seeds))}. "
         "Compressed rows start after 10 dense steps. Bytes/step: mean bytes a rank hands to collectives per step after "
         "those 10 steps (the update mode's exchanges spread over their local steps; a density warm-up and the update "
-        "mode's final dense flush included). Gap: relative to dense's mean "
-        "final metric (positive = worse). Steps to target: first evaluation at or past dense's mean final metric, "
-        "mean over seeds (`-` unless every seed got there). Time to target: those steps at the step time measured "
+        "mode's final dense flush included). Each seed is compared with dense of the same seed (seeds differ more "
+        "from each other than configurations do). Gap: relative to that dense run's final metric (positive = worse), "
+        "mean over seeds, range in brackets. Steps to target: first evaluation at or past that dense run's final "
+        "metric, mean over seeds (`-` unless every seed got there). Time to target: those steps at the step time measured "
         "on 2 emulated nodes joined by the link (the dense steps and any density warm-up timed step by step, then the "
         "mean of 64 compressed steps); evaluation excluded.",
         "",
@@ -243,7 +256,7 @@ def render(summary: list[dict], facts: dict, command: str, steps: int, seeds: li
                 speedup = dense_time / r["time_to_target_s"] if dense_time and r["time_to_target_s"] else None
                 table.append([
                     r["row"], f"{r['final']:.4f} ({r['final_min']:.4f}-{r['final_max']:.4f})",
-                    _fmt(None if r["gap"] is None else 100 * r["gap"], "+.1f") + (" %" if r["gap"] is not None else ""),
+                    _gap(r),
                     f"{r['bytes_per_step'] / 1e3:.1f} kB ({100 * r['bytes_per_step'] / r['dense_bytes_per_step']:.2f} %)",
                     _fmt(r["steps_to_target"], ".0f") + f" ({r['reached']})",
                     _fmt(r["step_s_link"], ".3f") + (" s" if r["step_s_link"] is not None else ""),
