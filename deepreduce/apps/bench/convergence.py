@@ -302,11 +302,13 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
             lows = [p["value"] for r in runs if r["task"] == task for p in r["curve"]]
             by_step.set_ylim(min(lows) * 0.98, min(lows) * 1.6)
             by_time.set_ylim(min(lows) * 0.98, min(lows) * 1.6)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    # Below the panels, so that no curve is hidden behind it.
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("2 ranks; mean over seeds, shaded: min-max")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
