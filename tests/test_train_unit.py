@@ -362,3 +362,12 @@ def test_auto_resume_needs_a_checkpoint_directory(tmp_path, capsys):
             train.parse_args(argv)
         assert "--auto-resume needs --checkpoint DIR" in capsys.readouterr().err
     assert train.parse_args(["--auto-resume", "--checkpoint", str(tmp_path)]).auto_resume
+
+
+def test_resumed_metrics_drop_the_records_past_the_checkpoint(tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3, 4, 5)] + [json.dumps({"summary": {}}), '{"step": 6, "lo']
+    path.write_text("\n".join(lines))
+    train._drop_records_after(path, 3)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r.get("step") for r in kept] == [1, 2, 3, None]  # the torn line and steps 4-5 are gone

@@ -256,6 +256,24 @@ def _checkpoint_path(directory: Path, rank: int, previous: bool = False) -> Path
     return directory / (f"rank{rank}.prev.pt" if previous else f"rank{rank}.pt")
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    """Remove the step records past ``step`` that an interrupted run wrote after its last
+    checkpoint, so the resumed run's records follow on without repeats."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the crash
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def newest_common_checkpoint(directory: Path) -> Path | None:
     """This rank's checkpoint file of the newest step every rank holds in ``directory``
     (a rank killed mid-save may be one checkpoint behind the others); None if none."""
@@ -507,9 +525,6 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | 
     resume_from = _checkpoint_path(args.resume, rank) if args.resume else None
     if args.auto_resume:
         resume_from = newest_common_checkpoint(args.checkpoint)
-        if verbose:
-            print(f"deepreduce train: {'resuming from ' + str(resume_from.parent) if resume_from else 'no checkpoint yet'}"
-                  f" (--auto-resume)", flush=True)
     if args.mode == "update":
         ddp = DDP(model, bucket_cap_mb=args.bucket_mb)  # broadcasts rank 0's parameters
         sync = _update_sync(args, model, ddp)  # DDP keeps local gradients from now on
@@ -533,6 +548,12 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | 
         print(f"deepreduce train: {args.task}, {world} rank(s), {n_params / 1e6:.2f} M parameters, {what}"
               f"{data_label(args)} corpus {corpus.train_bytes / 1e6:.1f} MB (digest {corpus.digest}), {args.optimizer}, compression "
               f"{args.compression}, steps {start}->{args.steps}", flush=True)
+    if args.auto_resume and rank == 0:  # a restart is worth a line even with --quiet
+        print(f"deepreduce train: --auto-resume: resuming from step {start} of {resume_from}" if resume_from
+              else f"deepreduce train: --auto-resume: no checkpoint in {args.checkpoint} yet, starting afresh",
+              file=sys.stderr, flush=True)
+    if start and args.metrics and rank == 0:
+        _drop_records_after(args.metrics, start)
     metrics = open(args.metrics, "a" if start else "w") if (args.metrics and rank == 0) else None
     stop = min(args.steps, args.stop_after if args.stop_after is not None else args.steps)
     step_times, bytes_per_step, evaluation = [], [], {}
