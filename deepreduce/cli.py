@@ -3,7 +3,7 @@
     deepreduce demo                       dense vs. compressed training, side by side
     deepreduce train ...                  the training entry that torchrun launches
     deepreduce codecs                     registered sparsifiers and codecs
-    deepreduce bench codecs|bandwidth|convergence ...
+    deepreduce bench codecs|bandwidth|convergence|soak ...
     deepreduce --version
 
 The commands live in :mod:`deepreduce.apps`.
@@ -28,6 +28,7 @@ BENCHMARKS = {
     "codecs": ("deepreduce.apps.bench.codecs:main", "bits per element, error and speed of every codec"),
     "bandwidth": ("deepreduce.apps.bench.bandwidth:main", "DDP step time on emulated links vs. built-in hooks"),
     "convergence": ("deepreduce.apps.bench.convergence:main", "validation loss and time to target per configuration"),
+    "soak": ("deepreduce.apps.bench.soak:main", "long runs over links that flap, change rate and lose packets"),
 }
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deepreduce.apps.bench import bandwidth, convergence
+from deepreduce.apps.bench import bandwidth, convergence, soak
 from deepreduce.apps.netns import netns_unavailable_reason
 
 NETNS_REASON = netns_unavailable_reason()
@@ -28,6 +28,43 @@ def test_bandwidth_benchmark_quick_run(tmp_path):
     assert by_config["topk:0.01/eliasfano/fp16"]["bytes_per_step"] < 0.5 * by_config["dense"]["bytes_per_step"]
     assert "## Bandwidth" in (tmp_path / "RESULTS.md").read_text()
     assert (tmp_path / "results" / "bandwidth.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NETNS_REASON is not None, reason=f"network namespaces unavailable: {NETNS_REASON}")
+def test_soak_quick_run_rides_out_a_flap_and_a_rate_change(tmp_path):
+    assert soak.main(["--quick", "--out", str(tmp_path)]) == 0
+    stored = json.loads((tmp_path / "results" / "soak.json").read_text())
+    (run,) = stored["runs"]
+    assert run["config"] == "update" and run["nodes"] == 2 and run["steps"] == run["steps_planned"] == 30
+    assert run["exit_codes"] == [0, 0] and run["hang"] is None and not run["chaos_errors"]
+    kinds = [e["kind"] for e in run["events"]]
+    assert kinds[:2] == ["flap", "rate"]
+    flap = run["events"][0]
+    assert flap["duration_s"] >= 1.5 and 5 <= flap["step"] < 30
+    # The flap stalled the run for at least as long as the link was down.
+    assert run["max_step_s"] >= 1.0
+    assert run["bitwise_identical"] and None not in run["digests"]
+    # ... and the faults changed nothing: the fault-free run ends with the same parameters.
+    assert run["reference"]["digests"] == run["digests"] and run["reference"]["events"] == []
+    assert run["wire_bytes_per_step_per_rank"] > 0 and 0 < run["bytes_per_step"] < run["dense_bytes_per_step"]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Soak" in text and "Lost: nothing" in text
+
+
+def test_soak_checkpoint_digest_is_bitwise(tmp_path):
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    torch.save({"model": model.state_dict(), "step": 1}, tmp_path / "rank0.pt")
+    with torch.no_grad():
+        model.weight[0, 0] = torch.nextafter(model.weight[0, 0], torch.tensor(2.0))  # one ulp
+    torch.save({"model": model.state_dict(), "step": 1}, tmp_path / "rank1.pt")
+    torch.save({"model": model.state_dict(), "step": 2}, tmp_path / "rank2.pt")
+    digests = [soak.model_digest(tmp_path / f"rank{r}.pt") for r in range(3)]
+    assert digests[0] != digests[1] and digests[1] == digests[2]
+    assert soak.model_digest(tmp_path / "missing.pt") is None
+    assert soak.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0 and soak.percentile([1.0, 9.0], 0.95) == 9.0
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from deepreduce.apps.netns import NetnsCluster, NetnsError, default_burst, netns_unavailable_reason, parse_rate
+from deepreduce.apps.netns import (NetnsCluster, NetnsError, default_burst, loss_unavailable_reason,
+                                  netns_unavailable_reason, parse_rate)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "netns-cluster"
@@ -134,3 +135,204 @@ def test_cluster_context_manager_links_nodes_and_cleans_up_after_errors():
             raise RuntimeError("boom")
     assert not leftovers(cluster.name)
     assert sleeper.poll() is not None  # stopped by the teardown
+
+
+# --- faults: link flaps, rate changes, packet loss --------------------------------------------------
+
+
+def test_fault_commands():
+    """The ip/tc/nft commands behind set_link, set_rate and set_loss (built without root)."""
+    cluster = NetnsCluster(3, rate="100mbit", name="drf")
+    assert cluster.link_argv(1, up=False) == [["ip", "-n", "drf-n1", "link", "set", "eth0", "down"]]
+    assert cluster.link_argv(2, up=True, end="bridge") == [["ip", "-n", "drf-br", "link", "set", "p2", "up"]]
+    assert cluster.link_argv(0, up=False, end="both") == [["ip", "-n", "drf-n0", "link", "set", "eth0", "down"],
+                                                         ["ip", "-n", "drf-br", "link", "set", "p0", "down"]]
+    # Both ends of the node's link, replaced in place, with the burst the new rate needs.
+    assert cluster.rate_argv(1, "1gbit") == [
+        ["ip", "netns", "exec", "drf-n1", "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", "1gbit",
+         "burst", str(256 * 1024), "latency", "100ms"],
+        ["ip", "netns", "exec", "drf-br", "tc", "qdisc", "replace", "dev", "p1", "root", "tbf", "rate", "1gbit",
+         "burst", str(256 * 1024), "latency", "100ms"]]
+    assert cluster.rate_argv(0, "20mbit", burst=4096)[0][-5:] == ["20mbit", "burst", "4096", "latency", "100ms"]
+    assert cluster.rate_argv(2, None) == [["ip", "netns", "exec", "drf-n2", "tc", "qdisc", "del", "dev", "eth0", "root"],
+                                          ["ip", "netns", "exec", "drf-br", "tc", "qdisc", "del", "dev", "p2", "root"]]
+    # Loss: ingress drops at both ends (the node's download on eth0, its upload on its bridge port).
+    (node_cmd, node_rules), (bridge_cmd, bridge_rules) = cluster.loss_argv(2, 0.25)
+    assert node_cmd == ["ip", "netns", "exec", "drf-n2", "nft", "-f", "-"]
+    assert bridge_cmd == ["ip", "netns", "exec", "drf-br", "nft", "-f", "-"]
+    assert 'hook ingress device "eth0"' in node_rules and 'hook ingress device "p2"' in bridge_rules
+    assert f"numgen random mod {1 << 24} < {1 << 22} counter drop" in node_rules
+    assert "deepreduce_loss_p2" in bridge_rules  # one table per port in the shared bridge namespace
+    # The old table goes in the same transaction; probability 0 only removes it.
+    assert node_rules.splitlines()[:2] == ["table netdev deepreduce_loss {}", "delete table netdev deepreduce_loss"]
+    assert [len(rules.splitlines()) for _, rules in cluster.loss_argv(2, 0)] == [2, 2]
+    with pytest.raises(ValueError, match="probability"):
+        cluster.loss_argv(0, 1.5)
+    with pytest.raises(ValueError, match="out of range"):
+        cluster.link_argv(3, up=True)
+    with pytest.raises(ValueError, match="end"):
+        cluster.link_argv(0, up=True, end="switch")
+    with pytest.raises(ValueError, match="rate"):
+        cluster.rate_argv(0, "fast")
+    with pytest.raises(NetnsError, match="not up"):
+        cluster.set_link(0, up=False)
+
+
+LINE_SERVER = """
+import socket, sys
+s = socket.create_server(("10.200.0.1", 29598))
+print("listening", flush=True)
+c, _ = s.accept()
+for line in c.makefile():
+    print(line.strip(), flush=True)
+"""
+LINE_CLIENT = """
+import socket, sys, time
+for _ in range(100):
+    try:
+        s = socket.create_connection(("10.200.0.1", 29598), timeout=5)
+        break
+    except OSError:
+        time.sleep(0.1)
+s.settimeout(None)
+for line in sys.stdin:
+    s.sendall(line.encode())
+"""
+BULK_SERVER = """
+import socket
+s = socket.create_server(("10.200.0.1", 29597))
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    f = c.makefile("rb")
+    n = int(f.readline())
+    assert len(f.read(n)) == n
+    c.sendall(b"done")
+    c.close()
+"""
+BULK_CLIENT = """
+import socket, sys, time
+n = int(sys.argv[1])
+s = socket.create_connection(("10.200.0.1", 29597), timeout=30)
+began = time.perf_counter()
+s.sendall(f"{n}\\n".encode() + bytes(n))
+assert s.recv(4) == b"done"
+print(time.perf_counter() - began)
+"""
+UDP_SINK = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.200.0.1", 29596))
+print("listening", flush=True)
+s.settimeout(3)
+n = 0
+try:
+    while True:
+        s.recv(64)
+        n += 1
+except socket.timeout:
+    print(n, flush=True)
+"""
+UDP_SOURCE = """
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(1000):
+    s.sendto(b"x", ("10.200.0.1", 29596))
+    if i % 50 == 0:
+        time.sleep(0.005)  # below the socket buffers: only the loss rule drops
+"""
+
+
+def _lines(proc: subprocess.Popen):
+    """A queue that receives the process's stdout lines as they come."""
+    import queue
+    import threading
+
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.strip()) for line in proc.stdout], daemon=True).start()
+    return lines
+
+
+@needs_netns
+@pytest.mark.parametrize("end", ["node", "bridge"])
+def test_link_flap_holds_a_connection_and_delivers_after_it(end):
+    """A node's link down (its interface, or its bridge port): what its TCP connection sends
+    does not arrive; once the link is up again it does, on the same connection."""
+    import queue
+
+    with NetnsCluster(2, rate="100mbit", name=f"drl{os.getpid()}") as cluster:
+        server = cluster.popen(0, [sys.executable, "-c", LINE_SERVER], stdout=subprocess.PIPE, text=True)
+        received = _lines(server)
+        assert received.get(timeout=30) == "listening"
+        client = cluster.popen(1, [sys.executable, "-c", LINE_CLIENT], stdin=subprocess.PIPE, text=True)
+        client.stdin.write("before\n")
+        client.stdin.flush()
+        assert received.get(timeout=30) == "before"
+        cluster.set_link(1, up=False, end=end)
+        state = subprocess.run(["ip", "-n", cluster.namespace(1), "link", "show", "eth0"], capture_output=True, text=True)
+        assert ("state DOWN" in state.stdout) and (("NO-CARRIER" in state.stdout) == (end == "bridge"))
+        client.stdin.write("during\n")
+        client.stdin.flush()
+        with pytest.raises(queue.Empty):
+            received.get(timeout=1.5)  # the link is down: nothing gets through
+        cluster.set_link(1, up=True, end=end)
+        # TCP retransmits with backed-off timers: the line arrives within a few seconds.
+        assert received.get(timeout=20) == "during"
+        client.stdin.close()
+        client.wait(timeout=10)
+        assert client.returncode == 0
+
+
+def _bulk_seconds(cluster: NetnsCluster, nbytes: int) -> float:
+    client = cluster.popen(1, [sys.executable, "-c", BULK_CLIENT, str(nbytes)], stdout=subprocess.PIPE, text=True)
+    out, _ = client.communicate(timeout=60)
+    assert client.returncode == 0
+    return float(out)
+
+
+@needs_netns
+def test_rate_change_on_the_fly():
+    """tc tbf replaced at both ends of a live link: the new rate bounds transfers both ways."""
+    with NetnsCluster(2, rate="1gbit", name=f"drr{os.getpid()}") as cluster:
+        server = cluster.popen(0, [sys.executable, "-c", BULK_SERVER], stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "listening"
+        _bulk_seconds(cluster, 100_000)  # connection set-up, imports: warm
+        cluster.set_rate(1, "8mbit")
+        assert cluster.rates == ["1gbit", "8mbit"]
+        for ns, dev in ((cluster.namespace(1), "eth0"), (cluster.bridge_namespace, "p1")):
+            shown = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev], capture_output=True,
+                                   text=True).stdout
+            assert "tbf" in shown and "rate 8Mbit" in shown
+        # 1 MB at 8 Mbit/s takes 1 s; the token bucket allows no less than ~0.95 s, however
+        # fast the machine is (a lower bound, so a loaded machine cannot make this flaky).
+        assert _bulk_seconds(cluster, 1_000_000) > 0.9
+        cluster.set_rate(1, None)  # unshaped
+        assert "tbf" not in subprocess.run(["ip", "netns", "exec", cluster.namespace(1), "tc", "qdisc", "show", "dev",
+                                            "eth0"], capture_output=True, text=True).stdout
+        cluster.set_rate(1, None)  # twice: nothing to remove is fine
+
+
+LOSS_REASON = loss_unavailable_reason() if REASON is None else REASON
+
+
+@needs_netns
+@pytest.mark.skipif(LOSS_REASON is not None, reason=f"packet loss unavailable: {LOSS_REASON}")
+def test_packet_loss_drops_about_the_share_asked_and_stops():
+    with NetnsCluster(2, name=f"drp{os.getpid()}") as cluster:
+        def delivered() -> int:
+            sink = cluster.popen(0, [sys.executable, "-c", UDP_SINK], stdout=subprocess.PIPE, text=True)
+            assert sink.stdout.readline().strip() == "listening"
+            source = cluster.popen(1, [sys.executable, "-c", UDP_SOURCE])
+            assert source.wait(timeout=60) == 0
+            return int(sink.stdout.readline())
+
+        assert delivered() == 1000
+        cluster.set_loss(1, 0.3)  # node 1's upload: dropped at its bridge port
+        got = delivered()
+        assert 550 < got < 850  # binomial(1000, 0.7): 700 +- 15; wide bounds
+        assert cluster.lost_packets(1) >= 1000 - got
+        assert cluster.lost_packets(0) == 0  # no rules there
+        cluster.set_loss(1, 0.3)  # replacing the rules resets their counters
+        assert cluster.lost_packets(1) == 0
+        cluster.set_loss(1, 0)
+        assert delivered() == 1000 and cluster.lost_packets(1) == 0

@@ -27,6 +27,20 @@ Token-bucket burst: ``tbf`` lets ``burst`` bytes through at full speed after eve
 gap, which flatters payloads of about that size. The default is just above one timer
 tick's worth of the rate (32 KiB at 100 Mbit/s, 256 KiB at 1 Gbit/s); smaller bursts
 cap the link below its rate.
+
+Faults, on a running cluster (each applies to one node's link, both directions):
+
+    cluster.set_link(1, up=False)            # the node's interface goes down ...
+    cluster.set_link(1, up=True)             # ... and up again (end="bridge": its switch port)
+    cluster.set_rate(1, "20mbit")            # tc tbf replaced at both ends, traffic in flight
+    cluster.set_loss(1, 0.02)                # 2 % of frames dropped each way (nftables)
+    cluster.set_loss(1, 0)
+
+This kernel has no ``netem``; loss uses nftables' ``numgen random`` in ``netdev``
+ingress chains at both ends of the node's veth pair (the node's ``eth0`` and its bridge
+port), so a dropped frame is lost on the wire: the sender is not told and TCP
+retransmits, as over a lossy link. Needs ``nft`` (package ``nftables``);
+:func:`loss_unavailable_reason` says whether it works here.
 """
 
 from __future__ import annotations
@@ -47,6 +61,11 @@ IFNAME = "eth0"  # every node's interface has this name inside its namespace
 
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)(bit|bps)$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+LOSS_TABLE = "deepreduce_loss"  # the nftables table that set_loss() owns in a namespace
+LOSS_SCALE = 1 << 24  # numgen's range: loss probabilities resolve to 1 in 16.7 M
+LINK_ENDS = ("node", "bridge", "both")
 
 
 class NetnsError(RuntimeError):
@@ -89,6 +108,54 @@ def netns_unavailable_reason() -> str | None:
     return None
 
 
+def loss_unavailable_reason() -> str | None:
+    """Why :meth:`NetnsCluster.set_loss` cannot work here, or None if it can (makes a
+    namespace with a veth pair and installs a loss rule on one end)."""
+    reason = netns_unavailable_reason()
+    if reason:
+        return reason
+    if shutil.which("nft") is None:
+        return "'nft' is not installed (apt-get install nftables)"
+    probe = f"drlossprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode:
+        return f"'ip netns add' failed: {made.stderr.strip()}"
+    try:
+        added = subprocess.run(["ip", "-n", probe, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
+                               capture_output=True, text=True)
+        if added.returncode:
+            return f"cannot make a veth pair for the probe: {added.stderr.strip()}"
+        ruleset = loss_ruleset([("eth0", "in")], 0.5)
+        result = subprocess.run(["ip", "netns", "exec", probe, "nft", "-f", "-"], input=ruleset, capture_output=True,
+                                text=True)
+        if result.returncode:
+            return f"nftables refused a netdev ingress numgen rule: {result.stderr.strip()}"
+        return None
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+
+
+def loss_ruleset(devices: Sequence[tuple[str, str]], probability: float, table: str = LOSS_TABLE) -> str:
+    """An ``nft -f`` script that (re)creates the netdev ``table`` dropping ``probability``
+    of the frames arriving on each ``(device, chain name)``; with probability 0 it only
+    removes the table. Ingress hooks, so the sender is not told of the drop."""
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"loss probability must be in [0, 1], got {probability!r}")
+    # Declaring the table first makes the delete succeed whether or not it exists:
+    # one atomic transaction replaces the previous rules.
+    lines = [f"table netdev {table} {{}}", f"delete table netdev {table}"]
+    if probability > 0:
+        threshold = round(probability * LOSS_SCALE)
+        lines.append(f"table netdev {table} {{")
+        for device, chain in devices:
+            lines += [f"  chain {chain} {{",
+                      f'    type filter hook ingress device "{device}" priority 0; policy accept;',
+                      f"    numgen random mod {LOSS_SCALE} < {threshold} counter drop",
+                      "  }"]
+        lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 class NetnsCluster:
     """N nodes (namespaces) on a private bridge, optionally rate-limited.
 
@@ -119,6 +186,7 @@ class NetnsCluster:
         self.ifname = IFNAME
         self._procs: list[subprocess.Popen] = []
         self._created: list[str] = []
+        self.rates: list[str | None] = [rate] * nodes  # each node's current link rate (set_rate changes it)
 
     # --- naming ------------------------------------------------------------------------
 
@@ -128,6 +196,10 @@ class NetnsCluster:
     @property
     def bridge_namespace(self) -> str:
         return f"{self.name}-br"
+
+    def port(self, node: int) -> str:
+        """The name of ``node``'s port on the bridge (inside :attr:`bridge_namespace`)."""
+        return f"p{node}"
 
     def address(self, node: int) -> str:
         return str(self.network.network_address + node + 1)
@@ -153,9 +225,7 @@ class NetnsCluster:
     def _tc(self, namespace: str, device: str) -> None:
         cmd = ["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", device, "root", "tbf",
                "rate", self.rate, "burst", str(self.burst), "latency", self.latency]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode:
-            raise NetnsError(f"'{' '.join(cmd)}' failed: {result.stderr.strip()}")
+        _check(cmd)
 
     def up(self) -> None:
         """Create the namespaces, links and shaping; on any failure undo what was made."""
@@ -175,7 +245,7 @@ class NetnsCluster:
             self._ip("-n", br, "link", "add", "br0", "type", "bridge")
             self._ip("-n", br, "link", "set", "br0", "up")
             for i in range(self.nodes):
-                ns, port = self.namespace(i), f"p{i}"
+                ns, port = self.namespace(i), self.port(i)
                 # Both ends are created directly inside their namespaces: no names in the
                 # host's namespace, so parallel clusters cannot collide.
                 self._ip("link", "add", IFNAME, "netns", ns, "type", "veth", "peer", "name", port, "netns", br)
@@ -196,6 +266,101 @@ class NetnsCluster:
         for ns in reversed(self._created):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._created.clear()
+
+    # --- faults on a running cluster --------------------------------------------------------
+
+    def _check_node(self, node: int) -> None:
+        if not 0 <= node < self.nodes:
+            raise ValueError(f"node {node} out of range [0, {self.nodes})")
+
+    def link_argv(self, node: int, up: bool, end: str = "node") -> list[list[str]]:
+        """Commands that take ``node``'s link down or up: ``end`` ``node`` is its own
+        interface (its routes go with it), ``bridge`` its port on the bridge (the node's
+        interface stays up without carrier, as when a switch port fails), ``both``."""
+        self._check_node(node)
+        if end not in LINK_ENDS:
+            raise ValueError(f"end must be one of {LINK_ENDS}, got {end!r}")
+        state = "up" if up else "down"
+        argv = []
+        if end in ("node", "both"):
+            argv.append(["ip", "-n", self.namespace(node), "link", "set", IFNAME, state])
+        if end in ("bridge", "both"):
+            argv.append(["ip", "-n", self.bridge_namespace, "link", "set", self.port(node), state])
+        return argv
+
+    def rate_argv(self, node: int, rate: str | None, burst: int | None = None) -> list[list[str]]:
+        """Commands that reshape ``node``'s link to ``rate`` at both ends (its upload on its
+        interface, its download on its bridge port), replacing the qdisc in place; ``rate``
+        None removes the shaping."""
+        self._check_node(node)
+        ends = [(self.namespace(node), IFNAME), (self.bridge_namespace, self.port(node))]
+        if rate is None:
+            return [["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"] for ns, dev in ends]
+        parse_rate(rate)
+        burst = burst if burst is not None else default_burst(rate)
+        return [["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
+                 "burst", str(burst), "latency", self.latency] for ns, dev in ends]
+
+    def loss_argv(self, node: int, probability: float) -> list[tuple[list[str], str]]:
+        """``(argv, stdin)`` pairs that make ``node``'s link drop ``probability`` of its
+        frames in each direction (0: none): nftables ingress rules on the node's interface
+        (its download) and on its bridge port (its upload)."""
+        self._check_node(node)
+        return [(["ip", "netns", "exec", ns, "nft", "-f", "-"], loss_ruleset([(dev, chain)], probability, table))
+                for ns, dev, chain, table in self._loss_tables(node)]
+
+    def _loss_tables(self, node: int) -> list[tuple[str, str, str, str]]:
+        """(namespace, device, chain, table) of ``node``'s loss rules. The bridge namespace
+        serves every node, so its tables are named by port."""
+        return [(self.namespace(node), IFNAME, "download", LOSS_TABLE),
+                (self.bridge_namespace, self.port(node), "upload", f"{LOSS_TABLE}_{self.port(node)}")]
+
+    def _require_up(self) -> None:
+        if not self._created:
+            raise NetnsError("cluster is not up (use it as a context manager or call up())")
+
+    def set_link(self, node: int, up: bool, end: str = "node") -> None:
+        """Take ``node``'s link down or bring it up (see :meth:`link_argv` for ``end``).
+        Connections survive a short outage: TCP retransmits once the link is back."""
+        self._require_up()
+        for cmd in self.link_argv(node, up, end):
+            _check(cmd)
+
+    def set_rate(self, node: int, rate: str | None, burst: int | None = None) -> None:
+        """Change ``node``'s link rate while traffic flows (``tc qdisc replace``; None:
+        unshaped). Packets queued in the old token bucket may be dropped, and are resent."""
+        self._require_up()
+        if rate is None:
+            for cmd in self.rate_argv(node, None):
+                # a link that was never shaped has no root qdisc to delete
+                result = subprocess.run(cmd, capture_output=True, text=True)
+                if result.returncode and "No such file" not in result.stderr and "Cannot delete" not in result.stderr:
+                    raise NetnsError(f"'{' '.join(cmd)}' failed: {result.stderr.strip()}")
+        else:
+            for cmd in self.rate_argv(node, rate, burst):
+                _check(cmd)
+        self.rates[node] = rate
+
+    def set_loss(self, node: int, probability: float) -> None:
+        """Drop ``probability`` of ``node``'s frames in each direction (0: stop dropping)."""
+        self._require_up()
+        if shutil.which("nft") is None:
+            raise NetnsError("packet loss needs 'nft' (apt-get install nftables)")
+        for cmd, script in self.loss_argv(node, probability):
+            _check(cmd, script)
+
+    def lost_packets(self, node: int) -> int:
+        """Frames that :meth:`set_loss` dropped on ``node``'s link since its rules were last
+        installed (both directions; 0 when none are installed)."""
+        self._require_up()
+        self._check_node(node)
+        total = 0
+        for ns, _, _, table in self._loss_tables(node):
+            listed = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "netdev", table],
+                                    capture_output=True, text=True)
+            if listed.returncode == 0:  # no table: no rules installed, nothing dropped
+                total += sum(int(n) for n in re.findall(r"counter packets (\d+)", listed.stdout))
+        return total
 
     # --- running commands ------------------------------------------------------------------
 
@@ -268,6 +433,12 @@ class NetnsCluster:
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
+
+
+def _check(cmd: Sequence[str], stdin: str | None = None) -> None:
+    result = subprocess.run(list(cmd), input=stdin, capture_output=True, text=True)
+    if result.returncode:
+        raise NetnsError(f"'{' '.join(cmd)}' failed: {result.stderr.strip()}")
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
