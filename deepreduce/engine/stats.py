@@ -47,7 +47,8 @@ class _Counters:
 
 
 class CommStats:
-    """Thread-safe counters (decoding finishes on the backend's threads)."""
+    """Thread-safe counters (decoding finishes on the backend's threads). Picklable: the
+    lock is made anew on unpickling."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -62,6 +63,14 @@ class CommStats:
         """The steady phase (target density) starts now."""
         with self._lock:
             self._steady_from = _Counters(**asdict(self._c))
+
+    def __getstate__(self) -> dict[str, Any]:
+        with self._lock:
+            return {"counters": asdict(self._c)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._lock = threading.Lock()
+        self._c = _Counters(**state["counters"])
 
     def add(self, **deltas: float) -> None:
         with self._lock:
