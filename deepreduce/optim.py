@@ -136,7 +136,7 @@ class UpdateSync:
             compressor=compressor, local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
             nesterov=nesterov, overlap=overlap, keep_unsent=keep_unsent, broadcast=broadcast, seed=seed,
             min_numel=min_numel, error_feedback=error_feedback, dense_fallback=dense_fallback,
-            granularity=granularity, start_iter=start_iter, stats_every=stats_every,
+            granularity=granularity, start_iter=start_iter, nonfinite=nonfinite, stats_every=stats_every,
         )
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=seed)

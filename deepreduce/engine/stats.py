@@ -65,12 +65,11 @@ class CommStats:
             self._steady_from = _Counters(**asdict(self._c))
 
     def __getstate__(self) -> dict[str, Any]:
-        with self._lock:
-            return {"counters": asdict(self._c)}
+        return self.state_dict()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._lock = threading.Lock()
-        self._c = _Counters(**state["counters"])
+        self.load_state_dict(state)
 
     def add(self, **deltas: float) -> None:
         with self._lock:
