@@ -1,13 +1,14 @@
 """PyTorch Lightning runs with DeepReduceStrategy on 2 CPU processes (tests/test_integrations.py).
 
-    python tests/workers/lightning_runs.py OUT_DIR MODE START_METHOD
+    python tests/workers/lightning_runs.py OUT_DIR MODE START_METHOD [PHASES]
 
 MODE is ``gradient`` (the DDP hook) or ``update`` (UpdateSync with keep_unsent); START_METHOD
 ``popen`` (Lightning's ``ddp``: it starts this script again as rank 1) or ``spawn``
-(``ddp_spawn``). Three fits: uninterrupted for EPOCHS epochs, the first STOP epochs saving
-``last.ckpt``, and a resume from it to EPOCHS. Each rank writes OUT_DIR/<phase>-rank<r>.json
-(parameter digest, losses, stats) after each fit; the main process writes
-OUT_DIR/<phase>-main.json (what ``strategy.stats()`` reports there).
+(``ddp_spawn``). PHASES (comma-separated, default all): ``full`` trains EPOCHS epochs,
+``first`` the first STOP of them, ``resumed`` resumes from the ``first`` run's ``last.ckpt``
+to EPOCHS. Each fit saves OUT_DIR/ckpt-<phase>/last.ckpt; each rank writes
+OUT_DIR/<phase>-rank<r>.json (parameter digest, losses, stats) after each fit, and the main
+process OUT_DIR/<phase>-main.json (what ``strategy.stats()`` reports there).
 """
 
 from __future__ import annotations
@@ -84,23 +85,22 @@ def fit(out: Path, mode: str, start_method: str, phase: str, epochs: int, resume
     pl.seed_everything(0, verbose=False)
     module = Regressor("adamw" if mode == "gradient" else "sgd")
     chosen = strategy(mode, start_method)
-    callbacks: list[pl.Callback] = [Report(out, phase)]
-    if phase == "first":
-        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, save_top_k=0))
+    callbacks = [Report(out, phase), pl.callbacks.ModelCheckpoint(dirpath=out / f"ckpt-{phase}", save_last=True,
+                                                                  save_top_k=0)]
     trainer = pl.Trainer(strategy=chosen, accelerator="cpu", devices=2, max_epochs=epochs, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=phase == "first",
-                         callbacks=callbacks, default_root_dir=out)
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         default_root_dir=out)
     trainer.fit(module, train_dataloaders=data(), ckpt_path=resume)
     if trainer.is_global_zero:
         (out / f"{phase}-main.json").write_text(json.dumps({"stats": chosen.stats(), "digest": digest(module)}))
 
 
-def main(out_dir: str, mode: str, start_method: str) -> None:
+def main(out_dir: str, mode: str, start_method: str, phases: str = "full,first,resumed") -> None:
     torch.set_num_threads(1)
     out = Path(out_dir)
-    fit(out, mode, start_method, "full", EPOCHS, None)
-    fit(out, mode, start_method, "first", STOP, None)
-    fit(out, mode, start_method, "resumed", EPOCHS, out / "ckpt" / "last.ckpt")
+    for phase in phases.split(","):
+        resume = out / "ckpt-first" / "last.ckpt" if phase == "resumed" else None
+        fit(out, mode, start_method, phase, STOP if phase == "first" else EPOCHS, resume)
 
 
 if __name__ == "__main__":
