@@ -123,15 +123,47 @@ class DeepReduceState:
             density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite, stats_every=stats_every,
         )
         self._names: dict[int, str] = {}
-        self._named = named_parameters is not None
+        self._named = False
+        self._unpickled_names = False  # named before pickling: the names must be given again
         if named_parameters is not None:
-            for name, param in named_parameters:
-                self._names[id(param)] = name
+            self.name_parameters(named_parameters)
+
+    def name_parameters(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
+        """Name the residuals after the parameters (``model.named_parameters()``), as the
+        constructor's ``named_parameters`` does. Call it before the first step; front ends
+        that wrap the model themselves (the Lightning strategy) call it for you."""
+        names: dict[int, str] = {}
+        for name, param in named_parameters:
+            if not isinstance(name, str) or not isinstance(param, torch.Tensor):
+                raise ConfigError("named_parameters must yield (name, parameter) pairs, as model.named_parameters() does")
+            names[id(param)] = name
+        if not names:
+            raise ConfigError("named_parameters is empty")
+        self._names, self._named, self._unpickled_names = names, True, False
 
     def _make_transport(self) -> Transport:
         from .comm.torch_dist import TorchTransport
 
         return TorchTransport(self.process_group)
+
+    # --- pickling ------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Configuration, residuals, step and stats travel; the process group and the
+        parameter names do not. A process group belongs to one process (only the default
+        group, ``process_group=None``, exists again in the unpickling process), and the
+        names are keyed by parameter identity, which pickling does not keep: a state built
+        with ``named_parameters`` needs :meth:`name_parameters` again after unpickling."""
+        if self.process_group is not None:
+            raise TypeError(
+                "a DeepReduceState with an explicit process_group cannot be pickled: process groups belong to "
+                "one process. Build it with process_group=None (the default group) to pickle it."
+            )
+        state = self.__dict__.copy()
+        state["_names"] = {}
+        state["_unpickled_names"] = self._named or self._unpickled_names
+        state["_named"] = False
+        return state
 
     # --- the engine's settings, for reading --------------------------------------------
 
@@ -192,6 +224,10 @@ class DeepReduceState:
         for param in bucket.parameters():
             name = self._names.get(id(param))
             if name is None:
+                if self._unpickled_names:
+                    raise ConfigError("this DeepReduceState was built with named_parameters and then pickled; parameter "
+                                      "names do not survive pickling: call state.name_parameters(model.named_parameters()) "
+                                      "in this process before training")
                 if self._named:
                     raise ConfigError("a bucket holds a parameter missing from named_parameters; pass the DDP model's own parameters")
                 name = self._names[id(param)] = f"param{len(self._names)}"

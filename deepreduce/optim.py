@@ -100,6 +100,12 @@ class UpdateSync:
         min_numel, error_feedback, dense_fallback, granularity, start_iter, nonfinite,
         stats_every: engine options (see :class:`deepreduce.DeepReduceState`);
             ``start_iter`` exchanges go dense.
+
+    ``sync.config`` holds the options above except the parameters, group, transport and
+    DDP model, as given: plain values that pickle, so
+    ``UpdateSync(model.named_parameters(), **config)`` builds the same synchroniser in
+    another process (an UpdateSync itself cannot be pickled: it is bound to live
+    parameters and a process group).
     """
 
     def __init__(
@@ -126,6 +132,12 @@ class UpdateSync:
         nonfinite: str = "propagate",
         stats_every: int = 0,
     ) -> None:
+        self.config: dict[str, Any] = dict(
+            compressor=compressor, local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
+            nesterov=nesterov, overlap=overlap, keep_unsent=keep_unsent, broadcast=broadcast, seed=seed,
+            min_numel=min_numel, error_feedback=error_feedback, dense_fallback=dense_fallback,
+            granularity=granularity, start_iter=start_iter, nonfinite=nonfinite, stats_every=stats_every,
+        )
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=seed)
         elif not isinstance(compressor, Compressor):
@@ -182,6 +194,14 @@ class UpdateSync:
             self._outer = torch.optim.SGD(self._outer_params, lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov)
         self.local_step = 0
         self._pending: tuple[torch.futures.Future | None, dict[str, torch.Tensor]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(
+            "an UpdateSync cannot be pickled: it is bound to this process's parameters and process group. "
+            "Pickle its configuration instead (sync.config, a dict of plain values: "
+            "dr.UpdateSync(model.named_parameters(), **config) rebuilds it) and keep its progress with "
+            "sync.state_dict() / load_state_dict()."
+        )
 
     # --- properties ----------------------------------------------------------------------
 

@@ -28,6 +28,18 @@ def test_codec_benchmark_quick_run(tmp_path):
     assert (tmp_path / "results" / "codec_bits.png").stat().st_size > 1000
 
 
+def test_committed_results_have_distinct_headings_and_no_noop_speedup():
+    """Every heading of benchmarks/RESULTS.md names one section, and the bandwidth table
+    claims no speed-up for ``noop`` (it communicates nothing)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md").read_text()
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert len(headings) == len(set(headings)), sorted(h for h in headings if headings.count(h) > 1)
+    noop_rows = [line for line in text.splitlines() if line.split("|")[3:4] == [" noop "]]
+    assert noop_rows and all(line.endswith("(reference) |") for line in noop_rows)
+
+
 def test_results_sections_are_replaced_not_duplicated(tmp_path):
     path = tmp_path / "RESULTS.md"
     update_results_section(path, "codecs", "first")

@@ -102,3 +102,15 @@ def test_cuda_image_builds_horovod_with_nccl():
     assert any(args.startswith("launch/install-horovod.sh --cuda") for args in runs)
     assert any("libnccl-dev" in args for args in runs)
     assert "HOROVOD_GPU_OPERATIONS=NCCL" in (ROOT / "launch" / "install-horovod.sh").read_text()
+
+
+def test_cpu_image_takes_the_cpu_wheel_as_the_readme_says():
+    """PyPI's Linux torch wheel bundles CUDA: the CPU image adds PyTorch's CPU index, and the
+    README gives the same line for CPU-only machines."""
+    cpu = next(p for p in DOCKERFILES if p.name == "Dockerfile.cpu")
+    index = "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu"
+    assert ("ARG", index) in instructions(cpu)
+    keywords = [k for k, _ in instructions(cpu)]
+    assert keywords.index("ARG") < keywords.index("RUN"), "the index must be set before pip runs"
+    assert f"`{index}`" in (ROOT / "README.md").read_text()
+    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text().split()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import tempfile
 
 import pytest
@@ -333,3 +334,54 @@ def test_state_dict_round_trip_continues_identically(group):
         assert torch.equal(residual, state_c.memory.residual(key))
     with pytest.raises(ValueError, match="state dict"):
         state_c.load_state_dict({"format": 99})
+
+
+def test_state_pickles_and_the_copy_trains_on_identically(group):
+    """A pickled state carries its configuration, residuals, step and stats (what
+    Lightning's ddp_spawn and other process launchers need): the unpickled copy, given
+    the parameter names again, continues exactly as the original does."""
+
+    def steps(ddp, opt, gen, n):
+        for _ in range(n):
+            opt.zero_grad()
+            ddp(torch.randn(16, 64, generator=gen)).pow(2).mean().backward()
+            opt.step()
+
+    model_a = _model()
+    state_a = dr.DeepReduceState(compressor="topk:0.05/eliasfano/fp16", min_numel=100, stats_every=0,
+                                 named_parameters=model_a.named_parameters())
+    ddp_a = DDP(model_a, bucket_cap_mb=0.01)
+    ddp_a.register_comm_hook(state_a, dr.deepreduce_hook)
+    opt_a, gen_a = torch.optim.SGD(model_a.parameters(), lr=0.05), torch.Generator().manual_seed(2)
+    steps(ddp_a, opt_a, gen_a, 4)
+
+    state_b = pickle.loads(pickle.dumps(state_a))
+    assert state_b.describe() == state_a.describe() and state_b.step == 4
+    assert state_b.stats() == state_a.stats() and state_b.stats()["compressed_buckets"] > 0
+    assert set(state_b.memory.residuals) == {name for name, _ in model_a.named_parameters() if _.numel() >= 100}
+    for name, residual in state_a.memory.residuals.items():
+        assert torch.equal(residual, state_b.memory.residual(name))
+
+    unnamed = DDP(_model(), bucket_cap_mb=0.01)
+    unnamed.register_comm_hook(pickle.loads(pickle.dumps(state_a)), dr.deepreduce_hook)
+    with pytest.raises(Exception, match=r"name_parameters\(model.named_parameters\(\)\)"):
+        unnamed(torch.randn(2, 64)).sum().backward()
+
+    model_b = _model()
+    model_b.load_state_dict(model_a.state_dict())
+    state_b.name_parameters(model_b.named_parameters())
+    ddp_b = DDP(model_b, bucket_cap_mb=0.01)
+    ddp_b.register_comm_hook(state_b, dr.deepreduce_hook)
+    opt_b, gen_b = torch.optim.SGD(model_b.parameters(), lr=0.05), torch.Generator().manual_seed(2)
+    gen_b.set_state(gen_a.get_state())
+    steps(ddp_a, opt_a, gen_a, 4)
+    steps(ddp_b, opt_b, gen_b, 4)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+    assert state_b.step == state_a.step == 8
+
+
+def test_state_with_an_explicit_group_says_why_it_cannot_be_pickled(group):
+    state = dr.DeepReduceState(process_group=group)
+    with pytest.raises(TypeError, match="process_group=None"):
+        pickle.dumps(state)

@@ -163,3 +163,32 @@ def test_state_dict_rejects_another_model_or_settings():
         dr.UpdateSync(_model().named_parameters(), transport=SoloTransport(), overlap=True).load_state_dict(state)
     with pytest.raises(ValueError, match="not an UpdateSync state dict"):
         sync.load_state_dict({"format": 0})
+
+
+def test_configuration_pickles_and_rebuilds_the_same_synchroniser():
+    """An UpdateSync is bound to live parameters and cannot be pickled (the error says
+    what to pickle instead); its ``config`` can, and rebuilds one that trains alike."""
+    import pickle
+
+    def train(sync, model, steps=6):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(steps):
+            model(torch.randn(8, 20, generator=gen)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sync.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    model = _model()
+    sync = dr.UpdateSync(model.named_parameters(), "topk:0.05/eliasfano/fp16", local_steps=2, keep_unsent=True,
+                         min_numel=0, transport=SoloTransport())
+    with pytest.raises(TypeError, match="sync.config"):
+        pickle.dumps(sync)
+    config = pickle.loads(pickle.dumps(sync.config))
+    assert config["compressor"] == "topk:0.05/eliasfano/fp16" and config["local_steps"] == 2 and config["keep_unsent"]
+    twin_model = _model()
+    twin = dr.UpdateSync(twin_model.named_parameters(), transport=SoloTransport(), **config)
+    assert twin.engine.describe() == sync.engine.describe()
+    for a, b in zip(train(sync, model), train(twin, twin_model)):
+        assert torch.equal(a, b)

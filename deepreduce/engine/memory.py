@@ -61,6 +61,10 @@ class ErrorFeedback:
         self.layouts: dict[Hashable, tuple[tuple[Hashable, int], ...]] = {}  # key -> its parts
         self._pending: dict[Hashable, tuple[torch.Tensor, bool, bool]] = {}  # key -> (grad, had residual, had velocity)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A compensation in flight refers to a live gradient bucket: never pickled.
+        return {**self.__dict__, "_pending": {}}
+
     def _split(self, key: Hashable) -> None:
         """Store the parts of a multi-part key under their own names (views, no copy)."""
         parts = self.layouts.pop(key)

@@ -199,6 +199,17 @@ class Engine:
             self._transport = self._make_transport()
         return self._transport
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Configuration, residuals, step and stats. A transport made by a factory is left
+        out and made again on first use in the process that unpickles (a process group
+        belongs to one process); the configuration is compared across ranks again."""
+        state = self.__dict__.copy()
+        if self._make_transport is not None:
+            state["_transport"] = None
+        state["_agreed"] = not self.check
+        state["_ramp"] = None
+        return state
+
     # --- configuration agreement ---------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:

@@ -47,7 +47,8 @@ class _Counters:
 
 
 class CommStats:
-    """Thread-safe counters (decoding finishes on the backend's threads)."""
+    """Thread-safe counters (decoding finishes on the backend's threads). Picklable: the
+    lock is made anew on unpickling."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -62,6 +63,13 @@ class CommStats:
         """The steady phase (target density) starts now."""
         with self._lock:
             self._steady_from = _Counters(**asdict(self._c))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.state_dict()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._lock = threading.Lock()
+        self.load_state_dict(state)
 
     def add(self, **deltas: float) -> None:
         with self._lock:

@@ -14,7 +14,7 @@ overhead, counted by the kernel), and speed-up vs. the default allreduce.
 
     deepreduce bench bandwidth                           # 2 and 4 nodes x {100mbit, 1gbit, unshaped}
     deepreduce bench bandwidth --nodes 2 --links 100mbit --configs dense topk:0.01/eliasfano/fp16
-    deepreduce bench bandwidth --quick                   # smoke test: tiny model, 2 nodes, unshaped
+    deepreduce bench bandwidth --quick                   # smoke test: tiny model, 2 nodes, unshaped (30-60 s)
 
 ``powersgd`` is torch's ``powerSGD_hook`` (rank 4) wrapped so that each bucket's future
 has completed when the hook returns: the stock hook issues collectives from future
@@ -199,10 +199,16 @@ def _fmt_bytes(n: float | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
 
 
+def _fmt_speedup(row: dict) -> str:
+    if row["config"] == "noop":
+        return "(reference)"  # the compute alone: no communication, so no speed-up to claim
+    return f"{row['speedup_vs_dense']:.2f}x" if row.get("speedup_vs_dense") else "-"
+
+
 def render(rows: list[dict], facts: dict, command: str) -> str:
     header = ["nodes", "link", "config", "step time s", "comm time s", "wire bytes/step/rank", "speed-up vs dense"]
     table = [[r["nodes"], r["link"], r["config"], f"{r['step_time_s']:.3f}", f"{r['comm_time_s']:.3f}",
-              _fmt_bytes(r["bytes_per_step"]), f"{r['speedup_vs_dense']:.2f}x" if r["speedup_vs_dense"] else "-"]
+              _fmt_bytes(r["bytes_per_step"]), _fmt_speedup(r)]
              for r in rows]
     return "\n".join([
         "## Bandwidth: DDP step time on emulated links",
@@ -212,7 +218,8 @@ def render(rows: list[dict], facts: dict, command: str) -> str:
         "",
         "Model: ResNet-50's 161 parameter tensors (25.6 M parameters), DDP default 25 MB buckets, cheap "
         "compute (fixed random gradients), gloo. Step time: median over the timed steps of the slowest rank, "
-        "after 3 warm-up steps. Comm time: step time minus the `noop` hook's (which communicates nothing). "
+        "after 3 warm-up steps. Comm time: step time minus the `noop` hook's (which communicates nothing, so "
+        "its ranks do not train together: it is the compute-only reference, with no speed-up of its own). "
         "Wire bytes: the node interface's transmit counter per step (payloads plus TCP/IP framing). "
         "`powersgd` is torch's powerSGD_hook (rank 4), wrapped so every bucket completes before the hook "
         "returns (the stock hook hangs gloo with several buckets), warm-up cut to 2 steps.",
@@ -231,7 +238,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     node_counts = sorted({r["nodes"] for r in rows})
     rate_bits = {"100mbit": 1e8, "1gbit": 1e9, "unshaped": 1e10}
-    fig, axes = plt.subplots(1, len(node_counts), figsize=(6 * len(node_counts), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(node_counts), figsize=(6 * len(node_counts), 5.2), squeeze=False)
     for ax, nodes in zip(axes[0], node_counts):
         for config in dict.fromkeys(r["config"] for r in rows if r["nodes"] == nodes):
             points = sorted((rate_bits.get(r["link"], 1e10), r["step_time_s"]) for r in rows
@@ -245,8 +252,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("median step time (s)")
         ax.set_title(f"{nodes} nodes, ResNet-50 layout (25.6 M)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    # One legend below the panels: inside them it covered the slow configurations' lines.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 4) // 5), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -263,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=None,
                         help=f"noop dense fp16 powersgd and/or compressor specs (default: {' '.join(BASELINES + DEEPREDUCE)})")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 3 at 100mbit, 5 otherwise)")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 2 nodes, unshaped, 2 steps (a smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, 2 nodes, unshaped, 3 configurations of 2 steps (a smoke test: 30-60 s on 2 "
+                             "cores, most of it starting 6 processes)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run before it is stopped")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
     args = parser.parse_args(argv)
@@ -310,14 +321,15 @@ def main(argv: list[str] | None = None) -> int:
         noop = next(r["step_time_s"] for r in same if r["config"] == "noop")
         dense = next((r["step_time_s"] for r in same if r["config"] == "dense"), None)
         row["comm_time_s"] = max(0.0, row["step_time_s"] - noop)
-        row["speedup_vs_dense"] = dense / row["step_time_s"] if dense else None
+        # noop communicates nothing: it times the compute, it is not a way to train faster.
+        row["speedup_vs_dense"] = dense / row["step_time_s"] if dense and row["config"] != "noop" else None
 
     table = Table(title="deepreduce bench bandwidth")
     for column in ("nodes", "link", "config", "step s", "comm s", "wire/step/rank", "vs dense"):
         table.add_column(column)
     for r in rows:
         table.add_row(str(r["nodes"]), r["link"], r["config"], f"{r['step_time_s']:.3f}", f"{r['comm_time_s']:.3f}",
-                      _fmt_bytes(r["bytes_per_step"]), f"{r['speedup_vs_dense']:.2f}x" if r["speedup_vs_dense"] else "-")
+                      _fmt_bytes(r["bytes_per_step"]), _fmt_speedup(r))
     console.print(table)
     facts = machine_facts()
     command = reproduce_command("bandwidth", argv)

@@ -1,0 +1,107 @@
+"""PyTorch Lightning runs with DeepReduceStrategy on 2 CPU processes (tests/test_integrations.py).
+
+    python tests/workers/lightning_runs.py OUT_DIR MODE START_METHOD [PHASES]
+
+MODE is ``gradient`` (the DDP hook) or ``update`` (UpdateSync with keep_unsent); START_METHOD
+``popen`` (Lightning's ``ddp``: it starts this script again as rank 1) or ``spawn``
+(``ddp_spawn``). PHASES (comma-separated, default all): ``full`` trains EPOCHS epochs,
+``first`` the first STOP of them, ``resumed`` resumes from the ``first`` run's ``last.ckpt``
+to EPOCHS. Each fit saves OUT_DIR/ckpt-<phase>/last.ckpt; each rank writes
+OUT_DIR/<phase>-rank<r>.json (parameter digest, losses, stats) after each fit, and the main
+process OUT_DIR/<phase>-main.json (what ``strategy.stats()`` reports there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import deepreduce as dr
+from deepreduce.integrations.lightning import DeepReduceStrategy
+
+EPOCHS, STOP = 4, 2
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self, optimizer: str) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
+                                       torch.nn.Tanh(), torch.nn.Linear(64, 4))
+        self.optimizer = optimizer
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.01)
+
+
+def data() -> DataLoader:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(256, 32, generator=gen)
+    return DataLoader(TensorDataset(x, torch.tanh(2 * x[:, :4]) + 0.1 * x[:, 4:8]), batch_size=16, shuffle=True)
+
+
+def digest(module: torch.nn.Module) -> str:
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in module.parameters())).hexdigest()
+
+
+class Report(pl.Callback):
+    """Each rank's parameters and counters once the fit ended (after the strategy's own
+    end-of-training work: in update mode ``sync.finish()``)."""
+
+    def __init__(self, out: Path, phase: str) -> None:
+        self.out, self.phase = out, phase
+
+    def on_fit_end(self, trainer, module):
+        strategy = trainer.strategy
+        record = {"digest": digest(module), "losses": module.losses, "stats": strategy.stats(),
+                  "rank": trainer.global_rank, "world": trainer.world_size}
+        (self.out / f"{self.phase}-rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def strategy(mode: str, start_method: str) -> DeepReduceStrategy:
+    if mode == "gradient":
+        state = dr.DeepReduceState(compressor="topk:0.05/eliasfano/fp16", start_iter=2, min_numel=256)
+        return DeepReduceStrategy(state, start_method=start_method, process_group_backend="gloo")
+    return DeepReduceStrategy(update=dict(compressor="topk:0.05/eliasfano/uniform:bits=2", keep_unsent=True,
+                                          min_numel=256),
+                              start_method=start_method, process_group_backend="gloo")
+
+
+def fit(out: Path, mode: str, start_method: str, phase: str, epochs: int, resume: Path | None) -> None:
+    pl.seed_everything(0, verbose=False)
+    module = Regressor("adamw" if mode == "gradient" else "sgd")
+    chosen = strategy(mode, start_method)
+    callbacks = [Report(out, phase), pl.callbacks.ModelCheckpoint(dirpath=out / f"ckpt-{phase}", save_last=True,
+                                                                  save_top_k=0)]
+    trainer = pl.Trainer(strategy=chosen, accelerator="cpu", devices=2, max_epochs=epochs, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         default_root_dir=out)
+    trainer.fit(module, train_dataloaders=data(), ckpt_path=resume)
+    if trainer.is_global_zero:
+        (out / f"{phase}-main.json").write_text(json.dumps({"stats": chosen.stats(), "digest": digest(module)}))
+
+
+def main(out_dir: str, mode: str, start_method: str, phases: str = "full,first,resumed") -> None:
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    for phase in phases.split(","):
+        resume = out / "ckpt-first" / "last.ckpt" if phase == "resumed" else None
+        fit(out, mode, start_method, phase, STOP if phase == "first" else EPOCHS, resume)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
