@@ -3,7 +3,7 @@
     deepreduce demo                       dense vs. compressed training, side by side
     deepreduce train ...                  the training entry that torchrun launches
     deepreduce codecs                     registered sparsifiers and codecs
-    deepreduce bench codecs|bandwidth|convergence ...
+    deepreduce bench codecs|bandwidth|convergence|fuzz ...
     deepreduce --version
 
 The commands live in :mod:`deepreduce.apps`.
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "codecs": ("deepreduce.apps.bench.codecs:main", "bits per element, error and speed of every codec"),
     "bandwidth": ("deepreduce.apps.bench.bandwidth:main", "DDP step time on emulated links vs. built-in hooks"),
     "convergence": ("deepreduce.apps.bench.convergence:main", "validation loss and time to target per configuration"),
+    "fuzz": ("deepreduce.apps.bench.fuzz:main", "fuzz decoding, message framing and the agreement check (atheris if installed)"),
 }
 
 
