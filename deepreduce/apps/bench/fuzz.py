@@ -375,6 +375,27 @@ def seed_inputs() -> dict[str, dict[str, bytes]]:
             if all(_registered(part.split(":")[0], kind) for part, kind in zip(spec.split("/")[1:], ("index", "value"))):
                 add_payload(f"combo-{spec.replace('/', '_')}-{i}", spec, numel, ratio, dtype, 20 + i)
 
+    # Tensors of 2^31+ elements take the int64 index paths (and fields wider than 32 bits);
+    # their payloads are small, but no dense tensor that size is made: the parts are encoded directly.
+    from ... import wire
+    from ...codecs import CodecContext, make_index_codec, make_value_codec
+
+    for spec in ("raw", "rle", "eliasfano", "zstd"):
+        if not _registered(spec, "index"):
+            continue
+        numel = (1 << 33) + 5
+        g = torch.Generator().manual_seed(7)
+        spread = torch.unique(torch.cat([torch.randint(0, numel, (40,), generator=g), torch.arange(numel - 3, numel)]))
+        sparse = torch.tensor([5, (1 << 32) + 7, (1 << 33) + 1])  # gaps above 2^32: fields wider than 32 bits
+        for what, indices in (("wide", spread), ("sparse", sparse)):
+            values = torch.randn(indices.numel(), generator=g)
+            ctx = CodecContext(numel, torch.float32, torch.device("cpu"), 99)
+            icodec, vcodec = make_index_codec(spec), make_value_codec("raw")
+            ipart, vpart = icodec.encode(indices, ctx), vcodec.encode(values, ctx)
+            payload = wire.pack(dtype=torch.float32, numel=numel, k=indices.numel(), index_codec_id=icodec.codec_id,
+                                value_codec_id=vcodec.codec_id, index=ipart, value=vpart, rng_seed=99)
+            out["decode"][f"index-{spec}-2^33-{what}"] = b"\x01" + payload.numpy().tobytes()
+
     for n, layout in enumerate(LAYOUTS):
         if not all(_registered(p.split(":")[0], kind) for p, kind in zip(layout.spec.split("/")[1:], ("index", "value"))):
             continue
@@ -604,6 +625,72 @@ def write_corpus(corpus: Path) -> dict[str, int]:
     return counts
 
 
+def keep_found(corpus: Path, work: Path, targets_: list[str]) -> dict[str, int]:
+    """Copy a campaign's working corpus (inputs libFuzzer kept for new coverage) into the
+    seed corpus as ``cov-<sha1>``, replacing the ``cov-*`` files of an earlier campaign."""
+    counts = {}
+    for target in targets_:
+        found = sorted(p for p in (work / target).iterdir() if p.is_file()) if (work / target).is_dir() else []
+        if not found:
+            continue
+        for old in (corpus / target).glob("cov-*"):
+            old.unlink()
+        for path in found:
+            data = path.read_bytes()
+            (corpus / target / f"cov-{hashlib.sha1(data).hexdigest()[:16]}").write_bytes(data)
+        counts[target] = len(found)
+    return counts
+
+
+# Functions on the receive path: everything a fuzz input can reach (not the encoders).
+_RECEIVE_PATH = {
+    "decode", "read_header", "as_payload", "_check_indices", "unframe", "read_message", "_decode", "check_agreement", "_read_view",
+    "_parameter_mismatch", "unpack_fixed", "bitmap_positions", "bitmap_to_bool", "zstd_decompress", "unpack_params",
+    "expect_nbytes", "from_bytes", "from_byte_planes", "unpack_permutation", "segment_grid", "evaluate", "check_coefficients",
+    "coefficient_count", "query", "_select", "_conflict_sets", "_greedy_sweep", "_pairs", "_random", "_leftmost", "_all",
+    "positive_limit", "select_limit", "indices_from_gaps", "_per_value", "_block_of",
+}
+
+
+def receive_path_coverage(folders: list[Path]) -> dict | None:
+    """Statement coverage of the receive-path functions when every input in ``folders``
+    (``<folder>/<target>/*``) is replayed once; None without the ``coverage`` package."""
+    try:
+        import coverage
+    except ImportError:
+        return None
+    import ast
+
+    package = Path(__file__).resolve().parents[2]
+    cov = coverage.Coverage(data_file=None, include=[str(package / "*")], omit=[str(package / "apps" / "*")])
+    runners = targets()
+    cov.start()
+    try:
+        for target, runner in runners.items():
+            for folder in folders:
+                for path in sorted((folder / target).glob("*")) if (folder / target).is_dir() else []:
+                    try:
+                        runner.run(path.read_bytes())
+                    except BaseException:  # noqa: BLE001 - only which lines ran matters here
+                        pass
+    finally:
+        cov.stop()
+    total = missed = 0
+    misses = []
+    for fname in cov.get_data().measured_files():
+        _, statements, _, missing, _ = cov.analysis2(fname)
+        for node in ast.walk(ast.parse(Path(fname).read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name in _RECEIVE_PATH:
+                body = range(node.body[0].lineno, node.end_lineno + 1)
+                lines = [n for n in statements if n in body]
+                lost = [n for n in missing if n in body]
+                total, missed = total + len(lines), missed + len(lost)
+                if lost:
+                    misses.append(f"{Path(fname).relative_to(package)}:{node.name} {lost}")
+    return {"statements": total, "covered": total - missed, "percent": round(100 * (total - missed) / max(total, 1), 1),
+            "missed": misses}
+
+
 def read_corpus(corpus: Path, target: str) -> dict[str, bytes]:
     folder = corpus / target
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
@@ -683,7 +770,8 @@ def _start(shard: Shard, engine: str, corpus: Path, work: Path, crash_dir: Path,
         (work / shard.target).mkdir(parents=True, exist_ok=True)
         seeds = corpus / shard.target
         flags = [f"-seed={shard.seed}", f"-max_len={MAX_LEN}", "-timeout=60", "-rss_limit_mb=6144", "-print_final_stats=1",
-                 f"-max_total_time={max_seconds}", "-reload=1", "-len_control=200", str(work / shard.target), str(seeds)]
+                 f"-max_total_time={max_seconds}", "-reload=1", "-len_control=200", str(work / shard.target)]
+        flags += [str(seeds)] if seeds.is_dir() else []  # new units go to the first folder, the working corpus
         cmd = [sys.executable, "-c", _ATHERIS_BOOT, shard.target, str(shard.runs), str(shard.stats), str(crash_dir), str(corpus), *flags]
     else:
         cmd = [sys.executable, "-m", "deepreduce.apps.bench.fuzz", "--mutate-worker", shard.target, str(shard.runs),
@@ -785,8 +873,11 @@ def replay(corpus: Path, target_names: list[str], mutations: int, seed: int = 20
     return out
 
 
-def _expected_outcome(target: str, name: str) -> str:
-    """Genuine seeds decode; regression inputs and disagreeing descriptions are rejected."""
+def _expected_outcome(target: str, name: str) -> str | None:
+    """Genuine seeds decode; regression inputs and disagreeing descriptions are rejected;
+    ``cov-*`` inputs (kept from a campaign for the code they reach) may be either."""
+    if name.startswith("cov-"):
+        return None
     if name.startswith("regress-") or (target == "agreement" and name != "seed-same"):
         return "rejected"
     return "accepted"
@@ -795,14 +886,14 @@ def _expected_outcome(target: str, name: str) -> str:
 def unexpected_outcomes(summary: dict[str, dict]) -> list[str]:
     """Corpus inputs of a :func:`replay` whose outcome is not the expected one."""
     return [f"{target}/{name}: {outcome}" for target, s in summary.items() for name, outcome in s["corpus"].items()
-            if outcome != _expected_outcome(target, name)]
+            if outcome not in ((_expected_outcome(target, name),) if _expected_outcome(target, name) else ("accepted", "rejected"))]
 
 
 def _results_body(summary: dict[str, dict], meta: dict) -> str:
     from . import markdown_table
 
     rows = []
-    for t, s in summary.items():
+    for t, s in sorted(summary.items(), key=lambda item: TARGETS.index(item[0])):
         rows.append([t, f"{s['inputs']:,}", f"{s['accepted']:,}", f"{s['rejected']:,}", s["failures"] + s["crashed_workers"],
                      f"{s['max_input_s']:.3f}", f"{s['max_time_ratio']:.3f}", f"{s['peak_rss_mb']:.0f}", s["coverage"] or "-"])
     total = sum(s["inputs"] for s in summary.values())
@@ -811,7 +902,7 @@ def _results_body(summary: dict[str, dict], meta: dict) -> str:
         "## Fuzzing",
         "",
         f"`{meta['command']}`: {meta['engine']} ({meta['engine_version']}), {meta['jobs']} processes, "
-        f"{meta['wall_s'] / 60:.0f} min wall time; **{total:,} inputs, {crashes} crashes**. "
+        f"{meta['wall_s'] / 60:.1f} min wall time on {os.cpu_count()} cores; **{total:,} inputs, {crashes} crashes**. "
         "A crash is any exception other than the target's documented error (DecodeError; ConfigError for the agreement "
         "check), a malformed result, an allocation beyond the memory bound, or an input slower than the time bound.",
         "",
@@ -824,6 +915,15 @@ def _results_body(summary: dict[str, dict], meta: dict) -> str:
         f"{BLOOM_BYTES_PER_INPUT_BYTE >> 10} KiB and {BLOOM_SECONDS_PER_INPUT_BYTE * 1e3:.1f} ms more per byte "
         "(its decoder queries up to 2^15 positions per payload byte).",
     ]
+    cov = meta.get("receive_path_coverage")
+    if cov:
+        lines += ["", f"Replaying the seeds and the inputs the fuzzer kept runs {cov['covered']} of the {cov['statements']} "
+                      f"statements ({cov['percent']} %) of the receive-path functions (decoders, header, framing, message, "
+                      "agreement check); `results/fuzz.json` lists the lines no input reached."]
+    if meta["engine"] == "atheris":
+        lines += ["", "Peak RSS is the fuzzing process's, not one input's: atheris 3.0 keeps every tensor that an "
+                      "instrumented comparison returns (a 5-line script reproduces it), so a process grows by 1-10 KB per "
+                      "input; the memory bound is checked against the process's size just before each input."]
     return "\n".join(lines)
 
 
@@ -839,7 +939,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
     parser.add_argument("--engine", choices=("atheris", "mutate"), default=None, help="default: atheris if installed")
     parser.add_argument("--jobs", type=int, default=2, help="fuzzing processes at a time")
-    parser.add_argument("--shard", type=int, default=100_000, help="inputs per fuzzing process")
+    parser.add_argument("--shard", type=int, default=100_000,
+                        help="inputs per fuzzing process (atheris 3.0 keeps every tensor an instrumented comparison returns, "
+                             "so a process grows by ~1-10 KB per input)")
     parser.add_argument("--max-shard-seconds", type=int, default=3600, help="time limit of one fuzzing process")
     parser.add_argument("--corpus", type=Path, default=None, help="seed corpus (default tests/fuzz_corpus of the checkout)")
     parser.add_argument("--work", type=Path, default=None, help="working corpus, logs, crashes (default: a temporary folder)")
@@ -848,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", action="store_true", help="replay the corpus plus --mutations coverage-free mutants per target, in this process")
     parser.add_argument("--mutations", type=int, default=2000)
     parser.add_argument("--write-corpus", action="store_true", help="regenerate the seed-* files of the corpus and exit")
+    parser.add_argument("--keep-found", action="store_true", help="after the campaign, copy the inputs the fuzzer kept into the corpus as cov-*")
     args = parser.parse_args(argv)
     names = [t for t in args.targets.split(",") if t]
     if any(t not in TARGETS for t in names):
@@ -892,10 +995,17 @@ def main(argv: list[str] | None = None) -> int:
         for f in s["failure_kinds"].values():
             console.print(f"    {f['count']} x {f['kind']} {f['signature']}: {f['message'][:160]} ({f['input']})")
     crashes = sum(s["failures"] + s["crashed_workers"] for s in summary.values())
+    coverage_report = receive_path_coverage([corpus, work])
+    if coverage_report:
+        console.print(f"receive-path statements reached by the seeds and the inputs found: {coverage_report['covered']}/"
+                      f"{coverage_report['statements']} ({coverage_report['percent']} %)")
+    if args.keep_found:
+        console.print(f"kept the found inputs in {corpus}: {keep_found(corpus, work, names)}")
     if not args.quick:
         out = args.out or default_output_dir()
         meta = {"command": reproduce_command("fuzz", argv), "engine": engine, "engine_version": engine_version,
-                "jobs": args.jobs, "wall_s": wall, "total_inputs": sum(s["inputs"] for s in summary.values()), "crashes": crashes}
+                "jobs": args.jobs, "wall_s": wall, "total_inputs": sum(s["inputs"] for s in summary.values()), "crashes": crashes,
+                "receive_path_coverage": coverage_report}
         write_json(out / "results" / "fuzz.json", {"meta": meta, "targets": summary, "shards": results})
         update_results_section(out / "RESULTS.md", "fuzz", _results_body(summary, meta))
         console.print(f"wrote {out / 'RESULTS.md'} and {out / 'results' / 'fuzz.json'}")
