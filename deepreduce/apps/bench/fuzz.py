@@ -770,7 +770,8 @@ def _start(shard: Shard, engine: str, corpus: Path, work: Path, crash_dir: Path,
         (work / shard.target).mkdir(parents=True, exist_ok=True)
         seeds = corpus / shard.target
         flags = [f"-seed={shard.seed}", f"-max_len={MAX_LEN}", "-timeout=60", "-rss_limit_mb=6144", "-print_final_stats=1",
-                 f"-max_total_time={max_seconds}", "-reload=1", "-len_control=200", str(work / shard.target)]
+                 f"-max_total_time={max_seconds}", "-reload=1", "-len_control=200", f"-artifact_prefix={work}/",
+                 str(work / shard.target)]
         flags += [str(seeds)] if seeds.is_dir() else []  # new units go to the first folder, the working corpus
         cmd = [sys.executable, "-c", _ATHERIS_BOOT, shard.target, str(shard.runs), str(shard.stats), str(crash_dir), str(corpus), *flags]
     else:
