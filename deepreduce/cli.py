@@ -3,7 +3,7 @@
     deepreduce demo                       dense vs. compressed training, side by side
     deepreduce train ...                  the training entry that torchrun launches
     deepreduce codecs                     registered sparsifiers and codecs
-    deepreduce bench codecs|bandwidth|convergence|soak ...
+    deepreduce bench codecs|bandwidth|convergence|soak|fuzz ...
     deepreduce --version
 
 The commands live in :mod:`deepreduce.apps`.
@@ -29,6 +29,7 @@ BENCHMARKS = {
     "bandwidth": ("deepreduce.apps.bench.bandwidth:main", "DDP step time on emulated links vs. built-in hooks"),
     "convergence": ("deepreduce.apps.bench.convergence:main", "validation loss and time to target per configuration"),
     "soak": ("deepreduce.apps.bench.soak:main", "long runs over links that flap, change rate and lose packets"),
+    "fuzz": ("deepreduce.apps.bench.fuzz:main", "fuzz decoding, message framing and the agreement check (atheris if installed)"),
 }
 
 

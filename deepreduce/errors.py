@@ -8,7 +8,8 @@ class DeepReduceError(Exception):
 
 
 class DecodeError(DeepReduceError, ValueError):
-    """A payload is malformed: the message names the field that failed validation."""
+    """A payload or a received message is malformed: the message names the field that failed
+    validation (for a message: the source rank and segment)."""
 
 
 class ConfigError(DeepReduceError, ValueError):

@@ -2,7 +2,8 @@
 
 - :class:`Engine` (``pipeline.py``): agreement check, warm-up, small-bucket policy,
   error feedback, encode, size exchange, dense fallback, one all-gather, decode and sum
-  in rank order, stats.
+  in rank order, stats; :func:`read_message` checks one received message against this
+  rank's segments.
 - ``memory.py`` (error feedback), ``stats.py`` (counters), ``framing.py`` (one message
   per bucket), ``agreement.py`` (the configuration check).
 - ``flat.py`` and ``gradients.py``: named tensors packed into flat buffers, for the front
@@ -15,7 +16,7 @@ Front ends: :mod:`deepreduce.hooks` (DDP), :mod:`deepreduce.horovod`,
 from .flat import FlatGroup, plan_groups, reduce_named
 from .gradients import GradientSync
 from .memory import ErrorFeedback, memory_dtype
-from .pipeline import Engine, Segment
+from .pipeline import Engine, Segment, read_message
 from .stats import CommStats
 
-__all__ = ["CommStats", "Engine", "ErrorFeedback", "FlatGroup", "GradientSync", "Segment", "memory_dtype", "plan_groups", "reduce_named"]
+__all__ = ["CommStats", "Engine", "ErrorFeedback", "FlatGroup", "GradientSync", "Segment", "memory_dtype", "plan_groups", "read_message", "reduce_named"]

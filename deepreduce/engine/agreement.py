@@ -15,7 +15,7 @@ def check_agreement(transport: Transport, description: Mapping[str, Any], what: 
     """All-gather ``description`` (JSON-able) and raise ConfigError on every rank if any
     entry differs between ranks. Collective: every rank must call it."""
     mine = json.dumps(description, sort_keys=True, default=str).encode()
-    views = [json.loads(raw) for raw in transport.allgather_bytes(mine)]
+    views = [_read_view(raw, rank, what) for rank, raw in enumerate(transport.allgather_bytes(mine))]
     problems = []
     for key in sorted(set().union(*views)):
         values = [view.get(key) for view in views]
@@ -32,10 +32,25 @@ def check_agreement(transport: Transport, description: Mapping[str, Any], what: 
         )
 
 
+def _read_view(raw: bytes, rank: int, what: str) -> dict[str, Any]:
+    """One rank's description; bytes that are not a JSON object (another deepreduce version,
+    a corrupted message) are a disagreement too, raised as ConfigError like any other."""
+    try:
+        view = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{what}: rank {rank}'s configuration description is unreadable ({type(exc).__name__}: {exc}); "
+                          "do all ranks run the same deepreduce?") from None
+    if not isinstance(view, dict):
+        raise ConfigError(f"{what}: rank {rank}'s configuration description is a JSON {type(view).__name__}, not an object")
+    return view
+
+
 def _parameter_mismatch(per_rank: list[Any]) -> str:
     reference = per_rank[0] or []
     for rank, params in enumerate(per_rank[1:], start=1):
         params = params or []
+        if not isinstance(params, list) or not isinstance(reference, list):
+            return f"parameters: rank 0 sent a {type(reference).__name__}, rank {rank} a {type(params).__name__}"
         if len(params) != len(reference):
             return f"parameters: rank 0 has {len(reference)} tensors, rank {rank} has {len(params)}"
         for ours, theirs in zip(reference, params):

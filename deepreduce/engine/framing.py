@@ -47,6 +47,10 @@ def unframe(message: torch.Tensor, expected: int, source: str = "message") -> li
     sizes = message[8:table_end].cpu().numpy().view("<i8")
     if (sizes < 0).any():
         raise DecodeError(f"{source}: negative entry size")
+    # Each size is at most n before anything adds them, so the int64 sum cannot wrap around
+    # (four sizes of 2^62 would otherwise add up to 0 and pass the total check).
+    if (sizes > n).any():
+        raise DecodeError(f"{source}: an entry size exceeds the message's {n} bytes")
     padded = (sizes + 7) & ~7
     if table_end + int(padded.sum()) != n:
         raise DecodeError(f"{source}: entry sizes add up to {table_end + int(padded.sum())} bytes, message has {n}")

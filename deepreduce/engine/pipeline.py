@@ -462,24 +462,15 @@ class Engine:
         exact = accumulate == buffer.dtype
         total = buffer.zero_() if exact else torch.zeros(buffer.numel(), dtype=accumulate, device=buffer.device)
         for source, message in enumerate(messages):
-            entries = unframe(message, len(segments), f"message from rank {source}")
-            for seg, entry, mine in zip(segments, entries, own):
+            parts = read_message(message, segments, buffer.dtype, self.min_numel, source, own if source == rank else None)
+            for seg, part in zip(segments, parts):
                 target = total.narrow(0, seg.offset, seg.numel)
-                if seg.numel < self.min_numel:
-                    expected = seg.numel * buffer.element_size()
-                    if entry.numel() != expected:
-                        raise ConfigError(f"segment {seg.name!r}: rank {source} sent {entry.numel()} raw bytes, expected {expected}")
-                    values = _from_bytes(entry, buffer.dtype).to(accumulate)
+                if isinstance(part, SparseGrad):
+                    values = part.values.to(accumulate)
+                    target.index_add_(0, part.indices, values / world if self.average else values)
+                else:
+                    values = part.to(accumulate)
                     target.add_(values / world if self.average else values)
-                    continue
-                sparse = mine if source == rank else _decode(entry, seg, source)
-                if sparse.numel != seg.numel or sparse.values.dtype != buffer.dtype:
-                    raise ConfigError(
-                        f"segment {seg.name!r}: rank {source} sent {sparse.numel} {sparse.values.dtype} elements, "
-                        f"this rank has {seg.numel} {buffer.dtype} (do all ranks reduce the same tensors?)"
-                    )
-                values = sparse.values.to(accumulate)
-                target.index_add_(0, sparse.indices, values / world if self.average else values)
         if not exact:
             buffer.copy_(total)
         self._stats.add(decompress_s=time.perf_counter() - began)
@@ -521,7 +512,35 @@ def _stream_name(name: Hashable) -> int | str:
     return name if isinstance(name, (int, str)) and not isinstance(name, bool) else str(name)
 
 
-def _decode(entry: torch.Tensor, seg: Segment, source: int) -> SparseGrad:
+def read_message(message: torch.Tensor, segments: Sequence[Segment], dtype: torch.dtype, min_numel: int,
+                 source: int | str = "?", own: Sequence[SparseGrad | None] | None = None) -> list[torch.Tensor | SparseGrad]:
+    """One rank's message, split and checked against this rank's ``segments``: per segment,
+    its raw values (``dtype``) if it has fewer than ``min_numel`` elements, else its decoded
+    :class:`SparseGrad` (``own[i]`` instead, for this rank's own message: nothing to decode).
+
+    Everything in a received message that does not fit what this rank expects -- the
+    framing, a raw entry's length, a payload's numel or dtype -- raises
+    :class:`DecodeError` naming the source rank and the segment."""
+    entries = unframe(message, len(segments), f"message from rank {source}")
+    parts: list[torch.Tensor | SparseGrad] = []
+    for i, (seg, entry) in enumerate(zip(segments, entries)):
+        if seg.numel < min_numel:
+            expected = seg.numel * torch.empty(0, dtype=dtype).element_size()
+            if entry.numel() != expected:
+                raise DecodeError(f"segment {seg.name!r}: rank {source} sent {entry.numel()} raw bytes, expected {expected}")
+            parts.append(_from_bytes(entry, dtype))
+            continue
+        sparse = own[i] if own is not None and own[i] is not None else _decode(entry, seg, source)
+        if sparse.numel != seg.numel or sparse.values.dtype != dtype:
+            raise DecodeError(
+                f"segment {seg.name!r}: rank {source} sent {sparse.numel} {sparse.values.dtype} elements, "
+                f"this rank has {seg.numel} {dtype} (do all ranks reduce the same tensors?)"
+            )
+        parts.append(sparse)
+    return parts
+
+
+def _decode(entry: torch.Tensor, seg: Segment, source: int | str) -> SparseGrad:
     try:
         return decode(entry)
     except DecodeError as exc:

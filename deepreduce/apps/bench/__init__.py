@@ -1,4 +1,4 @@
-"""Benchmarks: ``deepreduce bench codecs|bandwidth|convergence|soak`` (also ``benchmarks/*.py``).
+"""Benchmarks: ``deepreduce bench codecs|bandwidth|convergence|soak|fuzz`` (also ``benchmarks/*.py``).
 
 Shared plumbing: where results go, how a benchmark replaces its own section of
 ``benchmarks/RESULTS.md``, machine facts, timing.

@@ -65,6 +65,13 @@ _RANDOM_SALT = 0x424C5031  # "BLP1"
 _CONFLICT_SALT = 0x424C5032  # "BLP2"
 _MAX_SWEEPS = 16
 _MAX_ROUNDS = 256
+# random and p2 choose r of the positives; past 256 positives per index (fpr above ~256x the
+# density) nearly every choice is a false positive, and the choosing costs ~100 bytes and
+# ~0.3 us per positive. Filters beyond this are refused on both sides, which keeps the
+# decoder's memory within ~2 K positives per payload byte (r <= 8 bits per byte) instead of
+# growing with numel (a forged 1.8 KB payload took 12 s and 2.6 GB before).
+SELECT_POSITIVES_PER_INDEX = 256
+SELECT_POSITIVES_SLACK = 1 << 16
 
 
 class _TooManyPositives(Exception):
@@ -147,6 +154,11 @@ def query(table: torch.Tensor, d: int, key: int, nhashes: int, limit: int | None
     if not found:
         return torch.empty(0, dtype=torch.int64, device=device)
     return torch.cat(found)
+
+
+def select_limit(r: int) -> int:
+    """Most positives the ``random`` and ``p2`` policies choose among (see ``SELECT_POSITIVES_PER_INDEX``)."""
+    return SELECT_POSITIVES_PER_INDEX * r + SELECT_POSITIVES_SLACK
 
 
 def positive_limit(table_popcount: int, nbits: int, nhashes: int, r: int, d: int) -> int:
@@ -303,6 +315,8 @@ def _select(policy: str, table: torch.Tensor, r: int, d: int, key: int, nhashes:
         positives = query(table, d, key, nhashes, limit=count)
     else:
         limit = positive_limit(int(torch.count_nonzero(table)), nbits, nhashes, r, d)
+        if policy != "p0":
+            limit = min(limit, select_limit(r))
         positives = query(table, d, key, nhashes, limit=limit)
     if positives.numel() < r:
         raise DecodeError(f"bloom: filter has {positives.numel()} positives, fewer than r={r}")
@@ -343,7 +357,13 @@ class BloomIndexCodec(IndexCodec):
         table[_hashing.all_bits(indices, key, nhashes, nbits).reshape(-1)] = True
         try:
             chosen = _select(policy, table, r, d, key, nhashes, ctx, None)
-        except _TooManyPositives as exc:  # ~never: the limit is many standard deviations wide
+        except _TooManyPositives as exc:
+            if policy != "p0" and exc.args[0] > select_limit(r):
+                raise ConfigError(
+                    f"bloom: the filter yields more than {select_limit(r)} positives for r={r} indices, the most policy "
+                    f"{policy} chooses among: use a smaller fpr (or policy p0)"
+                ) from None
+            # ~never: the limit is many standard deviations wide
             raise RuntimeError(f"bloom: {exc.args[0]} positives exceed the decoder's plausibility limit") from None
         data = _bits.pack_bitmap(torch.nonzero(table).reshape(-1), nbits)
         return IndexEncoding(data, struct.pack(_PARAMS, r, nbits, nhashes, _POLICY_CODES[policy]), chosen)

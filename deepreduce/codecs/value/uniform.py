@@ -39,9 +39,10 @@ def _blocks(values: torch.Tensor, block: int) -> torch.Tensor:
     """``values`` (float64) zero-padded to whole blocks, shaped (blocks, block)."""
     k = values.numel()
     nblocks = -(-k // block)
-    padded = torch.zeros(nblocks * block, dtype=torch.float64, device=values.device)
+    width = min(block, k)  # a block larger than k holds k values: never allocate the rest
+    padded = torch.zeros(nblocks * width, dtype=torch.float64, device=values.device)
     padded[:k] = values
-    return padded.reshape(nblocks, block)
+    return padded.reshape(nblocks, width)
 
 
 def _block_of(k: int, block: int, device: torch.device) -> torch.Tensor:
