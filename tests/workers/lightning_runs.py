@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 import deepreduce as dr
+from deepreduce.cli import exit_distributed_process
 from deepreduce.integrations.lightning import DeepReduceStrategy
 
 EPOCHS, STOP = 4, 2
@@ -105,3 +107,8 @@ def main(out_dir: str, mode: str, start_method: str, phases: str = "full,first,r
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    # As the deepreduce command does: gloo's threads may still hold tensors when the
+    # interpreter finalises, and tearing them down then aborts a finished run.
+    if dist.is_initialized():
+        dist.barrier()
+    exit_distributed_process(0)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 import deepreduce as dr
+from deepreduce.cli import exit_distributed_process
 from deepreduce.integrations.transformers import DeepReduceCallback
 
 STEPS, STOP = 12, 6
@@ -110,3 +111,8 @@ def main(out_dir: str, mode: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    # As the deepreduce command does: gloo's threads may still hold tensors when the
+    # interpreter finalises, and tearing them down then aborts a finished run.
+    if dist.is_initialized():
+        dist.barrier()
+    exit_distributed_process(0)
