@@ -88,6 +88,9 @@ class DeepReduceState:
         clip_norm: local gradient clipping before compression (per bucket, to
             ``clip_norm / sqrt(W)``); None: none.
         nonfinite: ``"propagate"`` (as allreduce) or ``"raise"`` on NaN/Inf gradients.
+        small_compressor: a spec or Compressor for the parameters below ``min_numel``
+            inside a compressed bucket (default None: sent raw); see
+            :class:`~deepreduce.engine.Engine`.
         named_parameters: ``model.named_parameters()``, to name residuals after parameters.
     """
 
@@ -107,6 +110,7 @@ class DeepReduceState:
         density_warmup: int = 0,
         clip_norm: float | None = None,
         nonfinite: str = "propagate",
+        small_compressor: Compressor | str | None = None,
     ) -> None:
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=0 if seed is None else seed)
@@ -121,6 +125,7 @@ class DeepReduceState:
             self._make_transport, compressor, error_feedback=error_feedback, momentum=momentum,
             start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback, granularity=granularity,
             density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite, stats_every=stats_every,
+            small_compressor=small_compressor,
         )
         self._names: dict[int, str] = {}
         self._named = False

@@ -141,6 +141,9 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     c.add_argument("--start-iter", type=int, default=10, help="dense steps before compression starts")
     c.add_argument("--min-numel", type=int, default=1024,
                    help="buckets smaller than this go dense; smaller parameters travel uncompressed")
+    c.add_argument("--small-compression", default=None, metavar="SPEC",
+                   help="compress the tensors below --min-numel with this spec instead of sending them raw "
+                        "(e.g. topk:1/strided/uniform:bits=8)")
     c.add_argument("--granularity", default="tensor", choices=("tensor", "bucket"),
                    help="top-k per parameter, or one top-k over each DDP bucket")
     c.add_argument("--no-error-feedback", action="store_true")
@@ -483,6 +486,7 @@ def _hook(args: argparse.Namespace, model: torch.nn.Module):
             error_feedback=not args.no_error_feedback, dense_fallback=not args.no_dense_fallback,
             powersgd_rank=args.powersgd_rank, granularity=args.granularity, named_parameters=model.named_parameters(),
             momentum=args.momentum_correction, density_warmup=args.density_warmup, clip_norm=args.clip_norm,
+            small_compressor=args.small_compression,
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --compression {error}")
@@ -498,7 +502,7 @@ def _update_sync(args: argparse.Namespace, model: torch.nn.Module, ddp: DDP) -> 
             keep_unsent=args.keep_unsent, broadcast=False,
             ddp=ddp, min_numel=args.min_numel, error_feedback=not args.no_error_feedback,
             dense_fallback=not args.no_dense_fallback, granularity=args.granularity,
-            start_iter=-(-args.start_iter // args.local_steps),
+            start_iter=-(-args.start_iter // args.local_steps), small_compressor=args.small_compression,
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --mode update: {error}")
