@@ -69,6 +69,7 @@ from ..comm.torch_dist import close_process_group
 from ..compressor import Compressor
 from ..errors import ConfigError
 from ..hooks import DeepReduceState
+from ..local_adam import LocalAdamW
 from ..optim import UpdateSync
 from .comm_hooks import BUILTIN_HOOKS, CommMeter, hook_state_dict, load_hook_state, make_hook
 from .data import ByteCorpus, CorpusError, SnippetClasses, stdlib_classes, stdlib_corpus, text_corpus
@@ -76,7 +77,7 @@ from .metrics import params_digest
 from .models import ByteConvClassifier, ByteTransformer
 
 TASKS = ("lm", "classify")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "local-adamw", "sgd")
 SGD_MOMENTUM = 0.9
 # Defaults of --task classify where the LM's (the parser's) do not suit it.
 TASK_DEFAULTS = {
@@ -113,7 +114,8 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=16, help="sequences per rank per step")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     t.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
-                   help=f"sgd uses momentum {SGD_MOMENTUM}, or none with --momentum-correction")
+                   help=f"sgd uses momentum {SGD_MOMENTUM}, or none with --momentum-correction; local-adamw: "
+                        "AdamW for --mode update (steps as data-parallel AdamW would; use the data-parallel --lr)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the optimizer (all parameters)")
     t.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay to lr/10")
     t.add_argument("--seed", type=int, default=0, help="model init, data order and compressor streams")
@@ -323,14 +325,16 @@ def load_corpus(args: argparse.Namespace) -> ByteCorpus | SnippetClasses:
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
                    sgd_momentum: float = SGD_MOMENTUM) -> torch.optim.Optimizer:
-    """``adam``, ``adamw`` or ``sgd`` (with ``sgd_momentum``), with ``weight_decay`` on every
-    parameter."""
+    """``adam``, ``adamw``, ``local-adamw`` (:class:`deepreduce.LocalAdamW`, for update mode)
+    or ``sgd`` (with ``sgd_momentum``), with ``weight_decay`` on every parameter."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=sgd_momentum, weight_decay=weight_decay)
+    if name == "local-adamw":  # update mode: AdamW stepping as data-parallel AdamW would (deepreduce.LocalAdamW)
+        return LocalAdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
