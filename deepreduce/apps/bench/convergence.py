@@ -61,10 +61,10 @@ ROWS: dict[str, list[str]] = {
     "update H=4": ["--compression", UPDATE_SPEC, *SMALL, "--mode", "update", "--keep-unsent", "--local-steps", "4"],
     "update H=16": ["--compression", UPDATE_SPEC, *SMALL, "--mode", "update", "--keep-unsent", "--local-steps", "16"],
 }
-# In update mode each rank's Adam normalises its own noisier gradient and the average of the
-# ranks' updates is shorter: the inner learning rate is raised (by 2x at 2 ranks, as measured
-# on a tuning task; see deepreduce.optim). SGD needs no change.
-UPDATE_ADAM_LR_SCALE = 2.0
+# In update mode each rank's Adam would normalise by its own, noisier gradient: the update
+# rows run AdamW as deepreduce.LocalAdamW (same learning rate and weight decay), which steps
+# as data-parallel AdamW would. SGD needs no change.
+UPDATE_OPTIMIZER = {"adamw": "local-adamw"}
 # DGC's momentum correction moves SGD's momentum into the hook (the optimizer then runs without).
 RECIPE_EXTRA = {"sgd": ["--momentum-correction", "0.9"], "adamw": []}
 TASKS: dict[str, list[str]] = {
@@ -348,9 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         base = QUICK_TASK if args.quick else TASKS[task]
         extra = RECIPE_EXTRA[optimizer] if "DGC" in row else []
         optimizer_args = list(OPTIMIZERS[task][optimizer])
-        if row.startswith("update") and optimizer == "adamw":
-            where = optimizer_args.index("--lr") + 1
-            optimizer_args[where] = f"{float(optimizer_args[where]) * UPDATE_ADAM_LR_SCALE:g}"
+        if row.startswith("update") and optimizer in UPDATE_OPTIMIZER:
+            optimizer_args[optimizer_args.index("--optimizer") + 1] = UPDATE_OPTIMIZER[optimizer]
         return [*base, *optimizer_args, *COMMON, *ROWS[row], *extra, "--seed", str(seed),
                 "--steps", str(args.steps), "--eval-every", str(args.eval_every)]
 
