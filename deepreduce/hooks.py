@@ -83,6 +83,9 @@ class DeepReduceState:
         dense_fallback: allreduce a bucket whose all-gather would move more bytes.
         momentum: DGC momentum correction (see :mod:`deepreduce.engine.memory`); 0 disables.
         granularity: ``"tensor"`` (top-k per parameter) or ``"bucket"`` (one per bucket).
+        scheme: ``"allgather"`` (every rank's payload to every rank) or
+            ``"shared_index"`` (a rotating leader's indices, one allreduce of the values);
+            see "Choosing the scheme" in the module docstring.
         density_warmup: steps after ``start_iter`` over which the density ramps
             exponentially from dense to the compressor's ratio; 0: none.
         clip_norm: local gradient clipping before compression (per bucket, to
@@ -107,6 +110,7 @@ class DeepReduceState:
         density_warmup: int = 0,
         clip_norm: float | None = None,
         nonfinite: str = "propagate",
+        scheme: str = "allgather",
     ) -> None:
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=0 if seed is None else seed)
@@ -121,6 +125,7 @@ class DeepReduceState:
             self._make_transport, compressor, error_feedback=error_feedback, momentum=momentum,
             start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback, granularity=granularity,
             density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite, stats_every=stats_every,
+            scheme=scheme,
         )
         self._names: dict[int, str] = {}
         self._named = False
@@ -199,6 +204,10 @@ class DeepReduceState:
     @property
     def granularity(self) -> str:
         return self.engine.granularity
+
+    @property
+    def scheme(self) -> str:
+        return self.engine.scheme
 
     @property
     def error_feedback(self) -> bool:
