@@ -201,3 +201,31 @@ def test_mixed_schemes_fail_the_agreement_check_on_every_rank(three):
         got = rank["mismatch"]
         assert got["raised"] and "ConfigError" in got["message"]
         assert "scheme: rank 0='shared_index', rank 1='allgather'" in got["message"]
+
+
+# --- front ends ------------------------------------------------------------------------------
+
+
+def test_front_ends_pass_the_scheme_through():
+    from deepreduce.apps.comm_hooks import make_hook
+    from deepreduce.apps.train import _check_args, parse_args
+    from deepreduce.horovod import DistributedOptimizer
+
+    model = torch.nn.Linear(40, 30)
+    sync = dr.UpdateSync(model.named_parameters(), "topk:0.05/eliasfano/fp16", transport=SoloTransport(),
+                         broadcast=False, scheme="shared_index")
+    assert sync.engine.scheme == "shared_index" and sync.config["scheme"] == "shared_index"
+    state, *_ = make_hook("topk:0.05/eliasfano/bf16", scheme="shared_index")
+    assert state.scheme == "shared_index"
+    with pytest.raises(dr.ConfigError, match="scheme apply to deepreduce compressors, not to 'powersgd'"):
+        make_hook("powersgd", scheme="shared_index")
+    args = parse_args(["--compression", "topk:0.01/eliasfano/fp16", "--scheme", "shared_index"])
+    assert args.scheme == "shared_index"
+    with pytest.raises(SystemExit, match="--scheme shared_index needs a compressor spec for --compression, not 'dense'"):
+        _check_args(parse_args(["--scheme", "shared_index"]))
+    optimizer = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                                     dr.Compressor.from_spec("topk:0.05/eliasfano/fp16"), transport=SoloTransport(),
+                                     min_numel=8, scheme="shared_index")
+    model(torch.randn(4, 40)).square().sum().backward()
+    optimizer.step()  # one rank: the averaged gradient is the top 5 % of each tensor's
+    assert int((model.weight.grad != 0).sum()) == 60 and optimizer._deepreduce.engine.scheme == "shared_index"

@@ -117,6 +117,7 @@ def make_hook(
     momentum: float = 0.0,
     density_warmup: int = 0,
     clip_norm: float | None = None,
+    scheme: str = "allgather",
 ) -> tuple[Any, Callable, CommMeter, Callable[[], int] | None]:
     """``(state, hook, meter, bytes_counter)`` for a compressor spec or a built-in hook name.
 
@@ -131,12 +132,15 @@ def make_hook(
     name residuals after parameters, so checkpoints do not depend on DDP's bucket layout)
     to deepreduce compressors only. So do DGC's ``momentum`` (momentum correction),
     ``density_warmup`` and ``clip_norm`` (see :class:`~deepreduce.DeepReduceState`); they are
-    passed on only when set. Raises :class:`~deepreduce.errors.ConfigError` for an unknown or
-    malformed ``compression``, or DGC options with a built-in hook.
+    passed on only when set; so does ``scheme`` (``"allgather"`` or ``"shared_index"``).
+    Raises :class:`~deepreduce.errors.ConfigError` for an unknown or malformed
+    ``compression``, or DGC options or a scheme with a built-in hook.
     """
     dgc = {key: value for key, value in
            (("momentum", momentum), ("density_warmup", density_warmup), ("clip_norm", clip_norm))
            if value not in (0, None)}
+    if scheme != "allgather":
+        dgc["scheme"] = scheme
     if dgc and compression in BUILTIN_HOOKS:
         raise ConfigError(f"{', '.join(dgc)} apply to deepreduce compressors, not to {compression!r}")
     if compression == "dense":

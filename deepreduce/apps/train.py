@@ -143,6 +143,10 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                    help="buckets smaller than this go dense; smaller parameters travel uncompressed")
     c.add_argument("--granularity", default="tensor", choices=("tensor", "bucket"),
                    help="top-k per parameter, or one top-k over each DDP bucket")
+    c.add_argument("--scheme", default="allgather", choices=("allgather", "shared_index"),
+                   help="how compressed buckets travel: every rank's payload to every rank, or a rotating "
+                        "leader's indices and one allreduce of every rank's values there (bytes per rank "
+                        "do not grow with the world size; value codecs raw, fp16, bf16)")
     c.add_argument("--no-error-feedback", action="store_true")
     c.add_argument("--no-dense-fallback", action="store_true")
     c.add_argument("--powersgd-rank", type=int, default=4)
@@ -442,6 +446,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.compression in BUILTIN_HOOKS:
             raise SystemExit("deepreduce train: --momentum-correction, --density-warmup and --clip-norm need a "
                              f"compressor spec for --compression, not {args.compression!r}")
+    if args.scheme != "allgather" and args.compression in BUILTIN_HOOKS:
+        raise SystemExit(f"deepreduce train: --scheme {args.scheme} needs a compressor spec for --compression, "
+                         f"not {args.compression!r}")
     if not 0.0 <= args.momentum_correction < 1.0:
         raise SystemExit(f"deepreduce train: --momentum-correction must be in [0, 1), not {args.momentum_correction}")
     if args.density_warmup < 0:
@@ -483,6 +490,7 @@ def _hook(args: argparse.Namespace, model: torch.nn.Module):
             error_feedback=not args.no_error_feedback, dense_fallback=not args.no_dense_fallback,
             powersgd_rank=args.powersgd_rank, granularity=args.granularity, named_parameters=model.named_parameters(),
             momentum=args.momentum_correction, density_warmup=args.density_warmup, clip_norm=args.clip_norm,
+            scheme=args.scheme,
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --compression {error}")
@@ -497,7 +505,7 @@ def _update_sync(args: argparse.Namespace, model: torch.nn.Module, ddp: DDP) -> 
             outer_momentum=args.outer_momentum, nesterov=args.nesterov, overlap=args.overlap,
             keep_unsent=args.keep_unsent, broadcast=False,
             ddp=ddp, min_numel=args.min_numel, error_feedback=not args.no_error_feedback,
-            dense_fallback=not args.no_dense_fallback, granularity=args.granularity,
+            dense_fallback=not args.no_dense_fallback, granularity=args.granularity, scheme=args.scheme,
             start_iter=-(-args.start_iter // args.local_steps),
         )
     except ConfigError as error:
