@@ -299,7 +299,8 @@ def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Seg
     tensors = [torch.cat([contribution, dense_part])] if merged else [contribution, dense_part]
     sent_bytes = (size if large else 0) + sum(t.numel() * t.element_size() for t in tensors)
     engine._stats.add(
-        compressed_buckets=1, sent_bytes=sent_bytes, payload_bytes=sent_bytes, numel=buffer.numel(),
+        compressed_buckets=1, sent_bytes=sent_bytes, payload_bytes=sent_bytes, broadcast_bytes=size if large else 0,
+        numel=buffer.numel(),
         kept=kept + dense_part.numel(), compress_s=time.perf_counter() - started - (exchanged - encoded),
         exchange_s=exchanged - encoded,
     )
