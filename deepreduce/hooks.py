@@ -44,6 +44,26 @@ Tuning:
 - ``named_parameters``: ``model.named_parameters()`` names the residuals after the
   parameters in checkpoints; without it parameters are named by the order the hook
   first sees them, which is the same in every run of the same model.
+
+Choosing the scheme (``scheme=``):
+
+- ``"allgather"`` (default): every rank sends its own top-k, every rank receives the
+  other W - 1 payloads and decodes W. The average carries the union of W index sets,
+  and any codec works (Bloom filters, ``qsgd``, ``polyfit``, ...). But what each rank
+  receives, and its decode time, grow with W, and from ``W * payload > 2 * bucket``
+  on the dense fallback takes over. Pick it for a few ranks.
+- ``"shared_index"`` (ScaleCom's cyclic local top-k): per bucket and step one leader,
+  ``(step + bucket index) mod W``, selects the indices from its own compensated
+  gradient and broadcasts only them; every rank allreduces its own values there (k
+  elements in the value codec's dtype: ``raw``, ``fp16`` or ``bf16``). A rank moves
+  about one index set plus twice k values whatever W, and decodes one index set, so
+  it keeps paying where the all-gather falls back to dense: pick it for many ranks
+  (or a high density). The indices follow one rank's gradient per step; the other
+  ranks' large entries wait in their residuals for their turn as leader, so at 2 ranks
+  it learns no better than the all-gather (``benchmarks/RESULTS.md`` compares them).
+  It costs one more blocking round trip per bucket (the broadcast, before the values
+  can be gathered). The leader is chosen per bucket, so a resumed run must rebuild the
+  same bucket layout (``deepreduce train`` does, with one settling pass).
 """
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations against

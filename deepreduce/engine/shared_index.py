@@ -236,7 +236,7 @@ def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Seg
                 message = pack_message(step, [(idx.numel(), data, params) for idx, data, params in selection], buffer.device)
                 k = sum(idx.numel() for idx, _, _ in selection)
                 small_bytes = sum(seg.numel for seg in small) * buffer.element_size()
-                traffic = message.numel() + 2 * (k * torch.empty(0, dtype=wire).element_size() + small_bytes)
+                traffic = message.numel() + 2 * (k * wire.itemsize + small_bytes)
                 dense = engine.dense_fallback and traffic > 2 * dense_bytes
                 code = _DENSE if dense else _control(message.numel(), field)
         except Exception:
@@ -279,11 +279,12 @@ def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Seg
 
     # This rank's values at the leader's indices, as the sum will carry them.
     compute = memory_dtype(buffer.dtype)
-    scale = 2.0 ** shift / world if engine.average else 2.0 ** shift
+    divisor = world if engine.average else 1
     sent_values = [entry[1][idx] for entry, idx in zip((e for e in pending if e is not None), indices)]
     values = torch.cat(sent_values) if sent_values else buffer.new_empty(0)
-    contribution = (values.to(compute) * scale).to(wire)
-    own = contribution.to(compute) / scale  # what the sum holds of this rank, undivided
+    # Divided by W first, as the dense allreduce does; the power-of-two scale is exact.
+    contribution = (values.to(compute) / divisor * 2.0**shift).to(wire)
+    own = contribution.to(compute) * 2.0**-shift * divisor  # what the sum holds of this rank, undivided
     offset = 0
     for seg, entry, idx in zip(large, (e for e in pending if e is not None), indices):
         engine.memory.update(seg.name, entry[0], SparseGrad(idx, own[offset : offset + idx.numel()], seg.numel))
@@ -321,7 +322,7 @@ def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Seg
         began = time.perf_counter()
         summed = tensors[0]
         buffer.zero_()
-        buffer.index_copy_(0, positions, (summed[:kept].to(compute) / 2.0 ** shift).to(buffer.dtype))
+        buffer.index_copy_(0, positions, (summed[:kept].to(compute) * 2.0**-shift).to(buffer.dtype))
         rest = summed[kept:] if merged else tensors[1]
         at = 0
         for seg in small:
