@@ -619,7 +619,7 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | 
                 raise
         summary = {
             "task": args.task, "steps": stop, "world_size": world, "compression": args.compression,
-            "parameters": n_params, "mode": args.mode, "local_steps": args.local_steps,
+            "parameters": n_params, "mode": args.mode, "scheme": args.scheme, "local_steps": args.local_steps,
             "momentum_correction": args.momentum_correction, "density_warmup": args.density_warmup,
             "clip_norm": args.clip_norm,
             "data": data_label(args), "corpus_digest": corpus.digest,
