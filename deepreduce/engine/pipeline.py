@@ -24,6 +24,11 @@ Per bucket, on every rank::
     W * message > 2 * bucket bytes  ->  dense allreduce instead (every rank saw the same sizes)
     else one variable-length all-gather, then decode-and-sum in the future's callback
 
+That is the ``"allgather"`` scheme; ``scheme="shared_index"`` sends compressed buckets
+through :mod:`deepreduce.engine.shared_index` instead (a rotating leader's indices, one
+allreduce of every rank's values there), with the same warm-up, small-bucket, non-finite
+and error-feedback rules.
+
 Averaging order, the same for every front end: each rank's contribution is divided by W
 and then added, in rank order, into an accumulator of the bucket's dtype (fp32 for
 fp16/bf16 buckets, rounded once at the end); the dense allreduce divides before it
