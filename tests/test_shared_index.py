@@ -14,7 +14,7 @@ import deepreduce as dr
 from deepreduce.engine import Engine, Segment
 from deepreduce.engine.shared_index import _fp16_shift, leader_of, pack_message, read_message, select_indices
 from helpers import SoloTransport
-from launching import gloo_run, worker
+from launching import gloo_run, mpirun, needs_mpi, worker
 
 # --- configuration ---------------------------------------------------------------------------
 
@@ -231,3 +231,15 @@ def test_front_ends_pass_the_scheme_through():
     model(torch.randn(4, 40)).square().sum().backward()
     optimizer.step()  # one rank: the averaged gradient is the top 5 % of each tensor's
     assert int((model.weight.grad != 0).sum()) == 60 and optimizer._deepreduce.engine.scheme == "shared_index"
+
+
+@pytest.mark.slow
+@needs_mpi
+def test_distributed_optimizer_over_mpi_with_shared_indices():
+    """The Horovod optimizer's logic on 3 MPI ranks: the broadcast and the value allreduce
+    carried by mpi4py keep the ranks identical."""
+    proc = mpirun(3, worker("optimizer_mpi"), "shared_index")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["digests"]) == 3 and len(set(result["digests"])) == 1
+    assert result["losses"][-1] < 0.5 * result["losses"][0]
+    assert result["stats"]["broadcast_bytes"] > 0 and result["stats"]["dense_fallbacks"] == 0
