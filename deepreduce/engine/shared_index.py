@@ -263,6 +263,9 @@ def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Seg
     shift = _fp16_shift([c & ((1 << _EXPONENT_BITS) - 1) for c in codes], world, engine.average) if codec == "fp16" else 0
 
     if large:
+        # The receivers size their buffer from the exchanged control word, not from a bound
+        # over (numel, k): a bound valid for every index codec is the raw-index size, which
+        # would throw away what the codec saves (see the module docstring).
         if rank == leader:
             received = message
         else:
