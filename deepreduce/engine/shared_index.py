@@ -38,6 +38,10 @@ error-feedback update (the engine's non-finite policy). The leader falls back to
 allreduce (every rank learns it from the control words) when the broadcast plus the
 value allreduce would move more than a dense allreduce of the bucket.
 
+The index message carries a CRC-32 and the step; a receiver that cannot read it raises
+:class:`~deepreduce.DecodeError` naming the leader (its peers, already in the value
+allreduce, then fail at the process group's timeout).
+
 Only value codecs whose sum is defined element by element can be used: ``raw``,
 ``fp16``, ``bf16``; only lossless index codecs (every rank must read the leader's set
 exactly).
