@@ -107,6 +107,30 @@ def test_one_rank_sends_exactly_what_its_residual_leaves_out(value):
     assert stats["compressed_buckets"] == 1 and stats["kept"] == 100 + 99 + 10
 
 
+def test_leader_goes_dense_when_indices_and_values_cost_more_than_the_bucket():
+    # 700 int32 indices broadcast + 700 fp32 values allreduced (twice over the wire) > 2 x 4000 bytes.
+    engine = Engine(SoloTransport(), dr.Compressor.from_spec("topk:0.7/raw/raw"), scheme="shared_index", min_numel=64)
+    grad = torch.randn(1000)
+    out = engine.reduce(grad.clone()).wait()
+    assert torch.equal(out, grad) and not bool(engine.memory.residual(0).any())
+    stats = engine.stats()
+    assert stats["dense_fallbacks"] == 1 and stats["compressed_buckets"] == 0 and stats["sent_bytes"] == 4000
+
+
+def test_nonfinite_bucket_goes_dense_and_keeps_the_residual():
+    engine = Engine(SoloTransport(), dr.Compressor.from_spec("topk:0.1/eliasfano/fp16"), scheme="shared_index",
+                    min_numel=64)
+    engine.reduce(torch.randn(1000)).wait()
+    engine.end_step()
+    residual = engine.memory.residual(0).clone()
+    grad = torch.randn(1000)
+    grad[17] = float("nan")
+    out = engine.reduce(grad.clone()).wait()
+    assert torch.isnan(out[17]) and torch.equal(out[:17], grad[:17])
+    assert torch.equal(engine.memory.residual(0), residual)
+    assert engine.stats()["nonfinite_buckets"] == 1
+
+
 # --- 3 and 4 ranks through the DDP hook ------------------------------------------------------
 
 
