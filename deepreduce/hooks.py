@@ -59,8 +59,9 @@ Choosing the scheme (``scheme=``):
   about one index set plus twice k values whatever W, and decodes one index set, so
   it keeps paying where the all-gather falls back to dense: pick it for many ranks
   (or a high density). The indices follow one rank's gradient per step; the other
-  ranks' large entries wait in their residuals for their turn as leader, so at 2 ranks
-  it learns no better than the all-gather (``benchmarks/RESULTS.md`` compares them).
+  ranks' large entries wait in their residuals for their turn as leader, so with 2
+  ranks it learns less per step than the all-gather at about the same bytes
+  (``benchmarks/RESULTS.md``, "Shared-index allreduce"): do not pick it there.
   It costs one more blocking round trip per bucket (the broadcast, before the values
   can be gathered). The leader is chosen per bucket, so a resumed run must rebuild the
   same bucket layout (``deepreduce train`` does, with one settling pass).
