@@ -44,6 +44,27 @@ Tuning:
 - ``named_parameters``: ``model.named_parameters()`` names the residuals after the
   parameters in checkpoints; without it parameters are named by the order the hook
   first sees them, which is the same in every run of the same model.
+
+Choosing the scheme (``scheme=``):
+
+- ``"allgather"`` (default): every rank sends its own top-k, every rank receives the
+  other W - 1 payloads and decodes W. The average carries the union of W index sets,
+  and any codec works (Bloom filters, ``qsgd``, ``polyfit``, ...). But what each rank
+  receives, and its decode time, grow with W, and from ``W * payload > 2 * bucket``
+  on the dense fallback takes over. Pick it for a few ranks.
+- ``"shared_index"`` (ScaleCom's cyclic local top-k): per bucket and step one leader,
+  ``(step + bucket index) mod W``, selects the indices from its own compensated
+  gradient and broadcasts only them; every rank allreduces its own values there (k
+  elements in the value codec's dtype: ``raw``, ``fp16`` or ``bf16``). A rank moves
+  about one index set plus twice k values whatever W, and decodes one index set, so
+  it keeps paying where the all-gather falls back to dense: pick it for many ranks
+  (or a high density). The indices follow one rank's gradient per step; the other
+  ranks' large entries wait in their residuals for their turn as leader, so with 2
+  ranks it learns less per step than the all-gather at about the same bytes
+  (``benchmarks/RESULTS.md``, "Shared-index allreduce"): do not pick it there.
+  It costs one more blocking round trip per bucket (the broadcast, before the values
+  can be gathered). The leader is chosen per bucket, so a resumed run must rebuild the
+  same bucket layout (``deepreduce train`` does, with one settling pass).
 """
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations against
@@ -83,6 +104,9 @@ class DeepReduceState:
         dense_fallback: allreduce a bucket whose all-gather would move more bytes.
         momentum: DGC momentum correction (see :mod:`deepreduce.engine.memory`); 0 disables.
         granularity: ``"tensor"`` (top-k per parameter) or ``"bucket"`` (one per bucket).
+        scheme: ``"allgather"`` (every rank's payload to every rank) or
+            ``"shared_index"`` (a rotating leader's indices, one allreduce of the values);
+            see "Choosing the scheme" in the module docstring.
         density_warmup: steps after ``start_iter`` over which the density ramps
             exponentially from dense to the compressor's ratio; 0: none.
         clip_norm: local gradient clipping before compression (per bucket, to
@@ -111,6 +135,7 @@ class DeepReduceState:
         clip_norm: float | None = None,
         nonfinite: str = "propagate",
         small_compressor: Compressor | str | None = None,
+        scheme: str = "allgather",
     ) -> None:
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=0 if seed is None else seed)
@@ -126,6 +151,7 @@ class DeepReduceState:
             start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback, granularity=granularity,
             density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite, stats_every=stats_every,
             small_compressor=small_compressor,
+            scheme=scheme,
         )
         self._names: dict[int, str] = {}
         self._named = False
@@ -204,6 +230,10 @@ class DeepReduceState:
     @property
     def granularity(self) -> str:
         return self.engine.granularity
+
+    @property
+    def scheme(self) -> str:
+        return self.engine.scheme
 
     @property
     def error_feedback(self) -> bool:

@@ -101,7 +101,7 @@ class UpdateSync:
         ddp: a DistributedDataParallel model to switch to local gradients.
         seed: the compressor's seed when ``compressor`` is a spec.
         min_numel, error_feedback, dense_fallback, granularity, start_iter, nonfinite,
-        stats_every, small_compressor: engine options (see :class:`deepreduce.DeepReduceState`);
+        stats_every, small_compressor, scheme: engine options (see :class:`deepreduce.DeepReduceState`);
             ``start_iter`` exchanges go dense.
 
     ``sync.config`` holds the options above except the parameters, group, transport and
@@ -135,6 +135,7 @@ class UpdateSync:
         nonfinite: str = "propagate",
         stats_every: int = 0,
         small_compressor: Compressor | str | None = None,
+        scheme: str = "allgather",
     ) -> None:
         self.config: dict[str, Any] = dict(
             compressor=compressor, local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
@@ -142,6 +143,7 @@ class UpdateSync:
             min_numel=min_numel, error_feedback=error_feedback, dense_fallback=dense_fallback,
             granularity=granularity, start_iter=start_iter, nonfinite=nonfinite, stats_every=stats_every,
             small_compressor=small_compressor,
+            scheme=scheme,
         )
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=seed)
@@ -177,7 +179,7 @@ class UpdateSync:
             transport, compressor.with_ratio(min(1.0, compressor.ratio * local_steps)),
             error_feedback=error_feedback, start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback,
             granularity=granularity, nonfinite=nonfinite, stats_every=stats_every,
-            small_compressor=small_compressor,
+            small_compressor=small_compressor, scheme=scheme,
             describe_extra={
                 "mode": "update", "local_steps": local_steps, "outer_lr": self.outer_lr,
                 "outer_momentum": self.outer_momentum, "nesterov": self.nesterov, "overlap": self.overlap,

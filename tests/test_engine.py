@@ -209,3 +209,8 @@ def test_small_compressor_carries_the_small_segments_with_error_feedback():
 def test_small_compressor_rejects_bad_values(value, match):
     with pytest.raises(dr.ConfigError, match=match):
         Engine(SoloTransport(), dr.Compressor(), small_compressor=value)
+
+
+def test_small_compressor_is_refused_by_the_shared_index_scheme():
+    with pytest.raises(dr.ConfigError, match="small_compressor applies to scheme 'allgather' only"):
+        Engine(SoloTransport(), dr.Compressor(), scheme="shared_index", small_compressor="topk:1/strided/uniform:bits=4")

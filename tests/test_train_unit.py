@@ -14,6 +14,8 @@ import time
 import pytest
 import torch
 
+import deepreduce as dr
+
 from deepreduce import cli
 from deepreduce.apps import comm_hooks, train
 from deepreduce.apps.data import CorpusError, stdlib_classes, stdlib_packages, text_corpus
@@ -68,7 +70,9 @@ def test_make_optimizer():
     sgd = train.make_optimizer("sgd", params, 1e-2)
     assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["momentum"] == 0.9
     assert train.make_optimizer("sgd", params, 1e-2, sgd_momentum=0.0).param_groups[0]["momentum"] == 0.0
-    with pytest.raises(ValueError, match="adam, adamw, sgd"):
+    local = train.make_optimizer("local-adamw", params, 1e-3, weight_decay=0.1)
+    assert type(local) is dr.LocalAdamW and local.param_groups[0]["world_size"] == 1  # no process group here
+    with pytest.raises(ValueError, match="adam, adamw, local-adamw, sgd"):
         train.make_optimizer("lamb", params, 1e-3)
 
 

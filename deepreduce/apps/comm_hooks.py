@@ -118,6 +118,7 @@ def make_hook(
     density_warmup: int = 0,
     clip_norm: float | None = None,
     small_compressor: str | None = None,
+    scheme: str = "allgather",
 ) -> tuple[Any, Callable, CommMeter, Callable[[], int] | None]:
     """``(state, hook, meter, bytes_counter)`` for a compressor spec or a built-in hook name.
 
@@ -131,15 +132,18 @@ def make_hook(
     ``powersgd_rank`` to ``powersgd`` only; ``granularity`` and ``named_parameters`` (which
     name residuals after parameters, so checkpoints do not depend on DDP's bucket layout)
     to deepreduce compressors only. So do DGC's ``momentum`` (momentum correction),
-    ``density_warmup`` and ``clip_norm``, and ``small_compressor`` (see
-    :class:`~deepreduce.DeepReduceState`); they are
-    passed on only when set. Raises :class:`~deepreduce.errors.ConfigError` for an unknown or
-    malformed ``compression``, or DGC options with a built-in hook.
+    ``density_warmup`` and ``clip_norm``, ``small_compressor`` (see
+    :class:`~deepreduce.DeepReduceState`) and ``scheme`` (``"allgather"`` or
+    ``"shared_index"``); they are passed on only when set. Raises
+    :class:`~deepreduce.errors.ConfigError` for an unknown or malformed ``compression``, or
+    these options with a built-in hook.
     """
     extra = {key: value for key, value in
-           (("momentum", momentum), ("density_warmup", density_warmup), ("clip_norm", clip_norm),
-            ("small_compressor", small_compressor))
-           if value not in (0, None)}
+             (("momentum", momentum), ("density_warmup", density_warmup), ("clip_norm", clip_norm),
+              ("small_compressor", small_compressor))
+             if value not in (0, None)}
+    if scheme != "allgather":
+        extra["scheme"] = scheme
     if extra and compression in BUILTIN_HOOKS:
         raise ConfigError(f"{', '.join(extra)} apply to deepreduce compressors, not to {compression!r}")
     if compression == "dense":

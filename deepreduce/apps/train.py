@@ -148,6 +148,10 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                         "(e.g. topk:1/strided/uniform:bits=8)")
     c.add_argument("--granularity", default="tensor", choices=("tensor", "bucket"),
                    help="top-k per parameter, or one top-k over each DDP bucket")
+    c.add_argument("--scheme", default="allgather", choices=("allgather", "shared_index"),
+                   help="how compressed buckets travel: every rank's payload to every rank, or a rotating "
+                        "leader's indices and one allreduce of every rank's values there (bytes per rank "
+                        "do not grow with the world size; value codecs raw, fp16, bf16)")
     c.add_argument("--no-error-feedback", action="store_true")
     c.add_argument("--no-dense-fallback", action="store_true")
     c.add_argument("--powersgd-rank", type=int, default=4)
@@ -449,6 +453,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.compression in BUILTIN_HOOKS:
             raise SystemExit("deepreduce train: --momentum-correction, --density-warmup and --clip-norm need a "
                              f"compressor spec for --compression, not {args.compression!r}")
+    if args.scheme != "allgather" and args.compression in BUILTIN_HOOKS:
+        raise SystemExit(f"deepreduce train: --scheme {args.scheme} needs a compressor spec for --compression, "
+                         f"not {args.compression!r}")
     if not 0.0 <= args.momentum_correction < 1.0:
         raise SystemExit(f"deepreduce train: --momentum-correction must be in [0, 1), not {args.momentum_correction}")
     if args.density_warmup < 0:
@@ -491,6 +498,7 @@ def _hook(args: argparse.Namespace, model: torch.nn.Module):
             powersgd_rank=args.powersgd_rank, granularity=args.granularity, named_parameters=model.named_parameters(),
             momentum=args.momentum_correction, density_warmup=args.density_warmup, clip_norm=args.clip_norm,
             small_compressor=args.small_compression,
+            scheme=args.scheme,
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --compression {error}")
@@ -505,7 +513,7 @@ def _update_sync(args: argparse.Namespace, model: torch.nn.Module, ddp: DDP) -> 
             outer_momentum=args.outer_momentum, nesterov=args.nesterov, overlap=args.overlap,
             keep_unsent=args.keep_unsent, broadcast=False,
             ddp=ddp, min_numel=args.min_numel, error_feedback=not args.no_error_feedback,
-            dense_fallback=not args.no_dense_fallback, granularity=args.granularity,
+            dense_fallback=not args.no_dense_fallback, granularity=args.granularity, scheme=args.scheme,
             start_iter=-(-args.start_iter // args.local_steps), small_compressor=args.small_compression,
         )
     except ConfigError as error:
@@ -619,7 +627,7 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | 
                 raise
         summary = {
             "task": args.task, "steps": stop, "world_size": world, "compression": args.compression,
-            "parameters": n_params, "mode": args.mode, "local_steps": args.local_steps,
+            "parameters": n_params, "mode": args.mode, "scheme": args.scheme, "local_steps": args.local_steps,
             "momentum_correction": args.momentum_correction, "density_warmup": args.density_warmup,
             "clip_norm": args.clip_norm,
             "data": data_label(args), "corpus_digest": corpus.digest,

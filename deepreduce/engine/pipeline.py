@@ -24,6 +24,11 @@ Per bucket, on every rank::
     W * message > 2 * bucket bytes  ->  dense allreduce instead (every rank saw the same sizes)
     else one variable-length all-gather, then decode-and-sum in the future's callback
 
+That is the ``"allgather"`` scheme; ``scheme="shared_index"`` sends compressed buckets
+through :mod:`deepreduce.engine.shared_index` instead (a rotating leader's indices, one
+allreduce of every rank's values there), with the same warm-up, small-bucket, non-finite
+and error-feedback rules.
+
 Averaging order, the same for every front end: each rank's contribution is divided by W
 and then added, in rank order, into an accumulator of the bucket's dtype (fp32 for
 fp16/bf16 buckets, rounded once at the end); the dense allreduce divides before it
@@ -45,6 +50,7 @@ a bucket, and a parameter is compressed alike by every front end.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -69,6 +75,19 @@ GRANULARITIES = ("tensor", "bucket")
 NONFINITE_POLICIES = ("propagate", "raise")
 _FAILED = -1  # size a rank sends when compressing failed (it raises its own error)
 _NONFINITE = -2  # size a rank sends when its bucket holds NaN or Inf
+
+# How compressed buckets travel: scheme name -> "module:factory". A factory takes the engine,
+# raises ConfigError if the configuration does not suit the scheme, and returns the
+# function f(buffer, segments, dense_bytes, key) -> Future that reduces one compressed
+# bucket. Imported on first use (no import cycles).
+SCHEMES: dict[str, str] = {
+    "allgather": "deepreduce.engine.pipeline:_allgather_scheme",
+    "shared_index": "deepreduce.engine.shared_index:shared_index_scheme",
+}
+
+
+def _allgather_scheme(engine: "Engine") -> Callable[..., torch.futures.Future]:
+    return engine._compressed
 
 
 @dataclass(frozen=True)
@@ -124,6 +143,9 @@ class Engine:
             (``W * message > 2 * bucket bytes``, decided from the exchanged sizes).
         granularity: ``"tensor"``: one top-k per segment (per parameter); ``"bucket"``:
             one top-k over the whole buffer.
+        scheme: how compressed buckets travel: ``"allgather"`` (every rank's payload to
+            every rank) or ``"shared_index"`` (a rotating leader's indices, one dense
+            allreduce of the values there; :mod:`deepreduce.engine.shared_index`).
         average: divide by the world size (else sum).
         density_warmup: steps after ``start_iter`` over which the density falls
             exponentially from 1 to the compressor's ratio (DGC's warm-up); 0: none.
@@ -150,6 +172,7 @@ class Engine:
         min_numel: int = 1024,
         dense_fallback: bool = True,
         granularity: str = "tensor",
+        scheme: str = "allgather",
         average: bool = True,
         density_warmup: int = 0,
         clip_norm: float | None = None,
@@ -183,6 +206,8 @@ class Engine:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if scheme not in SCHEMES:
+            raise ConfigError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
         if compressor.ratio == 0 and compressor.sparsifier.exact_k:
             raise ConfigError(
                 f"compressor {compressor.spec}: ratio 0 sends nothing, every gradient would stay in the residual; "
@@ -202,6 +227,7 @@ class Engine:
         self.min_numel = min_numel
         self.dense_fallback = bool(dense_fallback)
         self.granularity = granularity
+        self.scheme = scheme
         self.average = bool(average)
         self.density_warmup = density_warmup
         self.clip_norm = None if clip_norm is None else float(clip_norm)
@@ -214,6 +240,8 @@ class Engine:
         self._stats = CommStats()
         self._agreed = not self.check
         self._ramp: tuple[int, Compressor] | None = None  # (step, compressor at that step's density)
+        module, _, factory = SCHEMES[scheme].partition(":")
+        self._reduce_compressed = getattr(importlib.import_module(module), factory)(self)
 
     @property
     def transport(self) -> Transport:
@@ -248,6 +276,7 @@ class Engine:
             "momentum": self.memory.momentum,
             "dense_fallback": self.dense_fallback,
             "granularity": self.granularity,
+            "scheme": self.scheme,
             "average": self.average,
             "density_warmup": self.density_warmup,
             "clip_norm": self.clip_norm,
@@ -283,7 +312,7 @@ class Engine:
             self._stats.add(sent_bytes=dense_bytes, warmup_buckets=int(warmup), small_buckets=int(not warmup))
             future = self._allreduce(buffer, key)
             return self._checked(future, key) if self.nonfinite == "raise" else future
-        return self._compressed(buffer, self._segments(buffer, segments, key), dense_bytes, key)
+        return self._reduce_compressed(buffer, self._segments(buffer, segments, key), dense_bytes, key)
 
     def _failed(self, what: str, key: Hashable, step: int, exc: BaseException) -> CommunicationError:
         return CommunicationError(f"deepreduce: bucket {key!r} at step {step}: {what} failed "

@@ -7,7 +7,9 @@ flat buffer of a front end's tensors):
 - ``dense_bytes``: what the plain allreduce hook would hand over (the bucket's size);
 - ``sent_bytes``: what it actually handed over: the padded payload of a compressed
   bucket (all ranks pad to the largest payload), the bucket itself for a dense one;
-- ``payload_bytes``: its own unpadded payloads (compressed buckets only).
+- ``payload_bytes``: its own unpadded payloads (compressed buckets only);
+- ``broadcast_bytes``: of ``sent_bytes``, the shared-index scheme's index messages (each
+  rank sends or receives every one once; the rest is the allreduce of the values).
 
 ``ratio = dense_bytes / sent_bytes``. These totals include the dense warm-up; the
 ``steady`` entry reports the same figures counted from the first step at the target
@@ -39,6 +41,7 @@ class _Counters:
     dense_bytes: int = 0
     sent_bytes: int = 0
     payload_bytes: int = 0
+    broadcast_bytes: int = 0  # shared-index scheme: index messages (part of sent_bytes)
     numel: int = 0  # elements of compressed buckets
     kept: int = 0  # elements carried by their payloads
     compress_s: float = 0.0  # error feedback + sparsify + encode
