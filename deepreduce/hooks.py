@@ -61,7 +61,9 @@ Choosing the scheme (``scheme=``):
   (or a high density). The indices follow one rank's gradient per step; the other
   ranks' large entries wait in their residuals for their turn as leader, so with 2
   ranks it learns less per step than the all-gather at about the same bytes
-  (``benchmarks/RESULTS.md``, "Shared-index allreduce"): do not pick it there.
+  (``benchmarks/RESULTS.md``, "Shared-index allreduce"): do not pick it there. With
+  more ranks compare the schemes at equal bytes: what the shared index saves per rank
+  buys it a higher density.
   It costs one more blocking round trip per bucket (the broadcast, before the values
   can be gathered). The leader is chosen per bucket, so a resumed run must rebuild the
   same bucket layout (``deepreduce train`` does, with one settling pass).
