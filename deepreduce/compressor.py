@@ -24,6 +24,7 @@ import torch
 
 from . import rng, wire
 from .codecs import INDEX_CODECS, VALUE_CODECS, CodecContext, IndexCodec, ValueCodec, make_index_codec, make_value_codec
+from .phases import PhaseTimer, mark
 from .errors import ConfigError, DecodeError
 from .options import resolve_options
 from .sparse import SparseGrad
@@ -204,12 +205,13 @@ class Compressor:
         self._steps[key] = step + 1
         return step
 
-    def compress_detailed(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0) -> Compressed:
+    def compress_detailed(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0,
+                          timer: PhaseTimer | None = None) -> Compressed:
         """Compress ``tensor`` (any shape, flattened) and report what receivers will decode.
 
         ``step`` and ``key`` (an int or a name, e.g. a parameter's) seed the random
         streams; without ``step`` a per-key counter is used. Ranks that exchange payloads
-        must pass the same values."""
+        must pass the same values. ``timer`` receives the time of each phase (profiling)."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"compress expects a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype not in wire.DTYPE_CODES:
@@ -222,21 +224,26 @@ class Compressor:
         step = self._next_step(stream, step)
         rng_seed = rng.stream_seed(self.seed, step, stream)
         selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, SelectContext(rng_seed, step))
+        mark(timer, "select")
         ctx = CodecContext(numel, flat.dtype, flat.device, rng_seed)
         index_part = self.index_codec.encode(selected.indices, ctx)
         indices = index_part.indices
+        mark(timer, "index encode")
         # Values are read where the receivers will put them: for a lossy index codec
         # that is not where the sparsifier looked.
         values = selected.values if indices is selected.indices else flat[indices]
         value_part = self.value_codec.encode(values, ctx)
+        mark(timer, "value encode")
         payload = wire.pack(
             dtype=flat.dtype, numel=numel, k=indices.numel(),
             index_codec_id=self.index_codec.codec_id, value_codec_id=self.value_codec.codec_id,
             index=index_part, value=value_part,
             sparsifier_id=self.sparsifier.sparsifier_id, rng_seed=rng_seed,
         )
+        mark(timer, "framing/CRC")
         if not self.value_codec.lossless:
             values = self.value_codec.decode(value_part.data, value_part.params, indices.numel(), ctx)
+            mark(timer, "value encode")
         return Compressed(payload, SparseGrad(indices, values, numel), selected.k)
 
     def compress(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0) -> torch.Tensor:

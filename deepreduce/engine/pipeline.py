@@ -54,6 +54,7 @@ import torch
 
 from ..comm import Transport
 from ..compressor import Compressor, decode
+from ..phases import PhaseTimer, mark
 from ..errors import CommunicationError, ConfigError, DecodeError, DeepReduceError, NonFiniteError
 from ..sparse import SparseGrad
 from ..wire import pad8
@@ -192,6 +193,7 @@ class Engine:
         self._stats = CommStats()
         self._agreed = not self.check
         self._ramp: tuple[int, Compressor] | None = None  # (step, compressor at that step's density)
+        self.phases: PhaseTimer | None = None  # set to profile the phases of compressed buckets
 
     @property
     def transport(self) -> Transport:
@@ -208,6 +210,7 @@ class Engine:
             state["_transport"] = None
         state["_agreed"] = not self.check
         state["_ramp"] = None
+        state["phases"] = None
         return state
 
     # --- configuration agreement ---------------------------------------------------------
@@ -359,9 +362,14 @@ class Engine:
     def _compressed(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int,
                     key: Hashable) -> torch.futures.Future:
         transport = self.transport
+        timer = self.phases
+        if timer is not None:
+            timer.start()
         started = time.perf_counter()
         # One pass; a host sync on CUDA, as the size exchange below is anyway.
-        if not bool(torch.isfinite(buffer).all()):
+        finite = bool(torch.isfinite(buffer).all())
+        mark(timer, "isfinite check")
+        if not finite:
             return self._nonfinite(buffer, segments, [], self._allgather_sizes(_NONFINITE, key), key, dense_bytes)
         if self.clip_norm is not None:
             self._clip(buffer)
@@ -376,11 +384,14 @@ class Engine:
                     pending.append(None)
                     continue
                 compensated = self.memory.compensate(seg.name, view, seg.parts)  # consumes the residual; updated below
+                mark(timer, "compensate")
                 to_send = compensated.to(buffer.dtype)  # the wire carries the bucket's dtype (fp16 stays fp16)
-                result = compressor.compress_detailed(to_send, step=self.step, key=_stream_name(seg.name))
+                mark(timer, "copies")
+                result = compressor.compress_detailed(to_send, step=self.step, key=_stream_name(seg.name), timer=timer)
                 entries.append(result.payload)
                 pending.append((compensated, to_send, result))
             message = frame(entries, buffer.device)
+            mark(timer, "framing/CRC")
         except Exception:
             # Tell the other ranks, or they would wait for this rank's size until timeout.
             self._allgather_sizes(_FAILED, key)
@@ -388,6 +399,7 @@ class Engine:
         encoded = time.perf_counter()
         sizes = self._allgather_sizes(message.numel(), key)
         exchanged = time.perf_counter()
+        mark(timer, "size exchange")
         if _FAILED in sizes:
             failed = ", ".join(str(r) for r, n in enumerate(sizes) if n == _FAILED)
             raise DeepReduceError(f"deepreduce: rank {failed} failed to compress bucket {key!r} at step {self.step} (see its error)")
@@ -415,6 +427,7 @@ class Engine:
             self.memory.update(seg.name, compensated, result.sent)
             own.append(result.sent)
             kept += result.sent.k
+        mark(timer, "residual update")
         self._stats.add(
             compressed_buckets=1, sent_bytes=width, payload_bytes=message.numel(), numel=buffer.numel(), kept=kept,
             compress_s=time.perf_counter() - started - (exchanged - encoded), exchange_s=exchanged - encoded,
@@ -457,12 +470,16 @@ class Engine:
                         own: list[SparseGrad | None]) -> torch.Tensor:
         """The one place payloads are decoded and summed: rank order, divide then add."""
         began = time.perf_counter()
+        timer = self.phases
+        if timer is not None:
+            timer.start()
         world, rank = len(messages), self.transport.rank
         accumulate = memory_dtype(buffer.dtype)
         exact = accumulate == buffer.dtype
         total = buffer.zero_() if exact else torch.zeros(buffer.numel(), dtype=accumulate, device=buffer.device)
         for source, message in enumerate(messages):
             parts = read_message(message, segments, buffer.dtype, self.min_numel, source, own if source == rank else None)
+            mark(timer, "decode")
             for seg, part in zip(segments, parts):
                 target = total.narrow(0, seg.offset, seg.numel)
                 if isinstance(part, SparseGrad):
@@ -471,8 +488,10 @@ class Engine:
                 else:
                     values = part.to(accumulate)
                     target.add_(values / world if self.average else values)
+            mark(timer, "sum")
         if not exact:
             buffer.copy_(total)
+            mark(timer, "copies")
         self._stats.add(decompress_s=time.perf_counter() - began)
         return buffer
 
