@@ -25,6 +25,7 @@ import torch
 from . import rng, wire
 from .codecs import INDEX_CODECS, VALUE_CODECS, CodecContext, IndexCodec, ValueCodec, make_index_codec, make_value_codec
 from .phases import PhaseTimer, mark
+from .scratch import Scratch
 from .errors import ConfigError, DecodeError
 from .options import resolve_options
 from .sparse import SparseGrad
@@ -129,6 +130,7 @@ class Compressor:
         self.index_codec: IndexCodec = make_index_codec(index, routed["i"])
         self.value_codec: ValueCodec = make_value_codec(value, routed["v"])
         self._steps: dict[int, int] = {}
+        self._scratch = Scratch()  # selection's full-size temporaries, reused across calls
 
     # --- description -----------------------------------------------------------------
 
@@ -223,7 +225,7 @@ class Compressor:
         stream = rng.stream_key(key)
         step = self._next_step(stream, step)
         rng_seed = rng.stream_seed(self.seed, step, stream)
-        selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, SelectContext(rng_seed, step))
+        selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, SelectContext(rng_seed, step, getattr(self, "_scratch", None)))
         mark(timer, "select")
         ctx = CodecContext(numel, flat.dtype, flat.device, rng_seed)
         index_part = self.index_codec.encode(selected.indices, ctx)
