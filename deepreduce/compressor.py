@@ -29,7 +29,7 @@ from .scratch import Scratch
 from .errors import ConfigError, DecodeError
 from .options import resolve_options
 from .sparse import SparseGrad
-from .sparsifiers import SelectContext, get_sparsifier, select_with
+from .sparsifiers import SelectContext, get_sparsifier, select_with, target_k
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,23 @@ class Compressor:
             values = self.value_codec.decode(value_part.data, value_part.params, indices.numel(), ctx)
             mark(timer, "value encode")
         return Compressed(payload, SparseGrad(indices, values, numel), selected.k)
+
+    def payload_size(self, numel: int, dtype: torch.dtype) -> tuple[int, bool] | None:
+        """``(bytes, exact)`` of the payload :meth:`compress` makes from any tensor of
+        ``numel`` elements of ``dtype``: exactly that many bytes, or at most (``exact``
+        False); None when the size depends on the data (a sparsifier whose k varies, a
+        codec that does not declare its size). Every rank computes the same answer, so a
+        gather of such payloads needs no size exchange."""
+        if not self.sparsifier.exact_k:
+            return None
+        k = target_k(numel, self.ratio)
+        index = self.index_codec.encoded_size(numel, k, dtype)
+        value = self.value_codec.encoded_size(numel, k, dtype)
+        if index is None or value is None:
+            return None
+        # pad8 is monotone, so a bound on the index part bounds its padded length too.
+        nbytes = wire.HEADER_SIZE + wire.pad8(index.params + value.params) + wire.pad8(index.data) + value.data
+        return nbytes, index.exact and value.exact
 
     def compress(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0) -> torch.Tensor:
         """Compress ``tensor`` into a 1-D uint8 payload on the same device."""

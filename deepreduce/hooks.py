@@ -88,6 +88,8 @@ class DeepReduceState:
         clip_norm: local gradient clipping before compression (per bucket, to
             ``clip_norm / sqrt(W)``); None: none.
         nonfinite: ``"propagate"`` (as allreduce) or ``"raise"`` on NaN/Inf gradients.
+        size_exchange: ``"auto"`` (no blocking exchange of payload sizes where every rank
+            can compute them) or ``"always"``; see :class:`deepreduce.engine.Engine`.
         named_parameters: ``model.named_parameters()``, to name residuals after parameters.
     """
 
@@ -107,6 +109,7 @@ class DeepReduceState:
         density_warmup: int = 0,
         clip_norm: float | None = None,
         nonfinite: str = "propagate",
+        size_exchange: str = "auto",
     ) -> None:
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=0 if seed is None else seed)
@@ -121,6 +124,7 @@ class DeepReduceState:
             self._make_transport, compressor, error_feedback=error_feedback, momentum=momentum,
             start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback, granularity=granularity,
             density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite, stats_every=stats_every,
+            size_exchange=size_exchange,
         )
         self._names: dict[int, str] = {}
         self._named = False
