@@ -532,6 +532,8 @@ class Engine:
         encoded = time.perf_counter()
 
         def finish(done: torch.futures.Future) -> torch.Tensor:
+            if timer is not None:
+                timer.start()
             try:
                 messages = done.value()
             except Exception as exc:
@@ -557,6 +559,7 @@ class Engine:
                 self.memory.update(seg.name, compensated, result.sent)
                 own.append(result.sent)
                 kept += result.sent.k
+            mark(timer, "residual update")
             self._stats.add(compressed_buckets=1, sent_bytes=width, payload_bytes=payload_bytes, numel=buffer.numel(),
                             kept=kept, compress_s=encoded - started)
             return self._decode_and_sum(messages, buffer, segments, own, padded=True)

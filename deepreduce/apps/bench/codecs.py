@@ -9,6 +9,7 @@ bucket, decoded, and compared with the exact top-k selection.
     deepreduce bench codecs --quick         # smoke test: tiny models, one density
     deepreduce bench codecs --device cuda   # the same on a GPU: its own section, results/codecs_cuda.json
     deepreduce bench codecs --profile       # CPU time per phase of one compressed 25.6 M-element bucket
+    deepreduce bench codecs --steady        # sizes inside error-feedback training (steps 20-100) vs fresh gradients
 """
 
 from __future__ import annotations
@@ -281,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-speed", action="store_true", help="skip the 25.6 M-element speed targets")
     parser.add_argument("--device", default="cpu", help="where tensors live: cpu (default) or cuda[:N]")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
+    parser.add_argument("--steady", action="store_true",
+                        help="instead: bits per kept element inside an error-feedback training run (steady state) "
+                             "next to the fresh gradient's, for every index and value codec")
+    parser.add_argument("--steady-steps", type=int, default=None, help="training steps (default 100; --quick 6)")
+    parser.add_argument("--steady-from", type=int, default=None, help="first measured step (default 20; --quick 3)")
+    parser.add_argument("--steady-every", type=int, default=None, help="measure every that many steps (default 10; --quick 3)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: CPU time per phase of one compressed bucket through the engine (see --profile-*)")
     parser.add_argument("--profile-specs", nargs="+", default=PROFILE_SPECS, help="compressor specs to profile")
@@ -291,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.profile:
         return profile_main(args, argv)
+    if args.steady:
+        return steady_main(args, argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -388,6 +397,30 @@ def profile_main(args: argparse.Namespace, argv: list[str]) -> int:
         table,
     ]))
     console.print(f"wrote {out / 'RESULTS.md'} and {out / 'results' / 'profile.json'}")
+    return 0
+
+
+def steady_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--steady``: codec sizes inside an error-feedback training run."""
+    from .steady import render_steady, steady_codecs, summary
+
+    console = make_console()
+    density = (args.densities or [0.01])[0]
+    steps = args.steady_steps or (6 if args.quick else 100)
+    start = args.steady_from if args.steady_from is not None else (3 if args.quick else 20)
+    every = args.steady_every or (3 if args.quick else 10)
+    console.print(f"training with error feedback at density {density:g}, measuring steps {start}-{steps} every {every} ...")
+    rows = steady_codecs(density, steps, start, every, quick=args.quick)
+    body = render_steady(rows, reproduce_command("codecs", argv))
+    console.print(body)
+    s = summary(rows)
+    for codec, total in s["totals"].items():
+        console.print(f"steady: {s['best_index']} + {codec}: {total:.2f} bits per kept element "
+                      f"(target <= 12), index {s['best_index_over_bound']:.3f}x the bound (target <= 1.05)")
+    out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
+    write_json(out / "results" / "codecs_steady.json", rows)
+    update_results_section(out / "RESULTS.md", "codecs-steady", body)
+    console.print(f"wrote {out / 'RESULTS.md'} and {out / 'results' / 'codecs_steady.json'}")
     return 0
 
 
