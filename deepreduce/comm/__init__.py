@@ -5,7 +5,9 @@ Horovod and mpi4py each implement it, so the same compressor produces the same p
 and the same averages whatever carries them. Payloads have different lengths on
 different ranks: the engine first all-gathers the sizes (:meth:`Transport.allgather_sizes`),
 decides (compressed gather or dense fallback) from sizes every rank has seen, then
-issues the variable-length all-gather (:meth:`Transport.allgather_async`).
+issues the variable-length all-gather (:meth:`Transport.allgather_async`). Where every
+rank can compute every payload's size in advance, it skips the first step and gathers
+messages padded to a common width (:mod:`deepreduce.engine.presized`).
 
 "Async" methods issue the collective and return a ``torch.futures.Future``; a backend
 without a non-blocking form (Horovod, mpi4py here) completes it before returning. Every
