@@ -178,3 +178,30 @@ def test_data_dependent_sizes_still_exchange_and_a_failure_reaches_every_rank():
         engine.reduce(torch.randn(5000), key="w").wait()
     assert torch.allclose(engine.memory.residual("w"), residual, rtol=0, atol=1e-6)  # rolled back
     assert engine.stats()["size_exchanges"] == 0
+
+
+def test_own_compression_failure_joins_the_gather_and_fails_through_the_future():
+    """Raising in the call would end a DDP backward pass before this rank's next buckets'
+    collectives while the other ranks issue them; so the rank joins the gather with the
+    failure flag, and its own error surfaces where the future is waited on."""
+    from deepreduce.apps.bench.profile import LoopbackTransport
+    from deepreduce.engine.presized import FAILED, flag_of
+
+    class Recording(LoopbackTransport):
+        sent: list = []
+
+        def allgather_async(self, payload, sizes):
+            self.sent.append(flag_of(payload))
+            return super().allgather_async(payload, sizes)
+
+    compressor = dr.Compressor(0.01)
+    engine = Engine(Recording(2), compressor, min_numel=0, check=False)
+
+    def failing(tensor, **kwargs):
+        raise ValueError("injected codec failure")
+
+    compressor.compress_detailed = failing
+    future = engine.reduce(torch.randn(5000), key="w")  # no raise here
+    with pytest.raises(RuntimeError, match="injected codec failure"):
+        future.wait()
+    assert Recording.sent == [FAILED] and engine.stats()["size_exchanges"] == 0

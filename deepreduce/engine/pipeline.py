@@ -489,7 +489,9 @@ class Engine:
         """The compressed path without a size exchange: every rank pads its message to
         ``width`` and issues the all-gather at once; failure and non-finite flags travel
         in the messages, and the error-feedback update waits for the gather (the callback),
-        where every rank has seen every flag."""
+        where every rank has seen every flag. Errors -- this rank's compression failing,
+        another rank's, ``nonfinite="raise"`` -- reach every rank through the future, so
+        every rank issues the same collectives for the rest of the step before raising."""
         timer = self.phases
         if timer is not None:
             timer.start()
@@ -523,11 +525,18 @@ class Engine:
                 payload_bytes = framed.numel()
                 message = pad_to(framed, width)
                 mark(timer, "framing/CRC")
-            except Exception:
+            except Exception as exc:
                 self._restore(segments, pending)
-                # The other ranks wait in this gather: join it with the failure flag, then raise.
-                self._gather(failed_message(width, buffer.device), width, key)
-                raise
+                # The other ranks gather this bucket, and then the next ones: join this gather
+                # with the failure flag and fail through the future. (Raising here would end
+                # this rank's backward pass before its next buckets' collectives, and leave the
+                # other ranks waiting in them.)
+                error = exc
+
+                def fail(_: torch.futures.Future) -> torch.Tensor:
+                    raise error
+
+                return self._gather(failed_message(width, buffer.device), width, key).then(fail)
         gathered = self._gather(message, width, key)
         encoded = time.perf_counter()
 
