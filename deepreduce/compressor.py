@@ -24,10 +24,12 @@ import torch
 
 from . import rng, wire
 from .codecs import INDEX_CODECS, VALUE_CODECS, CodecContext, IndexCodec, IndexEncoding, ValueCodec, make_index_codec, make_value_codec
+from .phases import PhaseTimer, mark
+from .scratch import Scratch
 from .errors import ConfigError, DecodeError
 from .options import resolve_options
 from .sparse import SparseGrad
-from .sparsifiers import SelectContext, get_sparsifier, select_with
+from .sparsifiers import SelectContext, get_sparsifier, select_with, target_k
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class Compressor:
         self.index_codec: IndexCodec = make_index_codec(index, routed["i"])
         self.value_codec: ValueCodec = make_value_codec(value, routed["v"])
         self._steps: dict[int, int] = {}
+        self._scratch = Scratch()  # selection's full-size temporaries, reused across calls
 
     # --- description -----------------------------------------------------------------
 
@@ -204,12 +207,13 @@ class Compressor:
         self._steps[key] = step + 1
         return step
 
-    def compress_detailed(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0) -> Compressed:
+    def compress_detailed(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0,
+                          timer: PhaseTimer | None = None) -> Compressed:
         """Compress ``tensor`` (any shape, flattened) and report what receivers will decode.
 
         ``step`` and ``key`` (an int or a name, e.g. a parameter's) seed the random
         streams; without ``step`` a per-key counter is used. Ranks that exchange payloads
-        must pass the same values."""
+        must pass the same values. ``timer`` receives the time of each phase (profiling)."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"compress expects a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype not in wire.DTYPE_CODES:
@@ -221,22 +225,27 @@ class Compressor:
         stream = rng.stream_key(key)
         step = self._next_step(stream, step)
         rng_seed = rng.stream_seed(self.seed, step, stream)
-        selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, SelectContext(rng_seed, step))
+        selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, SelectContext(rng_seed, step, getattr(self, "_scratch", None)))
+        mark(timer, "select")
         ctx = CodecContext(numel, flat.dtype, flat.device, rng_seed)
         index_part = self.index_codec.encode(selected.indices, ctx)
         indices = index_part.indices
+        mark(timer, "index encode")
         # Values are read where the receivers will put them: for a lossy index codec
         # that is not where the sparsifier looked.
         values = selected.values if indices is selected.indices else flat[indices]
         value_part = self.value_codec.encode(values, ctx)
+        mark(timer, "value encode")
         payload = wire.pack(
             dtype=flat.dtype, numel=numel, k=indices.numel(),
             index_codec_id=self.index_codec.codec_id, value_codec_id=self.value_codec.codec_id,
             index=index_part, value=value_part,
             sparsifier_id=self.sparsifier.sparsifier_id, rng_seed=rng_seed,
         )
+        mark(timer, "framing/CRC")
         if not self.value_codec.lossless:
             values = self.value_codec.decode(value_part.data, value_part.params, indices.numel(), ctx)
+            mark(timer, "value encode")
         return Compressed(payload, SparseGrad(indices, values, numel), selected.k)
 
     def select_indices(self, tensor: torch.Tensor, *, step: int, key: int | str = 0) -> IndexEncoding:
@@ -257,6 +266,22 @@ class Compressor:
         indices = codec.decode(data, params, k, CodecContext(numel, dtype, data.device, rng_seed))
         _check_indices(indices, k, numel, codec.name)
         return indices
+    def payload_size(self, numel: int, dtype: torch.dtype) -> tuple[int, bool] | None:
+        """``(bytes, exact)`` of the payload :meth:`compress` makes from any tensor of
+        ``numel`` elements of ``dtype``: exactly that many bytes, or at most (``exact``
+        False); None when the size depends on the data (a sparsifier whose k varies, a
+        codec that does not declare its size). Every rank computes the same answer, so a
+        gather of such payloads needs no size exchange."""
+        if not self.sparsifier.exact_k:
+            return None
+        k = target_k(numel, self.ratio)
+        index = self.index_codec.encoded_size(numel, k, dtype)
+        value = self.value_codec.encoded_size(numel, k, dtype)
+        if index is None or value is None:
+            return None
+        # pad8 is monotone, so a bound on the index part bounds its padded length too.
+        nbytes = wire.HEADER_SIZE + wire.pad8(index.params + value.params) + wire.pad8(index.data) + value.data
+        return nbytes, index.exact and value.exact
 
     def compress(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0) -> torch.Tensor:
         """Compress ``tensor`` into a 1-D uint8 payload on the same device."""

@@ -117,6 +117,8 @@ class DeepReduceState:
         small_compressor: a spec or Compressor for the parameters below ``min_numel``
             inside a compressed bucket (default None: sent raw); see
             :class:`~deepreduce.engine.Engine`.
+        size_exchange: ``"auto"`` (no blocking exchange of payload sizes where every rank
+            can compute them) or ``"always"``; see :class:`deepreduce.engine.Engine`.
         named_parameters: ``model.named_parameters()``, to name residuals after parameters.
     """
 
@@ -138,6 +140,7 @@ class DeepReduceState:
         nonfinite: str = "propagate",
         small_compressor: Compressor | str | None = None,
         scheme: str = "allgather",
+        size_exchange: str = "auto",
     ) -> None:
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=0 if seed is None else seed)
@@ -154,6 +157,7 @@ class DeepReduceState:
             density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite, stats_every=stats_every,
             small_compressor=small_compressor,
             scheme=scheme,
+            size_exchange=size_exchange,
         )
         self._names: dict[int, str] = {}
         self._named = False

@@ -47,3 +47,28 @@ def test_results_sections_are_replaced_not_duplicated(tmp_path):
     update_results_section(path, "codecs", "second")
     text = path.read_text()
     assert text.count("<!-- codecs:begin -->") == 1 and "second" in text and "first" not in text and "kept" in text
+
+
+def test_steady_state_mode_quick_run(tmp_path):
+    """Codec sizes measured inside a short error-feedback run: every codec has a fresh and a
+    steady figure and a ratio to the entropy bound (which a clustered set may beat: the
+    bound is for a set drawn at random); fixed-width codecs cost the same either way."""
+    assert bench_codecs.main(["--steady", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results" / "codecs_steady.json").read_text())
+    kinds = {(r["kind"], r["codec"]) for r in rows}
+    assert {("index", "eliasfano"), ("index", "zstd"), ("value", "fp16"), ("value", "uniform:bits=2")} == kinds - {("index", "raw")}
+    for r in rows:
+        assert r["fresh_bits"] > 0 and r["steady_bits"] > 0
+        if r["kind"] == "index":
+            assert r["steady_over_bound"] == r["steady_bits"] / r["bound_bits"] > 0.5
+    by = {(r["kind"], r["codec"]): r for r in rows}
+    assert 32 <= by[("index", "raw")]["steady_bits"] < 32.1  # int32 indices and a 1-byte parameter
+    assert by[("value", "fp16")]["fresh_bits"] == by[("value", "fp16")]["steady_bits"]
+    assert "<!-- codecs-steady:begin -->" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_profile_mode_quick_run(tmp_path):
+    assert bench_codecs.main(["--profile", "--quick", "--out", str(tmp_path), "--profile-specs", "topk:0.01/eliasfano/fp16"]) == 0
+    (row,) = json.loads((tmp_path / "results" / "profile.json").read_text())
+    assert row["size_exchanges"] == 0 and row["phases"]["select"] > 0 and row["phases"]["decode"] >= 0
+    assert "<!-- profile:begin -->" in (tmp_path / "RESULTS.md").read_text()

@@ -200,6 +200,12 @@ def test_small_compressor_carries_the_small_segments_with_error_feedback():
     two_steps = outs[1][0][1000:] + outs[1][1][1000:]
     assert (two_steps - (first + second)[1000:]).norm() < (outs[1][1][1000:] - second[1000:]).norm() * 1.5
     assert small.stats()["payload_bytes"] < plain.stats()["payload_bytes"] - 2 * 150  # 400 raw bytes vs ~200
+    assert small.stats()["size_exchanges"] == 0  # its sizes are computable too: no exchange
+    exchanged = Engine(SoloTransport(), dr.Compressor(ratio=0.1, value="raw"), min_numel=200, dense_fallback=False,
+                       small_compressor=spec, size_exchange="always")
+    for grad, want in zip((first, second), outs[1]):
+        assert torch.equal(exchanged.reduce(grad.clone(), segments).wait(), want)
+        exchanged.end_step()
     assert small.describe()["small_compressor"] == dr.Compressor.from_spec(spec).fingerprint
     assert plain.describe()["small_compressor"] is None
 

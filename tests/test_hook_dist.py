@@ -43,12 +43,12 @@ def launch(tmp_path_factory, nproc: int, checks: str, *worker_args: str) -> list
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     return launch(tmp_path_factory, 2, "specs,bucket,dtypes,equals_allreduce,fallback,nonfinite_amp,nonfinite_fp16,"
-                                        "resume_layout,nonfinite_raise,encode_failure,mismatch")
+                                        "resume_layout,nonfinite_raise,encode_failure,mismatch,presized")
 
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
-    return launch(tmp_path_factory, 3, "specs,fallback,mismatch")
+    return launch(tmp_path_factory, 3, "specs,fallback,mismatch,presized")
 
 
 EXPECTED_SPECS = [spec for spec in worker.SPECS if worker.available(spec)]
@@ -124,7 +124,10 @@ def test_one_rank_failing_to_compress_fails_every_rank(two):
     own, other = two[1]["encode_failure"], two[0]["encode_failure"]
     assert own["raised"] and "injected encode failure" in own["message"]
     assert other["raised"] and "DeepReduceError" in other["message"] and "rank 1 failed to compress" in other["message"]
-    assert own["step"] == other["step"] == 3
+    assert "at step 3" in other["message"]
+    # Without a size exchange every rank learns of it when DDP waits for the buckets (the
+    # failing rank too: it joins the step's collectives first), after the hook closed step 3.
+    assert own["step"] in (3, 4) and other["step"] in (3, 4)
 
 
 def test_nonfinite_gradients_skip_the_same_steps_as_plain_ddp_under_amp(two):
@@ -167,3 +170,19 @@ def test_resume_into_another_bucket_layout_loses_nothing(two):
             assert entry["saved_residuals"] and entry["end_residuals"] == entry["saved_residuals"]
             assert entry["residuals_finite"]
     assert two[0]["resume_layout"]["bucket"]["resumed"] == two[1]["resume_layout"]["bucket"]["resumed"]
+
+
+@pytest.mark.parametrize("world", ["two", "three"])
+def test_computed_sizes_skip_the_exchange_and_match_the_exchange_path(world, request):
+    """Without a size exchange (sizes computed on every rank) training ends bitwise where
+    it does with one, on every rank; the exchange runs only where sizes are data-dependent."""
+    ranks = request.getfixturevalue(world)
+    for spec, options in worker.PRESIZED_SPECS:
+        auto = [r["presized"][f"{spec} {options} auto"] for r in ranks]
+        always = [r["presized"][f"{spec} {options} always"] for r in ranks]
+        assert len({run["digest"] for run in auto + always}) == 1, (spec, options)
+        for a, b in zip(auto, always):
+            assert a["stats"]["size_exchanges"] == 0, (spec, options)
+            assert b["stats"]["size_exchanges"] == b["stats"]["compressed_buckets"] + b["stats"]["dense_fallbacks"] > 0
+            assert a["stats"]["compressed_buckets"] == b["stats"]["compressed_buckets"]
+

@@ -12,26 +12,34 @@ import torch
 import deepreduce as dr
 from deepreduce.codecs.index.bloom import default_fpr
 from deepreduce.engine import Engine, ErrorFeedback, Segment
+from deepreduce.engine.presized import nonfinite_message
 from deepreduce.sparse import SparseGrad
 from helpers import SoloTransport, completed
 
 
 class PeerNotFinite(SoloTransport):
-    """Two ranks; from the second size exchange on, the other reports a non-finite
-    bucket (size flag -2), and its allreduce contributes NaN at position 3, as a real
-    peer's would. (At the first exchange it mirrors this rank.)"""
+    """Two ranks; from the second step on, the other one's bucket is not finite: NaN at
+    position 3, as a real peer's would be. With a size exchange it reports the flag -2
+    there and contributes the NaN to the allreduce; without one (sizes computed) its
+    gathered message carries the flag and the position. (At first it mirrors this rank.)"""
 
     world_size = 2
 
     def __init__(self) -> None:
         self.exchanges = 0
+        self.gathers = 0
 
     def allgather_sizes(self, nbytes: int) -> list[int]:
         self.exchanges += 1
         return [nbytes, nbytes if self.exchanges == 1 else -2]
 
     def allgather_async(self, payload: torch.Tensor, sizes: list[int]) -> torch.futures.Future:
-        return completed([payload.clone(), payload.clone()])
+        self.gathers += 1
+        if self.gathers == 1 or self.exchanges:
+            return completed([payload.clone(), payload.clone()])
+        peer = torch.zeros(4000)
+        peer[3] = float("nan")
+        return completed([payload.clone(), nonfinite_message(peer, payload.numel())])
 
     def allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
         peer = torch.zeros_like(tensor)
@@ -69,9 +77,11 @@ def test_a_nonfinite_bucket_goes_dense_and_keeps_no_residual(spec, bad):
     assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(engine.memory.residual("w")).all())
 
 
+@pytest.mark.parametrize("size_exchange", ["auto", "always"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_another_ranks_nonfinite_bucket_rolls_back_this_ranks_error_feedback(momentum):
-    engine = Engine(PeerNotFinite(), dr.Compressor(ratio=0.01, value="raw"), min_numel=0, momentum=momentum, check=False)
+def test_another_ranks_nonfinite_bucket_rolls_back_this_ranks_error_feedback(momentum, size_exchange):
+    engine = Engine(PeerNotFinite(), dr.Compressor(ratio=0.01, value="raw"), min_numel=0, momentum=momentum, check=False,
+                    size_exchange=size_exchange)
     gen = torch.Generator().manual_seed(1)
     engine.reduce(torch.randn(4000, generator=gen), _segments(4000)).wait()
     engine.end_step()
@@ -83,6 +93,7 @@ def test_another_ranks_nonfinite_bucket_rolls_back_this_ranks_error_feedback(mom
     if momentum:
         assert torch.allclose(engine.memory.velocities["w"], velocity, rtol=0, atol=1e-5)
     assert engine.stats()["nonfinite_buckets"] == 1
+    assert engine.stats()["size_exchanges"] == (2 if size_exchange == "always" else 0)
 
 
 def test_nonfinite_is_logged_once(caplog):
@@ -97,11 +108,19 @@ def test_nonfinite_is_logged_once(caplog):
 
 
 def test_nonfinite_raise_names_rank_bucket_and_step():
-    engine = Engine(PeerNotFinite(), dr.Compressor(ratio=0.01), min_numel=0, nonfinite="raise", check=False)
-    engine.reduce(torch.randn(2000), _segments(2000), key="b0").wait()
+    engine = Engine(PeerNotFinite(), dr.Compressor(ratio=0.01), min_numel=0, nonfinite="raise", check=False,
+                    size_exchange="always")
+    engine.reduce(torch.randn(4000), _segments(4000), key="b0").wait()
     engine.end_step()
     with pytest.raises(dr.NonFiniteError, match=r"bucket 'b0' at step 1: the gradient of rank 1 is not finite"):
-        engine.reduce(torch.randn(2000), _segments(2000), key="b0")
+        engine.reduce(torch.randn(4000), _segments(4000), key="b0")
+    # Without a size exchange the flag arrives with the gather: the future fails, on every rank.
+    engine = Engine(PeerNotFinite(), dr.Compressor(ratio=0.01), min_numel=0, nonfinite="raise", check=False)
+    engine.reduce(torch.randn(4000), _segments(4000), key="b0").wait()
+    engine.end_step()
+    with pytest.raises(RuntimeError, match=r"NonFiniteError: deepreduce: bucket 'b0' at step 1: the gradient of rank 1 is not finite"):
+        engine.reduce(torch.randn(4000), _segments(4000), key="b0").wait()
+    assert engine.stats()["size_exchanges"] == 0
     # Dense buckets (warm-up, small ones) check the allreduced result instead (the error
     # comes from the future, wrapped in the RuntimeError torch's futures raise).
     dense = Engine(SoloTransport(), dr.Compressor(ratio=0.01), min_numel=10_000, nonfinite="raise")
@@ -229,7 +248,7 @@ class DeadPeer(SoloTransport):
                                         ("allreduce", "the dense allreduce")])
 def test_a_failed_collective_names_bucket_and_step(fail, what):
     engine = Engine(DeadPeer(fail), dr.Compressor(ratio=0.01), min_numel=0 if fail != "allreduce" else 10**6,
-                    check=False)
+                    check=False, size_exchange="always" if fail == "sizes" else "auto")
     engine.step = 7
     message = rf"deepreduce: bucket 'layer3' at step 7: {what} failed \(a peer died.*\): .*(peer|Timed out)"
     with pytest.raises((dr.CommunicationError, RuntimeError), match=message) as raised:

@@ -52,6 +52,16 @@ class ValueEncoding:
     params: bytes
 
 
+@dataclass(frozen=True)
+class PartSize:
+    """The size of one encoded part, known before encoding: ``data`` bytes (exactly, or
+    at most when ``exact`` is False) and ``params`` header bytes (always exact)."""
+
+    data: int
+    params: int
+    exact: bool = True
+
+
 class _Codec:
     name: ClassVar[str]
     codec_id: ClassVar[int]
@@ -87,6 +97,15 @@ class IndexCodec(_Codec):
         """Return the ``k`` ascending int64 indices; raise :class:`DecodeError` on bad input."""
         raise NotImplementedError
 
+    def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize | None:
+        """The size of the part :meth:`encode` makes for ``k`` of ``numel`` indices, whatever
+        they are; None when it depends on the data, or when the codec may change ``k``.
+
+        Declaring it lets the engine skip the blocking exchange of message sizes: every
+        rank can then compute every rank's message size (an upper bound suffices: the
+        gather pads to it)."""
+        return None
+
 
 class ValueCodec(_Codec):
     """Base class of value codecs."""
@@ -101,6 +120,11 @@ class ValueCodec(_Codec):
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:
         """Return ``k`` values of dtype ``ctx.dtype``; raise :class:`DecodeError` on bad input."""
         raise NotImplementedError
+
+    def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize | None:
+        """The size of the part :meth:`encode` makes for ``k`` values of ``dtype``, whatever
+        they are; None when it depends on the data (see :meth:`IndexCodec.encoded_size`)."""
+        return None
 
 
 class _Registry:
@@ -195,6 +219,7 @@ __all__ = [
     "CodecContext",
     "IndexCodec",
     "IndexEncoding",
+    "PartSize",
     "ValueCodec",
     "ValueEncoding",
     "INDEX_CODECS",

@@ -8,6 +8,9 @@ decides (compressed gather or dense fallback) from sizes every rank has seen, th
 issues the variable-length all-gather (:meth:`Transport.allgather_async`). The
 shared-index scheme broadcasts one rank's index message instead
 (:meth:`Transport.broadcast_async`, its length known from the same size exchange).
+issues the variable-length all-gather (:meth:`Transport.allgather_async`). Where every
+rank can compute every payload's size in advance, it skips the first step and gathers
+messages padded to a common width (:mod:`deepreduce.engine.presized`).
 
 "Async" methods issue the collective and return a ``torch.futures.Future``; a backend
 without a non-blocking form (Horovod, mpi4py here) completes it before returning. Every

@@ -6,7 +6,8 @@ Layout (little endian)::
 
 An entry is a compressed payload (:mod:`deepreduce.wire`) or, for a segment too small to
 compress, its raw bytes. Padding keeps every entry 8-byte aligned, so decoders can view
-its parts as wider types without copying.
+its parts as wider types without copying. When the gather width is computed rather than
+exchanged (:mod:`deepreduce.engine.presized`), a message is followed by zeros up to it.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ def frame(entries: Sequence[torch.Tensor], device: torch.device | str = "cpu") -
     return torch.cat(parts)
 
 
-def unframe(message: torch.Tensor, expected: int, source: str = "message") -> list[torch.Tensor]:
+def unframe(message: torch.Tensor, expected: int, source: str = "message", padded: bool = False) -> list[torch.Tensor]:
     """Split a message made by :func:`frame` back into its entries (views), validating
-    the framing; :class:`DecodeError` naming ``source`` on any inconsistency."""
+    the framing; :class:`DecodeError` naming ``source`` on any inconsistency.
+    ``padded``: the message may be followed by zero bytes (a computed gather width)."""
     n = message.numel()
     if n < 8:
         raise DecodeError(f"{source}: {n} bytes cannot hold the entry count")
@@ -51,12 +53,15 @@ def unframe(message: torch.Tensor, expected: int, source: str = "message") -> li
     # (four sizes of 2^62 would otherwise add up to 0 and pass the total check).
     if (sizes > n).any():
         raise DecodeError(f"{source}: an entry size exceeds the message's {n} bytes")
-    padded = (sizes + 7) & ~7
-    if table_end + int(padded.sum()) != n:
-        raise DecodeError(f"{source}: entry sizes add up to {table_end + int(padded.sum())} bytes, message has {n}")
+    aligned = (sizes + 7) & ~7
+    end = table_end + int(aligned.sum())
+    if end != n and not (padded and end < n):
+        raise DecodeError(f"{source}: entry sizes add up to {end} bytes, message has {n}")
+    if end < n and bool(message[end:].any()):
+        raise DecodeError(f"{source}: the padding after its {end} bytes is not zero")
     entries = []
     offset = table_end
-    for size, step in zip(sizes.tolist(), padded.tolist()):
+    for size, step in zip(sizes.tolist(), aligned.tolist()):
         entries.append(message[offset : offset + size])
         offset += step
     return entries

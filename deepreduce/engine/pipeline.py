@@ -19,10 +19,18 @@ Per bucket, on every rank::
         else                compensated = segment + residual            (error feedback)
                             payload, sent = compress(compensated as the bucket's dtype)
                             residual = compensated - sent               (sent: what receivers decode)
-    frame the entries into one message; all-gather every rank's message size (blocking;
-                            a rank whose bucket is not finite sends a flag instead)
-    W * message > 2 * bucket bytes  ->  dense allreduce instead (every rank saw the same sizes)
-    else one variable-length all-gather, then decode-and-sum in the future's callback
+    frame the entries into one message; then either
+      sizes computable      (exact-k sparsifier, codecs that declare their sizes; see
+                            engine/presized.py) pad it to the width every rank computed,
+                            all-gather at once; flags (failure, non-finite) ride in the
+                            message; in the callback: error feedback, decode-and-sum
+      else                  all-gather every rank's message size (blocking; a rank whose
+                            bucket is not finite sends a flag instead);
+                            W * message > 2 * bucket bytes -> dense allreduce instead
+                            (every rank saw the same sizes); else one variable-length
+                            all-gather, then decode-and-sum in the future's callback
+    (the computed path is taken only where W * width <= 2 * bucket bytes, so it never
+    needs the dense fallback)
 
 That is the ``"allgather"`` scheme; ``scheme="shared_index"`` sends compressed buckets
 through :mod:`deepreduce.engine.shared_index` instead (a rotating leader's indices, one
@@ -60,12 +68,14 @@ import torch
 
 from ..comm import Transport
 from ..compressor import Compressor, decode
+from ..phases import PhaseTimer, mark
 from ..errors import CommunicationError, ConfigError, DecodeError, DeepReduceError, NonFiniteError
 from ..sparse import SparseGrad
 from ..wire import pad8
 from .agreement import check_agreement
 from .framing import frame, unframe
 from .memory import ErrorFeedback, memory_dtype
+from .presized import FAILED, NONFINITE, add_nonfinite, failed_message, flag_of, message_width, nonfinite_message, pad_to
 from .stats import CommStats, log_stats
 
 logger = logging.getLogger(__name__)
@@ -73,8 +83,9 @@ logger = logging.getLogger(__name__)
 _STATE_FORMAT = 2
 GRANULARITIES = ("tensor", "bucket")
 NONFINITE_POLICIES = ("propagate", "raise")
-_FAILED = -1  # size a rank sends when compressing failed (it raises its own error)
-_NONFINITE = -2  # size a rank sends when its bucket holds NaN or Inf
+SIZE_EXCHANGES = ("auto", "always")
+_FAILED = FAILED  # size a rank sends when compressing failed (it raises its own error)
+_NONFINITE = NONFINITE  # size a rank sends when its bucket holds NaN or Inf
 
 # How compressed buckets travel: scheme name -> "module:factory". A factory takes the engine,
 # raises ConfigError if the configuration does not suit the scheme, and returns the
@@ -155,6 +166,11 @@ class Engine:
         nonfinite: ``"propagate"`` (as allreduce: a NaN/Inf on any rank reaches every
             rank's average, no residual keeps it) or ``"raise"``
             (:class:`~deepreduce.NonFiniteError` on every rank).
+        size_exchange: ``"auto"``: no size exchange before the all-gather where every
+            rank can compute every message's size (exact-k sparsifier, codecs that declare
+            their sizes, e.g. ``topk/eliasfano/fp16``, ``uniform``, ``qsgd``), so the hook
+            never blocks on the slowest rank; ``"always"``: exchange sizes first (the
+            smallest padding, one blocking round trip per bucket).
         stats_every: log :meth:`stats` every that many steps (0: never).
         memory: an existing :class:`ErrorFeedback` to use (e.g. shared with a caller).
         check: compare the configuration across ranks at the first call.
@@ -177,6 +193,7 @@ class Engine:
         density_warmup: int = 0,
         clip_norm: float | None = None,
         nonfinite: str = "propagate",
+        size_exchange: str = "auto",
         stats_every: int = 0,
         memory: ErrorFeedback | None = None,
         check: bool = True,
@@ -208,6 +225,8 @@ class Engine:
             raise ConfigError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if scheme not in SCHEMES:
             raise ConfigError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
+        if size_exchange not in SIZE_EXCHANGES:
+            raise ConfigError(f"size_exchange must be one of {SIZE_EXCHANGES}, got {size_exchange!r}")
         if compressor.ratio == 0 and compressor.sparsifier.exact_k:
             raise ConfigError(
                 f"compressor {compressor.spec}: ratio 0 sends nothing, every gradient would stay in the residual; "
@@ -232,6 +251,8 @@ class Engine:
         self.density_warmup = density_warmup
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.nonfinite = nonfinite
+        self.size_exchange = size_exchange
+        self._widths: dict[tuple, int | None] = {}  # computed gather widths per bucket layout
         self._warned_nonfinite = False
         self.stats_every = stats_every
         self.check = bool(check)
@@ -242,6 +263,7 @@ class Engine:
         self._ramp: tuple[int, Compressor] | None = None  # (step, compressor at that step's density)
         module, _, factory = SCHEMES[scheme].partition(":")
         self._reduce_compressed = getattr(importlib.import_module(module), factory)(self)
+        self.phases: PhaseTimer | None = None  # set to profile the phases of compressed buckets
 
     @property
     def transport(self) -> Transport:
@@ -258,6 +280,7 @@ class Engine:
             state["_transport"] = None
         state["_agreed"] = not self.check
         state["_ramp"] = None
+        state["phases"] = None
         return state
 
     # --- configuration agreement ---------------------------------------------------------
@@ -281,6 +304,7 @@ class Engine:
             "density_warmup": self.density_warmup,
             "clip_norm": self.clip_norm,
             "nonfinite": self.nonfinite,
+            "size_exchange": self.size_exchange,
             **self.describe_extra,
         }
 
@@ -339,7 +363,7 @@ class Engine:
         def check(done: torch.futures.Future) -> torch.Tensor:
             value = done.value()
             averaged = value[0] if isinstance(value, list) else value
-            if not bool(torch.isfinite(averaged).all()):
+            if not all_finite(averaged):
                 raise NonFiniteError(f"deepreduce: bucket {key!r} at step {step}: the allreduced gradient is not "
                                      "finite (a rank's gradient held NaN or Inf)")
             return averaged
@@ -408,38 +432,47 @@ class Engine:
         return self._guarded(future, "the dense allreduce", key)
 
     def _allgather_sizes(self, size: int, key: Hashable) -> list[int]:
+        self._stats.add(size_exchanges=1)
         try:
             return self.transport.allgather_sizes(size)
         except Exception as exc:
             raise self._failed("exchanging payload sizes", key, self.step, exc) from exc
 
+    def _width(self, buffer: torch.Tensor, segments: list[Segment], compressor: Compressor, dense_bytes: int) -> int | None:
+        """The gather width every rank computes for this bucket, or None: exchange sizes."""
+        if self.size_exchange != "auto":
+            return None
+        layout = (compressor.spec, buffer.dtype, self.min_numel, tuple(seg.numel for seg in segments))
+        if layout not in self._widths:
+            width = message_width(compressor, layout[3], buffer.dtype, self.min_numel, self.small_compressor)
+            # Where the padded gather might lose to allreduce, the exchanged sizes decide.
+            if width is not None and self.dense_fallback and self.transport.world_size * width > 2 * dense_bytes:
+                width = None
+            self._widths[layout] = width
+        return self._widths[layout]
+
     def _compressed(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int,
                     key: Hashable) -> torch.futures.Future:
+        width = self._width(buffer, segments, self._step_compressor(), dense_bytes)
+        if width is not None:
+            return self._compressed_presized(buffer, segments, width, key)
         transport = self.transport
+        timer = self.phases
+        if timer is not None:
+            timer.start()
         started = time.perf_counter()
-        # One pass; a host sync on CUDA, as the size exchange below is anyway.
-        if not bool(torch.isfinite(buffer).all()):
+        finite = all_finite(buffer)
+        mark(timer, "isfinite check")
+        if not finite:
             return self._nonfinite(buffer, segments, [], self._allgather_sizes(_NONFINITE, key), key, dense_bytes)
         if self.clip_norm is not None:
             self._clip(buffer)
         compressor = self._step_compressor()
-        entries: list[torch.Tensor] = []
         pending: list[tuple[torch.Tensor, torch.Tensor, Any] | None] = []
         try:
-            for seg in segments:
-                view = buffer.narrow(0, seg.offset, seg.numel)
-                small = seg.numel < self.min_numel
-                if small and self.small_compressor is None:
-                    entries.append(_as_bytes(view))
-                    pending.append(None)
-                    continue
-                compensated = self.memory.compensate(seg.name, view, seg.parts)  # consumes the residual; updated below
-                to_send = compensated.to(buffer.dtype)  # the wire carries the bucket's dtype (fp16 stays fp16)
-                segment_compressor = self.small_compressor if small else compressor
-                result = segment_compressor.compress_detailed(to_send, step=self.step, key=_stream_name(seg.name))
-                entries.append(result.payload)
-                pending.append((compensated, to_send, result))
+            entries = self._encode(buffer, segments, compressor, pending, self.step, timer)
             message = frame(entries, buffer.device)
+            mark(timer, "framing/CRC")
         except Exception:
             # Tell the other ranks, or they would wait for this rank's size until timeout.
             self._allgather_sizes(_FAILED, key)
@@ -447,6 +480,7 @@ class Engine:
         encoded = time.perf_counter()
         sizes = self._allgather_sizes(message.numel(), key)
         exchanged = time.perf_counter()
+        mark(timer, "size exchange")
         if _FAILED in sizes:
             failed = ", ".join(str(r) for r, n in enumerate(sizes) if n == _FAILED)
             raise DeepReduceError(f"deepreduce: rank {failed} failed to compress bucket {key!r} at step {self.step} (see its error)")
@@ -463,17 +497,8 @@ class Engine:
             self._stats.add(dense_fallbacks=1, sent_bytes=dense_bytes, compress_s=encoded - started, exchange_s=exchanged - encoded)
             return self._allreduce(buffer, key)
 
-        own: list[SparseGrad | None] = []
-        kept = 0
-        for seg, entry in zip(segments, pending):
-            if entry is None:
-                own.append(None)
-                kept += seg.numel
-                continue
-            compensated, _, result = entry
-            self.memory.update(seg.name, compensated, result.sent)
-            own.append(result.sent)
-            kept += result.sent.k
+        own, kept = self._update_residuals(segments, pending)
+        mark(timer, "residual update")
         self._stats.add(
             compressed_buckets=1, sent_bytes=width, payload_bytes=message.numel(), numel=buffer.numel(), kept=kept,
             compress_s=time.perf_counter() - started - (exchanged - encoded), exchange_s=exchanged - encoded,
@@ -493,45 +518,183 @@ class Engine:
 
         return gathered.then(decode)
 
-    def _nonfinite(self, buffer: torch.Tensor, segments: list[Segment], pending: list, sizes: list[int],
-                   key: Hashable, dense_bytes: int) -> torch.futures.Future:
-        """Some rank's bucket is not finite: drop this step's error feedback everywhere,
-        then raise or allreduce the buckets as they came (the non-finite values reach
-        every rank at their positions, as with plain allreduce)."""
+    def _encode(self, buffer: torch.Tensor, segments: list[Segment], compressor: Compressor, pending: list,
+                step: int, timer: PhaseTimer | None) -> list[torch.Tensor]:
+        """Each segment's wire entry: raw bytes below ``raw_below``, else the payload of its
+        compensated values (the small ones through ``small_compressor``). ``pending`` gets,
+        per segment, None or ``(compensated, sent as the bucket's dtype, Compressed)``: the
+        residual is updated from it once the step's fate is known."""
+        entries: list[torch.Tensor] = []
+        for seg in segments:
+            view = buffer.narrow(0, seg.offset, seg.numel)
+            small = seg.numel < self.min_numel
+            if small and self.small_compressor is None:
+                entries.append(_as_bytes(view))
+                pending.append(None)
+                continue
+            compensated = self.memory.compensate(seg.name, view, seg.parts)  # consumes the residual
+            mark(timer, "compensate")
+            to_send = compensated.to(buffer.dtype)  # the wire carries the bucket's dtype (fp16 stays fp16)
+            mark(timer, "copies")
+            segment_compressor = self.small_compressor if small else compressor
+            result = segment_compressor.compress_detailed(to_send, step=step, key=_stream_name(seg.name), **_timed(timer))
+            entries.append(result.payload)
+            pending.append((compensated, to_send, result))
+        return entries
+
+    def _update_residuals(self, segments: list[Segment], pending: list) -> tuple[list[SparseGrad | None], int]:
+        """Residual = compensated - sent, per compressed segment; returns what this rank
+        sent (for its own decode) and the elements kept."""
+        own: list[SparseGrad | None] = []
+        kept = 0
+        for seg, entry in zip(segments, pending):
+            if entry is None:
+                own.append(None)
+                kept += seg.numel
+                continue
+            compensated, _, result = entry
+            self.memory.update(seg.name, compensated, result.sent)
+            own.append(result.sent)
+            kept += result.sent.k
+        return own, kept
+
+    def _compressed_presized(self, buffer: torch.Tensor, segments: list[Segment], width: int,
+                             key: Hashable) -> torch.futures.Future:
+        """The compressed path without a size exchange: every rank pads its message to
+        ``width`` and issues the all-gather at once; failure and non-finite flags travel
+        in the messages, and the error-feedback update waits for the gather (the callback),
+        where every rank has seen every flag. Errors -- this rank's compression failing,
+        another rank's, ``nonfinite="raise"`` -- reach every rank through the future, so
+        every rank issues the same collectives for the rest of the step before raising."""
+        timer = self.phases
+        if timer is not None:
+            timer.start()
+        started = time.perf_counter()
+        step = self.step
+        finite = all_finite(buffer)
+        mark(timer, "isfinite check")
+        pending: list[tuple[torch.Tensor, torch.Tensor, Any] | None] = []
+        if not finite:
+            message, payload_bytes = nonfinite_message(buffer, width), 0
+        else:
+            if self.clip_norm is not None:
+                self._clip(buffer)
+            compressor = self._step_compressor()
+            try:
+                entries = self._encode(buffer, segments, compressor, pending, step, timer)  # residuals: in the callback
+                framed = frame(entries, buffer.device)
+                payload_bytes = framed.numel()
+                message = pad_to(framed, width)
+                mark(timer, "framing/CRC")
+            except Exception as exc:
+                self._restore(segments, pending)
+                # The other ranks gather this bucket, and then the next ones: join this gather
+                # with the failure flag and fail through the future. (Raising here would end
+                # this rank's backward pass before its next buckets' collectives, and leave the
+                # other ranks waiting in them.)
+                error = exc
+
+                def fail(_: torch.futures.Future) -> torch.Tensor:
+                    raise error
+
+                return self._gather(failed_message(width, buffer.device), width, key).then(fail)
+        gathered = self._gather(message, width, key)
+        encoded = time.perf_counter()
+
+        def finish(done: torch.futures.Future) -> torch.Tensor:
+            if timer is not None:
+                timer.start()
+            try:
+                messages = done.value()
+            except Exception as exc:
+                self._restore(segments, pending)
+                raise self._failed("the all-gather", key, step, exc) from exc
+            flags = [flag_of(m) for m in messages]
+            if FAILED in flags:
+                self._restore(segments, pending)
+                failed = ", ".join(str(r) for r, f in enumerate(flags) if f == FAILED)
+                raise DeepReduceError(f"deepreduce: rank {failed} failed to compress bucket {key!r} at step {step} (see its error)")
+            if NONFINITE in flags:
+                ranks = [r for r, f in enumerate(flags) if f == NONFINITE]
+                self._nonfinite_seen(segments, pending, ranks, key, step, width)
+                return self._nonfinite_sum(messages, ranks, buffer)
+            own, kept = self._update_residuals(segments, pending)
+            mark(timer, "residual update")
+            self._stats.add(compressed_buckets=1, sent_bytes=width, payload_bytes=payload_bytes, numel=buffer.numel(),
+                            kept=kept, compress_s=encoded - started)
+            return self._decode_and_sum(messages, buffer, segments, own, padded=True)
+
+        return gathered.then(finish)
+
+    def _gather(self, message: torch.Tensor, width: int, key: Hashable) -> torch.futures.Future:
+        try:
+            return self.transport.allgather_async(message, [width] * self.transport.world_size)
+        except Exception as exc:
+            raise self._failed("the all-gather", key, self.step, exc) from exc
+
+    def _restore(self, segments: list[Segment], pending: list) -> None:
+        """Undo this step's :meth:`ErrorFeedback.compensate` of every compressed segment."""
         for seg, entry in zip(segments, pending):
             if entry is not None:
                 self.memory.restore(seg.name, entry[0])
-        ranks = [r for r, n in enumerate(sizes) if n == _NONFINITE]
-        where = f"bucket {key!r} at step {self.step}: the gradient of rank {', '.join(map(str, ranks))} is not finite"
+
+    def _nonfinite_sum(self, messages: list[torch.Tensor], ranks: list[int], buffer: torch.Tensor) -> torch.Tensor:
+        """The averaged bucket of a step where ``ranks`` were not finite (computed path):
+        their non-finite values at their positions (summed in rank order: +Inf and -Inf
+        make NaN, as in allreduce), zeros elsewhere."""
+        accumulate = memory_dtype(buffer.dtype)
+        exact = accumulate == buffer.dtype
+        total = buffer.zero_() if exact else torch.zeros(buffer.numel(), dtype=accumulate, device=buffer.device)
+        for rank in ranks:
+            add_nonfinite(total, messages[rank], rank)
+        if not exact:
+            buffer.copy_(total)
+        return buffer
+
+    def _nonfinite_seen(self, segments: list[Segment], pending: list, ranks: list[int], key: Hashable, step: int,
+                        sent_bytes: int) -> None:
+        """Some rank's bucket is not finite: drop this step's error feedback, then raise
+        (``nonfinite="raise"``) or log it once and count it."""
+        self._restore(segments, pending)
+        where = f"bucket {key!r} at step {step}: the gradient of rank {', '.join(map(str, ranks))} is not finite"
         if self.nonfinite == "raise":
             raise NonFiniteError(f"deepreduce: {where} (NaN or Inf)")
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
-            logger.warning("deepreduce: %s; averaging it dense and keeping no error feedback for it "
+            logger.warning("deepreduce: %s; averaging it without compression and keeping no error feedback for it "
                            "(AMP skips such steps; later ones are counted in stats()['nonfinite_buckets'])", where)
-        self._stats.add(nonfinite_buckets=1, sent_bytes=dense_bytes)
+        self._stats.add(nonfinite_buckets=1, sent_bytes=sent_bytes)
+
+    def _nonfinite(self, buffer: torch.Tensor, segments: list[Segment], pending: list, sizes: list[int],
+                   key: Hashable, dense_bytes: int) -> torch.futures.Future:
+        """Some rank's bucket is not finite (seen in the size exchange): drop this step's
+        error feedback everywhere, then raise or allreduce the buckets as they came (the
+        non-finite values reach every rank at their positions, as with plain allreduce)."""
+        ranks = [r for r, n in enumerate(sizes) if n == _NONFINITE]
+        self._nonfinite_seen(segments, pending, ranks, key, self.step, dense_bytes)
         return self._allreduce(buffer, key)
 
     def _decode_and_sum(self, messages: list[torch.Tensor], buffer: torch.Tensor, segments: list[Segment],
-                        own: list[SparseGrad | None]) -> torch.Tensor:
+                        own: list[SparseGrad | None], padded: bool = False) -> torch.Tensor:
         """The one place payloads are decoded and summed: rank order, divide then add."""
         began = time.perf_counter()
+        timer = self.phases
+        if timer is not None:
+            timer.start()
         world, rank = len(messages), self.transport.rank
+        decoded = [read_message(message, segments, buffer.dtype, self.raw_below, source, own if source == rank else None,
+                                padded) for source, message in enumerate(messages)]
+        mark(timer, "decode")
         accumulate = memory_dtype(buffer.dtype)
         exact = accumulate == buffer.dtype
         total = buffer.zero_() if exact else torch.zeros(buffer.numel(), dtype=accumulate, device=buffer.device)
-        for source, message in enumerate(messages):
-            parts = read_message(message, segments, buffer.dtype, self.raw_below, source, own if source == rank else None)
-            for seg, part in zip(segments, parts):
-                target = total.narrow(0, seg.offset, seg.numel)
-                if isinstance(part, SparseGrad):
-                    values = part.values.to(accumulate)
-                    target.index_add_(0, part.indices, values / world if self.average else values)
-                else:
-                    values = part.to(accumulate)
-                    target.add_(values / world if self.average else values)
+        for i, seg in enumerate(segments):
+            sum_in_rank_order(total.narrow(0, seg.offset, seg.numel), [parts[i] for parts in decoded],
+                              world if self.average else 1)
+        mark(timer, "sum")
         if not exact:
             buffer.copy_(total)
+            mark(timer, "copies")
         self._stats.add(decompress_s=time.perf_counter() - began)
         return buffer
 
@@ -567,12 +730,55 @@ class Engine:
         self._stats.load_state_dict(state["stats"])
 
 
+def sum_in_rank_order(target: torch.Tensor, parts: Sequence[torch.Tensor | SparseGrad], divisor: int = 1) -> None:
+    """Add every rank's part (rank order) into ``target``, each divided by ``divisor`` first.
+
+    Every position receives its contributions in rank order whatever the path, so the sum
+    is bitwise the same on every rank. Sparse parts on the CPU go in one ``index_add_``
+    over the ranks' concatenated (indices, values): its CPU kernel walks the index list
+    in order, so that is the same sum as one ``index_add_`` per rank, minus W-1 calls.
+    Elsewhere (CUDA's ``index_add_`` adds duplicate positions with atomics, in no fixed
+    order) each rank's part, whose indices are unique, is added on its own."""
+    dtype = target.dtype
+    sparse = [p for p in parts if isinstance(p, SparseGrad)]
+    if len(sparse) == len(parts) and len(parts) > 1 and target.device.type == "cpu":
+        indices = torch.cat([p.indices for p in sparse])
+        values = torch.cat([p.values.to(dtype) for p in sparse])
+        target.index_add_(0, indices, values / divisor if divisor != 1 else values)
+        return
+    for part in parts:
+        if isinstance(part, SparseGrad):
+            values = part.values.to(dtype)
+            target.index_add_(0, part.indices, values / divisor if divisor != 1 else values)
+        else:
+            values = part.to(dtype)
+            target.add_(values / divisor if divisor != 1 else values)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``. One read pass: a sum is finite only if every element
+    is (NaN and Inf propagate; +Inf and -Inf make NaN); only a non-finite sum -- a
+    non-finite element or an overflow of the sum itself -- pays for the exact,
+    ~40x dearer element-wise check. A host sync on CUDA."""
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(tensor.sum(dtype=wide))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def _timed(timer: PhaseTimer | None) -> dict[str, PhaseTimer]:
+    """``timer=`` for compress_detailed only when profiling (so a wrapped compressor
+    without that keyword keeps working)."""
+    return {} if timer is None else {"timer": timer}
+
+
 def _stream_name(name: Hashable) -> int | str:
     return name if isinstance(name, (int, str)) and not isinstance(name, bool) else str(name)
 
 
 def read_message(message: torch.Tensor, segments: Sequence[Segment], dtype: torch.dtype, min_numel: int,
-                 source: int | str = "?", own: Sequence[SparseGrad | None] | None = None) -> list[torch.Tensor | SparseGrad]:
+                 source: int | str = "?", own: Sequence[SparseGrad | None] | None = None,
+                 padded: bool = False) -> list[torch.Tensor | SparseGrad]:
     """One rank's message, split and checked against this rank's ``segments``: per segment,
     its raw values (``dtype``) if it has fewer than ``min_numel`` elements, else its decoded
     :class:`SparseGrad` (``own[i]`` instead, for this rank's own message: nothing to decode).
@@ -580,7 +786,7 @@ def read_message(message: torch.Tensor, segments: Sequence[Segment], dtype: torc
     Everything in a received message that does not fit what this rank expects -- the
     framing, a raw entry's length, a payload's numel or dtype -- raises
     :class:`DecodeError` naming the source rank and the segment."""
-    entries = unframe(message, len(segments), f"message from rank {source}")
+    entries = unframe(message, len(segments), f"message from rank {source}", padded)
     parts: list[torch.Tensor | SparseGrad] = []
     for i, (seg, entry) in enumerate(zip(segments, entries)):
         if seg.numel < min_numel:

@@ -46,6 +46,7 @@ class _Counters:
     kept: int = 0  # elements carried by their payloads
     compress_s: float = 0.0  # error feedback + sparsify + encode
     exchange_s: float = 0.0  # message size exchange (blocking)
+    size_exchanges: int = 0  # blocking size exchanges run (none where every rank computes the sizes)
     decompress_s: float = 0.0  # decode + sum of W payloads
 
 

@@ -20,6 +20,7 @@ from ..codecs import import_plugins
 from ..codecs.ids import name_of, wire_id
 from ..errors import ConfigError
 from ..options import Option, format_options, resolve_options
+from ..scratch import Scratch
 from ..sparse import SparseGrad
 
 
@@ -30,9 +31,17 @@ class SelectContext:
 
     rng_seed: int = 0
     step: int = 0
+    scratch: Scratch | None = None  # reusable full-size work buffers (None: fresh tensors)
 
     def generator(self, salt: int, device: torch.device) -> torch.Generator:
         return rng.generator(self.rng_seed, salt, device)
+
+    def buffer(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A work tensor of ``numel`` elements (undefined contents), reused across calls when
+        the context has a scratch pool."""
+        if self.scratch is None:
+            return torch.empty(numel, dtype=dtype, device=device)
+        return self.scratch.get(name, numel, dtype, device)
 
 
 SelectFn = Callable[..., torch.Tensor]
@@ -142,7 +151,8 @@ def select_with(
     elif k == 0 and entry.exact_k:
         indices = torch.empty(0, dtype=torch.int64, device=flat.device)
     else:
-        indices = entry.select(flat.abs(), k, ctx, **config)
+        magnitude = torch.abs(flat, out=ctx.buffer("magnitude", flat.numel(), flat.dtype, flat.device))
+        indices = entry.select(magnitude, k, ctx, **config)
         if not _is_ascending(indices):
             indices = torch.sort(indices).values
     return SparseGrad(indices, flat[indices], flat.numel())

@@ -25,9 +25,14 @@ def sample_threshold(sample: torch.Tensor, scale: float, count: float) -> torch.
     return torch.topk(sample, kth, sorted=False).values.min()
 
 
-def count_at_least(magnitude: torch.Tensor, threshold: torch.Tensor) -> int:
+def count_at_least(magnitude: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor | None = None) -> int:
+    """Elements ``>= threshold``; with ``mask`` (a bool tensor like ``magnitude``) the
+    comparison is written there, so a following :func:`nonzero` of it needs no second pass."""
     # count_nonzero on the comparison is ~8x faster than (.. >= t).sum() on CPU.
-    return int(torch.count_nonzero(magnitude >= threshold))
+    if mask is None:
+        return int(torch.count_nonzero(magnitude >= threshold))
+    torch.ge(magnitude, threshold, out=mask)
+    return int(torch.count_nonzero(mask))
 
 
 def nonzero(mask: torch.Tensor) -> torch.Tensor:

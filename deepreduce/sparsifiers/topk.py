@@ -23,11 +23,12 @@ def topk(magnitude: torch.Tensor, k: int, ctx: SelectContext) -> torch.Tensor:
     sample, scale = strided_sample(magnitude)
     # Aim ~10 % above k so one pass over the data almost always yields enough candidates.
     want = 1.1 * k + 4 * math.sqrt(k) * scale
+    mask = ctx.buffer("mask", d, torch.bool, magnitude.device)  # reused: one comparison pass serves count and nonzero
     for _ in range(3):
         threshold = sample_threshold(sample, scale, want)
-        count = count_at_least(magnitude, threshold)
+        count = count_at_least(magnitude, threshold, mask)
         if k <= count <= 4 * k + 1024:
-            return keep_top(nonzero(magnitude >= threshold), magnitude, k)
+            return keep_top(nonzero(mask), magnitude, k)
         want = want * 2 if count < k else want / 2
     # Pathological data (ties, NaNs, adversarial layouts): the reference algorithm.
     return torch.topk(magnitude, k, sorted=False).indices

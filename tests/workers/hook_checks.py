@@ -113,6 +113,22 @@ def check_specs() -> dict:
     return out
 
 
+PRESIZED_SPECS = [("topk:0.05/eliasfano/fp16", {}), ("topk:0.05/eliasfano/uniform:bits=4", {}),
+                  ("randomk:0.05/raw/qsgd", {}), ("topk:0.05/eliasfano/fp16", {"granularity": "bucket", "momentum": 0.9})]
+
+
+def check_presized() -> dict:
+    """Computed message sizes (no size exchange) against exchanged ones: the same parameters."""
+    out = {}
+    for spec, options in PRESIZED_SPECS:
+        for exchange in ("auto", "always"):
+            model = make_model()
+            state = hook_state(spec, size_exchange=exchange, **options)
+            train(model, state, dr.deepreduce_hook, 12)
+            out[f"{spec} {options} {exchange}"] = {"digest": digest(model), "stats": state.stats()}
+    return out
+
+
 def check_bucket_granularity() -> dict:
     """One top-k per bucket instead of per parameter (a lossless and a lossy spec)."""
     out = {}
@@ -364,6 +380,7 @@ CHECKS = {
     # These leave a DDP model in a failed state: last.
     "nonfinite_raise": check_nonfinite_raise,
     "encode_failure": check_encode_failure,
+    "presized": check_presized,
     "mismatch": check_mismatch,
 }
 

@@ -8,6 +8,8 @@ bucket, decoded, and compared with the exact top-k selection.
     deepreduce bench codecs                 # full run, writes benchmarks/RESULTS.md + results/codecs.json
     deepreduce bench codecs --quick         # smoke test: tiny models, one density
     deepreduce bench codecs --device cuda   # the same on a GPU: its own section, results/codecs_cuda.json
+    deepreduce bench codecs --profile       # CPU time per phase of one compressed 25.6 M-element bucket
+    deepreduce bench codecs --steady        # sizes inside error-feedback training (steps 20-100) vs fresh gradients
 """
 
 from __future__ import annotations
@@ -280,7 +282,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-speed", action="store_true", help="skip the 25.6 M-element speed targets")
     parser.add_argument("--device", default="cpu", help="where tensors live: cpu (default) or cuda[:N]")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
+    parser.add_argument("--steady", action="store_true",
+                        help="instead: bits per kept element inside an error-feedback training run (steady state) "
+                             "next to the fresh gradient's, for every index and value codec")
+    parser.add_argument("--steady-steps", type=int, default=None, help="training steps (default 100; --quick 6)")
+    parser.add_argument("--steady-from", type=int, default=None, help="first measured step (default 20; --quick 3)")
+    parser.add_argument("--steady-every", type=int, default=None, help="measure every that many steps (default 10; --quick 3)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: CPU time per phase of one compressed bucket through the engine (see --profile-*)")
+    parser.add_argument("--profile-specs", nargs="+", default=PROFILE_SPECS, help="compressor specs to profile")
+    parser.add_argument("--profile-numel", type=int, default=25_600_000, help="bucket elements (default: ResNet-50's 25.6 M)")
+    parser.add_argument("--profile-world", type=int, default=2, help="ranks whose payloads are decoded and summed")
+    parser.add_argument("--profile-baseline", type=Path, default=None,
+                        help="a profile.json from an earlier run, shown side by side as 'before'")
     args = parser.parse_args(argv)
+    if args.profile:
+        return profile_main(args, argv)
+    if args.steady:
+        return steady_main(args, argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -340,6 +359,79 @@ def main(argv: list[str] | None = None) -> int:
     plot_bits(rows, out / "results" / f"codec_bits{suffix}.png", console)
     console.print(f"wrote {out / 'RESULTS.md'} and {out / 'results' / f'codecs{suffix}.json'}")
     return 0
+
+
+PROFILE_SPECS = ["topk:0.01/eliasfano/fp16", "topk:0.01/eliasfano/uniform:bits=4"]
+
+
+def profile_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--profile``: one compressed bucket through the engine, CPU time per phase."""
+    from .profile import profile_step, render_profile
+
+    torch.set_num_threads(1)  # CPU time of one thread is the work done, whatever the neighbours do
+    console = make_console()
+    steps = args.repeats or (1 if args.quick else 3)
+    numel = 1_000_000 if args.quick else args.profile_numel
+    results = []
+    if args.profile_baseline:
+        import json
+
+        results += [dict(r, label=f"before: {r['spec']}") for r in json.loads(args.profile_baseline.read_text())]
+    for spec in args.profile_specs:
+        console.print(f"profiling {spec} on {numel:,} elements, {args.profile_world} ranks ...")
+        results.append(dict(profile_step(spec, numel=numel, world=args.profile_world, steps=steps, device=args.device),
+                            commit=_git_commit()))
+    table = render_profile(results)
+    console.print(table)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
+    write_json(out / "results" / "profile.json", [r for r in results if not r.get("label", "").startswith("before")])
+    facts = machine_facts()
+    update_results_section(out / "RESULTS.md", "profile", "\n".join([
+        "### CPU time per phase of one compressed bucket",
+        "",
+        f"Reproduce: `{reproduce_command('codecs', argv)}`. One {numel:,}-element fp32 bucket through the engine "
+        f"(error feedback on, after a warm-up step) over a loopback transport of {args.profile_world} ranks; median "
+        f"over {steps} steps of the process's CPU time with one torch thread ({facts['cpu_cores']} cores, torch "
+        f"{facts['torch']}). The network is not included; `size exchange` is the engine's own time around it.",
+        "",
+        table,
+    ]))
+    console.print(f"wrote {out / 'RESULTS.md'} and {out / 'results' / 'profile.json'}")
+    return 0
+
+
+def steady_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--steady``: codec sizes inside an error-feedback training run."""
+    from .steady import render_steady, steady_codecs, summary
+
+    console = make_console()
+    density = (args.densities or [0.01])[0]
+    steps = args.steady_steps or (6 if args.quick else 100)
+    start = args.steady_from if args.steady_from is not None else (3 if args.quick else 20)
+    every = args.steady_every or (3 if args.quick else 10)
+    console.print(f"training with error feedback at density {density:g}, measuring steps {start}-{steps} every {every} ...")
+    rows = steady_codecs(density, steps, start, every, quick=args.quick)
+    body = render_steady(rows, reproduce_command("codecs", argv))
+    console.print(body)
+    s = summary(rows)
+    for codec, total in s["totals"].items():
+        console.print(f"steady: {s['best_index']} + {codec}: {total:.2f} bits per kept element "
+                      f"(target <= 12), index {s['best_index_over_bound']:.3f}x the bound (target <= 1.05)")
+    out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
+    write_json(out / "results" / "codecs_steady.json", rows)
+    update_results_section(out / "RESULTS.md", "codecs-steady", body)
+    console.print(f"wrote {out / 'RESULTS.md'} and {out / 'results' / 'codecs_steady.json'}")
+    return 0
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def plot_bits(rows: list[dict], path: Path, console: Console) -> None:

@@ -44,7 +44,7 @@ import torch
 from ... import _bits
 from ...errors import ConfigError, DecodeError
 from ...options import Option, probability
-from .. import CodecContext, IndexCodec, IndexEncoding, register_index_codec
+from .. import CodecContext, IndexCodec, IndexEncoding, PartSize, register_index_codec
 from .. import _hashing
 from .._common import expect_nbytes, unpack_params
 
@@ -367,6 +367,14 @@ class BloomIndexCodec(IndexCodec):
             raise RuntimeError(f"bloom: {exc.args[0]} positives exceed the decoder's plausibility limit") from None
         data = _bits.pack_bitmap(torch.nonzero(table).reshape(-1), nbits)
         return IndexEncoding(data, struct.pack(_PARAMS, r, nbits, nhashes, _POLICY_CODES[policy]), chosen)
+
+    def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize | None:
+        if self.config["policy"] == "p0":
+            return None  # sends every positive: k depends on the data
+        if k == 0:
+            return PartSize(0, struct.calcsize(_PARAMS))
+        fpr = self.config["fpr"] if self.config["fpr"] is not None else default_fpr(k, numel)
+        return PartSize(_bits.packed_nbytes(filter_bits(k, hash_count(fpr), numel)), struct.calcsize(_PARAMS))
 
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:

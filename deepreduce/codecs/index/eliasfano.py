@@ -20,7 +20,7 @@ import torch
 
 from ... import _bits
 from ...errors import DecodeError
-from .. import CodecContext, IndexCodec, IndexEncoding, register_index_codec
+from .. import CodecContext, IndexCodec, IndexEncoding, PartSize, register_index_codec
 from .._common import expect_nbytes, unpack_params
 
 _PARAMS = "<BQ"  # low-bit width l, length of the unary stream in bits
@@ -39,10 +39,28 @@ def indices_from_gaps(gaps: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(gaps + 1, 0) - 1
 
 
+def guess_low_width(numel: int, k: int) -> int:
+    """floor(log2(d/r)): the classic Elias-Fano split, the centre of the search."""
+    return max(0, (max(numel, 1) // k).bit_length() - 1)
+
+
+def size_bound(numel: int, k: int) -> int:
+    """Most bytes the index part can take for ``k`` of ``numel`` indices.
+
+    At the guessed width ``l`` the part holds ``k*l`` low bits and ``k + sum(g >> l)``
+    unary bits, and ``sum(g >> l) <= (sum g) >> l <= (numel - k) >> l``; the chosen
+    width never needs more bits than the guess, and the two streams' rounding to whole
+    32-bit words adds under 8 bytes."""
+    if k == 0:
+        return 0
+    low = guess_low_width(numel, k)
+    return (k * low + k + ((numel - k) >> low)) // 8 + 8
+
+
 def best_low_width(gaps: torch.Tensor, numel: int) -> int:
     """The ``l`` that minimises ``r*l + sum(g >> l)`` (evaluated around log2(d/r))."""
     k = gaps.numel()
-    guess = max(0, (max(numel, 1) // k).bit_length() - 1)
+    guess = guess_low_width(numel, k)
     candidates = range(max(0, guess - 2), min(guess + 3, 63))
     costs = torch.stack([(gaps >> l).sum() + k * l for l in candidates])
     return candidates[int(torch.argmin(costs))]
@@ -65,6 +83,11 @@ class EliasFanoIndexCodec(IndexCodec):
         low = _bits.pack_fixed(gaps & ((1 << low_width) - 1), low_width)
         unary = _bits.pack_bitmap(terminators, nbits)
         return IndexEncoding(torch.cat([low, unary]), struct.pack(_PARAMS, low_width, nbits), indices)
+
+    def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
+        # An upper bound (the unary stream's length depends on the gaps): about 0.5 bit
+        # per index above a typical payload, which the gather pads to anyway.
+        return PartSize(size_bound(numel, k), struct.calcsize(_PARAMS), exact=False)
 
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:

@@ -6,7 +6,7 @@ import struct
 
 import torch
 
-from .. import CodecContext, IndexCodec, IndexEncoding, register_index_codec
+from .. import CodecContext, IndexCodec, IndexEncoding, PartSize, register_index_codec
 from ...errors import DecodeError
 from .._common import as_bytes, expect_nbytes, from_bytes, unpack_params
 
@@ -24,6 +24,9 @@ class RawIndexCodec(IndexCodec):
         dtype = index_dtype(ctx.numel)
         width = torch.empty(0, dtype=dtype).element_size()
         return IndexEncoding(as_bytes(indices.to(dtype)), struct.pack("<B", width), indices)
+
+    def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
+        return PartSize(k * torch.empty(0, dtype=index_dtype(numel)).element_size(), 1)
 
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:

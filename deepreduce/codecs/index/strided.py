@@ -9,7 +9,7 @@ import struct
 import torch
 
 from ...errors import ConfigError, DecodeError
-from .. import CodecContext, IndexCodec, IndexEncoding, register_index_codec
+from .. import CodecContext, IndexCodec, IndexEncoding, PartSize, register_index_codec
 from .._common import expect_nbytes, unpack_params
 
 _PARAMS = "<QQ"  # offset, stride
@@ -28,6 +28,9 @@ class StridedIndexCodec(IndexCodec):
         if k > 2 and not bool((indices[1:] - indices[:-1] == stride).all()):
             raise ConfigError("the strided index codec carries evenly spaced indices only: use it with the cyclic sparsifier")
         return IndexEncoding(indices.new_empty(0, dtype=torch.uint8), struct.pack(_PARAMS, offset, stride), indices)
+
+    def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
+        return PartSize(0, struct.calcsize(_PARAMS))
 
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import DecodeError
-from .. import CodecContext, ValueCodec, ValueEncoding, register_value_codec
+from .. import CodecContext, PartSize, ValueCodec, ValueEncoding, register_value_codec
 from .._common import as_bytes, expect_nbytes, from_bytes, unpack_params
 
 _TARGET_EXPONENT = 15  # largest scaled magnitude < 2^15, well inside float16's 65504
@@ -34,6 +34,9 @@ class Float16ValueCodec(ValueCodec):
         shift = torch.where(finite_max > 0, shift, torch.zeros_like(shift))
         scaled = (values.float() * torch.exp2(shift.float())).to(torch.float16)
         return ValueEncoding(torch.cat([as_bytes(shift.reshape(1)), as_bytes(scaled)]), b"")
+
+    def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
+        return PartSize(4 + 2 * k, 0)
 
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from ... import _bits
 from ...errors import ConfigError, DecodeError
 from ...options import Option
-from .. import CodecContext, ValueCodec, ValueEncoding, register_value_codec
+from .. import CodecContext, PartSize, ValueCodec, ValueEncoding, register_value_codec
 from .._common import as_bytes, expect_nbytes, from_bytes, unpack_params
 
 _PARAMS = "<II"  # levels s, block size
@@ -104,6 +104,11 @@ class QSGDValueCodec(ValueCodec):
         negative = torch.signbit(wide).to(torch.int64)
         packed = _bits.pack_fixed((level << 1) | negative, level_bits(levels))
         return ValueEncoding(torch.cat([as_bytes(norms), packed]), params)
+
+    def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
+        if k == 0:
+            return PartSize(0, struct.calcsize(_PARAMS))
+        return PartSize(4 * -(-k // self.config["block"]) + _bits.fixed_nbytes(k, level_bits(self.levels)), struct.calcsize(_PARAMS))
 
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:

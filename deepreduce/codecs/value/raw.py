@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import CodecContext, ValueCodec, ValueEncoding, register_value_codec
+from .. import CodecContext, PartSize, ValueCodec, ValueEncoding, register_value_codec
 from .._common import as_bytes, expect_nbytes, from_bytes, unpack_params
 
 
@@ -15,6 +15,9 @@ class RawValueCodec(ValueCodec):
 
     def encode(self, values: torch.Tensor, ctx: CodecContext) -> ValueEncoding:
         return ValueEncoding(as_bytes(values.to(ctx.dtype)), b"")
+
+    def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
+        return PartSize(k * dtype.itemsize, 0)
 
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from ... import _bits
 from ...errors import DecodeError
 from ...options import Option
-from .. import CodecContext, ValueCodec, ValueEncoding, register_value_codec
+from .. import CodecContext, PartSize, ValueCodec, ValueEncoding, register_value_codec
 from .._common import as_bytes, expect_nbytes, from_bytes, unpack_params
 
 _PARAMS = "<BI"  # bits, block size
@@ -86,6 +86,11 @@ class UniformValueCodec(ValueCodec):
         level = torch.round(unit * steps).clamp_(0, steps).to(torch.int64)
         codes = (level << 1) | signs
         return ValueEncoding(torch.cat([as_bytes(scales.reshape(-1)), _bits.pack_fixed(codes, bits)]), params)
+
+    def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
+        bits, block = self.config["bits"], self.config["block"]
+        scales = 0 if k == 0 else 4 * (1 if bits == 1 else 2) * -(-k // block)
+        return PartSize(scales + _bits.fixed_nbytes(k, bits), struct.calcsize(_PARAMS))
 
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:
