@@ -153,29 +153,33 @@ def check_dtypes() -> dict:
 def check_equals_allreduce() -> dict:
     """Ratio 1.0 with lossless codecs, gather forced (no dense fallback), against the
     built-in allreduce hook: same gradients and parameters up to float rounding."""
-    out = {}
-    for spec in ("topk:1.0/zstd/raw", "topk:1.0/eliasfano/zstd"):
-        ours, reference = make_model(), make_model()
-        state = hook_state(spec, dense_fallback=False)
-        ddp_ours = DDP(ours, bucket_cap_mb=0.03)
-        ddp_ours.register_comm_hook(state, dr.deepreduce_hook)
-        ddp_ref = DDP(reference, bucket_cap_mb=0.03)
-        ddp_ref.register_comm_hook(None, default_hooks.allreduce_hook)
-        opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
-        opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05)
-        grad_diff, grad_scale = 0.0, 0.0
-        for x, y in batches(dist.get_rank(), 12):
-            for ddp, opt in ((ddp_ours, opt_ours), (ddp_ref, opt_ref)):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
-            for a, b in zip(ours.parameters(), reference.parameters()):
-                grad_diff = max(grad_diff, float((a.grad - b.grad).abs().max()))
-                grad_scale = max(grad_scale, float(b.grad.abs().max()))
-            opt_ours.step()
-            opt_ref.step()
-        param_diff = max(float((a - b).abs().max()) for a, b in zip(ours.parameters(), reference.parameters()))
-        out[spec] = {"grad_diff": grad_diff, "grad_scale": grad_scale, "param_diff": param_diff, "stats": state.stats()}
-    return out
+    return {spec: compare_with_allreduce(hook_state(spec, dense_fallback=False))
+            for spec in ("topk:1.0/zstd/raw", "topk:1.0/eliasfano/zstd")}
+
+
+def compare_with_allreduce(state) -> dict:
+    """12 SGD steps through ``state``'s hook and through the built-in allreduce hook from
+    the same model: the largest gradient and parameter differences, and the gradient scale."""
+    ours, reference = make_model(), make_model()
+    ddp_ours = DDP(ours, bucket_cap_mb=0.03)
+    ddp_ours.register_comm_hook(state, dr.deepreduce_hook)
+    ddp_ref = DDP(reference, bucket_cap_mb=0.03)
+    ddp_ref.register_comm_hook(None, default_hooks.allreduce_hook)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05)
+    grad_diff, grad_scale = 0.0, 0.0
+    for x, y in batches(dist.get_rank(), 12):
+        for ddp, opt in ((ddp_ours, opt_ours), (ddp_ref, opt_ref)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
+        for a, b in zip(ours.parameters(), reference.parameters()):
+            grad_diff = max(grad_diff, float((a.grad - b.grad).abs().max()))
+            grad_scale = max(grad_scale, float(b.grad.abs().max()))
+        opt_ours.step()
+        opt_ref.step()
+    param_diff = max(float((a - b).abs().max()) for a, b in zip(ours.parameters(), reference.parameters()))
+    return {"grad_diff": grad_diff, "grad_scale": grad_scale, "param_diff": param_diff, "digest": digest(ours),
+            "stats": state.stats()}
 
 
 def check_fallback() -> dict:
@@ -309,7 +313,12 @@ def check_nonfinite_fp16() -> dict:
 
 
 def check_nonfinite_raise() -> dict:
-    state = hook_state("topk:0.05/eliasfano/fp16", start_iter=2, nonfinite="raise")
+    return nonfinite_raise_run(hook_state("topk:0.05/eliasfano/fp16", start_iter=2, nonfinite="raise"))
+
+
+def nonfinite_raise_run(state) -> dict:
+    """Train with a NaN gradient at step 4 under a ``nonfinite="raise"`` hook state: whether
+    and where it raised, and the message."""
     model = make_model()
     counter = [0]
     poison(model, {4: float("nan")}, counter)

@@ -90,27 +90,9 @@ def check_train(runs: int = len(TRAIN_RUNS)) -> dict:
 def check_equals_allreduce() -> dict:
     """Ratio 1, lossless fp32 values, no dense fallback: the same gradients as the
     built-in allreduce hook up to float rounding."""
-    ours, reference = make_model(), make_model()
-    hook_state = state("topk:1.0/raw/raw", dense_fallback=False)
-    ddp_ours = DDP(ours, bucket_cap_mb=0.03)
-    ddp_ours.register_comm_hook(hook_state, dr.deepreduce_hook)
-    ddp_ref = DDP(reference, bucket_cap_mb=0.03)
-    ddp_ref.register_comm_hook(None, default_hooks.allreduce_hook)
-    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
-    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05)
-    grad_diff, grad_scale = 0.0, 0.0
-    for x, y in batches(dist.get_rank(), 12):
-        for ddp, opt in ((ddp_ours, opt_ours), (ddp_ref, opt_ref)):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
-        for a, b in zip(ours.parameters(), reference.parameters()):
-            grad_diff = max(grad_diff, float((a.grad - b.grad).abs().max()))
-            grad_scale = max(grad_scale, float(b.grad.abs().max()))
-        opt_ours.step()
-        opt_ref.step()
-    param_diff = max(float((a - b).abs().max()) for a, b in zip(ours.parameters(), reference.parameters()))
-    return {"grad_diff": grad_diff, "grad_scale": grad_scale, "param_diff": param_diff, "digest": digest(ours),
-            "stats": hook_state.stats()}
+    from workers.hook_checks import compare_with_allreduce
+
+    return compare_with_allreduce(state("topk:1.0/raw/raw", dense_fallback=False))
 
 
 def check_nonfinite() -> dict:
@@ -128,24 +110,9 @@ def check_nonfinite() -> dict:
 
 
 def check_nonfinite_raise() -> dict:
-    from workers.hook_checks import poison
+    from workers.hook_checks import nonfinite_raise_run
 
-    hook_state = state("topk:0.05/eliasfano/fp16", start_iter=2, nonfinite="raise")
-    model = make_model()
-    counter = [0]
-    poison(model, {4: float("nan")}, counter)
-    ddp = DDP(model, bucket_cap_mb=0.03)
-    ddp.register_comm_hook(hook_state, dr.deepreduce_hook)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
-    try:
-        for step, (x, y) in enumerate(batches(dist.get_rank(), 8)):
-            counter[0] = step
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
-            optimizer.step()
-    except Exception as error:  # DDP may wrap the hook's exception
-        return {"raised": True, "message": f"{type(error).__name__}: {error}", "step": counter[0]}
-    return {"raised": False, "message": "", "step": counter[0]}
+    return nonfinite_raise_run(state("topk:0.05/eliasfano/fp16", start_iter=2, nonfinite="raise"))
 
 
 def check_resume() -> dict:
