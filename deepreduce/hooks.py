@@ -89,6 +89,13 @@ class DeepReduceState:
             ``clip_norm / sqrt(W)``); None: none.
         nonfinite: ``"propagate"`` (as allreduce) or ``"raise"`` on NaN/Inf gradients.
         named_parameters: ``model.named_parameters()``, to name residuals after parameters.
+        scheme: ``"allgather"`` (every rank's payload to every rank) or
+            ``"hierarchical"``: dense reduce-scatter inside each node, compressed exchange of
+            1/L of the bucket between nodes, dense all-gather inside the node (for several
+            processes per node on a slow inter-node network; see
+            :mod:`deepreduce.engine.hierarchical`).
+        node_size: processes per node for ``scheme="hierarchical"`` (default: torchrun's
+            ``LOCAL_WORLD_SIZE``); needs the default process group.
     """
 
     def __init__(
@@ -107,6 +114,8 @@ class DeepReduceState:
         density_warmup: int = 0,
         clip_norm: float | None = None,
         nonfinite: str = "propagate",
+        scheme: str = "allgather",
+        node_size: int | None = None,
     ) -> None:
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=0 if seed is None else seed)
@@ -121,6 +130,7 @@ class DeepReduceState:
             self._make_transport, compressor, error_feedback=error_feedback, momentum=momentum,
             start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback, granularity=granularity,
             density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite, stats_every=stats_every,
+            scheme=scheme, node_size=node_size,
         )
         self._names: dict[int, str] = {}
         self._named = False

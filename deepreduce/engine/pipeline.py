@@ -45,6 +45,7 @@ a bucket, and a parameter is compressed alike by every front end.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -67,6 +68,12 @@ logger = logging.getLogger(__name__)
 _STATE_FORMAT = 2
 GRANULARITIES = ("tensor", "bucket")
 NONFINITE_POLICIES = ("propagate", "raise")
+# How a compressed bucket travels: "allgather" (every rank's payload to every rank, here)
+# or a scheme object from its own module, made by name (module:class, imported on use).
+SCHEMES = {
+    "allgather": None,
+    "hierarchical": "deepreduce.engine.hierarchical:HierarchicalScheme",
+}
 _FAILED = -1  # size a rank sends when compressing failed (it raises its own error)
 _NONFINITE = -2  # size a rank sends when its bucket holds NaN or Inf
 
@@ -124,6 +131,11 @@ class Engine:
         nonfinite: ``"propagate"`` (as allreduce: a NaN/Inf on any rank reaches every
             rank's average, no residual keeps it) or ``"raise"``
             (:class:`~deepreduce.NonFiniteError` on every rank).
+        scheme: ``"allgather"`` (every rank's payload to every rank) or
+            ``"hierarchical"`` (dense inside a node, compressed between nodes; see
+            :mod:`deepreduce.engine.hierarchical`).
+        node_size: processes per node for ``scheme="hierarchical"`` (default: torchrun's
+            ``LOCAL_WORLD_SIZE``).
         stats_every: log :meth:`stats` every that many steps (0: never).
         memory: an existing :class:`ErrorFeedback` to use (e.g. shared with a caller).
         check: compare the configuration across ranks at the first call.
@@ -149,6 +161,8 @@ class Engine:
         memory: ErrorFeedback | None = None,
         check: bool = True,
         describe_extra: Mapping[str, Any] | None = None,
+        scheme: str = "allgather",
+        node_size: int | None = None,
     ) -> None:
         if not isinstance(compressor, Compressor):
             raise ConfigError(f"compressor must be a deepreduce.Compressor, got {type(compressor).__name__}")
@@ -167,6 +181,10 @@ class Engine:
                 f"compressor {compressor.spec}: ratio 0 sends nothing, every gradient would stay in the residual; "
                 "use a positive ratio (e.g. 0.01)"
             )
+        if scheme not in SCHEMES:
+            raise ConfigError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
+        if node_size is not None and scheme != "hierarchical":
+            raise ConfigError(f"node_size applies to scheme='hierarchical', not to scheme={scheme!r}")
         if not (isinstance(transport, Transport) or callable(transport)):
             raise ConfigError(f"transport must be a deepreduce.comm.Transport, got {type(transport).__name__}")
         self._transport = transport if isinstance(transport, Transport) else None
@@ -192,6 +210,8 @@ class Engine:
         self._stats = CommStats()
         self._agreed = not self.check
         self._ramp: tuple[int, Compressor] | None = None  # (step, compressor at that step's density)
+        self.scheme = scheme
+        self._scheme = _make_scheme(scheme, node_size=node_size)
 
     @property
     def transport(self) -> Transport:
@@ -229,6 +249,9 @@ class Engine:
             "density_warmup": self.density_warmup,
             "clip_norm": self.clip_norm,
             "nonfinite": self.nonfinite,
+            # Only a non-default scheme is named, so descriptions (and saved ones) of the
+            # default stay as they were; a rank without it still disagrees with one that has it.
+            **({} if self._scheme is None else {"scheme": self.scheme, **self._scheme.describe()}),
             **self.describe_extra,
         }
 
@@ -237,6 +260,8 @@ class Engine:
         Collective."""
         check_agreement(self.transport, self.describe())
         self._agreed = True
+        if self._scheme is not None:
+            self._scheme.setup(self.transport)  # sub-groups: made here, at the same call on every rank
 
     # --- one bucket ----------------------------------------------------------------------
 
@@ -260,6 +285,8 @@ class Engine:
             self._stats.add(sent_bytes=dense_bytes, warmup_buckets=int(warmup), small_buckets=int(not warmup))
             future = self._allreduce(buffer, key)
             return self._checked(future, key) if self.nonfinite == "raise" else future
+        if self._scheme is not None:
+            return self._scheme.reduce(self, buffer, self._segments(buffer, segments, key), key)
         return self._compressed(buffer, self._segments(buffer, segments, key), dense_bytes, key)
 
     def _failed(self, what: str, key: Hashable, step: int, exc: BaseException) -> CommunicationError:
@@ -341,28 +368,32 @@ class Engine:
         if norm > limit:
             buffer.mul_(limit / norm)
 
-    def _allreduce(self, buffer: torch.Tensor, key: Hashable) -> torch.futures.Future:
+    def _allreduce(self, buffer: torch.Tensor, key: Hashable, transport: Transport | None = None) -> torch.futures.Future:
+        transport = transport or self.transport
         if self.average:
-            buffer.div_(self.transport.world_size)  # before the sum: fp16 sums of W gradients may overflow
+            buffer.div_(transport.world_size)  # before the sum: fp16 sums of W gradients may overflow
         try:
-            future = self.transport.allreduce_async(buffer)
+            future = transport.allreduce_async(buffer)
         except Exception as exc:
             raise self._failed("the dense allreduce", key, self.step, exc) from exc
         return self._guarded(future, "the dense allreduce", key)
 
-    def _allgather_sizes(self, size: int, key: Hashable) -> list[int]:
+    def _allgather_sizes(self, size: int, key: Hashable, transport: Transport | None = None) -> list[int]:
         try:
-            return self.transport.allgather_sizes(size)
+            return (transport or self.transport).allgather_sizes(size)
         except Exception as exc:
             raise self._failed("exchanging payload sizes", key, self.step, exc) from exc
 
     def _compressed(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int,
-                    key: Hashable) -> torch.futures.Future:
-        transport = self.transport
+                    key: Hashable, transport: Transport | None = None) -> torch.futures.Future:
+        """Compress, exchange and average ``buffer`` across the ranks of ``transport``
+        (default: the engine's; a scheme passes a sub-group's)."""
+        transport = transport or self.transport
         started = time.perf_counter()
         # One pass; a host sync on CUDA, as the size exchange below is anyway.
         if not bool(torch.isfinite(buffer).all()):
-            return self._nonfinite(buffer, segments, [], self._allgather_sizes(_NONFINITE, key), key, dense_bytes)
+            return self._nonfinite(buffer, segments, [], self._allgather_sizes(_NONFINITE, key, transport), key,
+                                   dense_bytes, transport)
         if self.clip_norm is not None:
             self._clip(buffer)
         compressor = self._step_compressor()
@@ -383,16 +414,16 @@ class Engine:
             message = frame(entries, buffer.device)
         except Exception:
             # Tell the other ranks, or they would wait for this rank's size until timeout.
-            self._allgather_sizes(_FAILED, key)
+            self._allgather_sizes(_FAILED, key, transport)
             raise
         encoded = time.perf_counter()
-        sizes = self._allgather_sizes(message.numel(), key)
+        sizes = self._allgather_sizes(message.numel(), key, transport)
         exchanged = time.perf_counter()
         if _FAILED in sizes:
             failed = ", ".join(str(r) for r, n in enumerate(sizes) if n == _FAILED)
             raise DeepReduceError(f"deepreduce: rank {failed} failed to compress bucket {key!r} at step {self.step} (see its error)")
         if _NONFINITE in sizes:
-            return self._nonfinite(buffer, segments, pending, sizes, key, dense_bytes)
+            return self._nonfinite(buffer, segments, pending, sizes, key, dense_bytes, transport)
         width = pad8(max(sizes))
 
         if self.dense_fallback and transport.world_size * width > 2 * dense_bytes:
@@ -402,7 +433,7 @@ class Engine:
                     buffer.narrow(0, seg.offset, seg.numel).copy_(to_send)
                     self.memory.update_dense(seg.name, compensated, to_send)
             self._stats.add(dense_fallbacks=1, sent_bytes=dense_bytes, compress_s=encoded - started, exchange_s=exchanged - encoded)
-            return self._allreduce(buffer, key)
+            return self._allreduce(buffer, key, transport)
 
         own: list[SparseGrad | None] = []
         kept = 0
@@ -430,12 +461,12 @@ class Engine:
                 messages = done.value()
             except Exception as exc:
                 raise self._failed("the all-gather", key, step, exc) from exc
-            return self._decode_and_sum(messages, buffer, segments, own)
+            return self._decode_and_sum(messages, buffer, segments, own, transport.rank)
 
         return gathered.then(decode)
 
     def _nonfinite(self, buffer: torch.Tensor, segments: list[Segment], pending: list, sizes: list[int],
-                   key: Hashable, dense_bytes: int) -> torch.futures.Future:
+                   key: Hashable, dense_bytes: int, transport: Transport | None = None) -> torch.futures.Future:
         """Some rank's bucket is not finite: drop this step's error feedback everywhere,
         then raise or allreduce the buckets as they came (the non-finite values reach
         every rank at their positions, as with plain allreduce)."""
@@ -451,13 +482,13 @@ class Engine:
             logger.warning("deepreduce: %s; averaging it dense and keeping no error feedback for it "
                            "(AMP skips such steps; later ones are counted in stats()['nonfinite_buckets'])", where)
         self._stats.add(nonfinite_buckets=1, sent_bytes=dense_bytes)
-        return self._allreduce(buffer, key)
+        return self._allreduce(buffer, key, transport)
 
     def _decode_and_sum(self, messages: list[torch.Tensor], buffer: torch.Tensor, segments: list[Segment],
-                        own: list[SparseGrad | None]) -> torch.Tensor:
+                        own: list[SparseGrad | None], rank: int | None = None) -> torch.Tensor:
         """The one place payloads are decoded and summed: rank order, divide then add."""
         began = time.perf_counter()
-        world, rank = len(messages), self.transport.rank
+        world, rank = len(messages), self.transport.rank if rank is None else rank
         accumulate = memory_dtype(buffer.dtype)
         exact = accumulate == buffer.dtype
         total = buffer.zero_() if exact else torch.zeros(buffer.numel(), dtype=accumulate, device=buffer.device)
@@ -506,6 +537,14 @@ class Engine:
         self.step = int(state["step"])
         self.memory.load_state_dict(state["memory"])
         self._stats.load_state_dict(state["stats"])
+
+
+def _make_scheme(name: str, **options: Any) -> Any:
+    target = SCHEMES[name]
+    if target is None:
+        return None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)(**options)
 
 
 def _stream_name(name: Hashable) -> int | str:

@@ -7,7 +7,10 @@ flat buffer of a front end's tensors):
 - ``dense_bytes``: what the plain allreduce hook would hand over (the bucket's size);
 - ``sent_bytes``: what it actually handed over: the padded payload of a compressed
   bucket (all ranks pad to the largest payload), the bucket itself for a dense one;
-- ``payload_bytes``: its own unpadded payloads (compressed buckets only).
+- ``payload_bytes``: its own unpadded payloads (compressed buckets only);
+- ``inter_node_bytes`` / ``intra_node_bytes`` (``scheme="hierarchical"`` only): what it
+  handed to the collectives between nodes and to the dense ones inside its node; its
+  compressed buckets' ``sent_bytes`` are the inter-node part.
 
 ``ratio = dense_bytes / sent_bytes``. These totals include the dense warm-up; the
 ``steady`` entry reports the same figures counted from the first step at the target
@@ -44,6 +47,8 @@ class _Counters:
     compress_s: float = 0.0  # error feedback + sparsify + encode
     exchange_s: float = 0.0  # message size exchange (blocking)
     decompress_s: float = 0.0  # decode + sum of W payloads
+    inter_node_bytes: int = 0  # scheme "hierarchical": handed to collectives between nodes (the slow links)
+    intra_node_bytes: int = 0  # ... and to the dense collectives inside a node
 
 
 class CommStats:
@@ -75,6 +80,11 @@ class CommStats:
         with self._lock:
             for name, delta in deltas.items():
                 setattr(self._c, name, getattr(self._c, name) + delta)
+
+    def get(self, name: str) -> float:
+        """One counter's running total."""
+        with self._lock:
+            return getattr(self._c, name)
 
     def as_dict(self) -> dict[str, Any]:
         """Counters plus derived ``ratio``, ``density`` and ``bits_per_kept``, and
