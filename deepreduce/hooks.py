@@ -38,6 +38,12 @@ Tuning:
   any rank reaches every rank's average (AMP's ``GradScaler`` then skips the step) and
   no residual keeps it; ``"raise"`` stops with :class:`~deepreduce.NonFiniteError`
   naming the rank, bucket and step -- for runs without AMP, where a NaN means a bug.
+- ``scheme="hierarchical"``: with several processes per node on a slow network between
+  nodes, each node first reduce-scatters the bucket densely over its fast links, so each
+  of its L processes compresses and exchanges 1/L of the bucket with its peers on the
+  other nodes only: L times fewer bytes on the slow links and L times less top-k work
+  per process, for two dense collectives inside the node (see
+  :mod:`deepreduce.engine.hierarchical`). Needs the default process group.
 - Residuals are kept per parameter (also with ``granularity="bucket"``), so DDP's
   rebuilt buckets, another ``bucket_cap_mb`` or a resume in any training loop lose
   nothing.

@@ -117,6 +117,8 @@ def make_hook(
     momentum: float = 0.0,
     density_warmup: int = 0,
     clip_norm: float | None = None,
+    scheme: str = "allgather",
+    node_size: int | None = None,
 ) -> tuple[Any, Callable, CommMeter, Callable[[], int] | None]:
     """``(state, hook, meter, bytes_counter)`` for a compressor spec or a built-in hook name.
 
@@ -131,7 +133,8 @@ def make_hook(
     name residuals after parameters, so checkpoints do not depend on DDP's bucket layout)
     to deepreduce compressors only. So do DGC's ``momentum`` (momentum correction),
     ``density_warmup`` and ``clip_norm`` (see :class:`~deepreduce.DeepReduceState`); they are
-    passed on only when set. Raises :class:`~deepreduce.errors.ConfigError` for an unknown or
+    passed on only when set. ``scheme`` and ``node_size`` too (``"hierarchical"``: see
+    :mod:`deepreduce.engine.hierarchical`). Raises :class:`~deepreduce.errors.ConfigError` for an unknown or
     malformed ``compression``, or DGC options with a built-in hook.
     """
     dgc = {key: value for key, value in
@@ -139,6 +142,8 @@ def make_hook(
            if value not in (0, None)}
     if dgc and compression in BUILTIN_HOOKS:
         raise ConfigError(f"{', '.join(dgc)} apply to deepreduce compressors, not to {compression!r}")
+    if (scheme != "allgather" or node_size is not None) and compression in BUILTIN_HOOKS:
+        raise ConfigError(f"scheme={scheme!r} and node_size apply to deepreduce compressors, not to {compression!r}")
     if compression == "dense":
         meter = CommMeter(lambda state, bucket: _bucket_bytes(bucket))
         return None, meter.wrap(default_hooks.allreduce_hook), meter, None
@@ -171,7 +176,7 @@ def make_hook(
     state = DeepReduceState(
         None, compressor, start_iter=start_iter, error_feedback=error_feedback,
         min_numel=min_numel, stats_every=0, dense_fallback=dense_fallback, granularity=granularity,
-        named_parameters=named_parameters, **dgc,
+        named_parameters=named_parameters, scheme=scheme, node_size=node_size, **dgc,
     )
     meter = CommMeter(None)
     return state, meter.wrap(deepreduce_hook), meter, lambda: state.stats()["sent_bytes"]

@@ -70,6 +70,7 @@ from ..compressor import Compressor
 from ..errors import ConfigError
 from ..hooks import DeepReduceState
 from ..optim import UpdateSync
+from ..engine.pipeline import SCHEMES
 from .comm_hooks import BUILTIN_HOOKS, CommMeter, hook_state_dict, load_hook_state, make_hook
 from .data import ByteCorpus, CorpusError, SnippetClasses, stdlib_classes, stdlib_corpus, text_corpus
 from .metrics import params_digest
@@ -141,6 +142,11 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     c.add_argument("--start-iter", type=int, default=10, help="dense steps before compression starts")
     c.add_argument("--min-numel", type=int, default=1024,
                    help="buckets smaller than this go dense; smaller parameters travel uncompressed")
+    c.add_argument("--scheme", default="allgather", choices=tuple(SCHEMES),
+                   help="gradient mode, compressor spec: allgather (every rank's payload to every rank) or "
+                        "hierarchical (dense inside a node, compressed 1/L of each bucket between nodes)")
+    c.add_argument("--node-size", type=int, default=None, metavar="L",
+                   help="--scheme hierarchical: processes per node (default: torchrun's LOCAL_WORLD_SIZE)")
     c.add_argument("--granularity", default="tensor", choices=("tensor", "bucket"),
                    help="top-k per parameter, or one top-k over each DDP bucket")
     c.add_argument("--no-error-feedback", action="store_true")
@@ -432,6 +438,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("deepreduce train: --weight-decay must be >= 0")
     if args.local_steps < 1:
         raise SystemExit("deepreduce train: --local-steps must be >= 1")
+    if args.scheme != "allgather" and (args.mode != "gradient" or args.compression in BUILTIN_HOOKS):
+        raise SystemExit(f"deepreduce train: --scheme {args.scheme} needs --mode gradient and a compressor spec")
+    if args.node_size is not None and (args.scheme != "hierarchical" or args.node_size < 1):
+        raise SystemExit("deepreduce train: --node-size must be >= 1 and needs --scheme hierarchical")
     if args.mode == "update" and args.compression in BUILTIN_HOOKS:
         raise SystemExit(f"deepreduce train: --mode update needs a compressor spec for --compression, not {args.compression!r}")
     if args.mode == "gradient" and (args.local_steps != 1 or args.overlap or args.keep_unsent or args.outer_lr != 1.0 or args.outer_momentum):
@@ -483,6 +493,7 @@ def _hook(args: argparse.Namespace, model: torch.nn.Module):
             error_feedback=not args.no_error_feedback, dense_fallback=not args.no_dense_fallback,
             powersgd_rank=args.powersgd_rank, granularity=args.granularity, named_parameters=model.named_parameters(),
             momentum=args.momentum_correction, density_warmup=args.density_warmup, clip_norm=args.clip_norm,
+            scheme=args.scheme, node_size=args.node_size,
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --compression {error}")

@@ -48,6 +48,15 @@ DEEPREDUCE = [
     "topk:0.001/eliasfano/fp16",
 ]
 LINKS = ["100mbit", "1gbit", "unshaped"]
+# With several processes per node (--procs-per-node): the schemes side by side. A config
+# "SPEC@SCHEME" runs the compressor SPEC with the engine's scheme SCHEME.
+TOPOLOGY_CONFIGS = [
+    "noop", "dense", "powersgd",
+    "topk:0.01/eliasfano/fp16",
+    "topk:0.01/eliasfano/fp16@hierarchical",
+    "topk:0.01/eliasfano/fp16@shared_index",
+]
+TOPOLOGY_LINKS = ["100mbit", "1gbit"]
 WARMUP_STEPS = 3  # DDP rebuilds buckets after step 1; hooks start compressing at step 2
 
 
@@ -102,16 +111,19 @@ def worker(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    hook_name, scheme = split_config(args.config)
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = LayoutModel(resnet_shapes(args.quick), seed=1000 + rank)
     ddp = DDP(model)
-    if args.config == "noop":
+    state = None
+    if hook_name == "noop":
         ddp.register_comm_hook(None, debugging_hooks.noop_hook)
         meter = None
     else:
-        state, hook, meter, _ = make_hook(args.config, seed=0, start_iter=2, min_numel=1024)
+        options = {} if scheme is None else {"scheme": scheme}
+        state, hook, meter, _ = make_hook(hook_name, seed=0, start_iter=2, min_numel=1024, **options)
         ddp.register_comm_hook(state, hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ifname = os.environ.get("GLOO_SOCKET_IFNAME", "eth0")
@@ -131,10 +143,11 @@ def worker(argv: list[str]) -> int:
             comm_s.append(in_flight)
             tx.append(after - before if before is not None and after is not None else None)
     digest = params_digest(model)
+    hook_stats = state.stats()["steady"] if hasattr(state, "engine") else None  # deepreduce hooks: the timed phase
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "world": world, "config": args.config, "step_s": step_s, "hook_in_flight_s": comm_s,
-        "tx_bytes": tx, "params_digest": digest,
+        "tx_bytes": tx, "params_digest": digest, "hook_stats": hook_stats,
     }))
     close_process_group()
     return 0
@@ -148,7 +161,8 @@ def _link_rate(link: str) -> str | None:
 
 
 def run_config(cluster, config: str, steps: int, out: Path, port: int, threads: int, quick: bool, timeout: float) -> dict:
-    run_dir = out / f"{cluster.nodes}n-{cluster.rate or 'unshaped'}-{config.replace('/', '_').replace(':', '-')}"
+    run_dir = out / (f"{cluster.nodes}x{cluster.procs_per_node}n-{cluster.rate or 'unshaped'}-"
+                     f"{config.replace('/', '_').replace(':', '-').replace('@', '-at-')}")
     for stale in run_dir.glob("rank*.json"):
         stale.unlink()
     command = ["-m", "deepreduce.apps.bench.bandwidth", "--worker", "--config", config, "--steps", str(steps),
@@ -158,20 +172,25 @@ def run_config(cluster, config: str, steps: int, out: Path, port: int, threads: 
     for node in range(cluster.nodes):
         log = open(run_dir.parent / f"{run_dir.name}.node{node}.log", "w")
         logs.append(log)
-        argv = cluster.torchrun_argv(node, command, port=port)
+        argv = cluster.torchrun_argv(node, command, port=port)  # --nproc_per_node: cluster.procs_per_node
         procs.append(cluster.popen(node, argv, port=port, env={"OMP_NUM_THREADS": str(threads)}, stdout=log, stderr=subprocess.STDOUT))
     codes = cluster.wait(procs, timeout=timeout)
     for log in logs:
         log.close()
     reports = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank*.json"))]
-    if any(codes) or len(reports) != cluster.nodes:
+    if any(codes) or len(reports) != cluster.nodes * cluster.procs_per_node:
         tail = (run_dir.parent / f"{run_dir.name}.node0.log").read_text()[-1500:]
         raise RuntimeError(f"{config} on {cluster.nodes} nodes ({cluster.rate or 'unshaped'}) failed with exit codes {codes}:\n{tail}")
     step_times = [statistics.median(r["step_s"]) for r in reports]
-    tx = [b for r in reports for b in r["tx_bytes"] if b is not None]
+    # The counter is the node's interface: what the node's processes sent to other nodes
+    # (their traffic inside the node goes over loopback). Per rank: a share of it.
+    tx = [b / cluster.procs_per_node for r in reports for b in r["tx_bytes"] if b is not None]
+    stats = [r["hook_stats"] for r in reports if r.get("hook_stats")]
     return {
         "config": config,
         "nodes": cluster.nodes,
+        "procs_per_node": cluster.procs_per_node,
+        "hook_stats": stats[0] if stats else None,  # rank 0's counters over the timed steps
         "link": cluster.rate or "unshaped",
         "step_time_s": max(step_times),  # the slowest rank sets the pace
         "hook_in_flight_s": statistics.median(statistics.median(r["hook_in_flight_s"]) for r in reports),
@@ -182,17 +201,35 @@ def run_config(cluster, config: str, steps: int, out: Path, port: int, threads: 
     }
 
 
-def available(config: str) -> bool:
-    if config in BASELINES:
-        return True
+def split_config(config: str) -> tuple[str, str | None]:
+    """``"SPEC@SCHEME"`` -> (SPEC, SCHEME); a config without ``@`` -> (config, None)."""
+    hook, _, scheme = config.partition("@")
+    return hook, scheme or None
+
+
+def unavailable(config: str) -> str | None:
+    """Why ``config`` cannot run with this build (unknown codec or scheme), or None."""
     from ... import Compressor
+    from ...engine.pipeline import SCHEMES
     from ...errors import ConfigError
 
+    hook, scheme = split_config(config)
+    if scheme is not None:
+        if hook in BASELINES:
+            return f"{hook} is a built-in hook: it has no scheme"
+        if scheme not in SCHEMES:
+            return f"the engine has no scheme {scheme!r} (it knows {', '.join(SCHEMES)})"
+    if hook in BASELINES:
+        return None
     try:
-        Compressor.from_spec(config)
-    except ConfigError:
-        return False
-    return True
+        Compressor.from_spec(hook)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def available(config: str) -> bool:
+    return unavailable(config) is None
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -230,6 +267,34 @@ def render(rows: list[dict], facts: dict, command: str) -> str:
     ])
 
 
+def render_topology(rows: list[dict], facts: dict, command: str, skipped: dict[str, str]) -> str:
+    L = rows[0]["procs_per_node"]
+    header = ["nodes x procs", "link", "config", "step time s", "comm time s", "inter-node bytes/step/rank",
+              "vs dense", "vs powersgd"]
+    table = [[f"{r['nodes']} x {r['procs_per_node']}", r["link"], r["config"], f"{r['step_time_s']:.3f}",
+              f"{r['comm_time_s']:.3f}", _fmt_bytes(r["bytes_per_step"]), _fmt_speedup(r),
+              "-" if not r.get("speedup_vs_powersgd") else f"{r['speedup_vs_powersgd']:.2f}x"] for r in rows]
+    notes = [f"- `{config}` was not run: {why}." for config, why in skipped.items()]
+    return "\n".join([
+        f"## Bandwidth with {L} processes per node: hierarchical vs. flat",
+        "",
+        f"Reproduce: `{command}` (as root). Machine: {facts['cpu_cores']} cores shared by every process of every "
+        f"node (and, during this run, by other jobs), torch {facts['torch']}. Each node is a network namespace with "
+        f"{L} DDP processes talking over its loopback; only traffic between nodes crosses the `tc tbf`-shaped link.",
+        "",
+        "Model, steps and `powersgd` as in the section above. Inter-node bytes: the node interface's transmit counter "
+        f"per step divided by {L} (payloads plus TCP/IP framing). `SPEC@hierarchical` is the engine's "
+        "`scheme=\"hierarchical\"`: a dense reduce-scatter inside the node, top-k of 1/L of each bucket exchanged "
+        "between nodes, a dense all-gather inside the node. The plain SPEC is the flat all-gather over all ranks.",
+        "",
+        markdown_table(header, table),
+        "",
+        *notes,
+        "",
+        "![step time vs. link rate](results/bandwidth_topology.png)",
+    ])
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -250,7 +315,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xticklabels(["100 Mbit/s", "1 Gbit/s", "unshaped"])
         ax.set_xlabel("link rate")
         ax.set_ylabel("median step time (s)")
-        ax.set_title(f"{nodes} nodes, ResNet-50 layout (25.6 M)")
+        per_node = rows[0].get("procs_per_node", 1)
+        ax.set_title(f"{nodes} nodes" + (f" x {per_node} processes" if per_node > 1 else "") + ", ResNet-50 layout (25.6 M)")
         ax.grid(True, which="both", alpha=0.3)
     # One legend below the panels: inside them it covered the slow configurations' lines.
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -261,6 +327,11 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def write_cost_model(out: Path, argv: list[str]) -> int:
+    """The cost-model section of RESULTS.md, from the stored topology results."""
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
@@ -268,16 +339,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepreduce bench bandwidth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, nargs="+", default=None, help="node counts (default 2 4)")
-    parser.add_argument("--links", nargs="+", default=None, help="link rates: 100mbit 1gbit unshaped (default all)")
+    parser.add_argument("--procs-per-node", type=int, default=1,
+                        help="DDP processes per node (they talk over the node's loopback; default 1). With more than "
+                             "one, the defaults compare the schemes: " + " ".join(TOPOLOGY_CONFIGS))
+    parser.add_argument("--links", nargs="+", default=None,
+                        help="link rates: 100mbit 1gbit unshaped (default all; 100mbit 1gbit with --procs-per-node > 1)")
     parser.add_argument("--configs", nargs="+", default=None,
-                        help=f"noop dense fp16 powersgd and/or compressor specs (default: {' '.join(BASELINES + DEEPREDUCE)})")
+                        help="noop dense fp16 powersgd and/or compressor specs, SPEC@SCHEME for an engine scheme "
+                             f"(default: {' '.join(BASELINES + DEEPREDUCE)})")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 3 at 100mbit, 5 otherwise)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, 2 nodes, unshaped, 3 configurations of 2 steps (a smoke test: 30-60 s on 2 "
                              "cores, most of it starting 6 processes)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run before it is stopped")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
+    parser.add_argument("--cost-model", action="store_true",
+                        help="only (re)write the cost-model section from the stored topology results")
     args = parser.parse_args(argv)
+    if args.procs_per_node < 1:
+        parser.error(f"--procs-per-node must be >= 1, got {args.procs_per_node}")
+    topology = args.procs_per_node > 1
+    out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
+    if args.cost_model:
+        return write_cost_model(out, argv)
 
     from rich.table import Table
 
@@ -289,18 +373,18 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]deepreduce bench bandwidth needs network namespaces: {reason}")
         return 2
     nodes = args.nodes or ([2] if args.quick else [2, 4])
-    links = args.links or (["unshaped"] if args.quick else LINKS)
-    configs = args.configs or (["noop", "dense", "topk:0.01/eliasfano/fp16"] if args.quick else BASELINES + DEEPREDUCE)
-    unknown = [c for c in configs if not available(c)]
-    if unknown:
-        console.print(f"[yellow]skipping configurations whose codecs are not registered: {', '.join(unknown)}")
-        configs = [c for c in configs if c not in unknown]
+    links = args.links or (["unshaped"] if args.quick else TOPOLOGY_LINKS if topology else LINKS)
+    configs = args.configs or (["noop", "dense", "topk:0.01/eliasfano/fp16"] if args.quick
+                               else TOPOLOGY_CONFIGS if topology else BASELINES + DEEPREDUCE)
+    skipped = {c: unavailable(c) for c in configs if unavailable(c)}
+    for config, why in skipped.items():
+        console.print(f"[yellow]skipping {config}: {why}")
+    configs = [c for c in configs if c not in skipped]
     if "noop" not in configs:
         configs = ["noop"] + configs  # the compute-only reference for comm time
     bad_links = [link for link in links if link != "unshaped" and not link[0].isdigit()]
     if bad_links:
         parser.error(f"unknown link rates {bad_links}: use e.g. 100mbit, 1gbit, unshaped")
-    out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
     scratch = Path(tempfile.mkdtemp(prefix="deepreduce-bandwidth-runs-"))
     threads = 1
     rows: list[dict] = []
@@ -309,9 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         task = progress.add_task("bandwidth", total=len(nodes) * len(links) * len(configs))
         for n in nodes:
             for link in links:
-                with NetnsCluster(n, rate=_link_rate(link), name=f"drbw{os.getpid() % 10000}") as cluster:
+                with NetnsCluster(n, rate=_link_rate(link), name=f"drbw{os.getpid() % 10000}",
+                                  procs_per_node=args.procs_per_node) as cluster:
                     for config in configs:
-                        progress.update(task, description=f"{n} nodes {link:>8} {config}")
+                        progress.update(task, description=f"{n}x{args.procs_per_node} {link:>8} {config}")
                         steps = args.steps or (2 if args.quick else 3 if link == "100mbit" else 5)
                         port += 1
                         rows.append(run_config(cluster, config, steps, scratch, port, threads, args.quick, args.timeout))
@@ -320,26 +405,34 @@ def main(argv: list[str] | None = None) -> int:
         same = [r for r in rows if r["nodes"] == row["nodes"] and r["link"] == row["link"]]
         noop = next(r["step_time_s"] for r in same if r["config"] == "noop")
         dense = next((r["step_time_s"] for r in same if r["config"] == "dense"), None)
+        powersgd = next((r["step_time_s"] for r in same if r["config"] == "powersgd"), None)
         row["comm_time_s"] = max(0.0, row["step_time_s"] - noop)
         # noop communicates nothing: it times the compute, it is not a way to train faster.
         row["speedup_vs_dense"] = dense / row["step_time_s"] if dense and row["config"] != "noop" else None
+        row["speedup_vs_powersgd"] = powersgd / row["step_time_s"] if powersgd and row["config"] != "noop" else None
 
     table = Table(title="deepreduce bench bandwidth")
-    for column in ("nodes", "link", "config", "step s", "comm s", "wire/step/rank", "vs dense"):
+    for column in ("nodes", "procs/node", "link", "config", "step s", "comm s", "wire/step/rank", "vs dense"):
         table.add_column(column)
     for r in rows:
-        table.add_row(str(r["nodes"]), r["link"], r["config"], f"{r['step_time_s']:.3f}", f"{r['comm_time_s']:.3f}",
-                      _fmt_bytes(r["bytes_per_step"]), _fmt_speedup(r))
+        table.add_row(str(r["nodes"]), str(r["procs_per_node"]), r["link"], r["config"], f"{r['step_time_s']:.3f}",
+                      f"{r['comm_time_s']:.3f}", _fmt_bytes(r["bytes_per_step"]), _fmt_speedup(r))
     console.print(table)
     facts = machine_facts()
     command = reproduce_command("bandwidth", argv)
-    write_json(out / "results" / "bandwidth.json", [dict(r, **{"machine": facts}) for r in rows])
-    update_results_section(out / "RESULTS.md", "bandwidth", render(rows, facts, command))
+    name = "bandwidth_topology" if topology else "bandwidth"
+    write_json(out / "results" / f"{name}.json", [dict(r, **{"machine": facts}) for r in rows])
+    if topology:
+        update_results_section(out / "RESULTS.md", "bandwidth-topology", render_topology(rows, facts, command, skipped))
+    else:
+        update_results_section(out / "RESULTS.md", "bandwidth", render(rows, facts, command))
     try:
-        plot(rows, out / "results" / "bandwidth.png")
+        plot(rows, out / "results" / f"{name}.png")
     except ImportError:
         console.print("[yellow]matplotlib not installed: no plot (pip install 'deepreduce[bench]')")
-    console.print(f"wrote {out / 'RESULTS.md'}, {out / 'results' / 'bandwidth.json'}; run logs in {scratch}")
+    console.print(f"wrote {out / 'RESULTS.md'}, {out / 'results' / (name + '.json')}; run logs in {scratch}")
+    if topology:
+        write_cost_model(out, argv)
     return 0
 
 
