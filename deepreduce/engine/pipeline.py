@@ -24,6 +24,11 @@ Per bucket, on every rank::
     W * message > 2 * bucket bytes  ->  dense allreduce instead (every rank saw the same sizes)
     else one variable-length all-gather, then decode-and-sum in the future's callback
 
+With ``scheme="hierarchical"`` the compressed step runs per node instead
+(:mod:`deepreduce.engine.hierarchical`): a dense reduce-scatter inside the node, the
+steps above on 1/L of the bucket among the ranks of the same local rank, a dense
+all-gather inside the node.
+
 Averaging order, the same for every front end: each rank's contribution is divided by W
 and then added, in rank order, into an accumulator of the bucket's dtype (fp32 for
 fp16/bf16 buckets, rounded once at the end); the dense allreduce divides before it
