@@ -185,3 +185,16 @@ def test_two_nodes_of_two_processes_in_network_namespaces(tmp_path):
     assert [r["_env"]["GROUP_RANK"] for r in ranks] == ["0", "0", "1", "1"]
     entry = _assert_bitwise(ranks)
     assert any(isinstance(key, str) and key.startswith("(") for key in entry["residual_keys"])  # one top-k per slot
+
+
+def test_all_finite_sees_nan_and_both_infinities_in_every_float_dtype():
+    from deepreduce.engine.pipeline import all_finite
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        x = torch.randn(5000).to(dtype)
+        assert all_finite(x)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[1234] = bad
+            assert not all_finite(y), (dtype, bad)
+    assert all_finite(torch.empty(0))

@@ -4,9 +4,9 @@
 (torchrun's ``LOCAL_WORLD_SIZE``, or ``node_size``); rank ``n * L + j`` is local rank ``j``
 of node ``n``, as torchrun numbers them. Per compressed bucket, on every rank::
 
-    divide by L, cut into L slots of s = ceil(numel / L)    the last slot zero-padded; one more
-                                                            element per slot: "a rank of mine is not finite"
-    dense reduce-scatter inside the node                    local rank j owns slot j, summed over its node
+    cut into L slots of s = ceil(numel / L)                 the last slot zero-padded
+    dense reduce-scatter inside the node                    local rank j owns slot j, summed over its
+                                                            node (fp32 for fp16/bf16), divided by L
     the engine's compressed path on slot j, across the      error feedback on the slot, top-k of 1/L of the
         N ranks with local rank j (one per node)            bucket, size exchange, dense fallback, one
                                                             all-gather, decode and sum in node order, / N
@@ -24,13 +24,13 @@ Invariants, as for the flat scheme:
   node sums were divided by L), then copied unchanged to the node's other ranks.
 - Dense fallback: decided per slot from the sizes its N ranks exchanged (the same on
   all of them): ``N * message > 2 * slot bytes`` -> the slot is allreduced across nodes.
-- Non-finite gradients: every rank writes its own finiteness into every slot's extra
-  element, so after the reduce-scatter each slot owner knows whether any rank of its
-  node is not finite, and each size exchange across nodes tells all of them; the whole
-  world then takes the engine's non-finite path (dense, no error feedback kept, or
-  :class:`~deepreduce.NonFiniteError` on every rank), never half of it.
-- Failures: a rank whose exchange failed still joins its node's all-gather, flagging
-  the failure, so the other ranks of its node raise too instead of waiting for it.
+- Non-finite gradients: a NaN or Inf in any rank's bucket shows in the sum of the slot
+  that holds it; a one-element allreduce tells the node's other ranks, and each size
+  exchange across nodes tells the other nodes; the whole world then takes the engine's
+  non-finite path (dense, no error feedback kept, or :class:`~deepreduce.NonFiniteError`
+  on every rank), never half of it.
+- Failures: a rank whose exchange failed still joins a one-element allreduce of its
+  node before raising, so the other ranks of its node raise too instead of waiting for it.
 
 Segments (parameters) are cut at slot boundaries. A segment wholly inside a slot keeps
 its name, so its residual is keyed as with the flat scheme; a piece of a segment that
@@ -68,8 +68,6 @@ if TYPE_CHECKING:
     from .pipeline import Engine, Segment
 
 SCHEME = "hierarchical"
-# torch 2.13 renamed reduce_scatter_tensor; use whichever this torch has.
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def resolve_node_size(node_size: int | None) -> int:
@@ -139,21 +137,37 @@ class NodeGroups:
         self.node = TorchTransport(node_groups[self.node_rank], device=world.device)
         self.cross = TorchTransport(cross_groups[self.local_rank], device=world.device)
 
-    def reduce_scatter(self, slots: torch.Tensor, slot: int) -> torch.Tensor:
-        """This rank's ``slot`` elements of ``slots`` (L * slot), summed over the node. Blocking."""
+    def scatter_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Every local rank's row ``j`` of ``slots`` (L x width) for this rank's ``j``: an
+        (L, width) tensor whose row ``i`` came from local rank ``i``. Blocking.
+
+        A pairwise exchange (``all_to_all_single``) and a local sum make the reduce-scatter:
+        on gloo it moves the same bytes several times faster than ``reduce_scatter``."""
         where = self.node._gather_device(slots.device)
-        out = torch.empty(slot, dtype=slots.dtype, device=where)
-        _reduce_scatter_single(out, slots.to(where), group=self.node.group)
-        return out.to(slots.device)
+        received = torch.empty_like(slots, device=where)
+        dist.all_to_all_single(received, slots.to(where), group=self.node.group)
+        return received.to(slots.device)
 
-    def allgather_async(self, shard: torch.Tensor) -> torch.futures.Future:
-        """Every local rank's ``shard`` (equal sizes), concatenated in local-rank order."""
-        from ..comm.torch_dist import _all_gather_single
+    def node_sum(self, count: float, device: torch.device) -> int:
+        """``count`` summed over the node's ranks (a one-element allreduce). Blocking."""
+        tensor = torch.tensor([count], dtype=torch.float64, device=self.node._gather_device(device))
+        dist.all_reduce(tensor, group=self.node.group)
+        return int(tensor.item())
 
+    def allgather_into_async(self, out: torch.Tensor, shard: torch.Tensor) -> torch.futures.Future:
+        """Every local rank's ``shard`` written into the rows of ``out`` (L x shard, a view
+        of the bucket where it can be), in local-rank order."""
         where = self.node._gather_device(shard.device)
-        out = torch.empty(self.node_size * shard.numel(), dtype=shard.dtype, device=where)
-        work = _all_gather_single(out, shard.to(where), group=self.node.group, async_op=True)
-        return work.get_future().then(lambda _: out.to(shard.device))
+        target = out if out.device == where else torch.empty_like(out, device=where)
+        rows = list(target.view(self.node_size, -1).unbind(0))
+        work = dist.all_gather(rows, shard.to(where), group=self.node.group, async_op=True)
+
+        def landed(_: torch.futures.Future) -> torch.Tensor:
+            if target is not out:
+                out.copy_(target)
+            return out
+
+        return work.get_future().then(landed)
 
 
 def _check_layout(rank: int, node_size: int) -> None:
@@ -190,32 +204,35 @@ class HierarchicalScheme:
     def reduce(self, engine: "Engine", buffer: torch.Tensor, segments: list["Segment"], key: Hashable) -> torch.futures.Future:
         """Average ``buffer`` (a compressed bucket) over all ranks; the collectives inside the
         node and across nodes are issued before returning, the final all-gather asynchronously."""
-        from .pipeline import _NONFINITE
+        from .memory import memory_dtype
+        from .pipeline import _NONFINITE, all_finite
 
         self.setup(engine.transport)
         groups = self.groups
         L, numel, step = groups.node_size, buffer.numel(), engine.step
         width = -(-numel // L)
-        slot = width + 1  # + the finiteness flag, later the status
         if engine.clip_norm is not None:
             engine._clip(buffer)
-        slots = buffer.new_zeros(L, slot)
-        for j in range(L):
-            lo, n = j * width, max(0, min(width, numel - j * width))
-            if n:
-                # Divided before the sum, as allreduce does: fp16 node sums stay in range.
-                torch.div(buffer.narrow(0, lo, n), L if engine.average else 1, out=slots[j, :n])
-        slots[:, width] = 0.0 if bool(torch.isfinite(buffer).all()) else 1.0
-        shard = groups.reduce_scatter(slots.view(-1), slot)
+        padded = buffer if numel == L * width else torch.nn.functional.pad(buffer, (0, L * width - numel))
+        received = groups.scatter_slots(padded.view(L, width))
+        # The node's sum of this rank's slot, in local-rank order (one rank makes it: any
+        # fixed order keeps every rank's result identical); fp16/bf16 are summed in fp32.
+        total = received.sum(0, dtype=memory_dtype(buffer.dtype))
+        if engine.average:
+            total.div_(L)
+        shard = total.to(buffer.dtype)
         start = groups.local_rank * width
         real = max(0, min(width, numel - start))
         view = shard.narrow(0, 0, real)
         pieces = shard_segments(segments, start, real, engine.granularity)
         shard_bytes = real * buffer.element_size()
+        # NaN/Inf anywhere in the bucket of any rank of the node shows in some slot's sum;
+        # every rank of the node learns it here, every node through the size exchange.
+        node_nonfinite = groups.node_sum(0.0 if all_finite(shard) else 1.0, buffer.device) > 0
         sent_before = engine._stats.get("sent_bytes")
         error: BaseException | None = None
         try:
-            if bool(shard[width] > 0):  # some rank of this node is not finite: tell the other nodes
+            if node_nonfinite:
                 sizes = engine._allgather_sizes(_NONFINITE, key, groups.cross)
                 exchanged = engine._nonfinite(view, pieces, [], sizes, key, shard_bytes, groups.cross)
             else:
@@ -227,27 +244,23 @@ class HierarchicalScheme:
         except Exception as exc:
             error = exc
         engine._stats.add(inter_node_bytes=engine._stats.get("sent_bytes") - sent_before,
-                          intra_node_bytes=(slots.numel() + slot) * buffer.element_size())
-        shard[width] = 0.0 if error is None else 1.0
+                          intra_node_bytes=(L + 1) * width * buffer.element_size())
+        failed = groups.node_sum(0.0 if error is None else 1.0, buffer.device)
         if error is not None:
-            shard[:width].zero_()
-            groups.allgather_async(shard).wait()  # the node's other ranks learn it and raise too
             raise error
-
-        def assemble(done: torch.futures.Future) -> torch.Tensor:
-            gathered = done.value().view(L, slot)
-            failed = (gathered[:, width] != 0).nonzero().flatten().tolist()
-            if failed:
-                raise DeepReduceError(f"deepreduce: bucket {key!r} at step {step}: local rank "
-                                      f"{', '.join(map(str, failed))} of this node failed to reduce its slot (see its error)")
-            for j in range(L):
-                lo, n = j * width, max(0, min(width, numel - j * width))
-                if n:
-                    buffer.narrow(0, lo, n).copy_(gathered[j, :n])
-            return buffer
-
+        if failed:  # the node's other ranks raised; without their slots there is no average
+            raise DeepReduceError(f"deepreduce: bucket {key!r} at step {step}: {failed} other rank(s) of this node "
+                                  "failed to reduce their slot (see their errors)")
+        out = buffer if padded is buffer else torch.empty_like(padded)
         try:
-            gathered = groups.allgather_async(shard)
+            gathered = groups.allgather_into_async(out, shard)
         except Exception as exc:
             raise engine._failed("the intra-node all-gather", key, step, exc) from exc
-        return gathered.then(assemble)
+        if out is buffer:
+            return gathered
+
+        def unpad(done: torch.futures.Future) -> torch.Tensor:
+            buffer.copy_(done.value()[:numel])
+            return buffer
+
+        return gathered.then(unpad)

@@ -103,6 +103,15 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN or Inf: one pass that allocates nothing of its size
+    (NaN propagates through min and max), many times faster on CPU than ``isfinite().all()``."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _from_bytes(entry: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if entry.storage_offset() % itemsize:
@@ -396,7 +405,7 @@ class Engine:
         transport = transport or self.transport
         started = time.perf_counter()
         # One pass; a host sync on CUDA, as the size exchange below is anyway.
-        if not bool(torch.isfinite(buffer).all()):
+        if not all_finite(buffer):
             return self._nonfinite(buffer, segments, [], self._allgather_sizes(_NONFINITE, key, transport), key,
                                    dense_bytes, transport)
         if self.clip_norm is not None:
