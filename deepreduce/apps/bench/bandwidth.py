@@ -616,9 +616,12 @@ def write_cost_model(out: Path, argv: list[str]) -> int:
         markdown_table(["nodes x procs", "link", "scheme", "measured s", "model s", "model / measured",
                         "measured inter-node bytes/rank", "model"], check),
         "",
-        "Predictions at 8, 64 and 256 ranks, 8 per node (1, 8 and 32 nodes), one core or GPU per rank, the "
-        "links of this emulation, no forward/backward time (step time added by the exchange; inter-node MB "
-        "per rank per step):",
+        "Predictions at 8, 64 and 256 ranks, 8 per node (1, 8 and 32 nodes): the links of this emulation "
+        "(inside a node: the loopback rate above), one core per rank with the per-element costs above (CPU "
+        "costs measured on a busy machine; on GPUs `s`, `r` and `t_psgd` shrink by orders of magnitude and "
+        "the wire terms dominate), no forward/backward time (the step time the exchange adds; inter-node MB "
+        "per rank per step). A compressed exchange past the dense-fallback point is priced as the allreduce "
+        "it falls back to (flat all-gather at 256 ranks).",
         "",
         markdown_table(["link", "scheme", "8 ranks", "64 ranks", "256 ranks"], predictions),
     ])
