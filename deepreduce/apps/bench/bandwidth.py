@@ -271,10 +271,11 @@ def render(rows: list[dict], facts: dict, command: str) -> str:
 def render_topology(rows: list[dict], facts: dict, command: str, skipped: dict[str, str]) -> str:
     L = rows[0]["procs_per_node"]
     header = ["nodes x procs", "link", "config", "step time s", "comm time s", "inter-node bytes/step/rank",
-              "vs dense", "vs powersgd"]
+              "vs powersgd", "vs dense"]
     table = [[f"{r['nodes']} x {r['procs_per_node']}", r["link"], r["config"], f"{r['step_time_s']:.3f}",
-              f"{r['comm_time_s']:.3f}", _fmt_bytes(r["bytes_per_step"]), _fmt_speedup(r),
-              "-" if not r.get("speedup_vs_powersgd") else f"{r['speedup_vs_powersgd']:.2f}x"] for r in rows]
+              f"{r['comm_time_s']:.3f}", _fmt_bytes(r["bytes_per_step"]),
+              "-" if not r.get("speedup_vs_powersgd") else f"{r['speedup_vs_powersgd']:.2f}x", _fmt_speedup(r)]
+             for r in rows]
     notes = [f"- `{config}` was not run: {why}." for config, why in skipped.items()]
     return "\n".join([
         f"## Bandwidth with {L} processes per node: hierarchical vs. flat",
