@@ -15,6 +15,7 @@ from .codecs import index_codecs, value_codecs
 from .compressor import Compressed, Compressor, decode
 from .errors import CommunicationError, ConfigError, DecodeError, DeepReduceError, NonFiniteError
 from .hooks import DeepReduceState, deepreduce_hook
+from .local_adam import LocalAdamW
 from .optim import UpdateSync
 from .sparse import SparseGrad
 from .sparsifiers import sparsifiers, sparsify
@@ -30,6 +31,7 @@ __all__ = [
     "DecodeError",
     "DeepReduceState",
     "DeepReduceError",
+    "LocalAdamW",
     "NonFiniteError",
     "SparseGrad",
     "UpdateSync",

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from . import rng, wire
-from .codecs import INDEX_CODECS, VALUE_CODECS, CodecContext, IndexCodec, ValueCodec, make_index_codec, make_value_codec
+from .codecs import INDEX_CODECS, VALUE_CODECS, CodecContext, IndexCodec, IndexEncoding, ValueCodec, make_index_codec, make_value_codec
 from .errors import ConfigError, DecodeError
 from .options import resolve_options
 from .sparse import SparseGrad
@@ -238,6 +238,25 @@ class Compressor:
         if not self.value_codec.lossless:
             values = self.value_codec.decode(value_part.data, value_part.params, indices.numel(), ctx)
         return Compressed(payload, SparseGrad(indices, values, numel), selected.k)
+
+    def select_indices(self, tensor: torch.Tensor, *, step: int, key: int | str = 0) -> IndexEncoding:
+        """The sparsifier and the index codec only, with the random stream
+        :meth:`compress_detailed` would use: the encoded index set of ``tensor`` (the
+        shared-index scheme's leader broadcasts it; every rank sends its own values there)."""
+        flat = tensor.detach().reshape(-1)
+        rng_seed = rng.stream_seed(self.seed, step, rng.stream_key(key))
+        selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, SelectContext(rng_seed, step))
+        return self.index_codec.encode(selected.indices, CodecContext(flat.numel(), flat.dtype, flat.device, rng_seed))
+
+    def decode_indices(self, data: torch.Tensor, params: bytes, k: int, numel: int, dtype: torch.dtype, *, step: int,
+                       key: int | str = 0) -> torch.Tensor:
+        """The inverse of :meth:`select_indices`: ``k`` ascending indices in ``[0, numel)``,
+        validated; :class:`DecodeError` on malformed input."""
+        rng_seed = rng.stream_seed(self.seed, step, rng.stream_key(key))
+        codec = type(self.index_codec)
+        indices = codec.decode(data, params, k, CodecContext(numel, dtype, data.device, rng_seed))
+        _check_indices(indices, k, numel, codec.name)
+        return indices
 
     def compress(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0) -> torch.Tensor:
         """Compress ``tensor`` into a 1-D uint8 payload on the same device."""

@@ -38,18 +38,41 @@ Tuning:
   any rank reaches every rank's average (AMP's ``GradScaler`` then skips the step) and
   no residual keeps it; ``"raise"`` stops with :class:`~deepreduce.NonFiniteError`
   naming the rank, bucket and step -- for runs without AMP, where a NaN means a bug.
-- ``scheme="hierarchical"``: with several processes per node on a slow network between
-  nodes, each node first reduce-scatters the bucket densely over its fast links, so each
-  of its L processes compresses and exchanges 1/L of the bucket with its peers on the
-  other nodes only: L times fewer bytes on the slow links and L times less top-k work
-  per process, for two dense collectives inside the node (see
-  :mod:`deepreduce.engine.hierarchical`). Needs the default process group.
 - Residuals are kept per parameter (also with ``granularity="bucket"``), so DDP's
   rebuilt buckets, another ``bucket_cap_mb`` or a resume in any training loop lose
   nothing.
 - ``named_parameters``: ``model.named_parameters()`` names the residuals after the
   parameters in checkpoints; without it parameters are named by the order the hook
   first sees them, which is the same in every run of the same model.
+
+Choosing the scheme (``scheme=``):
+
+- ``"allgather"`` (default): every rank sends its own top-k, every rank receives the
+  other W - 1 payloads and decodes W. The average carries the union of W index sets,
+  and any codec works (Bloom filters, ``qsgd``, ``polyfit``, ...). But what each rank
+  receives, and its decode time, grow with W, and from ``W * payload > 2 * bucket``
+  on the dense fallback takes over. Pick it for a few ranks.
+- ``"shared_index"`` (ScaleCom's cyclic local top-k): per bucket and step one leader,
+  ``(step + bucket index) mod W``, selects the indices from its own compensated
+  gradient and broadcasts only them; every rank allreduces its own values there (k
+  elements in the value codec's dtype: ``raw``, ``fp16`` or ``bf16``). A rank moves
+  about one index set plus twice k values whatever W, and decodes one index set, so
+  it keeps paying where the all-gather falls back to dense: pick it for many ranks
+  (or a high density). The indices follow one rank's gradient per step; the other
+  ranks' large entries wait in their residuals for their turn as leader, so with 2
+  ranks it learns less per step than the all-gather at about the same bytes
+  (``benchmarks/RESULTS.md``, "Shared-index allreduce"): do not pick it there.
+  It costs one more blocking round trip per bucket (the broadcast, before the values
+  can be gathered). The leader is chosen per bucket, so a resumed run must rebuild the
+  same bucket layout (``deepreduce train`` does, with one settling pass).
+- ``"hierarchical"`` (HiTopKComm), for several processes per node on a slow network
+  between nodes: each node reduce-scatters the bucket densely over its fast links, so
+  each of its L processes compresses 1/L of the bucket and exchanges it only with the
+  processes of the same local rank on the other nodes; a dense all-gather inside the
+  node rebuilds the bucket. L times fewer bytes on the slow links and L times less
+  top-k work per process than ``"allgather"``, for two dense collectives inside the
+  node; the bytes per process still grow with the number of nodes (an all-gather among
+  them). Needs the default process group (see :mod:`deepreduce.engine.hierarchical`).
 """
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations against
@@ -89,17 +112,19 @@ class DeepReduceState:
         dense_fallback: allreduce a bucket whose all-gather would move more bytes.
         momentum: DGC momentum correction (see :mod:`deepreduce.engine.memory`); 0 disables.
         granularity: ``"tensor"`` (top-k per parameter) or ``"bucket"`` (one per bucket).
+        scheme: ``"allgather"`` (every rank's payload to every rank),
+            ``"shared_index"`` (a rotating leader's indices, one allreduce of the values) or
+            ``"hierarchical"`` (dense inside a node, compressed between nodes); see
+            "Choosing the scheme" in the module docstring.
         density_warmup: steps after ``start_iter`` over which the density ramps
             exponentially from dense to the compressor's ratio; 0: none.
         clip_norm: local gradient clipping before compression (per bucket, to
             ``clip_norm / sqrt(W)``); None: none.
         nonfinite: ``"propagate"`` (as allreduce) or ``"raise"`` on NaN/Inf gradients.
+        small_compressor: a spec or Compressor for the parameters below ``min_numel``
+            inside a compressed bucket (default None: sent raw); see
+            :class:`~deepreduce.engine.Engine`.
         named_parameters: ``model.named_parameters()``, to name residuals after parameters.
-        scheme: ``"allgather"`` (every rank's payload to every rank) or
-            ``"hierarchical"``: dense reduce-scatter inside each node, compressed exchange of
-            1/L of the bucket between nodes, dense all-gather inside the node (for several
-            processes per node on a slow inter-node network; see
-            :mod:`deepreduce.engine.hierarchical`).
         node_size: processes per node for ``scheme="hierarchical"`` (default: torchrun's
             ``LOCAL_WORLD_SIZE``); needs the default process group.
     """
@@ -120,6 +145,7 @@ class DeepReduceState:
         density_warmup: int = 0,
         clip_norm: float | None = None,
         nonfinite: str = "propagate",
+        small_compressor: Compressor | str | None = None,
         scheme: str = "allgather",
         node_size: int | None = None,
     ) -> None:
@@ -136,7 +162,9 @@ class DeepReduceState:
             self._make_transport, compressor, error_feedback=error_feedback, momentum=momentum,
             start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback, granularity=granularity,
             density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite, stats_every=stats_every,
-            scheme=scheme, node_size=node_size,
+            small_compressor=small_compressor,
+            scheme=scheme,
+            node_size=node_size,
         )
         self._names: dict[int, str] = {}
         self._named = False
@@ -215,6 +243,10 @@ class DeepReduceState:
     @property
     def granularity(self) -> str:
         return self.engine.granularity
+
+    @property
+    def scheme(self) -> str:
+        return self.engine.scheme
 
     @property
     def error_feedback(self) -> bool:

@@ -162,6 +162,8 @@ def DistributedOptimizer(
     density_warmup: int = 0,
     clip_norm: float | None = None,
     nonfinite: str = "propagate",
+    small_compressor: Compressor | str | None = None,
+    scheme: str = "allgather",
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` first averages compressed gradients across ranks.
 
@@ -178,7 +180,7 @@ def DistributedOptimizer(
         min_numel: tensors with fewer elements travel uncompressed.
         error_feedback: keep what compression dropped and add it to the next gradient.
         start_iter, momentum, dense_fallback, granularity, stats_every, density_warmup,
-            clip_norm, nonfinite: as for :class:`deepreduce.DeepReduceState`.
+            clip_norm, nonfinite, small_compressor, scheme: as for :class:`deepreduce.DeepReduceState`.
         process_set: a Horovod process set (default: all ranks).
         transport: another :class:`deepreduce.comm.Transport` instead of Horovod.
 
@@ -219,7 +221,8 @@ def DistributedOptimizer(
         transport, compressor if compressor is not None else Compressor(), named,
         min_numel=min_numel, error_feedback=error_feedback, average=average, start_iter=start_iter,
         momentum=momentum, dense_fallback=dense_fallback, granularity=granularity, stats_every=stats_every,
-        density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite,
+        density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite, small_compressor=small_compressor,
+        scheme=scheme,
     )
     cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
     wrapped = cls.__new__(cls)

@@ -97,7 +97,7 @@ class GradientAverager(GradientSync):
         compressor: the same on every rank.
         comm: mpi4py communicator (default ``MPI.COMM_WORLD``).
         min_numel, error_feedback, average, start_iter, momentum, dense_fallback,
-        granularity, stats_every, density_warmup, clip_norm, nonfinite: as for
+        granularity, stats_every, density_warmup, clip_norm, nonfinite, small_compressor, scheme: as for
         :class:`deepreduce.DeepReduceState`.
     """
 
@@ -118,10 +118,14 @@ class GradientAverager(GradientSync):
         density_warmup: int = 0,
         clip_norm: float | None = None,
         nonfinite: str = "propagate",
+        small_compressor: Compressor | str | None = None,
+        scheme: str = "allgather",
     ) -> None:
         transport = comm if isinstance(comm, MPITransport) else MPITransport(comm)
         super().__init__(
             transport, compressor, named_parameters, min_numel=min_numel, error_feedback=error_feedback,
             average=average, start_iter=start_iter, momentum=momentum, dense_fallback=dense_fallback,
             granularity=granularity, stats_every=stats_every, density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite,
+            small_compressor=small_compressor,
+            scheme=scheme,
         )

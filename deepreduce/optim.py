@@ -4,7 +4,7 @@ updates* (as CocktailSGD, DiLoCo, DeMo and SparseLoCo do), over the same engine,
 and transports as the gradient hook.
 
     import deepreduce as dr
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    optimizer = dr.LocalAdamW(model.parameters(), lr=3e-4)   # AdamW as data-parallel training steps it
     sync = dr.UpdateSync(model.named_parameters(), compressor="topk:0.01/eliasfano/fp16", local_steps=4)
     for x, y in batches:
         loss_fn(model(x), y).backward()
@@ -27,11 +27,14 @@ second moment (which is why compressing the gradient hurts Adam).
 
 Tuning:
 
-- Learning rate: with Adam(W) every rank normalises its own, noisier gradient, and the
-  average of W such updates is shorter than one update from the averaged gradient (their
-  noise points different ways). Raise the inner learning rate by about ``sqrt(W)`` over
-  the one tuned for data-parallel training. SGD is linear: the average of the ranks'
-  SGD steps is the data-parallel step, no change needed.
+- Optimizer and learning rate: SGD is linear, the average of the ranks' SGD steps is the
+  data-parallel step: keep its learning rate. Adam(W) is not: every rank divides by the
+  second moment of its own gradient, whose noise is W times that of the averaged
+  gradient, so its steps come out shorter where noise dominates (and no single
+  learning-rate factor fixes that for every element). Use
+  :class:`deepreduce.LocalAdamW` as the inner optimizer with the data-parallel learning
+  rate: it estimates the averaged gradient's second moment from the rank's own
+  statistics. With plain AdamW, raise the learning rate (about 2x at 2 ranks).
 - ``compressor``: its ratio is the density *per local step*; each exchange sends
   ``ratio * local_steps`` of the parameters (capped at 1), so bytes per step stay the
   configured figure whatever ``local_steps`` is.
@@ -98,7 +101,7 @@ class UpdateSync:
         ddp: a DistributedDataParallel model to switch to local gradients.
         seed: the compressor's seed when ``compressor`` is a spec.
         min_numel, error_feedback, dense_fallback, granularity, start_iter, nonfinite,
-        stats_every: engine options (see :class:`deepreduce.DeepReduceState`);
+        stats_every, small_compressor, scheme: engine options (see :class:`deepreduce.DeepReduceState`);
             ``start_iter`` exchanges go dense.
 
     ``sync.config`` holds the options above except the parameters, group, transport and
@@ -131,12 +134,16 @@ class UpdateSync:
         start_iter: int = 0,
         nonfinite: str = "propagate",
         stats_every: int = 0,
+        small_compressor: Compressor | str | None = None,
+        scheme: str = "allgather",
     ) -> None:
         self.config: dict[str, Any] = dict(
             compressor=compressor, local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
             nesterov=nesterov, overlap=overlap, keep_unsent=keep_unsent, broadcast=broadcast, seed=seed,
             min_numel=min_numel, error_feedback=error_feedback, dense_fallback=dense_fallback,
             granularity=granularity, start_iter=start_iter, nonfinite=nonfinite, stats_every=stats_every,
+            small_compressor=small_compressor,
+            scheme=scheme,
         )
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=seed)
@@ -172,6 +179,7 @@ class UpdateSync:
             transport, compressor.with_ratio(min(1.0, compressor.ratio * local_steps)),
             error_feedback=error_feedback, start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback,
             granularity=granularity, nonfinite=nonfinite, stats_every=stats_every,
+            small_compressor=small_compressor, scheme=scheme,
             describe_extra={
                 "mode": "update", "local_steps": local_steps, "outer_lr": self.outer_lr,
                 "outer_momentum": self.outer_momentum, "nesterov": self.nesterov, "overlap": self.overlap,

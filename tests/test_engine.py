@@ -170,3 +170,47 @@ def test_clip_norm_scales_each_bucket_before_compression():
     assert torch.equal(engine.reduce(small.clone()).wait(), small)  # below the limit: untouched
     with pytest.raises(dr.ConfigError, match="clip_norm must be a positive number"):
         Engine(SoloTransport(), dr.Compressor(), clip_norm=0)
+
+
+def test_small_compressor_carries_the_small_segments_with_error_feedback():
+    """Segments below min_numel go through small_compressor (8-bit values, every element,
+    no index bits) instead of raw: fewer bytes, a bounded error, and the rounding error
+    kept in the residual, so two steps deliver the sum of both to within one step's error."""
+    spec = "topk:1/strided/uniform:bits=8"
+    plain = Engine(SoloTransport(), dr.Compressor(ratio=0.1, value="raw"), min_numel=200, dense_fallback=False)
+    small = Engine(SoloTransport(), dr.Compressor(ratio=0.1, value="raw"), min_numel=200, dense_fallback=False,
+                   small_compressor=spec)
+    segments = [Segment("big", 0, 1000), Segment("bias", 1000, 100)]
+    torch.manual_seed(0)
+    first, second = torch.randn(1100), torch.randn(1100)
+    outs, residuals = [], []
+    for engine in (plain, small):
+        got = []
+        for grad in (first, second):
+            got.append(engine.reduce(grad.clone(), segments).wait().clone())
+            engine.end_step()
+            if engine is small and grad is first:
+                residuals.append(engine.memory.residual("bias").clone())
+        outs.append(got)
+    assert torch.equal(outs[0][0][1000:], first[1000:])  # raw: exact
+    error = (outs[1][0][1000:] - first[1000:]).norm() / first[1000:].norm()
+    assert 0 < error < 0.02  # 8 bits per value with a per-block range
+    assert torch.equal(outs[1][0][:1000], outs[0][0][:1000])  # the large segment is unchanged
+    assert torch.allclose(outs[1][0][1000:] + residuals[0], first[1000:], atol=1e-6)
+    two_steps = outs[1][0][1000:] + outs[1][1][1000:]
+    assert (two_steps - (first + second)[1000:]).norm() < (outs[1][1][1000:] - second[1000:]).norm() * 1.5
+    assert small.stats()["payload_bytes"] < plain.stats()["payload_bytes"] - 2 * 150  # 400 raw bytes vs ~200
+    assert small.describe()["small_compressor"] == dr.Compressor.from_spec(spec).fingerprint
+    assert plain.describe()["small_compressor"] is None
+
+
+@pytest.mark.parametrize("value, match", [(42, "small_compressor must be"), ("nosuch:1", "small_compressor: "),
+                                          ("topk:0/raw/raw", "ratio 0 sends nothing")])
+def test_small_compressor_rejects_bad_values(value, match):
+    with pytest.raises(dr.ConfigError, match=match):
+        Engine(SoloTransport(), dr.Compressor(), small_compressor=value)
+
+
+def test_small_compressor_is_refused_by_the_shared_index_scheme():
+    with pytest.raises(dr.ConfigError, match="small_compressor applies to scheme 'allgather' only"):
+        Engine(SoloTransport(), dr.Compressor(), scheme="shared_index", small_compressor="topk:1/strided/uniform:bits=4")

@@ -140,7 +140,8 @@ def test_forged_bloom_filter_with_numel_sized_positives_is_rejected_fast():
     start = time.perf_counter()
     with pytest.raises(dr.DecodeError, match="positives"):
         fuzz.run_decode(data)
-    assert time.perf_counter() - start < 1.0
+    # ~0.2 s quiet, ~2 s on a loaded machine; without the limit it ran 12 s quiet.
+    assert time.perf_counter() - start < 6.0
     header = wire.read_header(data[1:])
     assert header.index_codec == "bloom" and header.numel == 4096 * 8192 and len(data) < 2000
 

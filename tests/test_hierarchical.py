@@ -61,7 +61,7 @@ def test_node_size_from_torchrun_or_given(monkeypatch):
 def test_engine_scheme_option_is_checked_and_described():
     c = dr.Compressor.from_spec("topk:0.01/eliasfano/fp16")
     flat = Engine(SoloTransport(), c)
-    assert flat.scheme == "allgather" and "scheme" not in flat.describe()  # the default's description is unchanged
+    assert flat.describe()["scheme"] == "allgather" and "node_size" not in flat.describe()
     hier = Engine(SoloTransport(), c, scheme="hierarchical", node_size=2)
     assert hier.describe()["scheme"] == "hierarchical" and hier.describe()["node_size"] == 2
     with pytest.raises(ConfigError, match="scheme must be one of"):

@@ -107,6 +107,7 @@ def test_update_mode_resumes_bitwise_and_ends_identical(runs):
             assert a.get("val_loss") == b.get("val_loss"), (a, b)
     assert summaries[-1]["params_digest"] == full_summary["params_digest"]
     assert full_summary["mode"] == "update" and full_summary["local_steps"] == 2
+    assert full_summary["optimizer"] == "local-adamw"
     hook = full_summary["hook"]
     assert hook["exchanges"] == worker.STEPS // 2 + 1 and hook["compressed_buckets"] > 0  # + the final flush
     exchanged = [r["bytes_sent"] for r in full if r["step"] > 4 and r["bytes_sent"]]  # after the dense warm-up

@@ -14,6 +14,8 @@ import time
 import pytest
 import torch
 
+import deepreduce as dr
+
 from deepreduce import cli
 from deepreduce.apps import comm_hooks, train
 from deepreduce.apps.data import CorpusError, stdlib_classes, stdlib_packages, text_corpus
@@ -61,13 +63,13 @@ def test_make_hook_takes_explicit_arguments():
 def test_scheme_options_reach_the_hook_and_bad_ones_are_clear_errors():
     state, *_ = comm_hooks.make_hook("topk:0.01/eliasfano/fp16", scheme="hierarchical", node_size=2)
     assert state.engine.scheme == "hierarchical" and state.describe()["node_size"] == 2
-    with pytest.raises(ConfigError, match="scheme='hierarchical' and node_size apply to deepreduce compressors"):
-        comm_hooks.make_hook("powersgd", scheme="hierarchical")
+    with pytest.raises(ConfigError, match="scheme, node_size apply to deepreduce compressors"):
+        comm_hooks.make_hook("powersgd", scheme="hierarchical", node_size=2)
     args = train.build_parser().parse_args(["--compression", "topk:0.01/eliasfano/fp16", "--scheme", "hierarchical",
                                             "--node-size", "2"])
     train._check_args(args)
     assert train._hook(args, torch.nn.Linear(2, 2))[0].engine.describe()["node_size"] == 2
-    for argv, message in ((["--scheme", "hierarchical"], "--scheme hierarchical needs --mode gradient and a compressor spec"),
+    for argv, message in ((["--scheme", "hierarchical"], "--scheme hierarchical needs a compressor spec"),
                           (["--compression", "topk:0.01/eliasfano/fp16", "--node-size", "2"], "--node-size must be >= 1 and needs --scheme hierarchical"),
                           (["--compression", "topk:0.01/eliasfano/fp16", "--mode", "update", "--scheme", "hierarchical"],
                            "--scheme hierarchical needs --mode gradient")):
@@ -85,7 +87,9 @@ def test_make_optimizer():
     sgd = train.make_optimizer("sgd", params, 1e-2)
     assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["momentum"] == 0.9
     assert train.make_optimizer("sgd", params, 1e-2, sgd_momentum=0.0).param_groups[0]["momentum"] == 0.0
-    with pytest.raises(ValueError, match="adam, adamw, sgd"):
+    local = train.make_optimizer("local-adamw", params, 1e-3, weight_decay=0.1)
+    assert type(local) is dr.LocalAdamW and local.param_groups[0]["world_size"] == 1  # no process group here
+    with pytest.raises(ValueError, match="adam, adamw, local-adamw, sgd"):
         train.make_optimizer("lamb", params, 1e-3)
 
 

@@ -1,7 +1,8 @@
 """The Transport contract, checked alike on torch.distributed (gloo), mpi4py and Horovod:
 variable-length all-gathers (blocking and with known sizes) byte-identical to the
-compressor's payloads, size exchange, small byte messages, in-place sums (fp32 and a
-strided bf16 view), and the same argument errors everywhere."""
+compressor's payloads, size exchange, small byte messages, broadcasts (of unknown,
+known and zero length), in-place sums (fp32 and a strided bf16 view), and the same
+argument errors everywhere."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def check_contract(out_dir, world: int) -> dict[str, bytes]:
             assert got[f"bytes_from{src}"].tobytes() == bytes(range(3 * src))
             assert got[f"async_from{src}"].tobytes() == bytes([src]) * (3 * src)
         assert got["sizes"].tolist() == [5 * r - 1 for r in range(world)]
+        assert got["bcast_varlen"].tolist() == list(range(7 * world))
+        assert got["bcast_known"].tolist() == [40] * 5
+        assert got["bcast_empty"].size == 0
         factor = world * (world + 1) // 2
         assert got["sum32"].tolist() == [i * factor for i in range(6)]
         assert got["sum16"].tolist() == [float(i * factor) for i in range(0, 6, 2)]
@@ -51,6 +55,22 @@ def test_transport_contract(request, tmp_path, backend, world):
     else:
         horovod_run(request.getfixturevalue("horovodrun"), world, script, "horovod", str(tmp_path))
     check_contract(tmp_path, world)
+
+
+def test_generic_broadcast_is_a_gather_from_the_root():
+    """The Transport base class's broadcast (for transports without a native one)."""
+    import torch
+
+    from helpers import SoloTransport
+
+    solo = SoloTransport()
+    payload = torch.arange(11, dtype=torch.uint8)
+    assert solo.broadcast_async(payload, 0).wait().tolist() == list(range(11))
+    assert solo.broadcast_varlen(payload, 0).tolist() == list(range(11))
+    with pytest.raises(ValueError, match="root must be a rank in \\[0, 1\\), got 1"):
+        solo.broadcast_async(payload, 1)
+    with pytest.raises(ValueError, match="the root \\(rank 0\\) passes the payload"):
+        solo.broadcast_varlen(None, 0)
 
 
 def test_transports_are_registered_by_name():

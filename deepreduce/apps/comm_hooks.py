@@ -117,6 +117,7 @@ def make_hook(
     momentum: float = 0.0,
     density_warmup: int = 0,
     clip_norm: float | None = None,
+    small_compressor: str | None = None,
     scheme: str = "allgather",
     node_size: int | None = None,
 ) -> tuple[Any, Callable, CommMeter, Callable[[], int] | None]:
@@ -132,18 +133,22 @@ def make_hook(
     ``powersgd_rank`` to ``powersgd`` only; ``granularity`` and ``named_parameters`` (which
     name residuals after parameters, so checkpoints do not depend on DDP's bucket layout)
     to deepreduce compressors only. So do DGC's ``momentum`` (momentum correction),
-    ``density_warmup`` and ``clip_norm`` (see :class:`~deepreduce.DeepReduceState`); they are
-    passed on only when set. ``scheme`` and ``node_size`` too (``"hierarchical"``: see
-    :mod:`deepreduce.engine.hierarchical`). Raises :class:`~deepreduce.errors.ConfigError` for an unknown or
-    malformed ``compression``, or DGC options with a built-in hook.
+    ``density_warmup`` and ``clip_norm``, ``small_compressor`` (see
+    :class:`~deepreduce.DeepReduceState`), ``scheme`` (``"allgather"``, ``"shared_index"`` or
+    ``"hierarchical"``) and ``node_size``; they are passed on only when set. Raises
+    :class:`~deepreduce.errors.ConfigError` for an unknown or malformed ``compression``, or
+    these options with a built-in hook.
     """
-    dgc = {key: value for key, value in
-           (("momentum", momentum), ("density_warmup", density_warmup), ("clip_norm", clip_norm))
-           if value not in (0, None)}
-    if dgc and compression in BUILTIN_HOOKS:
-        raise ConfigError(f"{', '.join(dgc)} apply to deepreduce compressors, not to {compression!r}")
-    if (scheme != "allgather" or node_size is not None) and compression in BUILTIN_HOOKS:
-        raise ConfigError(f"scheme={scheme!r} and node_size apply to deepreduce compressors, not to {compression!r}")
+    extra = {key: value for key, value in
+             (("momentum", momentum), ("density_warmup", density_warmup), ("clip_norm", clip_norm),
+              ("small_compressor", small_compressor))
+             if value not in (0, None)}
+    if scheme != "allgather":
+        extra["scheme"] = scheme
+    if node_size is not None:
+        extra["node_size"] = node_size
+    if extra and compression in BUILTIN_HOOKS:
+        raise ConfigError(f"{', '.join(extra)} apply to deepreduce compressors, not to {compression!r}")
     if compression == "dense":
         meter = CommMeter(lambda state, bucket: _bucket_bytes(bucket))
         return None, meter.wrap(default_hooks.allreduce_hook), meter, None
@@ -176,7 +181,7 @@ def make_hook(
     state = DeepReduceState(
         None, compressor, start_iter=start_iter, error_feedback=error_feedback,
         min_numel=min_numel, stats_every=0, dense_fallback=dense_fallback, granularity=granularity,
-        named_parameters=named_parameters, scheme=scheme, node_size=node_size, **dgc,
+        named_parameters=named_parameters, **extra,
     )
     meter = CommMeter(None)
     return state, meter.wrap(deepreduce_hook), meter, lambda: state.stats()["sent_bytes"]

@@ -69,6 +69,7 @@ from ..comm.torch_dist import close_process_group
 from ..compressor import Compressor
 from ..errors import ConfigError
 from ..hooks import DeepReduceState
+from ..local_adam import LocalAdamW
 from ..optim import UpdateSync
 from ..engine.pipeline import SCHEMES
 from .comm_hooks import BUILTIN_HOOKS, CommMeter, hook_state_dict, load_hook_state, make_hook
@@ -77,7 +78,7 @@ from .metrics import params_digest
 from .models import ByteConvClassifier, ByteTransformer
 
 TASKS = ("lm", "classify")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "local-adamw", "sgd")
 SGD_MOMENTUM = 0.9
 # Defaults of --task classify where the LM's (the parser's) do not suit it.
 TASK_DEFAULTS = {
@@ -114,7 +115,8 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=16, help="sequences per rank per step")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     t.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
-                   help=f"sgd uses momentum {SGD_MOMENTUM}, or none with --momentum-correction")
+                   help=f"sgd uses momentum {SGD_MOMENTUM}, or none with --momentum-correction; local-adamw: "
+                        "AdamW for --mode update (steps as data-parallel AdamW would; use the data-parallel --lr)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the optimizer (all parameters)")
     t.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay to lr/10")
     t.add_argument("--seed", type=int, default=0, help="model init, data order and compressor streams")
@@ -142,13 +144,18 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     c.add_argument("--start-iter", type=int, default=10, help="dense steps before compression starts")
     c.add_argument("--min-numel", type=int, default=1024,
                    help="buckets smaller than this go dense; smaller parameters travel uncompressed")
-    c.add_argument("--scheme", default="allgather", choices=tuple(SCHEMES),
-                   help="gradient mode, compressor spec: allgather (every rank's payload to every rank) or "
-                        "hierarchical (dense inside a node, compressed 1/L of each bucket between nodes)")
+    c.add_argument("--small-compression", default=None, metavar="SPEC",
+                   help="compress the tensors below --min-numel with this spec instead of sending them raw "
+                        "(e.g. topk:1/strided/uniform:bits=8)")
     c.add_argument("--node-size", type=int, default=None, metavar="L",
                    help="--scheme hierarchical: processes per node (default: torchrun's LOCAL_WORLD_SIZE)")
     c.add_argument("--granularity", default="tensor", choices=("tensor", "bucket"),
                    help="top-k per parameter, or one top-k over each DDP bucket")
+    c.add_argument("--scheme", default="allgather", choices=tuple(SCHEMES),
+                   help="how compressed buckets travel: every rank's payload to every rank; shared_index: a "
+                        "rotating leader's indices and one allreduce of every rank's values there (bytes per rank "
+                        "do not grow with the world size; value codecs raw, fp16, bf16); hierarchical (gradient "
+                        "mode): dense inside a node, 1/L of each bucket compressed between nodes")
     c.add_argument("--no-error-feedback", action="store_true")
     c.add_argument("--no-dense-fallback", action="store_true")
     c.add_argument("--powersgd-rank", type=int, default=4)
@@ -326,14 +333,16 @@ def load_corpus(args: argparse.Namespace) -> ByteCorpus | SnippetClasses:
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
                    sgd_momentum: float = SGD_MOMENTUM) -> torch.optim.Optimizer:
-    """``adam``, ``adamw`` or ``sgd`` (with ``sgd_momentum``), with ``weight_decay`` on every
-    parameter."""
+    """``adam``, ``adamw``, ``local-adamw`` (:class:`deepreduce.LocalAdamW`, for update mode)
+    or ``sgd`` (with ``sgd_momentum``), with ``weight_decay`` on every parameter."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=sgd_momentum, weight_decay=weight_decay)
+    if name == "local-adamw":  # update mode: AdamW stepping as data-parallel AdamW would (deepreduce.LocalAdamW)
+        return LocalAdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
@@ -438,8 +447,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("deepreduce train: --weight-decay must be >= 0")
     if args.local_steps < 1:
         raise SystemExit("deepreduce train: --local-steps must be >= 1")
-    if args.scheme != "allgather" and (args.mode != "gradient" or args.compression in BUILTIN_HOOKS):
-        raise SystemExit(f"deepreduce train: --scheme {args.scheme} needs --mode gradient and a compressor spec")
+    if args.scheme == "hierarchical" and args.mode != "gradient":
+        raise SystemExit("deepreduce train: --scheme hierarchical needs --mode gradient")
     if args.node_size is not None and (args.scheme != "hierarchical" or args.node_size < 1):
         raise SystemExit("deepreduce train: --node-size must be >= 1 and needs --scheme hierarchical")
     if args.mode == "update" and args.compression in BUILTIN_HOOKS:
@@ -452,6 +461,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.compression in BUILTIN_HOOKS:
             raise SystemExit("deepreduce train: --momentum-correction, --density-warmup and --clip-norm need a "
                              f"compressor spec for --compression, not {args.compression!r}")
+    if args.scheme != "allgather" and args.compression in BUILTIN_HOOKS:
+        raise SystemExit(f"deepreduce train: --scheme {args.scheme} needs a compressor spec for --compression, "
+                         f"not {args.compression!r}")
     if not 0.0 <= args.momentum_correction < 1.0:
         raise SystemExit(f"deepreduce train: --momentum-correction must be in [0, 1), not {args.momentum_correction}")
     if args.density_warmup < 0:
@@ -493,6 +505,7 @@ def _hook(args: argparse.Namespace, model: torch.nn.Module):
             error_feedback=not args.no_error_feedback, dense_fallback=not args.no_dense_fallback,
             powersgd_rank=args.powersgd_rank, granularity=args.granularity, named_parameters=model.named_parameters(),
             momentum=args.momentum_correction, density_warmup=args.density_warmup, clip_norm=args.clip_norm,
+            small_compressor=args.small_compression,
             scheme=args.scheme, node_size=args.node_size,
         )
     except ConfigError as error:
@@ -508,8 +521,8 @@ def _update_sync(args: argparse.Namespace, model: torch.nn.Module, ddp: DDP) -> 
             outer_momentum=args.outer_momentum, nesterov=args.nesterov, overlap=args.overlap,
             keep_unsent=args.keep_unsent, broadcast=False,
             ddp=ddp, min_numel=args.min_numel, error_feedback=not args.no_error_feedback,
-            dense_fallback=not args.no_dense_fallback, granularity=args.granularity,
-            start_iter=-(-args.start_iter // args.local_steps),
+            dense_fallback=not args.no_dense_fallback, granularity=args.granularity, scheme=args.scheme,
+            start_iter=-(-args.start_iter // args.local_steps), small_compressor=args.small_compression,
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --mode update: {error}")
@@ -622,7 +635,7 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | 
                 raise
         summary = {
             "task": args.task, "steps": stop, "world_size": world, "compression": args.compression,
-            "parameters": n_params, "mode": args.mode, "local_steps": args.local_steps,
+            "parameters": n_params, "mode": args.mode, "scheme": args.scheme, "local_steps": args.local_steps,
             "momentum_correction": args.momentum_correction, "density_warmup": args.density_warmup,
             "clip_norm": args.clip_norm,
             "data": data_label(args), "corpus_digest": corpus.digest,

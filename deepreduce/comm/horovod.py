@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import Transport, completed
+from . import Transport, check_payload, completed
 
 # Dtypes Horovod's allreduce sums directly; others go through float32.
 _NATIVE_SUM_DTYPES = {torch.float16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.int8}
@@ -89,6 +89,18 @@ class HorovodTransport(Transport):
         with torch.no_grad():
             tensor.copy_(work)
         return completed(tensor)
+
+    def broadcast_async(self, payload: torch.Tensor, root: int) -> torch.futures.Future:
+        payload = check_payload(payload)
+        self._check_root(root)
+        if payload.numel() == 0:  # every rank knows the length: all skip alike
+            return completed(payload)
+        # Horovod names the root by its global rank, also within a process set.
+        ranks = getattr(self.process_set, "ranks", None)
+        global_root = ranks[root] if ranks else root
+        got = self.hvd.broadcast(payload.contiguous(), global_root, name=self._op_name("broadcast"),
+                                 process_set=self.process_set)
+        return completed(got.to(payload.device))
 
     def barrier(self) -> None:
         self.hvd.barrier(process_set=self.process_set)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import Transport, completed
+from . import Transport, check_payload, completed
 
 # Dense fallback: dtypes numpy/MPI can sum directly; others are summed in float32.
 _NATIVE_SUM_DTYPES = {torch.float32, torch.float64, torch.int32, torch.int64}
@@ -86,6 +86,13 @@ class MPITransport(Transport):
             with torch.no_grad():
                 tensor.copy_(work)
         return completed(tensor)
+
+    def broadcast_async(self, payload: torch.Tensor, root: int) -> torch.futures.Future:
+        payload = check_payload(payload)
+        self._check_root(root)
+        host = payload.to("cpu").contiguous().clone() if self.rank == root else torch.empty(payload.numel(), dtype=torch.uint8)
+        self.comm.Bcast(host.numpy(), root=root)
+        return completed(host.to(payload.device))
 
     def barrier(self) -> None:
         self.comm.Barrier()

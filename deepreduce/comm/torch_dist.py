@@ -22,7 +22,7 @@ import gc
 import torch
 import torch.distributed as dist
 
-from . import Transport
+from . import Transport, check_payload, completed
 from ..wire import pad8
 
 # torch 2.13 renamed all_gather_into_tensor; use whichever this torch has.
@@ -102,6 +102,16 @@ class TorchTransport(Transport):
             return tensor
 
         return work.get_future().then(copy_back)
+
+    def broadcast_async(self, payload: torch.Tensor, root: int) -> torch.futures.Future:
+        payload = check_payload(payload)
+        self._check_root(root)
+        if payload.numel() == 0:  # every rank knows the length: all skip alike
+            return completed(payload)
+        # gloo broadcasts host memory only: stage through the host, as the gather does.
+        staged = payload.to(self._gather_device(payload.device)).contiguous()
+        work = dist.broadcast(staged, src=dist.get_global_rank(self.group, root), group=self.group, async_op=True)
+        return work.get_future().then(lambda _: staged.to(payload.device))
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

@@ -4,6 +4,8 @@
   error feedback, encode, size exchange, dense fallback, one all-gather, decode and sum
   in rank order, stats; :func:`read_message` checks one received message against this
   rank's segments.
+- ``shared_index.py``: the ``"shared_index"`` scheme for compressed buckets (a rotating
+  leader broadcasts its index set, one allreduce of the values there).
 - ``memory.py`` (error feedback), ``stats.py`` (counters), ``framing.py`` (one message
   per bucket), ``agreement.py`` (the configuration check).
 - ``flat.py`` and ``gradients.py``: named tensors packed into flat buffers, for the front

@@ -180,14 +180,24 @@ def _check_layout(rank: int, node_size: int) -> None:
                           f"needs rank = node * {node_size} + local rank (same processes on every node)")
 
 
+def hierarchical_scheme(engine: "Engine") -> "HierarchicalScheme":
+    """The hierarchical reducer for ``engine`` (the engine's scheme factory)."""
+    scheme = HierarchicalScheme(engine.node_size)
+    scheme.engine = engine
+    return scheme
+
+
 class HierarchicalScheme:
-    """The engine's ``scheme="hierarchical"`` (see the module docstring). The sub-groups
-    are made once, at the configuration check (or the first bucket without one)."""
+    """The engine's ``scheme="hierarchical"`` (see the module docstring): called as the
+    engine's compressed-bucket reducer, ``scheme(buffer, segments, dense_bytes, key)``.
+    The sub-groups are made once, at the configuration check (or the first bucket
+    without one). ``engine``: the engine it serves (set by :func:`hierarchical_scheme`)."""
 
     def __init__(self, node_size: int | None = None) -> None:
         self.from_env = node_size is None
         self.node_size = resolve_node_size(node_size)
         self.groups: NodeGroups | None = None
+        self.engine: "Engine | None" = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "groups": None}  # process groups belong to one process
@@ -200,6 +210,10 @@ class HierarchicalScheme:
             if self.from_env:
                 _check_layout(world.rank, self.node_size)
             self.groups = NodeGroups(world, self.node_size)
+
+    def __call__(self, buffer: torch.Tensor, segments: list["Segment"], dense_bytes: int,
+                 key: Hashable) -> torch.futures.Future:
+        return self.reduce(self.engine, buffer, segments, key)
 
     def reduce(self, engine: "Engine", buffer: torch.Tensor, segments: list["Segment"], key: Hashable) -> torch.futures.Future:
         """Average ``buffer`` (a compressed bucket) over all ranks; the collectives inside the

@@ -8,6 +8,8 @@ flat buffer of a front end's tensors):
 - ``sent_bytes``: what it actually handed over: the padded payload of a compressed
   bucket (all ranks pad to the largest payload), the bucket itself for a dense one;
 - ``payload_bytes``: its own unpadded payloads (compressed buckets only);
+- ``broadcast_bytes``: of ``sent_bytes``, the shared-index scheme's index messages (each
+  rank sends or receives every one once; the rest is the allreduce of the values).
 - ``inter_node_bytes`` / ``intra_node_bytes`` (``scheme="hierarchical"`` only): what it
   handed to the collectives between nodes and to the dense ones inside its node; its
   compressed buckets' ``sent_bytes`` are the inter-node part.
@@ -42,6 +44,7 @@ class _Counters:
     dense_bytes: int = 0
     sent_bytes: int = 0
     payload_bytes: int = 0
+    broadcast_bytes: int = 0  # shared-index scheme: index messages (part of sent_bytes)
     numel: int = 0  # elements of compressed buckets
     kept: int = 0  # elements carried by their payloads
     compress_s: float = 0.0  # error feedback + sparsify + encode

@@ -1,11 +1,13 @@
-"""mpiexec worker: ``optimizer_mpi.py``. The Horovod DistributedOptimizer's logic carried
-by MPI (no Horovod needed): Adam, two backward passes per step, randomk; prints the
-parameter digests of every rank and the losses as one JSON line on rank 0."""
+"""mpiexec worker: ``optimizer_mpi.py [SCHEME]``. The Horovod DistributedOptimizer's logic
+carried by MPI (no Horovod needed): Adam, two backward passes per step, randomk, the
+engine's SCHEME (default ``allgather``); prints the parameter digests of every rank and
+the losses as one JSON line on rank 0."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 
 import torch
 
@@ -23,7 +25,7 @@ def main() -> None:
     optimizer = deepreduce.horovod.DistributedOptimizer(
         torch.optim.Adam(model.parameters(), lr=0.01), model.named_parameters(),
         compressor=dr.Compressor.from_spec("randomk:0.1/eliasfano/fp16"), backward_passes_per_step=2,
-        min_numel=100, transport=transport,
+        min_numel=100, transport=transport, scheme=sys.argv[1] if len(sys.argv) > 1 else "allgather",
     )
     losses = []
     for _ in range(25):
@@ -40,7 +42,7 @@ def main() -> None:
     digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
     digests = transport.comm.allgather(digest)
     if rank == 0:
-        print(json.dumps({"digests": digests, "losses": losses}))
+        print(json.dumps({"digests": digests, "losses": losses, "stats": optimizer._deepreduce.stats()}))
 
 
 if __name__ == "__main__":

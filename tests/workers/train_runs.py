@@ -42,9 +42,11 @@ def main() -> int:
             refusals.append(str(refused))
     if dist.get_rank() == 0:
         (out / "refused.txt").write_text("\n".join(refusals))
-    # Update mode with overlapped exchanges and an outer Nesterov step: resumes bit for bit too.
+    # Update mode with overlapped exchanges, an outer Nesterov step, LocalAdamW and the small
+    # tensors compressed too: resumes bit for bit too.
     update = ["--compression", "topk:0.02/eliasfano/fp16", "--steps", str(STEPS), "--mode", "update", "--local-steps", "2",
-              "--overlap", "--outer-lr", "0.8", "--outer-momentum", "0.5", "--nesterov", "--optimizer", "adamw"] + TINY
+              "--overlap", "--outer-lr", "0.8", "--outer-momentum", "0.5", "--nesterov", "--optimizer", "local-adamw",
+              "--small-compression", "topk:1/strided/uniform:bits=4"] + TINY
     train.main(update + ["--metrics", str(out / "update-full.jsonl"), "--checkpoint", str(out / "update-full")])
     train.main(update + ["--metrics", str(out / "update-part.jsonl"), "--checkpoint", str(out / "update-part"),
                          "--stop-after", str(STOP)])

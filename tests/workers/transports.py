@@ -73,6 +73,21 @@ def main(backend: str, out_dir: str) -> None:
         arrays[f"async_from{src}"] = part.numpy()
     for src, data in enumerate(transport.allgather_bytes(bytes(range(3 * rank)))):
         arrays[f"bytes_from{src}"] = np.frombuffer(data, dtype=np.uint8)
+    # broadcasts: variable length from the last rank (size unknown to the others), a
+    # known length from rank 0, and an empty one (no collective: every rank skips it)
+    last = world - 1
+    varlen = transport.broadcast_varlen(torch.arange(7 * world, dtype=torch.uint8) if rank == last else None, last)
+    arrays["bcast_varlen"] = varlen.numpy()
+    known = torch.full((5,), 40 + rank, dtype=torch.uint8)
+    arrays["bcast_known"] = transport.broadcast_async(known, 0).wait().numpy().copy()
+    arrays["bcast_empty"] = transport.broadcast_async(torch.empty(0, dtype=torch.uint8), last).wait().numpy()
+    for bad_root in (world, -1):
+        try:
+            transport.broadcast_async(known, bad_root)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"{backend}: broadcast from root {bad_root} was accepted")
     # sums in place: fp32, and a strided bf16 view (backends without a half sum use fp32)
     dense32 = torch.arange(6, dtype=torch.float32) * (rank + 1)
     assert transport.allreduce_async(dense32).wait() is dense32

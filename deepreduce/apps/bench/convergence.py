@@ -60,11 +60,16 @@ ROWS: dict[str, list[str]] = {
     "update H=1": ["--compression", UPDATE_SPEC, *SMALL, "--mode", "update", "--keep-unsent", "--local-steps", "1"],
     "update H=4": ["--compression", UPDATE_SPEC, *SMALL, "--mode", "update", "--keep-unsent", "--local-steps", "4"],
     "update H=16": ["--compression", UPDATE_SPEC, *SMALL, "--mode", "update", "--keep-unsent", "--local-steps", "16"],
+    "update H=1 LocalAdamW": ["--compression", UPDATE_SPEC, *SMALL, "--mode", "update", "--keep-unsent",
+                              "--local-steps", "1"],
 }
 # In update mode each rank's Adam normalises its own noisier gradient and the average of the
-# ranks' updates is shorter: the inner learning rate is raised (by 2x at 2 ranks, as measured
-# on a tuning task; see deepreduce.optim). SGD needs no change.
+# ranks' updates is shorter: the update rows raise AdamW's learning rate (by 2x at 2 ranks, as
+# measured on a tuning task; see deepreduce.optim). SGD needs no change.
 UPDATE_ADAM_LR_SCALE = 2.0
+# Rows that replace the optimizer, at its data-parallel learning rate; skipped for the others.
+# deepreduce.LocalAdamW steps as data-parallel AdamW would (no learning-rate factor).
+ROW_OPTIMIZER = {"update H=1 LocalAdamW": {"adamw": "local-adamw"}}
 # DGC's momentum correction moves SGD's momentum into the hook (the optimizer then runs without).
 RECIPE_EXTRA = {"sgd": ["--momentum-correction", "0.9"], "adamw": []}
 TASKS: dict[str, list[str]] = {
@@ -348,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         base = QUICK_TASK if args.quick else TASKS[task]
         extra = RECIPE_EXTRA[optimizer] if "DGC" in row else []
         optimizer_args = list(OPTIMIZERS[task][optimizer])
-        if row.startswith("update") and optimizer == "adamw":
+        if row in ROW_OPTIMIZER:
+            optimizer_args[optimizer_args.index("--optimizer") + 1] = ROW_OPTIMIZER[row][optimizer]
+        elif row.startswith("update") and optimizer == "adamw":
             where = optimizer_args.index("--lr") + 1
             optimizer_args[where] = f"{float(optimizer_args[where]) * UPDATE_ADAM_LR_SCALE:g}"
         return [*base, *optimizer_args, *COMMON, *ROWS[row], *extra, "--seed", str(seed),
@@ -369,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
             with NetnsCluster(2, rate=args.link, name=f"drcv{os.getpid() % 10000}") as cluster:
                 for task in args.tasks:
                     for row in args.rows:
-                        train_args = [a for a in arguments(task, args.optimizers[0], row, 0)]
+                        optimizer = next((o for o in args.optimizers if o in ROW_OPTIMIZER.get(row, {o: None})), None)
+                        if optimizer is None:
+                            continue
+                        train_args = arguments(task, optimizer, row, 0)
                         train_args = train_args[: train_args.index("--steps")]
                         if any(t["task"] == task and t["row"] == row and t["link"] == args.link
                                and t.get("train_args") == train_args and t["steps"] - t["warm_steps"] == args.timing_steps
@@ -384,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             for optimizer in args.optimizers:
                 for seed in args.seeds:
                     for row in args.rows:
+                        if optimizer not in ROW_OPTIMIZER.get(row, {optimizer: None}):
+                            continue  # a row for another optimizer
                         key = {"task": task, "optimizer": optimizer, "row": row, "seed": seed, "steps": args.steps}
                         train_args = arguments(task, optimizer, row, seed)
                         if any(r.get("train_args") == train_args for r in runs):

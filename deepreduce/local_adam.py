@@ -1,0 +1,106 @@
+"""``LocalAdamW``: AdamW for update mode, whose step is the one data-parallel training
+would take, estimated from one rank's own statistics.
+
+In update mode (:class:`deepreduce.UpdateSync`) every rank runs its optimizer on its own
+gradient, from a batch W times smaller than the data-parallel one, and the ranks'
+updates are averaged. Adam divides by the root of its second moment ``v``; a rank's
+``v`` holds its own gradient noise, W times larger than the noise of the averaged
+gradient data-parallel Adam sees, so each rank steps too short where noise dominates
+(and the average of the ranks' steps is shorter still) but about right where the signal
+dominates. No single learning-rate factor fixes both.
+
+``LocalAdamW`` splits ``v`` per element into signal and noise with what Adam already
+keeps: the first moment ``m`` is an average over ~``2 / (1 - beta1)`` steps, so ``m**2``
+holds the signal and only a ``(1 - beta1) / (1 + beta1)`` share of the noise variance;
+the rest of ``v - m**2`` is noise. The step then divides by
+
+    v_dp = max(v - (1 - 1/W) * noise,  v / W),     noise = (v - m**2) / (2 * beta1 / (1 + beta1))
+
+(bias-corrected ``m`` and ``v``): the second moment of a gradient averaged over W ranks.
+Its first moment, learning rate, weight decay and ``eps`` are AdamW's. With
+``world_size=1`` it is AdamW.
+
+Tuning: use the learning rate tuned for data-parallel AdamW (no ``sqrt(W)`` or ``W``
+factor). ``world_size`` is the number of ranks whose updates are averaged (default: the
+torch.distributed world); with :class:`UpdateSync` and ``local_steps`` H > 1 keep it at
+W: each local step's gradient is still one rank's. For data-parallel training (averaged
+gradients) use plain AdamW.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+
+class LocalAdamW(torch.optim.Optimizer):
+    """AdamW whose second moment is estimated as that of the gradient averaged over
+    ``world_size`` ranks (see the module docstring).
+
+    Args:
+        params: parameters or parameter groups, as for :class:`torch.optim.AdamW`.
+        lr, betas, eps, weight_decay: as for AdamW (decoupled weight decay).
+        world_size: ranks whose updates are averaged; None: ``torch.distributed``'s
+            world size (1 when it is not initialised).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        world_size: int | None = None,
+    ) -> None:
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ConfigError(f"world_size must be a positive int, got {world_size!r}")
+        if not lr >= 0:
+            raise ConfigError(f"lr must be >= 0, got {lr!r}")
+        if not eps >= 0:
+            raise ConfigError(f"eps must be >= 0, got {eps!r}")
+        if not weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, world_size=world_size))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, world = group["lr"], group["world_size"]
+            signal_share = 2 * beta1 / (1 + beta1) if beta1 > 0 else 1.0  # of the noise variance, the part not in m**2
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LocalAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"]
+                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
+                p.mul_(1 - lr * group["weight_decay"])
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                m_hat = m / (1 - beta1 ** t)
+                v_hat = v / (1 - beta2 ** t)
+                if world > 1:
+                    noise = torch.addcmul(v_hat, m_hat, m_hat, value=-1).clamp_min_(0).div_(signal_share)
+                    v_hat = torch.maximum(v_hat.sub_(noise, alpha=1 - 1 / world), v / ((1 - beta2 ** t) * world))
+                p.addcdiv_(m_hat, v_hat.sqrt_().add_(group["eps"]), value=-lr)
+        return loss

@@ -1,0 +1,232 @@
+"""Multi-process checks of the shared-index scheme through the DDP hook, run by
+tests/test_shared_index.py on a bare gloo group (RANK, WORLD_SIZE, MASTER_PORT set):
+
+    python shared_index.py OUT_DIR CHECK[,CHECK...]
+
+Each rank writes OUT_DIR/rank<r>.json with one entry per check; the test compares the
+ranks' entries. Several checks share one launch because starting processes costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import deepreduce as dr
+from deepreduce.comm.torch_dist import close_process_group
+from deepreduce.apps.train import _settle_buckets
+from workers.hook_checks import SEQ, amp_run, batches, digest, make_model, residuals_finite, train
+
+STEPS = 50
+
+
+def state(spec: str, **options) -> dr.DeepReduceState:
+    options.setdefault("min_numel", 256)
+    options.setdefault("stats_every", 0)
+    return dr.DeepReduceState(None, spec, scheme="shared_index", **options)
+
+
+def recording_hook(hook_state: dr.DeepReduceState, roots: list[list[int]]):
+    """The deepreduce hook, noting every index broadcast as (step, bucket, root) as the
+    transport saw it."""
+    current = [None]
+
+    def hook(s, bucket):
+        if "broadcast_async" not in vars(s.transport):
+            original = s.transport.broadcast_async
+
+            def recording(payload, root):
+                roots.append([s.step, current[0], root])
+                return original(payload, root)
+
+            s.transport.broadcast_async = recording
+        current[0] = bucket.index()
+        return dr.deepreduce_hook(s, bucket)
+
+    return hook
+
+
+TRAIN_RUNS = [
+    ("topk:0.05/eliasfano/fp16", {}, "adam"),
+    ("topk:0.05/eliasfano/fp16", {"momentum": 0.9, "clip_norm": 1.0, "density_warmup": 5}, "sgd"),
+    ("topk:0.05/rle/bf16", {}, "adam"),
+    ("randomk:0.05/raw/raw", {"granularity": "bucket"}, "adam"),
+]
+
+
+def check_train(runs: int = len(TRAIN_RUNS)) -> dict:
+    """50 steps of Adam (and SGD with the DGC recipe) through the hook: parameters must
+    stay bitwise identical; every index broadcast must come from the documented leader."""
+    out = {}
+    for spec, options, opt in TRAIN_RUNS[:runs]:
+        model = make_model()
+        initial = digest(model)
+        hook_state = state(spec, **options)
+        roots: list[list[int]] = []
+        ddp = DDP(model, bucket_cap_mb=0.03)
+        ddp.register_comm_hook(hook_state, recording_hook(hook_state, roots))
+        optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2) if opt == "adam" else torch.optim.SGD(ddp.parameters(), lr=0.05)
+        losses = []
+        for x, y in batches(dist.get_rank(), STEPS):
+            loss = torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        out[f"{spec} {options}"] = {"digest": digest(model), "initial": initial, "losses": losses,
+                                   "stats": hook_state.stats(), "roots": roots}
+    return out
+
+
+def check_equals_allreduce() -> dict:
+    """Ratio 1, lossless fp32 values, no dense fallback: the same gradients as the
+    built-in allreduce hook up to float rounding."""
+    ours, reference = make_model(), make_model()
+    hook_state = state("topk:1.0/raw/raw", dense_fallback=False)
+    ddp_ours = DDP(ours, bucket_cap_mb=0.03)
+    ddp_ours.register_comm_hook(hook_state, dr.deepreduce_hook)
+    ddp_ref = DDP(reference, bucket_cap_mb=0.03)
+    ddp_ref.register_comm_hook(None, default_hooks.allreduce_hook)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05)
+    grad_diff, grad_scale = 0.0, 0.0
+    for x, y in batches(dist.get_rank(), 12):
+        for ddp, opt in ((ddp_ours, opt_ours), (ddp_ref, opt_ref)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
+        for a, b in zip(ours.parameters(), reference.parameters()):
+            grad_diff = max(grad_diff, float((a.grad - b.grad).abs().max()))
+            grad_scale = max(grad_scale, float(b.grad.abs().max()))
+        opt_ours.step()
+        opt_ref.step()
+    param_diff = max(float((a - b).abs().max()) for a, b in zip(ours.parameters(), reference.parameters()))
+    return {"grad_diff": grad_diff, "grad_scale": grad_scale, "param_diff": param_diff, "digest": digest(ours),
+            "stats": hook_state.stats()}
+
+
+def check_nonfinite() -> dict:
+    """Rank 1's gradient turns Inf/NaN at steps where it leads some buckets and follows
+    in others: every rank skips the same steps as plain DDP under AMP, the parameters
+    stay identical and no residual takes the poison in."""
+    reference = amp_run(default_hooks.allreduce_hook, None)
+    out = {"allreduce": reference}
+    for spec, options in (("topk:0.05/eliasfano/fp16", {}), ("topk:0.05/raw/raw", {"momentum": 0.9, "granularity": "bucket"})):
+        hook_state = state(spec, start_iter=2, **options)
+        run = amp_run(dr.deepreduce_hook, hook_state)
+        run.update(residuals_finite=residuals_finite(hook_state), stats=hook_state.stats())
+        out[f"{spec} {options}"] = run
+    return out
+
+
+def check_nonfinite_raise() -> dict:
+    from workers.hook_checks import poison
+
+    hook_state = state("topk:0.05/eliasfano/fp16", start_iter=2, nonfinite="raise")
+    model = make_model()
+    counter = [0]
+    poison(model, {4: float("nan")}, counter)
+    ddp = DDP(model, bucket_cap_mb=0.03)
+    ddp.register_comm_hook(hook_state, dr.deepreduce_hook)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    try:
+        for step, (x, y) in enumerate(batches(dist.get_rank(), 8)):
+            counter[0] = step
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
+            optimizer.step()
+    except Exception as error:  # DDP may wrap the hook's exception
+        return {"raised": True, "message": f"{type(error).__name__}: {error}", "step": counter[0]}
+    return {"raised": False, "message": "", "step": counter[0]}
+
+
+def check_resume() -> dict:
+    """Save the hook state, model and optimizer after 7 steps, resume in a fresh DDP: the
+    same parameters as the uninterrupted 14 steps (momentum correction on, so velocities
+    travel too)."""
+    def run(steps, saved=None):
+        model = make_model()
+        hook_state = state("topk:0.05/eliasfano/fp16", start_iter=2, momentum=0.9,
+                           named_parameters=model.named_parameters())
+        ddp = DDP(model, bucket_cap_mb=0.03)
+        if saved is not None:
+            # The leader is chosen per bucket: a resumed run settles DDP's bucket layout
+            # first, as `deepreduce train` does, so its buckets are the uninterrupted run's.
+            _settle_buckets(ddp, SEQ, torch.device("cpu"))
+        ddp.register_comm_hook(hook_state, dr.deepreduce_hook)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        data = list(batches(dist.get_rank(), 14))
+        first = 0
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            hook_state.load_state_dict(saved["hook"])
+            first = saved["step"]
+        for x, y in data[first:first + steps]:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
+            optimizer.step()
+        snapshot = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "hook": hook_state.state_dict(), "step": first + steps}
+        return model, hook_state, snapshot
+
+    whole, _, _ = run(14)
+    _, _, saved = run(7)
+    resumed, hook_state, _ = run(7, saved)
+    return {"uninterrupted": digest(whole), "resumed": digest(resumed), "step": hook_state.step,
+            "residuals": len(saved["hook"]["memory"]["residuals"])}
+
+
+def check_mismatch() -> dict:
+    """Rank 0 on the shared-index scheme, the others on the all-gather one: the
+    configuration check fails on every rank, naming the scheme."""
+    scheme = "shared_index" if dist.get_rank() == 0 else "allgather"
+    model = make_model()
+    try:
+        train(model, dr.DeepReduceState(None, "topk:0.05/eliasfano/fp16", scheme=scheme, min_numel=256, stats_every=0),
+              dr.deepreduce_hook, 1)
+    except Exception as error:
+        return {"raised": True, "message": f"{type(error).__name__}: {error}"}
+    return {"raised": False, "message": ""}
+
+
+CHECKS = {
+    "train": check_train,
+    "train_short": lambda: check_train(2),  # the first two runs: fp16 values, with and without DGC's recipe
+    "equals_allreduce": check_equals_allreduce,
+    "nonfinite": check_nonfinite,
+    "resume": check_resume,
+    # These leave a DDP model in a failed state: last.
+    "nonfinite_raise": check_nonfinite_raise,
+    "mismatch": check_mismatch,
+}
+
+
+def main(out_dir: str, checks: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    results: dict = {}
+    seconds = results["_seconds"] = {}
+    for name in checks.split(","):
+        began = time.perf_counter()
+        try:
+            results[name] = CHECKS[name]()
+            seconds[name] = round(time.perf_counter() - began, 2)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+            break  # the process group may be unusable now
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    close_process_group(completed=not any("error" in entry for entry in results.values()))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
