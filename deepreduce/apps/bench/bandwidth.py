@@ -551,6 +551,12 @@ def write_cost_model(out: Path, argv: list[str]) -> int:
         print(f"no topology results at {stored}: run deepreduce bench bandwidth --procs-per-node 2 first", file=sys.stderr)
         return 2
     rows = json.loads(stored.read_text())
+    needed = {"noop", "dense", "topk:0.01/eliasfano/fp16"}
+    missing = needed - {r["config"] for r in rows}
+    if missing:
+        print(f"cost model: not written; its constants come from the {', '.join(sorted(needed))} runs, and "
+              f"{stored} has no {', '.join(sorted(missing))}", file=sys.stderr)
+        return 0
     cores = float(rows[0]["machine"]["cpu_cores"])
     latency_s, intra_Bps = measure_loopback()
     fit = fit_constants(rows, cores, latency_s, intra_Bps, POWERSGD_COMPUTE_S)
