@@ -67,6 +67,14 @@ Choosing the scheme (``scheme=``):
   It costs one more blocking round trip per bucket (the broadcast, before the values
   can be gathered). The leader is chosen per bucket, so a resumed run must rebuild the
   same bucket layout (``deepreduce train`` does, with one settling pass).
+- ``"hierarchical"`` (HiTopKComm), for several processes per node on a slow network
+  between nodes: each node reduce-scatters the bucket densely over its fast links, so
+  each of its L processes compresses 1/L of the bucket and exchanges it only with the
+  processes of the same local rank on the other nodes; a dense all-gather inside the
+  node rebuilds the bucket. L times fewer bytes on the slow links and L times less
+  top-k work per process than ``"allgather"``, for two dense collectives inside the
+  node; the bytes per process still grow with the number of nodes (an all-gather among
+  them). Needs the default process group (see :mod:`deepreduce.engine.hierarchical`).
 """
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations against
@@ -106,9 +114,10 @@ class DeepReduceState:
         dense_fallback: allreduce a bucket whose all-gather would move more bytes.
         momentum: DGC momentum correction (see :mod:`deepreduce.engine.memory`); 0 disables.
         granularity: ``"tensor"`` (top-k per parameter) or ``"bucket"`` (one per bucket).
-        scheme: ``"allgather"`` (every rank's payload to every rank) or
-            ``"shared_index"`` (a rotating leader's indices, one allreduce of the values);
-            see "Choosing the scheme" in the module docstring.
+        scheme: ``"allgather"`` (every rank's payload to every rank),
+            ``"shared_index"`` (a rotating leader's indices, one allreduce of the values) or
+            ``"hierarchical"`` (dense inside a node, compressed between nodes); see
+            "Choosing the scheme" in the module docstring.
         density_warmup: steps after ``start_iter`` over which the density ramps
             exponentially from dense to the compressor's ratio; 0: none.
         clip_norm: local gradient clipping before compression (per bucket, to
@@ -120,6 +129,8 @@ class DeepReduceState:
         size_exchange: ``"auto"`` (no blocking exchange of payload sizes where every rank
             can compute them) or ``"always"``; see :class:`deepreduce.engine.Engine`.
         named_parameters: ``model.named_parameters()``, to name residuals after parameters.
+        node_size: processes per node for ``scheme="hierarchical"`` (default: torchrun's
+            ``LOCAL_WORLD_SIZE``); needs the default process group.
     """
 
     def __init__(
@@ -141,6 +152,7 @@ class DeepReduceState:
         small_compressor: Compressor | str | None = None,
         scheme: str = "allgather",
         size_exchange: str = "auto",
+        node_size: int | None = None,
     ) -> None:
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=0 if seed is None else seed)
@@ -158,6 +170,7 @@ class DeepReduceState:
             small_compressor=small_compressor,
             scheme=scheme,
             size_exchange=size_exchange,
+            node_size=node_size,
         )
         self._names: dict[int, str] = {}
         self._named = False

@@ -40,6 +40,17 @@ def test_cluster_refuses_public_addresses():
         cluster.popen(0, ["true"])
 
 
+def test_processes_per_node():
+    cluster = NetnsCluster(2, name="drq", procs_per_node=3)
+    argv = cluster.torchrun_argv(1, ["-m", "deepreduce", "train"], port=29511)
+    assert "--nnodes=2" in argv and "--node_rank=1" in argv and "--nproc_per_node=3" in argv
+    assert "--nproc_per_node=1" in cluster.torchrun_argv(0, ["x.py"], nproc_per_node=1)
+    assert cluster.env(0)["NPROC_PER_NODE"] == "3"
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="procs_per_node"):
+            NetnsCluster(2, procs_per_node=bad)
+
+
 REASON = netns_unavailable_reason()
 _skip_without_netns = pytest.mark.skipif(REASON is not None, reason=f"network namespaces unavailable: {REASON}")
 

@@ -60,6 +60,23 @@ def test_make_hook_takes_explicit_arguments():
         assert state is None and counter is None
 
 
+def test_scheme_options_reach_the_hook_and_bad_ones_are_clear_errors():
+    state, *_ = comm_hooks.make_hook("topk:0.01/eliasfano/fp16", scheme="hierarchical", node_size=2)
+    assert state.engine.scheme == "hierarchical" and state.describe()["node_size"] == 2
+    with pytest.raises(ConfigError, match="scheme, node_size apply to deepreduce compressors"):
+        comm_hooks.make_hook("powersgd", scheme="hierarchical", node_size=2)
+    args = train.build_parser().parse_args(["--compression", "topk:0.01/eliasfano/fp16", "--scheme", "hierarchical",
+                                            "--node-size", "2"])
+    train._check_args(args)
+    assert train._hook(args, torch.nn.Linear(2, 2))[0].engine.describe()["node_size"] == 2
+    for argv, message in ((["--scheme", "hierarchical"], "--scheme hierarchical needs a compressor spec"),
+                          (["--compression", "topk:0.01/eliasfano/fp16", "--node-size", "2"], "--node-size must be >= 1 and needs --scheme hierarchical"),
+                          (["--compression", "topk:0.01/eliasfano/fp16", "--mode", "update", "--scheme", "hierarchical"],
+                           "--scheme hierarchical needs --mode gradient")):
+        with pytest.raises(SystemExit, match=message):
+            train._check_args(train.build_parser().parse_args(argv))
+
+
 def test_make_optimizer():
     import torch
 

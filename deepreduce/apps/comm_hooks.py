@@ -119,6 +119,7 @@ def make_hook(
     clip_norm: float | None = None,
     small_compressor: str | None = None,
     scheme: str = "allgather",
+    node_size: int | None = None,
 ) -> tuple[Any, Callable, CommMeter, Callable[[], int] | None]:
     """``(state, hook, meter, bytes_counter)`` for a compressor spec or a built-in hook name.
 
@@ -133,8 +134,8 @@ def make_hook(
     name residuals after parameters, so checkpoints do not depend on DDP's bucket layout)
     to deepreduce compressors only. So do DGC's ``momentum`` (momentum correction),
     ``density_warmup`` and ``clip_norm``, ``small_compressor`` (see
-    :class:`~deepreduce.DeepReduceState`) and ``scheme`` (``"allgather"`` or
-    ``"shared_index"``); they are passed on only when set. Raises
+    :class:`~deepreduce.DeepReduceState`), ``scheme`` (``"allgather"``, ``"shared_index"`` or
+    ``"hierarchical"``) and ``node_size``; they are passed on only when set. Raises
     :class:`~deepreduce.errors.ConfigError` for an unknown or malformed ``compression``, or
     these options with a built-in hook.
     """
@@ -144,6 +145,8 @@ def make_hook(
              if value not in (0, None)}
     if scheme != "allgather":
         extra["scheme"] = scheme
+    if node_size is not None:
+        extra["node_size"] = node_size
     if extra and compression in BUILTIN_HOOKS:
         raise ConfigError(f"{', '.join(extra)} apply to deepreduce compressors, not to {compression!r}")
     if compression == "dense":

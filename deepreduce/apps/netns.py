@@ -2,7 +2,10 @@
 
 Each node is a network namespace with one interface (``eth0``, address ``10.200.0.<i+1>``),
 plugged into a bridge that lives in a namespace of its own; nothing is routed to the
-host or anywhere else. ``rate`` shapes every link with ``tc tbf`` at both ends, so a
+host or anywhere else. A node may run several processes (``procs_per_node``, one per
+GPU on a real node): they reach each other at the node's own address, which the kernel
+delivers over the namespace's loopback, so only traffic between nodes crosses the
+shaped link (and its ``eth0`` counters). ``rate`` shapes every link with ``tc tbf`` at both ends, so a
 node's upload and download are both limited. Needs root (or CAP_NET_ADMIN) and
 ``iproute2``.
 
@@ -17,11 +20,12 @@ node's upload and download are both limited. Needs root (or CAP_NET_ADMIN) and
 Command line (``launch/netns-cluster`` is a thin wrapper)::
 
     python -m deepreduce.apps.netns --nodes 2 --rate 100mbit -- --steps 200 --compression topk:0.01/eliasfano/fp16
+    python -m deepreduce.apps.netns --nodes 2 --procs-per-node 2 --rate 100mbit -- --scheme hierarchical ...
     python -m deepreduce.apps.netns --nodes 3 --exec -- sh -c 'echo node $NODE_RANK at {addr}'
 
 The first form runs ``torchrun ... -m deepreduce train ARGS`` on every node; ``--exec``
-runs any command, with ``{node} {nodes} {addr} {master} {port} {ifname}`` replaced and
-``NODE_RANK NNODES MASTER_ADDR MASTER_PORT GLOO_SOCKET_IFNAME`` set.
+runs any command (once per node), with ``{node} {nodes} {addr} {master} {port} {ifname}``
+replaced and ``NODE_RANK NNODES NPROC_PER_NODE MASTER_ADDR MASTER_PORT GLOO_SOCKET_IFNAME`` set.
 
 Token-bucket burst: ``tbf`` lets ``burst`` bytes through at full speed after every idle
 gap, which flatters payloads of about that size. The default is just above one timer
@@ -166,18 +170,23 @@ class NetnsCluster:
         latency: tbf queueing limit, as tc takes it.
         subnet: a /24 inside 10.0.0.0/8; node i gets host address i+1.
         name: prefix of the namespace names (default ``dr<pid>``), unique per cluster.
+        procs_per_node: processes each node runs (torchrun's ``--nproc_per_node`` in
+            :meth:`torchrun_argv`); they talk over the node's loopback.
     """
 
     def __init__(self, nodes: int, rate: str | None = None, burst: int | None = None, latency: str = "100ms",
-                 subnet: str = "10.200.0.0/24", name: str | None = None) -> None:
+                 subnet: str = "10.200.0.0/24", name: str | None = None, procs_per_node: int = 1) -> None:
         if not isinstance(nodes, int) or not 1 <= nodes <= 250:
             raise ValueError(f"nodes must be an int in [1, 250], got {nodes!r}")
+        if isinstance(procs_per_node, bool) or not isinstance(procs_per_node, int) or procs_per_node < 1:
+            raise ValueError(f"procs_per_node must be a positive int, got {procs_per_node!r}")
         network = ipaddress.ip_network(subnet)
         if network.prefixlen != 24 or not network.subnet_of(ipaddress.ip_network("10.0.0.0/8")):
             raise ValueError(f"subnet must be a /24 inside 10.0.0.0/8 (private, never routed), got {subnet}")
         if rate is not None:
             parse_rate(rate)
         self.nodes = nodes
+        self.procs_per_node = procs_per_node
         self.rate = rate
         self.burst = burst if burst is not None else (default_burst(rate) if rate else None)
         self.latency = latency
@@ -369,6 +378,7 @@ class NetnsCluster:
         return {
             "NODE_RANK": str(node),
             "NNODES": str(self.nodes),
+            "NPROC_PER_NODE": str(self.procs_per_node),
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(port),
             "GLOO_SOCKET_IFNAME": IFNAME,
@@ -382,8 +392,11 @@ class NetnsCluster:
             raise ValueError(f"node {node} out of range [0, {self.nodes})")
         return ["ip", "netns", "exec", self.namespace(node), *command]
 
-    def torchrun_argv(self, node: int, args: Sequence[str], nproc_per_node: int = 1, port: int = 29500) -> list[str]:
-        """``torchrun`` (this interpreter's) for one node of a static N-node rendezvous."""
+    def torchrun_argv(self, node: int, args: Sequence[str], nproc_per_node: int | None = None,
+                      port: int = 29500) -> list[str]:
+        """``torchrun`` (this interpreter's) for one node of a static N-node rendezvous,
+        ``nproc_per_node`` processes (default :attr:`procs_per_node`) on the node."""
+        nproc_per_node = self.procs_per_node if nproc_per_node is None else nproc_per_node
         return [
             sys.executable, "-m", "torch.distributed.run",
             f"--nnodes={self.nodes}", f"--node_rank={node}", f"--nproc_per_node={nproc_per_node}",
@@ -467,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Arguments after -- go to `deepreduce train` (or, with --exec, form the command).",
     )
     parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--nproc-per-node", type=int, default=1)
+    parser.add_argument("--procs-per-node", "--nproc-per-node", dest="procs_per_node", type=int, default=1,
+                        help="processes per node (torchrun --nproc_per_node); they share the node's loopback")
     parser.add_argument("--rate", default=None, help="link rate, e.g. 100mbit or 1gbit (default: unshaped)")
     parser.add_argument("--burst", type=int, default=None, help="tbf burst in bytes (default: just above rate/HZ)")
     parser.add_argument("--subnet", default="10.200.0.0/24")
@@ -489,18 +503,20 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)
-    cluster = NetnsCluster(args.nodes, rate=args.rate, burst=args.burst, subnet=args.subnet)
+    if args.procs_per_node < 1:
+        parser.error(f"--procs-per-node must be >= 1, got {args.procs_per_node}")
+    cluster = NetnsCluster(args.nodes, rate=args.rate, burst=args.burst, subnet=args.subnet,
+                           procs_per_node=args.procs_per_node)
     with cluster:
         shaped = f"{args.rate} (burst {cluster.burst} B)" if args.rate else "unshaped"
-        print(f"netns-cluster: {args.nodes} nodes {cluster.address(0)}..{cluster.address(args.nodes - 1)}, links {shaped}",
-              flush=True)
+        print(f"netns-cluster: {args.nodes} nodes x {args.procs_per_node} processes, "
+              f"{cluster.address(0)}..{cluster.address(args.nodes - 1)}, links {shaped}", flush=True)
         procs, pumps = [], []
         for node in range(args.nodes):
             if args.exec_:
                 node_cmd = _substitute(command, cluster, node, args.port)
             else:
-                node_cmd = cluster.torchrun_argv(node, ["-m", "deepreduce", "train", *command],
-                                                 nproc_per_node=args.nproc_per_node, port=args.port)
+                node_cmd = cluster.torchrun_argv(node, ["-m", "deepreduce", "train", *command], port=args.port)
             proc = cluster.popen(node, node_cmd, port=args.port, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             procs.append(proc)
             pump = threading.Thread(target=_pump, args=(proc.stdout, f"[node {node}] ", sys.stdout), daemon=True)

@@ -71,6 +71,7 @@ from ..errors import ConfigError
 from ..hooks import DeepReduceState
 from ..local_adam import LocalAdamW
 from ..optim import UpdateSync
+from ..engine.pipeline import SCHEMES
 from .comm_hooks import BUILTIN_HOOKS, CommMeter, hook_state_dict, load_hook_state, make_hook
 from .data import ByteCorpus, CorpusError, SnippetClasses, stdlib_classes, stdlib_corpus, text_corpus
 from .metrics import params_digest
@@ -146,12 +147,15 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     c.add_argument("--small-compression", default=None, metavar="SPEC",
                    help="compress the tensors below --min-numel with this spec instead of sending them raw "
                         "(e.g. topk:1/strided/uniform:bits=8)")
+    c.add_argument("--node-size", type=int, default=None, metavar="L",
+                   help="--scheme hierarchical: processes per node (default: torchrun's LOCAL_WORLD_SIZE)")
     c.add_argument("--granularity", default="tensor", choices=("tensor", "bucket"),
                    help="top-k per parameter, or one top-k over each DDP bucket")
-    c.add_argument("--scheme", default="allgather", choices=("allgather", "shared_index"),
-                   help="how compressed buckets travel: every rank's payload to every rank, or a rotating "
-                        "leader's indices and one allreduce of every rank's values there (bytes per rank "
-                        "do not grow with the world size; value codecs raw, fp16, bf16)")
+    c.add_argument("--scheme", default="allgather", choices=tuple(SCHEMES),
+                   help="how compressed buckets travel: every rank's payload to every rank; shared_index: a "
+                        "rotating leader's indices and one allreduce of every rank's values there (bytes per rank "
+                        "do not grow with the world size; value codecs raw, fp16, bf16); hierarchical (gradient "
+                        "mode): dense inside a node, 1/L of each bucket compressed between nodes")
     c.add_argument("--no-error-feedback", action="store_true")
     c.add_argument("--no-dense-fallback", action="store_true")
     c.add_argument("--powersgd-rank", type=int, default=4)
@@ -443,6 +447,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("deepreduce train: --weight-decay must be >= 0")
     if args.local_steps < 1:
         raise SystemExit("deepreduce train: --local-steps must be >= 1")
+    if args.scheme == "hierarchical" and args.mode != "gradient":
+        raise SystemExit("deepreduce train: --scheme hierarchical needs --mode gradient")
+    if args.node_size is not None and (args.scheme != "hierarchical" or args.node_size < 1):
+        raise SystemExit("deepreduce train: --node-size must be >= 1 and needs --scheme hierarchical")
     if args.mode == "update" and args.compression in BUILTIN_HOOKS:
         raise SystemExit(f"deepreduce train: --mode update needs a compressor spec for --compression, not {args.compression!r}")
     if args.mode == "gradient" and (args.local_steps != 1 or args.overlap or args.keep_unsent or args.outer_lr != 1.0 or args.outer_momentum):
@@ -498,7 +506,7 @@ def _hook(args: argparse.Namespace, model: torch.nn.Module):
             powersgd_rank=args.powersgd_rank, granularity=args.granularity, named_parameters=model.named_parameters(),
             momentum=args.momentum_correction, density_warmup=args.density_warmup, clip_norm=args.clip_norm,
             small_compressor=args.small_compression,
-            scheme=args.scheme,
+            scheme=args.scheme, node_size=args.node_size,
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --compression {error}")

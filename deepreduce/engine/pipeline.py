@@ -37,6 +37,11 @@ through :mod:`deepreduce.engine.shared_index` instead (a rotating leader's indic
 allreduce of every rank's values there), with the same warm-up, small-bucket, non-finite
 and error-feedback rules.
 
+With ``scheme="hierarchical"`` the compressed step runs per node instead
+(:mod:`deepreduce.engine.hierarchical`): a dense reduce-scatter inside the node, the
+steps above on 1/L of the bucket among the ranks of the same local rank, a dense
+all-gather inside the node.
+
 Averaging order, the same for every front end: each rank's contribution is divided by W
 and then added, in rank order, into an accumulator of the bucket's dtype (fp32 for
 fp16/bf16 buckets, rounded once at the end); the dense allreduce divides before it
@@ -94,6 +99,7 @@ _NONFINITE = NONFINITE  # size a rank sends when its bucket holds NaN or Inf
 SCHEMES: dict[str, str] = {
     "allgather": "deepreduce.engine.pipeline:_allgather_scheme",
     "shared_index": "deepreduce.engine.shared_index:shared_index_scheme",
+    "hierarchical": "deepreduce.engine.hierarchical:hierarchical_scheme",
 }
 
 
@@ -155,8 +161,10 @@ class Engine:
         granularity: ``"tensor"``: one top-k per segment (per parameter); ``"bucket"``:
             one top-k over the whole buffer.
         scheme: how compressed buckets travel: ``"allgather"`` (every rank's payload to
-            every rank) or ``"shared_index"`` (a rotating leader's indices, one dense
-            allreduce of the values there; :mod:`deepreduce.engine.shared_index`).
+            every rank), ``"shared_index"`` (a rotating leader's indices, one dense
+            allreduce of the values there; :mod:`deepreduce.engine.shared_index`) or
+            ``"hierarchical"`` (dense inside a node, 1/L of the bucket compressed between
+            nodes; :mod:`deepreduce.engine.hierarchical`).
         average: divide by the world size (else sum).
         density_warmup: steps after ``start_iter`` over which the density falls
             exponentially from 1 to the compressor's ratio (DGC's warm-up); 0: none.
@@ -171,6 +179,8 @@ class Engine:
             their sizes, e.g. ``topk/eliasfano/fp16``, ``uniform``, ``qsgd``), so the hook
             never blocks on the slowest rank; ``"always"``: exchange sizes first (the
             smallest padding, one blocking round trip per bucket).
+        node_size: processes per node for ``scheme="hierarchical"`` (default: torchrun's
+            ``LOCAL_WORLD_SIZE``).
         stats_every: log :meth:`stats` every that many steps (0: never).
         memory: an existing :class:`ErrorFeedback` to use (e.g. shared with a caller).
         check: compare the configuration across ranks at the first call.
@@ -199,6 +209,7 @@ class Engine:
         check: bool = True,
         describe_extra: Mapping[str, Any] | None = None,
         small_compressor: Compressor | str | None = None,
+        node_size: int | None = None,
     ) -> None:
         if not isinstance(compressor, Compressor):
             raise ConfigError(f"compressor must be a deepreduce.Compressor, got {type(compressor).__name__}")
@@ -232,6 +243,8 @@ class Engine:
                 f"compressor {compressor.spec}: ratio 0 sends nothing, every gradient would stay in the residual; "
                 "use a positive ratio (e.g. 0.01)"
             )
+        if node_size is not None and scheme != "hierarchical":
+            raise ConfigError(f"node_size applies to scheme='hierarchical', not to scheme={scheme!r}")
         if not (isinstance(transport, Transport) or callable(transport)):
             raise ConfigError(f"transport must be a deepreduce.comm.Transport, got {type(transport).__name__}")
         self._transport = transport if isinstance(transport, Transport) else None
@@ -261,6 +274,7 @@ class Engine:
         self._stats = CommStats()
         self._agreed = not self.check
         self._ramp: tuple[int, Compressor] | None = None  # (step, compressor at that step's density)
+        self.node_size = node_size
         module, _, factory = SCHEMES[scheme].partition(":")
         self._reduce_compressed = getattr(importlib.import_module(module), factory)(self)
         self.phases: PhaseTimer | None = None  # set to profile the phases of compressed buckets
@@ -305,6 +319,7 @@ class Engine:
             "clip_norm": self.clip_norm,
             "nonfinite": self.nonfinite,
             "size_exchange": self.size_exchange,
+            **getattr(self._reduce_compressed, "describe", dict)(),  # a scheme's own settings
             **self.describe_extra,
         }
 
@@ -313,6 +328,9 @@ class Engine:
         Collective."""
         check_agreement(self.transport, self.describe())
         self._agreed = True
+        setup = getattr(self._reduce_compressed, "setup", None)
+        if setup is not None:
+            setup(self.transport)  # a scheme's sub-groups: made here, at the same call on every rank
 
     # --- one bucket ----------------------------------------------------------------------
 
@@ -422,41 +440,45 @@ class Engine:
         if norm > limit:
             buffer.mul_(limit / norm)
 
-    def _allreduce(self, buffer: torch.Tensor, key: Hashable) -> torch.futures.Future:
+    def _allreduce(self, buffer: torch.Tensor, key: Hashable, transport: Transport | None = None) -> torch.futures.Future:
+        transport = transport or self.transport
         if self.average:
-            buffer.div_(self.transport.world_size)  # before the sum: fp16 sums of W gradients may overflow
+            buffer.div_(transport.world_size)  # before the sum: fp16 sums of W gradients may overflow
         try:
-            future = self.transport.allreduce_async(buffer)
+            future = transport.allreduce_async(buffer)
         except Exception as exc:
             raise self._failed("the dense allreduce", key, self.step, exc) from exc
         return self._guarded(future, "the dense allreduce", key)
 
-    def _allgather_sizes(self, size: int, key: Hashable) -> list[int]:
+    def _allgather_sizes(self, size: int, key: Hashable, transport: Transport | None = None) -> list[int]:
         self._stats.add(size_exchanges=1)
         try:
-            return self.transport.allgather_sizes(size)
+            return (transport or self.transport).allgather_sizes(size)
         except Exception as exc:
             raise self._failed("exchanging payload sizes", key, self.step, exc) from exc
 
-    def _width(self, buffer: torch.Tensor, segments: list[Segment], compressor: Compressor, dense_bytes: int) -> int | None:
+    def _width(self, buffer: torch.Tensor, segments: list[Segment], compressor: Compressor, dense_bytes: int,
+               transport: Transport) -> int | None:
         """The gather width every rank computes for this bucket, or None: exchange sizes."""
         if self.size_exchange != "auto":
             return None
-        layout = (compressor.spec, buffer.dtype, self.min_numel, tuple(seg.numel for seg in segments))
+        layout = (compressor.spec, buffer.dtype, transport.world_size, tuple(seg.numel for seg in segments))
         if layout not in self._widths:
             width = message_width(compressor, layout[3], buffer.dtype, self.min_numel, self.small_compressor)
             # Where the padded gather might lose to allreduce, the exchanged sizes decide.
-            if width is not None and self.dense_fallback and self.transport.world_size * width > 2 * dense_bytes:
+            if width is not None and self.dense_fallback and transport.world_size * width > 2 * dense_bytes:
                 width = None
             self._widths[layout] = width
         return self._widths[layout]
 
     def _compressed(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int,
-                    key: Hashable) -> torch.futures.Future:
-        width = self._width(buffer, segments, self._step_compressor(), dense_bytes)
+                    key: Hashable, transport: Transport | None = None) -> torch.futures.Future:
+        """Compress, exchange and average ``buffer`` across the ranks of ``transport``
+        (default: the engine's; a scheme passes a sub-group's)."""
+        transport = transport or self.transport
+        width = self._width(buffer, segments, self._step_compressor(), dense_bytes, transport)
         if width is not None:
-            return self._compressed_presized(buffer, segments, width, key)
-        transport = self.transport
+            return self._compressed_presized(buffer, segments, width, key, transport)
         timer = self.phases
         if timer is not None:
             timer.start()
@@ -464,7 +486,8 @@ class Engine:
         finite = all_finite(buffer)
         mark(timer, "isfinite check")
         if not finite:
-            return self._nonfinite(buffer, segments, [], self._allgather_sizes(_NONFINITE, key), key, dense_bytes)
+            return self._nonfinite(buffer, segments, [], self._allgather_sizes(_NONFINITE, key, transport), key,
+                                   dense_bytes, transport)
         if self.clip_norm is not None:
             self._clip(buffer)
         compressor = self._step_compressor()
@@ -475,17 +498,17 @@ class Engine:
             mark(timer, "framing/CRC")
         except Exception:
             # Tell the other ranks, or they would wait for this rank's size until timeout.
-            self._allgather_sizes(_FAILED, key)
+            self._allgather_sizes(_FAILED, key, transport)
             raise
         encoded = time.perf_counter()
-        sizes = self._allgather_sizes(message.numel(), key)
+        sizes = self._allgather_sizes(message.numel(), key, transport)
         exchanged = time.perf_counter()
         mark(timer, "size exchange")
         if _FAILED in sizes:
             failed = ", ".join(str(r) for r, n in enumerate(sizes) if n == _FAILED)
             raise DeepReduceError(f"deepreduce: rank {failed} failed to compress bucket {key!r} at step {self.step} (see its error)")
         if _NONFINITE in sizes:
-            return self._nonfinite(buffer, segments, pending, sizes, key, dense_bytes)
+            return self._nonfinite(buffer, segments, pending, sizes, key, dense_bytes, transport)
         width = pad8(max(sizes))
 
         if self.dense_fallback and transport.world_size * width > 2 * dense_bytes:
@@ -495,7 +518,7 @@ class Engine:
                     buffer.narrow(0, seg.offset, seg.numel).copy_(to_send)
                     self.memory.update_dense(seg.name, compensated, to_send)
             self._stats.add(dense_fallbacks=1, sent_bytes=dense_bytes, compress_s=encoded - started, exchange_s=exchanged - encoded)
-            return self._allreduce(buffer, key)
+            return self._allreduce(buffer, key, transport)
 
         own, kept = self._update_residuals(segments, pending)
         mark(timer, "residual update")
@@ -514,7 +537,7 @@ class Engine:
                 messages = done.value()
             except Exception as exc:
                 raise self._failed("the all-gather", key, step, exc) from exc
-            return self._decode_and_sum(messages, buffer, segments, own)
+            return self._decode_and_sum(messages, buffer, segments, own, transport.rank)
 
         return gathered.then(decode)
 
@@ -559,7 +582,7 @@ class Engine:
         return own, kept
 
     def _compressed_presized(self, buffer: torch.Tensor, segments: list[Segment], width: int,
-                             key: Hashable) -> torch.futures.Future:
+                             key: Hashable, transport: Transport) -> torch.futures.Future:
         """The compressed path without a size exchange: every rank pads its message to
         ``width`` and issues the all-gather at once; failure and non-finite flags travel
         in the messages, and the error-feedback update waits for the gather (the callback),
@@ -597,8 +620,8 @@ class Engine:
                 def fail(_: torch.futures.Future) -> torch.Tensor:
                     raise error
 
-                return self._gather(failed_message(width, buffer.device), width, key).then(fail)
-        gathered = self._gather(message, width, key)
+                return self._gather(failed_message(width, buffer.device), width, key, transport).then(fail)
+        gathered = self._gather(message, width, key, transport)
         encoded = time.perf_counter()
 
         def finish(done: torch.futures.Future) -> torch.Tensor:
@@ -622,13 +645,13 @@ class Engine:
             mark(timer, "residual update")
             self._stats.add(compressed_buckets=1, sent_bytes=width, payload_bytes=payload_bytes, numel=buffer.numel(),
                             kept=kept, compress_s=encoded - started)
-            return self._decode_and_sum(messages, buffer, segments, own, padded=True)
+            return self._decode_and_sum(messages, buffer, segments, own, transport.rank, padded=True)
 
         return gathered.then(finish)
 
-    def _gather(self, message: torch.Tensor, width: int, key: Hashable) -> torch.futures.Future:
+    def _gather(self, message: torch.Tensor, width: int, key: Hashable, transport: Transport) -> torch.futures.Future:
         try:
-            return self.transport.allgather_async(message, [width] * self.transport.world_size)
+            return transport.allgather_async(message, [width] * transport.world_size)
         except Exception as exc:
             raise self._failed("the all-gather", key, self.step, exc) from exc
 
@@ -666,22 +689,22 @@ class Engine:
         self._stats.add(nonfinite_buckets=1, sent_bytes=sent_bytes)
 
     def _nonfinite(self, buffer: torch.Tensor, segments: list[Segment], pending: list, sizes: list[int],
-                   key: Hashable, dense_bytes: int) -> torch.futures.Future:
+                   key: Hashable, dense_bytes: int, transport: Transport | None = None) -> torch.futures.Future:
         """Some rank's bucket is not finite (seen in the size exchange): drop this step's
         error feedback everywhere, then raise or allreduce the buckets as they came (the
         non-finite values reach every rank at their positions, as with plain allreduce)."""
         ranks = [r for r, n in enumerate(sizes) if n == _NONFINITE]
         self._nonfinite_seen(segments, pending, ranks, key, self.step, dense_bytes)
-        return self._allreduce(buffer, key)
+        return self._allreduce(buffer, key, transport)
 
     def _decode_and_sum(self, messages: list[torch.Tensor], buffer: torch.Tensor, segments: list[Segment],
-                        own: list[SparseGrad | None], padded: bool = False) -> torch.Tensor:
+                        own: list[SparseGrad | None], rank: int | None = None, padded: bool = False) -> torch.Tensor:
         """The one place payloads are decoded and summed: rank order, divide then add."""
         began = time.perf_counter()
         timer = self.phases
         if timer is not None:
             timer.start()
-        world, rank = len(messages), self.transport.rank
+        world, rank = len(messages), self.transport.rank if rank is None else rank
         decoded = [read_message(message, segments, buffer.dtype, self.raw_below, source, own if source == rank else None,
                                 padded) for source, message in enumerate(messages)]
         mark(timer, "decode")

@@ -10,6 +10,9 @@ flat buffer of a front end's tensors):
 - ``payload_bytes``: its own unpadded payloads (compressed buckets only);
 - ``broadcast_bytes``: of ``sent_bytes``, the shared-index scheme's index messages (each
   rank sends or receives every one once; the rest is the allreduce of the values).
+- ``inter_node_bytes`` / ``intra_node_bytes`` (``scheme="hierarchical"`` only): what it
+  handed to the collectives between nodes and to the dense ones inside its node; its
+  compressed buckets' ``sent_bytes`` are the inter-node part.
 
 ``ratio = dense_bytes / sent_bytes``. These totals include the dense warm-up; the
 ``steady`` entry reports the same figures counted from the first step at the target
@@ -48,6 +51,8 @@ class _Counters:
     exchange_s: float = 0.0  # message size exchange (blocking)
     size_exchanges: int = 0  # blocking size exchanges run (none where every rank computes the sizes)
     decompress_s: float = 0.0  # decode + sum of W payloads
+    inter_node_bytes: int = 0  # scheme "hierarchical": handed to collectives between nodes (the slow links)
+    intra_node_bytes: int = 0  # ... and to the dense collectives inside a node
 
 
 class CommStats:
@@ -79,6 +84,11 @@ class CommStats:
         with self._lock:
             for name, delta in deltas.items():
                 setattr(self._c, name, getattr(self._c, name) + delta)
+
+    def get(self, name: str) -> float:
+        """One counter's running total."""
+        with self._lock:
+            return getattr(self._c, name)
 
     def as_dict(self) -> dict[str, Any]:
         """Counters plus derived ``ratio``, ``density`` and ``bits_per_kept``, and
