@@ -219,7 +219,7 @@ class HierarchicalScheme:
         """Average ``buffer`` (a compressed bucket) over all ranks; the collectives inside the
         node and across nodes are issued before returning, the final all-gather asynchronously."""
         from .memory import memory_dtype
-        from .pipeline import _NONFINITE, all_finite
+        from .pipeline import all_finite
 
         self.setup(engine.transport)
         groups = self.groups
@@ -246,11 +246,9 @@ class HierarchicalScheme:
         sent_before = engine._stats.get("sent_bytes")
         error: BaseException | None = None
         try:
-            if node_nonfinite:
-                sizes = engine._allgather_sizes(_NONFINITE, key, groups.cross)
-                exchanged = engine._nonfinite(view, pieces, [], sizes, key, shard_bytes, groups.cross)
-            else:
-                exchanged = engine._compressed(view, pieces, shard_bytes, key, groups.cross)
+            # A non-finite node takes the engine's non-finite path on every slot, whichever
+            # protocol (computed sizes or exchanged) the slot's exchange uses.
+            exchanged = engine._compressed(view, pieces, shard_bytes, key, groups.cross, finite=not node_nonfinite)
             exchanged.wait()
         except NonFiniteError as exc:
             # the engine names the rank in the cross-node group, which is the node

@@ -472,18 +472,20 @@ class Engine:
         return self._widths[layout]
 
     def _compressed(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int,
-                    key: Hashable, transport: Transport | None = None) -> torch.futures.Future:
+                    key: Hashable, transport: Transport | None = None, finite: bool | None = None) -> torch.futures.Future:
         """Compress, exchange and average ``buffer`` across the ranks of ``transport``
-        (default: the engine's; a scheme passes a sub-group's)."""
+        (default: the engine's; a scheme passes a sub-group's). ``finite``: whether to treat
+        the bucket as finite (default: checked here; a scheme may have decided for a wider
+        group, e.g. a node)."""
         transport = transport or self.transport
         width = self._width(buffer, segments, self._step_compressor(), dense_bytes, transport)
         if width is not None:
-            return self._compressed_presized(buffer, segments, width, key, transport)
+            return self._compressed_presized(buffer, segments, width, key, transport, finite)
         timer = self.phases
         if timer is not None:
             timer.start()
         started = time.perf_counter()
-        finite = all_finite(buffer)
+        finite = all_finite(buffer) if finite is None else finite
         mark(timer, "isfinite check")
         if not finite:
             return self._nonfinite(buffer, segments, [], self._allgather_sizes(_NONFINITE, key, transport), key,
@@ -582,7 +584,7 @@ class Engine:
         return own, kept
 
     def _compressed_presized(self, buffer: torch.Tensor, segments: list[Segment], width: int,
-                             key: Hashable, transport: Transport) -> torch.futures.Future:
+                             key: Hashable, transport: Transport, finite: bool | None = None) -> torch.futures.Future:
         """The compressed path without a size exchange: every rank pads its message to
         ``width`` and issues the all-gather at once; failure and non-finite flags travel
         in the messages, and the error-feedback update waits for the gather (the callback),
@@ -594,8 +596,12 @@ class Engine:
             timer.start()
         started = time.perf_counter()
         step = self.step
-        finite = all_finite(buffer)
+        finite = all_finite(buffer) if finite is None else finite
         mark(timer, "isfinite check")
+        # Bytes handed to the gather count now, whatever the callback finds (it runs when
+        # the gather completes, on the backend's thread: counting there would make the
+        # per-step figures depend on timing).
+        self._stats.add(sent_bytes=width)
         pending: list[tuple[torch.Tensor, torch.Tensor, Any] | None] = []
         if not finite:
             message, payload_bytes = nonfinite_message(buffer, width), 0
@@ -639,11 +645,11 @@ class Engine:
                 raise DeepReduceError(f"deepreduce: rank {failed} failed to compress bucket {key!r} at step {step} (see its error)")
             if NONFINITE in flags:
                 ranks = [r for r, f in enumerate(flags) if f == NONFINITE]
-                self._nonfinite_seen(segments, pending, ranks, key, step, width)
+                self._nonfinite_seen(segments, pending, ranks, key, step, 0)
                 return self._nonfinite_sum(messages, ranks, buffer)
             own, kept = self._update_residuals(segments, pending)
             mark(timer, "residual update")
-            self._stats.add(compressed_buckets=1, sent_bytes=width, payload_bytes=payload_bytes, numel=buffer.numel(),
+            self._stats.add(compressed_buckets=1, payload_bytes=payload_bytes, numel=buffer.numel(),
                             kept=kept, compress_s=encoded - started)
             return self._decode_and_sum(messages, buffer, segments, own, transport.rank, padded=True)
 
