@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deepreduce as dr  # noqa: E402
 from deepreduce.comm.torch_dist import close_process_group  # noqa: E402
-from workers.hook_checks import batches, digest, make_model, train  # noqa: E402
+from workers.hook_checks import batches, compare_with_allreduce, digest, make_model, train  # noqa: E402
 
 NODE_SIZE: int | None = None  # --node-size, else LOCAL_WORLD_SIZE
 SCHEME: dict = {}  # the engine options under test (FLAT=1 in the environment: the flat scheme, to compare)
@@ -54,30 +53,8 @@ def check_bitwise() -> dict:
 
 def check_equals_allreduce() -> dict:
     """Ratio 1 with lossless codecs, no dense fallback, against torch's allreduce hook."""
-    out = {}
-    for spec in ("topk:1.0/zstd/raw", "topk:1.0/eliasfano/zstd"):
-        ours, reference = make_model(), make_model()
-        ddp_ours = DDP(ours, bucket_cap_mb=0.03)
-        hook_state = state(spec, dense_fallback=False)
-        ddp_ours.register_comm_hook(hook_state, dr.deepreduce_hook)
-        ddp_ref = DDP(reference, bucket_cap_mb=0.03)
-        ddp_ref.register_comm_hook(None, default_hooks.allreduce_hook)
-        opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
-        opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05)
-        grad_diff, grad_scale = 0.0, 0.0
-        for x, y in batches(dist.get_rank(), 12):
-            for ddp, opt in ((ddp_ours, opt_ours), (ddp_ref, opt_ref)):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
-            for a, b in zip(ours.parameters(), reference.parameters()):
-                grad_diff = max(grad_diff, float((a.grad - b.grad).abs().max()))
-                grad_scale = max(grad_scale, float(b.grad.abs().max()))
-            opt_ours.step()
-            opt_ref.step()
-        param_diff = max(float((a - b).detach().abs().max()) for a, b in zip(ours.parameters(), reference.parameters()))
-        out[spec] = {"grad_diff": grad_diff, "grad_scale": grad_scale, "param_diff": param_diff,
-                     "stats": hook_state.stats(), "digest": digest(ours)}
-    return out
+    return {spec: compare_with_allreduce(state(spec, dense_fallback=False))
+            for spec in ("topk:1.0/zstd/raw", "topk:1.0/eliasfano/zstd")}
 
 
 def check_resume() -> dict:
