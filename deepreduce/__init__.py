@@ -14,6 +14,7 @@ self-describing payload, all-gathered and decoded by one per-step engine
 from .codecs import index_codecs, value_codecs
 from .compressor import Compressed, Compressor, decode
 from .errors import CommunicationError, ConfigError, DecodeError, DeepReduceError, NonFiniteError
+from .engine.plan import AutoPlan
 from .hooks import DeepReduceState, deepreduce_hook
 from .local_adam import LocalAdamW
 from .optim import UpdateSync
@@ -24,6 +25,7 @@ from .wire import read_header
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoPlan",
     "CommunicationError",
     "Compressed",
     "Compressor",

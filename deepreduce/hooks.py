@@ -45,6 +45,12 @@ Tuning:
   parameters in checkpoints; without it parameters are named by the order the hook
   first sees them, which is the same in every run of the same model.
 
+Letting it choose: ``compressor="auto"`` times the warm-up's dense allreduces and
+each candidate spec's encode and decode on the real buckets, then sends each bucket
+dense, in fp16 or sparse, whichever is predicted fastest (ties go to the less lossy),
+and plans again when the step time drifts. The candidate list is the error budget: see
+:mod:`deepreduce.engine.plan`.
+
 Choosing the scheme (``scheme=``):
 
 - ``"allgather"`` (default): every rank sends its own top-k, every rank receives the
@@ -88,6 +94,7 @@ import torch.distributed as dist
 from .comm import Transport
 from .compressor import Compressor
 from .engine import Engine, ErrorFeedback, Segment
+from .engine.plan import AutoPlan
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -99,7 +106,10 @@ class DeepReduceState:
     Args:
         process_group: the group to reduce over (None: the default group).
         compressor: a :class:`~deepreduce.Compressor` or its spec string
-            (``"topk:0.01/eliasfano/fp16"``). All ranks must use the same one: at the
+            (``"topk:0.01/eliasfano/fp16"``); or ``"auto"`` / an
+            :class:`~deepreduce.AutoPlan`: per bucket, dense, fp16 or a sparse spec,
+            whichever the measured link and compression cost predict to be fastest
+            (:mod:`deepreduce.engine.plan`). All ranks must use the same one: at the
             first hook call the ranks compare their configuration and raise
             :class:`~deepreduce.ConfigError` on every rank if they differ.
         start_iter: steps of plain dense allreduce before compression starts.
@@ -155,11 +165,15 @@ class DeepReduceState:
         node_size: int | None = None,
     ) -> None:
         if isinstance(compressor, str):
-            compressor = Compressor.from_spec(compressor, seed=0 if seed is None else seed)
-        elif not isinstance(compressor, Compressor):
-            raise ConfigError(f"compressor must be a Compressor or a spec string, got {type(compressor).__name__}")
-        elif seed is not None and seed != compressor.seed:
-            raise ConfigError(f"seed={seed} conflicts with the compressor's seed={compressor.seed}; pass it to one of them")
+            compressor = (AutoPlan(seed=0 if seed is None else seed) if compressor == "auto"
+                          else Compressor.from_spec(compressor, seed=0 if seed is None else seed))
+        elif not isinstance(compressor, (Compressor, AutoPlan)):
+            raise ConfigError(f"compressor must be a Compressor, an AutoPlan, 'auto' or a spec string, got "
+                              f"{type(compressor).__name__}")
+        else:
+            own_seed = compressor.seed if isinstance(compressor, Compressor) else compressor.compressors[0].seed
+            if seed is not None and seed != own_seed:
+                raise ConfigError(f"seed={seed} conflicts with the compressor's seed={own_seed}; pass it to one of them")
         if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
             raise ConfigError(f"start_iter must be a non-negative int, got {start_iter!r}")
         self.process_group = process_group

@@ -145,6 +145,9 @@ class UpdateSync:
             small_compressor=small_compressor,
             scheme=scheme,
         )
+        if isinstance(compressor, str) and compressor == "auto":
+            raise ConfigError("compressor='auto' plans the gradient hook's buckets; the update mode needs a compressor "
+                              "spec such as 'topk:0.035/eliasfano/uniform:bits=1'")
         if isinstance(compressor, str):
             compressor = Compressor.from_spec(compressor, seed=seed)
         elif not isinstance(compressor, Compressor):

@@ -42,13 +42,13 @@ def launch(tmp_path_factory, nproc: int, checks: str, *worker_args: str) -> list
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return launch(tmp_path_factory, 2, "specs,bucket,dtypes,equals_allreduce,fallback,nonfinite_amp,nonfinite_fp16,"
+    return launch(tmp_path_factory, 2, "specs,auto,bucket,dtypes,equals_allreduce,fallback,nonfinite_amp,nonfinite_fp16,"
                                         "resume_layout,nonfinite_raise,encode_failure,mismatch,presized")
 
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
-    return launch(tmp_path_factory, 3, "specs,fallback,mismatch,presized")
+    return launch(tmp_path_factory, 3, "specs,auto,fallback,mismatch,presized")
 
 
 EXPECTED_SPECS = [spec for spec in worker.SPECS if worker.available(spec)]
@@ -186,3 +186,17 @@ def test_computed_sizes_skip_the_exchange_and_match_the_exchange_path(world, req
             assert b["stats"]["size_exchanges"] == b["stats"]["compressed_buckets"] + b["stats"]["dense_fallbacks"] > 0
             assert a["stats"]["compressed_buckets"] == b["stats"]["compressed_buckets"]
 
+
+
+@pytest.mark.parametrize("world", ["two", "three"])
+def test_auto_plan_agrees_across_ranks_and_resumes_bit_for_bit(world, request):
+    results = [r["auto"] for r in request.getfixturevalue(world)]
+    for run in ("measured", "slow", "fast", "resumed"):
+        assert len({json.dumps(r[run], sort_keys=True) for r in results}) == 1, (run, results)
+    auto = results[0]
+    assert auto["measured"]["plan"], "every large bucket gets a plan"
+    slow_options = set(auto["slow"]["plan"].values())
+    assert slow_options <= {"topk:0.2/eliasfano/fp16", "topk:0.05/eliasfano/fp16"} and auto["slow"]["compressed_buckets"]
+    assert auto["slow"]["replans"] >= 1  # drift 1e-9: every drift check with a baseline re-plans
+    assert set(auto["fast"]["plan"].values()) == {"dense"} and auto["fast"]["compressed_buckets"] == 0
+    assert auto["resumed"]["digest"] == auto["slow"]["digest"]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
 from ..compressor import Compressor
+from ..engine.plan import AutoPlan
 from ..errors import ConfigError
 from ..hooks import DeepReduceState, deepreduce_hook
 
@@ -121,7 +122,8 @@ def make_hook(
     scheme: str = "allgather",
     node_size: int | None = None,
 ) -> tuple[Any, Callable, CommMeter, Callable[[], int] | None]:
-    """``(state, hook, meter, bytes_counter)`` for a compressor spec or a built-in hook name.
+    """``(state, hook, meter, bytes_counter)`` for a compressor spec, ``"auto"`` (an
+    :class:`~deepreduce.AutoPlan` with its default candidates) or a built-in hook name.
 
     ``state`` and ``hook`` go to ``DistributedDataParallel.register_comm_hook``. ``meter``
     counts bytes and time in flight; for deepreduce compressors ``bytes_counter()`` returns
@@ -175,9 +177,9 @@ def make_hook(
 
         return state, meter.wrap(counted), meter, None
     try:
-        compressor = Compressor.from_spec(compression, seed=seed)
+        compressor = AutoPlan(seed=seed) if compression == "auto" else Compressor.from_spec(compression, seed=seed)
     except ConfigError as error:
-        raise ConfigError(f"{compression!r}: {error} (or use one of {', '.join(BUILTIN_HOOKS)})") from error
+        raise ConfigError(f"{compression!r}: {error} (or use one of {', '.join(BUILTIN_HOOKS)}, or auto)") from error
     state = DeepReduceState(
         None, compressor, start_iter=start_iter, error_feedback=error_feedback,
         min_numel=min_numel, stats_every=0, dense_fallback=dense_fallback, granularity=granularity,

@@ -128,7 +128,9 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's choice)")
     c = p.add_argument_group("communication")
     c.add_argument("--compression", default="dense",
-                   help="a compressor spec such as topk:0.01/eliasfano/fp16, or dense | fp16 | powersgd")
+                   help="a compressor spec such as topk:0.01/eliasfano/fp16, or dense | fp16 | powersgd, or auto "
+                        "(per bucket dense, fp16 or sparse, from the measured link and compression cost; "
+                        "--mode gradient, --scheme allgather)")
     c.add_argument("--mode", default="gradient", choices=("gradient", "update"),
                    help="gradient: compress gradients in the DDP hook; update: every rank steps its own "
                         "optimizer and the compressed parameter updates are averaged (deepreduce.UpdateSync)")
@@ -451,7 +453,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("deepreduce train: --scheme hierarchical needs --mode gradient")
     if args.node_size is not None and (args.scheme != "hierarchical" or args.node_size < 1):
         raise SystemExit("deepreduce train: --node-size must be >= 1 and needs --scheme hierarchical")
-    if args.mode == "update" and args.compression in BUILTIN_HOOKS:
+    if args.mode == "update" and (args.compression in BUILTIN_HOOKS or args.compression == "auto"):
         raise SystemExit(f"deepreduce train: --mode update needs a compressor spec for --compression, not {args.compression!r}")
     if args.mode == "gradient" and (args.local_steps != 1 or args.overlap or args.keep_unsent or args.outer_lr != 1.0 or args.outer_momentum):
         raise SystemExit("deepreduce train: --local-steps, --overlap, --keep-unsent, --outer-lr and --outer-momentum need --mode update")

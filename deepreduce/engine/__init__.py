@@ -6,6 +6,8 @@
   rank's segments.
 - ``shared_index.py``: the ``"shared_index"`` scheme for compressed buckets (a rotating
   leader broadcasts its index set, one allreduce of the values there).
+- ``plan.py``: ``compressor="auto"`` (:class:`AutoPlan`): per bucket, dense, fp16 or a
+  sparse spec, from the measured link and compression cost.
 - ``memory.py`` (error feedback), ``stats.py`` (counters), ``framing.py`` (one message
   per bucket), ``agreement.py`` (the configuration check).
 - ``flat.py`` and ``gradients.py``: named tensors packed into flat buffers, for the front
@@ -19,6 +21,7 @@ from .flat import FlatGroup, plan_groups, reduce_named
 from .gradients import GradientSync
 from .memory import ErrorFeedback, memory_dtype
 from .pipeline import Engine, Segment, read_message
+from .plan import AutoPlan
 from .stats import CommStats
 
-__all__ = ["CommStats", "Engine", "ErrorFeedback", "FlatGroup", "GradientSync", "Segment", "memory_dtype", "plan_groups", "read_message", "reduce_named"]
+__all__ = ["AutoPlan", "CommStats", "Engine", "ErrorFeedback", "FlatGroup", "GradientSync", "Segment", "memory_dtype", "plan_groups", "read_message", "reduce_named"]

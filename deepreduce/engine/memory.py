@@ -190,6 +190,16 @@ class ErrorFeedback:
         if self.momentum and key in self.velocities:
             self.velocities[key].zero_()
 
+    def flush(self, key: Hashable, grad: torch.Tensor, parts: Sequence[tuple[Hashable, int]] | None = None) -> None:
+        """Add ``key``'s residual into ``grad`` (in place) and forget it: for a tensor
+        that is sent dense from now on, so what compression held back goes out with it."""
+        held = key in self.residuals or any(name in self.residuals for name, _ in parts or ())
+        if not self.enabled or not held:
+            return
+        compensated = self.compensate(key, grad, parts)
+        grad.copy_(compensated.reshape(grad.shape))
+        self._pending.pop(key, None)
+
     def residual(self, key: Hashable) -> torch.Tensor | None:
         """The current residual of ``key``, or of a part of a multi-part key (a view);
         None before its first update."""

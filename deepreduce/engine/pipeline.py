@@ -80,6 +80,7 @@ from ..wire import pad8
 from .agreement import check_agreement
 from .framing import frame, unframe
 from .memory import ErrorFeedback, memory_dtype
+from .plan import FP16, AutoPlan
 from .presized import FAILED, NONFINITE, add_nonfinite, failed_message, flag_of, message_width, nonfinite_message, pad_to
 from .stats import CommStats, log_stats
 
@@ -190,7 +191,7 @@ class Engine:
     def __init__(
         self,
         transport: Transport | Callable[[], Transport],
-        compressor: Compressor,
+        compressor: Compressor | AutoPlan | str,
         *,
         error_feedback: bool = True,
         momentum: float = 0.0,
@@ -211,8 +212,15 @@ class Engine:
         small_compressor: Compressor | str | None = None,
         node_size: int | None = None,
     ) -> None:
+        plan = AutoPlan() if isinstance(compressor, str) and compressor == "auto" else compressor
+        if isinstance(plan, AutoPlan):
+            compressor = plan.compressors[-1]  # the most lossy candidate: settings and agreement use it
+            _check_plan_settings(scheme=scheme, momentum=momentum, density_warmup=density_warmup)
+        else:
+            plan = None
         if not isinstance(compressor, Compressor):
-            raise ConfigError(f"compressor must be a deepreduce.Compressor, got {type(compressor).__name__}")
+            raise ConfigError(f"compressor must be a deepreduce.Compressor, an AutoPlan or 'auto', got "
+                              f"{type(compressor).__name__ if not isinstance(compressor, str) else repr(compressor)}")
         if isinstance(small_compressor, str):
             try:
                 small_compressor = Compressor.from_spec(small_compressor, seed=compressor.seed)
@@ -250,6 +258,9 @@ class Engine:
         self._transport = transport if isinstance(transport, Transport) else None
         self._make_transport = None if isinstance(transport, Transport) else transport
         self.compressor = compressor
+        self.plan = plan
+        self._bucket_compressor: Compressor | None = None  # the plan's choice for the bucket being encoded
+        self.device = torch.device("cpu")  # of the last bucket (for the plan's collectives)
         self.small_compressor = small_compressor
         try:
             self.memory = memory if memory is not None else ErrorFeedback(enabled=error_feedback, momentum=momentum)
@@ -303,9 +314,10 @@ class Engine:
         """Everything ranks must agree on, as plain data."""
         c = self.compressor
         return {
-            "compressor": c.spec,
+            "compressor": c.spec if self.plan is None else "auto",
             "seed": c.seed,
             "fingerprint": c.fingerprint,
+            "plan": None if self.plan is None else self.plan.describe(),
             "small_compressor": None if self.small_compressor is None else self.small_compressor.fingerprint,
             "start_iter": self.start_iter,
             "min_numel": self.min_numel,
@@ -348,13 +360,52 @@ class Engine:
             self._stats.mark_steady()
         numel = buffer.numel()
         dense_bytes = numel * buffer.element_size()
+        self.device = buffer.device
         self._stats.add(buckets=1, dense_bytes=dense_bytes)
         if self.step < self.start_iter or numel < self.min_numel:
             warmup = self.step < self.start_iter
             self._stats.add(sent_bytes=dense_bytes, warmup_buckets=int(warmup), small_buckets=int(not warmup))
             future = self._allreduce(buffer, key)
             return self._checked(future, key) if self.nonfinite == "raise" else future
-        return self._reduce_compressed(buffer, self._segments(buffer, segments, key), dense_bytes, key)
+        segments = self._segments(buffer, segments, key)
+        if self.plan is not None:
+            return self._planned(buffer, segments, dense_bytes, key)
+        return self._reduce_compressed(buffer, segments, dense_bytes, key)
+
+    def _planned(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int, key: Hashable) -> torch.futures.Future:
+        """A bucket under ``compressor="auto"``: the plan's option (planned here first
+        where needed). Dense and fp16 buckets first take back their residuals."""
+        option = self.plan.option_for(self, buffer, segments, key)
+        compressor = self.plan.compressor(option)
+        if compressor is not None:
+            self._bucket_compressor = compressor
+            try:
+                return self._reduce_compressed(buffer, segments, dense_bytes, key)
+            finally:
+                self._bucket_compressor = None
+        for seg in segments:
+            self.memory.flush(seg.name, buffer.narrow(0, seg.offset, seg.numel), seg.parts)
+        half = option == FP16
+        self._stats.add(sent_bytes=dense_bytes // 2 if half else dense_bytes, planned_dense_buckets=1)
+        future = self._allreduce_fp16(buffer, key) if half else self._allreduce(buffer, key)
+        return self._checked(future, key) if self.nonfinite == "raise" else future
+
+    def _allreduce_fp16(self, buffer: torch.Tensor, key: Hashable) -> torch.futures.Future:
+        """Allreduce in fp16 (divided by W before the cast, as torch's fp16 hook does),
+        written back into ``buffer``."""
+        half = buffer.to(torch.float16)
+        if self.average:
+            half.div_(self.transport.world_size)
+        try:
+            future = self.transport.allreduce_async(half)
+        except Exception as exc:
+            raise self._failed("the fp16 allreduce", key, self.step, exc) from exc
+
+        def widen(done: torch.futures.Future) -> torch.Tensor:
+            value = done.value()
+            return buffer.copy_(value[0] if isinstance(value, list) else value)
+
+        return self._guarded(future, "the fp16 allreduce", key).then(widen)
 
     def _failed(self, what: str, key: Hashable, step: int, exc: BaseException) -> CommunicationError:
         return CommunicationError(f"deepreduce: bucket {key!r} at step {step}: {what} failed "
@@ -393,6 +444,8 @@ class Engine:
         streams and counts warm-up, and logs stats every ``stats_every`` steps."""
         self.step += 1
         self._stats.add(steps=1)
+        if self.plan is not None:
+            self.plan.end_step(self)
         if self.stats_every and self.step % self.stats_every == 0:
             log_stats(self._stats.as_dict(), prefix=f"deepreduce rank {self.transport.rank} step {self.step}")
 
@@ -428,6 +481,8 @@ class Engine:
         return target ** (max(done, 0) / self.density_warmup)
 
     def _step_compressor(self) -> Compressor:
+        if self._bucket_compressor is not None:
+            return self._bucket_compressor
         if not self.density_warmup or self.step - self.start_iter + 1 >= self.density_warmup:
             return self.compressor
         if self._ramp is None or self._ramp[0] != self.step:
@@ -733,7 +788,9 @@ class Engine:
         """Counters since the start (or the checkpoint); see :mod:`deepreduce.engine.stats`."""
         out = self._stats.as_dict()
         out["step"] = self.step
-        out["compressor"] = self.compressor.spec
+        out["compressor"] = self.compressor.spec if self.plan is None else "auto"
+        if self.plan is not None:
+            out["plan"] = self.plan.stats()
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -745,6 +802,7 @@ class Engine:
             "memory": self.memory.state_dict(),
             "stats": self._stats.state_dict(),
             "compressor": {"spec": c.spec, "seed": c.seed, "fingerprint": c.fingerprint},
+            "plan": None if self.plan is None else self.plan.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -757,6 +815,19 @@ class Engine:
         self.step = int(state["step"])
         self.memory.load_state_dict(state["memory"])
         self._stats.load_state_dict(state["stats"])
+        if self.plan is not None and state.get("plan") is not None:
+            self.plan.load_state_dict(state["plan"])
+
+
+def _check_plan_settings(*, scheme: str, momentum: float, density_warmup: int) -> None:
+    """ConfigError for settings ``compressor="auto"`` cannot honour."""
+    if scheme != "allgather":
+        raise ConfigError(f"compressor='auto' plans buckets for scheme='allgather'; scheme={scheme!r} takes a spec")
+    if momentum:
+        raise ConfigError("compressor='auto' cannot keep DGC momentum correction (a bucket planned dense would drop "
+                          "the momentum it moved out of the optimizer); use momentum=0 with a momentum optimizer")
+    if density_warmup:
+        raise ConfigError("compressor='auto' plans the density itself; use density_warmup=0")
 
 
 def sum_in_rank_order(target: torch.Tensor, parts: Sequence[torch.Tensor | SparseGrad], divisor: int = 1) -> None:

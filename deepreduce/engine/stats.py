@@ -39,6 +39,7 @@ class _Counters:
     compressed_buckets: int = 0
     warmup_buckets: int = 0  # dense because step < start_iter
     small_buckets: int = 0  # dense because numel < min_numel
+    planned_dense_buckets: int = 0  # compressor="auto": sent dense or fp16 by the plan
     dense_fallbacks: int = 0  # compressed, then sent dense: the gather would move more than allreduce
     nonfinite_buckets: int = 0  # sent dense because some rank's bucket held NaN/Inf
     dense_bytes: int = 0

@@ -377,8 +377,48 @@ def check_resume_layout() -> dict:
     return out
 
 
+def check_auto() -> dict:
+    """compressor="auto": with the link measured, and with a slow link given and a
+    re-plan at every drift check; parameters and plans must agree across ranks; a run
+    resumed from step 8 equals the uninterrupted one."""
+    out = {}
+
+    def run(plan_options, steps, saved=None):
+        model = make_model()
+        plan = dr.AutoPlan(["topk:0.2/eliasfano/fp16", "topk:0.05/eliasfano/fp16"], **plan_options)
+        state = hook_state(plan, start_iter=2, named_parameters=model.named_parameters())
+        ddp = DDP(model, bucket_cap_mb=0.03)
+        ddp.register_comm_hook(state, dr.deepreduce_hook)
+        optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+        data, first = list(batches(dist.get_rank(), 16)), 0
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            state.load_state_dict(saved["hook"])
+            first = saved["step"]
+        for x, y in data[first:first + steps]:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
+            optimizer.step()
+        snapshot = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "hook": state.state_dict(), "step": first + steps}
+        stats = state.stats()
+        return {"digest": digest(model), "plan": stats["plan"]["buckets"], "replans": stats["plan"]["replans"],
+                "compressed_buckets": stats["compressed_buckets"],
+                "planned_dense_buckets": stats["planned_dense_buckets"]}, snapshot
+
+    out["measured"], _ = run({"check_every": 0}, 16)
+    slow = {"link": (0.001, 1e5), "check_every": 4, "drift": 1e-9}
+    out["slow"], _ = run(slow, 16)
+    out["fast"], _ = run({"link": (0.0, 1e13), "check_every": 0}, 8)
+    _, saved = run(slow, 8)
+    out["resumed"], _ = run(slow, 8, saved)
+    return out
+
+
 CHECKS = {
     "specs": check_specs,
+    "auto": check_auto,
     "bucket": check_bucket_granularity,
     "dtypes": check_dtypes,
     "equals_allreduce": check_equals_allreduce,

@@ -47,6 +47,7 @@ DEEPREDUCE = [
     "topk:0.01/bloom:policy=p0/qsgd",
     "mstopk:0.01/eliasfano/fp16",
     "topk:0.001/eliasfano/fp16",
+    "auto",
 ]
 LINKS = ["100mbit", "1gbit", "unshaped"]
 # With several processes per node (--procs-per-node): the schemes side by side. A config
@@ -220,7 +221,7 @@ def unavailable(config: str) -> str | None:
             return f"{hook} is a built-in hook: it has no scheme"
         if scheme not in SCHEMES:
             return f"the engine has no scheme {scheme!r} (it knows {', '.join(SCHEMES)})"
-    if hook in BASELINES:
+    if hook in BASELINES or hook == "auto":
         return None
     try:
         Compressor.from_spec(hook)
