@@ -81,6 +81,11 @@ Choosing the scheme (``scheme=``):
   top-k work per process than ``"allgather"``, for two dense collectives inside the
   node; the bytes per process still grow with the number of nodes (an all-gather among
   them). Needs the default process group (see :mod:`deepreduce.engine.hierarchical`).
+- ``"hierarchical_shared_index"``: the same inside the node, and the shared-index
+  allreduce between nodes instead of the all-gather, so what a process sends between
+  nodes stays about one index set plus twice k values however many nodes there are.
+  For many nodes; it carries the shared index's accuracy cost (one leader's indices per
+  slot and step) and its codec limits (values ``raw``, ``fp16``, ``bf16``).
 """
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations against
@@ -126,7 +131,8 @@ class DeepReduceState:
         granularity: ``"tensor"`` (top-k per parameter) or ``"bucket"`` (one per bucket).
         scheme: ``"allgather"`` (every rank's payload to every rank),
             ``"shared_index"`` (a rotating leader's indices, one allreduce of the values) or
-            ``"hierarchical"`` (dense inside a node, compressed between nodes); see
+            ``"hierarchical"`` (dense inside a node, compressed between nodes) or
+            ``"hierarchical_shared_index"`` (the same with a shared index between nodes); see
             "Choosing the scheme" in the module docstring.
         density_warmup: steps after ``start_iter`` over which the density ramps
             exponentially from dense to the compressor's ratio; 0: none.

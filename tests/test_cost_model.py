@@ -28,6 +28,10 @@ def predict(scheme: str, ranks: int = 16, node_size: int = 4, density: float = 0
     ("hierarchical", 0.153 + 0.2655 + 0.00625 + 0.000375, 3 * 218_750),
     # 250 000 indices * 1.5 B once + 2*15/16 * 250 000 * 2 B: 1.3125e6 B: 0.13125 s + 3*15*5*0.1 ms; top-k + 250 000 adds
     ("shared_index", 0.13125 + 0.0225 + 0.025 + 0.0005, 1.3125e6 / 4),
+    # inside the node as hierarchical; between nodes each of the node's 4 rings moves 62 500 indices * 1.5 B
+    # + 2*3/4 * 62 500 * 2 B = 281 250 B: 1.125e6 B over the link, 0.1125 s + 3*3*5*0.1 ms; top-k of 6.25 M
+    # + 62 500 adds
+    ("hierarchical_shared_index", 0.153 + 0.1125 + 0.0045 + 0.00625 + 0.000125, 281_250),
 ])
 def test_sixteen_ranks_in_four_nodes(scheme, step_s, inter_bytes):
     got = predict(scheme)
@@ -51,6 +55,16 @@ def test_shared_cores_and_the_dense_fallback():
         predict("dense", ranks=10, node_size=4)
     with pytest.raises(ValueError, match="scheme must be one of"):
         predict("tree")
+
+
+def test_shared_index_between_nodes_keeps_inter_node_bytes_nearly_flat():
+    # per rank: k/L (p_index + 2 (N-1)/N p_value): from 2 to 64 nodes of 8 only the allreduce's
+    # 2 (N-1)/N grows (1 -> 1.97), where the hierarchical all-gather's (N-1) grows 63x
+    two = predict("hierarchical_shared_index", ranks=16, node_size=8)["inter_node_bytes"]
+    many = predict("hierarchical_shared_index", ranks=512, node_size=8)["inter_node_bytes"]
+    assert many / two == pytest.approx((1.5 + 2 * 2 * 63 / 64) / (1.5 + 2 * 2 * 1 / 2), rel=1e-9)
+    gather = [predict("hierarchical", ranks=w, node_size=8)["inter_node_bytes"] for w in (16, 512)]
+    assert gather[1] / gather[0] == pytest.approx(63, rel=1e-9)
 
 
 def test_hierarchical_cuts_inter_node_bytes_by_the_node_size():

@@ -102,7 +102,8 @@ def _read(out: Path, world: int) -> list[dict]:
 def local4(tmp_path_factory):
     out = tmp_path_factory.mktemp("hier4")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", str(WORKER), str(out),
-           "--node-size", "2", "--only", "tensor", "--checks", "bitwise,equals_allreduce,resume,nonfinite"]
+           "--node-size", "2", "--only", "tensor", "--checks",
+           "bitwise,equals_allreduce,resume,nonfinite,shared_between_nodes"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=worker_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return _read(out, 4)
@@ -158,6 +159,28 @@ def test_nonfinite_gradient_on_one_rank_is_seen_by_every_rank(local4):
     assert all(e["skipped"] == [5] for e in entries)
     assert len({e["digest"] for e in entries}) == 1
     assert all(e["stats"]["nonfinite_buckets"] == entries[0]["stats"]["nonfinite_buckets"] > 0 for e in entries)
+
+
+@pytest.mark.slow
+def test_shared_index_between_nodes_stays_bitwise_and_equals_allreduce(local4):
+    entries = [rank["shared_between_nodes"] for rank in local4]
+    assert len({e["bitwise"]["digest"] for e in entries}) == 1
+    stats = entries[0]["bitwise"]["stats"]
+    assert stats["compressed_buckets"] > 0 and stats["broadcast_bytes"] > 0  # index broadcasts between nodes
+    assert 0 < stats["steady"]["inter_node_bytes"] < stats["steady"]["intra_node_bytes"] / 10
+    for e in entries:
+        exact = e["equals_allreduce"]
+        assert exact["stats"]["compressed_buckets"] > 0 and exact["stats"]["dense_fallbacks"] == 0
+        assert exact["grad_diff"] <= 1e-6 * exact["grad_scale"] and exact["param_diff"] <= 1e-6
+    assert len({e["equals_allreduce"]["digest"] for e in entries}) == 1
+
+
+def test_shared_index_between_nodes_refuses_codecs_without_a_sum():
+    with pytest.raises(dr.ConfigError, match="no element-wise sum"):
+        dr.DeepReduceState(None, "topk:0.01/eliasfano/qsgd", scheme="hierarchical_shared_index", node_size=2)
+    with pytest.raises(dr.ConfigError, match="small_compressor"):
+        dr.DeepReduceState(None, "topk:0.01/eliasfano/fp16", scheme="hierarchical_shared_index", node_size=2,
+                           small_compressor="topk:1/strided/uniform:bits=8")
 
 
 # --- 2 emulated nodes x 2 processes ---------------------------------------------------------------

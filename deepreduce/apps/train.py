@@ -71,7 +71,7 @@ from ..errors import ConfigError
 from ..hooks import DeepReduceState
 from ..local_adam import LocalAdamW
 from ..optim import UpdateSync
-from ..engine.pipeline import SCHEMES
+from ..engine.pipeline import NODE_SCHEMES, SCHEMES
 from .comm_hooks import BUILTIN_HOOKS, CommMeter, hook_state_dict, load_hook_state, make_hook
 from .data import ByteCorpus, CorpusError, SnippetClasses, stdlib_classes, stdlib_corpus, text_corpus
 from .metrics import params_digest
@@ -150,14 +150,16 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                    help="compress the tensors below --min-numel with this spec instead of sending them raw "
                         "(e.g. topk:1/strided/uniform:bits=8)")
     c.add_argument("--node-size", type=int, default=None, metavar="L",
-                   help="--scheme hierarchical: processes per node (default: torchrun's LOCAL_WORLD_SIZE)")
+                   help="--scheme hierarchical[_shared_index]: processes per node (default: torchrun's "
+                        "LOCAL_WORLD_SIZE)")
     c.add_argument("--granularity", default="tensor", choices=("tensor", "bucket"),
                    help="top-k per parameter, or one top-k over each DDP bucket")
     c.add_argument("--scheme", default="allgather", choices=tuple(SCHEMES),
                    help="how compressed buckets travel: every rank's payload to every rank; shared_index: a "
                         "rotating leader's indices and one allreduce of every rank's values there (bytes per rank "
                         "do not grow with the world size; value codecs raw, fp16, bf16); hierarchical (gradient "
-                        "mode): dense inside a node, 1/L of each bucket compressed between nodes")
+                        "mode): dense inside a node, 1/L of each bucket compressed between nodes; "
+                        "hierarchical_shared_index: the same with the shared-index allreduce between nodes")
     c.add_argument("--no-error-feedback", action="store_true")
     c.add_argument("--no-dense-fallback", action="store_true")
     c.add_argument("--powersgd-rank", type=int, default=4)
@@ -449,10 +451,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("deepreduce train: --weight-decay must be >= 0")
     if args.local_steps < 1:
         raise SystemExit("deepreduce train: --local-steps must be >= 1")
-    if args.scheme == "hierarchical" and args.mode != "gradient":
-        raise SystemExit("deepreduce train: --scheme hierarchical needs --mode gradient")
-    if args.node_size is not None and (args.scheme != "hierarchical" or args.node_size < 1):
-        raise SystemExit("deepreduce train: --node-size must be >= 1 and needs --scheme hierarchical")
+    if args.scheme in NODE_SCHEMES and args.mode != "gradient":
+        raise SystemExit(f"deepreduce train: --scheme {args.scheme} needs --mode gradient")
+    if args.node_size is not None and (args.scheme not in NODE_SCHEMES or args.node_size < 1):
+        raise SystemExit("deepreduce train: --node-size must be >= 1 and needs --scheme hierarchical "
+                         "(or hierarchical_shared_index)")
     if args.mode == "update" and (args.compression in BUILTIN_HOOKS or args.compression == "auto"):
         raise SystemExit(f"deepreduce train: --mode update needs a compressor spec for --compression, not {args.compression!r}")
     if args.mode == "gradient" and (args.local_steps != 1 or args.overlap or args.keep_unsent or args.outer_lr != 1.0 or args.outer_momentum):

@@ -40,6 +40,14 @@ one top-k runs over the slot, its residual saved per piece. ``state_dict`` there
 restores every residual when a run resumes with the same node size and bucket layout;
 a changed layout restarts the residuals of the pieces whose ranges changed from zero.
 
+``scheme="hierarchical_shared_index"`` runs the shared-index allreduce
+(:mod:`deepreduce.engine.shared_index`) between nodes instead of the all-gather: per slot
+and step one node's rank of that local rank picks the indices, and the N ranks allreduce
+their values there. The bytes a rank sends between nodes then no longer grow with the
+number of nodes (about one index message plus twice k values), at the shared index's cost
+in accuracy (one rank's choice of indices per slot and step); value codecs ``raw``,
+``fp16``, ``bf16`` and lossless index codecs only.
+
 Tuning:
 
 - Worth it when a node's ranks share fast links (NVLink, PCIe, loopback) and the nodes a
@@ -55,6 +63,7 @@ Tuning:
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
@@ -181,8 +190,24 @@ def _check_layout(rank: int, node_size: int) -> None:
 
 
 def hierarchical_scheme(engine: "Engine") -> "HierarchicalScheme":
-    """The hierarchical reducer for ``engine`` (the engine's scheme factory)."""
+    """The hierarchical reducer for ``engine`` (the engine's scheme factory): the
+    all-gather of every rank's payload between nodes."""
     scheme = HierarchicalScheme(engine.node_size)
+    scheme.engine = engine
+    return scheme
+
+
+def hierarchical_shared_index_scheme(engine: "Engine") -> "HierarchicalScheme":
+    """The ``"hierarchical_shared_index"`` reducer: between nodes, the shared-index
+    allreduce (:mod:`deepreduce.engine.shared_index`) instead of the all-gather, so the
+    bytes a rank sends between nodes stop growing with the number of nodes."""
+    from .shared_index import check_compressor
+
+    check_compressor(engine.compressor)
+    if engine.small_compressor is not None:
+        raise ConfigError("scheme 'hierarchical_shared_index' sums the tensors below min_numel densely; "
+                          "small_compressor applies to schemes 'allgather' and 'hierarchical'")
+    scheme = HierarchicalScheme(engine.node_size, between_nodes="shared_index")
     scheme.engine = engine
     return scheme
 
@@ -193,7 +218,10 @@ class HierarchicalScheme:
     The sub-groups are made once, at the configuration check (or the first bucket
     without one). ``engine``: the engine it serves (set by :func:`hierarchical_scheme`)."""
 
-    def __init__(self, node_size: int | None = None) -> None:
+    def __init__(self, node_size: int | None = None, between_nodes: str = "allgather") -> None:
+        if between_nodes not in ("allgather", "shared_index"):
+            raise ConfigError(f"between_nodes must be 'allgather' or 'shared_index', got {between_nodes!r}")
+        self.between_nodes = between_nodes
         self.from_env = node_size is None
         self.node_size = resolve_node_size(node_size)
         self.groups: NodeGroups | None = None
@@ -203,7 +231,7 @@ class HierarchicalScheme:
         return {**self.__dict__, "groups": None}  # process groups belong to one process
 
     def describe(self) -> dict[str, Any]:
-        return {"node_size": self.node_size}
+        return {"node_size": self.node_size, "between_nodes": self.between_nodes}
 
     def setup(self, world: Transport) -> None:
         if self.groups is None:
@@ -220,6 +248,7 @@ class HierarchicalScheme:
         node and across nodes are issued before returning, the final all-gather asynchronously."""
         from .memory import memory_dtype
         from .pipeline import all_finite
+        from .shared_index import reduce_shared_index
 
         self.setup(engine.transport)
         groups = self.groups
@@ -248,7 +277,8 @@ class HierarchicalScheme:
         try:
             # A non-finite node takes the engine's non-finite path on every slot, whichever
             # protocol (computed sizes or exchanged) the slot's exchange uses.
-            exchanged = engine._compressed(view, pieces, shard_bytes, key, groups.cross, finite=not node_nonfinite)
+            exchange = engine._compressed if self.between_nodes == "allgather" else functools.partial(reduce_shared_index, engine)
+            exchanged = exchange(view, pieces, shard_bytes, key, groups.cross, finite=not node_nonfinite)
             exchanged.wait()
         except NonFiniteError as exc:
             # the engine names the rank in the cross-node group, which is the node

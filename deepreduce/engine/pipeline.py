@@ -40,7 +40,8 @@ and error-feedback rules.
 With ``scheme="hierarchical"`` the compressed step runs per node instead
 (:mod:`deepreduce.engine.hierarchical`): a dense reduce-scatter inside the node, the
 steps above on 1/L of the bucket among the ranks of the same local rank, a dense
-all-gather inside the node.
+all-gather inside the node; ``"hierarchical_shared_index"`` runs the shared-index
+allreduce between nodes instead of the all-gather.
 
 Averaging order, the same for every front end: each rank's contribution is divided by W
 and then added, in rank order, into an accumulator of the bucket's dtype (fp32 for
@@ -101,7 +102,9 @@ SCHEMES: dict[str, str] = {
     "allgather": "deepreduce.engine.pipeline:_allgather_scheme",
     "shared_index": "deepreduce.engine.shared_index:shared_index_scheme",
     "hierarchical": "deepreduce.engine.hierarchical:hierarchical_scheme",
+    "hierarchical_shared_index": "deepreduce.engine.hierarchical:hierarchical_shared_index_scheme",
 }
+NODE_SCHEMES = ("hierarchical", "hierarchical_shared_index")  # the schemes that group ranks by node
 
 
 def _allgather_scheme(engine: "Engine") -> Callable[..., torch.futures.Future]:
@@ -165,7 +168,8 @@ class Engine:
             every rank), ``"shared_index"`` (a rotating leader's indices, one dense
             allreduce of the values there; :mod:`deepreduce.engine.shared_index`) or
             ``"hierarchical"`` (dense inside a node, 1/L of the bucket compressed between
-            nodes; :mod:`deepreduce.engine.hierarchical`).
+            nodes; :mod:`deepreduce.engine.hierarchical`) or ``"hierarchical_shared_index"``
+            (the same, with the shared-index allreduce between nodes).
         average: divide by the world size (else sum).
         density_warmup: steps after ``start_iter`` over which the density falls
             exponentially from 1 to the compressor's ratio (DGC's warm-up); 0: none.
@@ -251,8 +255,9 @@ class Engine:
                 f"compressor {compressor.spec}: ratio 0 sends nothing, every gradient would stay in the residual; "
                 "use a positive ratio (e.g. 0.01)"
             )
-        if node_size is not None and scheme != "hierarchical":
-            raise ConfigError(f"node_size applies to scheme='hierarchical', not to scheme={scheme!r}")
+        if node_size is not None and scheme not in NODE_SCHEMES:
+            raise ConfigError(f"node_size applies to scheme='hierarchical' (or 'hierarchical_shared_index'), not to "
+                              f"scheme={scheme!r}")
         if not (isinstance(transport, Transport) or callable(transport)):
             raise ConfigError(f"transport must be a deepreduce.comm.Transport, got {type(transport).__name__}")
         self._transport = transport if isinstance(transport, Transport) else None

@@ -59,6 +59,7 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from .. import rng
+from ..comm import Transport
 from ..compressor import Compressor
 from ..errors import ConfigError, DecodeError, DeepReduceError
 from ..sparse import SparseGrad
@@ -205,10 +206,13 @@ def read_message(message: torch.Tensor, segments: Sequence[Segment], compressor:
 
 
 def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int,
-                        key: Hashable) -> torch.futures.Future:
+                        key: Hashable, transport: Transport | None = None, finite: bool | None = None) -> torch.futures.Future:
     """One compressed bucket through the shared-index scheme (see the module docstring).
-    Issues every collective before returning; the future completes with ``buffer``."""
-    transport = engine.transport
+    Issues every collective before returning; the future completes with ``buffer``.
+    ``transport``: the ranks to reduce over (default: the engine's; the hierarchical
+    scheme passes the ranks of one local rank across nodes). ``finite``: whether to treat
+    the bucket as finite (default: checked here)."""
+    transport = transport or engine.transport
     world, rank, step = transport.world_size, transport.rank, engine.step
     leader = leader_of(step, key, world)
     started = time.perf_counter()
@@ -221,7 +225,7 @@ def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Seg
     selection: list[tuple[torch.Tensor, torch.Tensor, bytes]] = []
     message = None
     # One pass; a host sync on CUDA, as the control exchange below is anyway.
-    if not bool(torch.isfinite(buffer).all()):
+    if not (bool(torch.isfinite(buffer).all()) if finite is None else finite):
         code = _NONFINITE
     else:
         try:
@@ -248,15 +252,15 @@ def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Seg
                 code = _DENSE if dense else _control(message.numel(), field)
         except Exception:
             # Tell the other ranks, or they would wait for this rank's word until timeout.
-            engine._allgather_sizes(_FAILED, key)
+            engine._allgather_sizes(_FAILED, key, transport)
             raise
     encoded = time.perf_counter()
-    codes = engine._allgather_sizes(code, key)
+    codes = engine._allgather_sizes(code, key, transport)
     if _FAILED in codes:
         failed = ", ".join(str(r) for r, n in enumerate(codes) if n == _FAILED)
         raise DeepReduceError(f"deepreduce: rank {failed} failed to compress bucket {key!r} at step {step} (see its error)")
     if _NONFINITE in codes:
-        return engine._nonfinite(buffer, segments, pending, codes, key, dense_bytes)
+        return engine._nonfinite(buffer, segments, pending, codes, key, dense_bytes, transport)
     if codes[leader] == _DENSE:
         for seg, entry in zip(segments, pending):
             if entry is not None:
@@ -265,7 +269,7 @@ def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Seg
                 engine.memory.update_dense(seg.name, compensated, to_send)
         engine._stats.add(dense_fallbacks=1, sent_bytes=dense_bytes, compress_s=encoded - started,
                           exchange_s=time.perf_counter() - encoded)
-        return engine._allreduce(buffer, key)
+        return engine._allreduce(buffer, key, transport)
     size = codes[leader] >> _EXPONENT_BITS
     shift = _fp16_shift([c & ((1 << _EXPONENT_BITS) - 1) for c in codes], world, engine.average) if codec == "fp16" else 0
 

@@ -118,8 +118,21 @@ def check_nonfinite() -> dict:
     return {"digest": digest(model), "skipped": skipped, "stats": hook_state.stats()}
 
 
+def check_shared_between_nodes() -> dict:
+    """scheme="hierarchical_shared_index": 50 steps of Adam bitwise equal on every rank,
+    and ratio 1 lossless equal to torch's allreduce hook."""
+    shared = {**SCHEME, "scheme": "hierarchical_shared_index"}
+    model = make_model()
+    hook_state = dr.DeepReduceState(None, "topk:0.05/eliasfano/fp16", min_numel=256, stats_every=0, **shared)
+    _, losses = train(model, hook_state, dr.deepreduce_hook, 50)
+    exact = dr.DeepReduceState(None, "topk:1.0/eliasfano/raw", min_numel=256, stats_every=0, dense_fallback=False,
+                               **shared)
+    return {"bitwise": {"digest": digest(model), "stats": hook_state.stats(), "losses": losses},
+            "equals_allreduce": compare_with_allreduce(exact)}
+
+
 CHECKS = {"bitwise": check_bitwise, "equals_allreduce": check_equals_allreduce, "resume": check_resume,
-          "nonfinite": check_nonfinite}
+          "nonfinite": check_nonfinite, "shared_between_nodes": check_shared_between_nodes}
 
 
 def main() -> int:

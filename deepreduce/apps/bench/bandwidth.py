@@ -57,6 +57,7 @@ TOPOLOGY_CONFIGS = [
     "topk:0.01/eliasfano/fp16",
     "topk:0.01/eliasfano/fp16@hierarchical",
     "topk:0.01/eliasfano/fp16@shared_index",
+    "topk:0.01/eliasfano/fp16@hierarchical_shared_index",
 ]
 TOPOLOGY_LINKS = ["100mbit", "1gbit"]
 WARMUP_STEPS = 3  # DDP rebuilds buckets after step 1; hooks start compressing at step 2
@@ -332,7 +333,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 # --- cost model ---------------------------------------------------------------------------------
 
-MODEL_SCHEMES = ("dense", "powersgd", "allgather", "hierarchical", "shared_index")
+MODEL_SCHEMES = ("dense", "powersgd", "allgather", "hierarchical", "shared_index", "hierarchical_shared_index")
 
 
 @dataclass(frozen=True)
@@ -375,6 +376,9 @@ def predict_step(scheme: str, *, numel: int, ranks: int, node_size: int, density
                     + select * numel/L + decode * (N-1) k/L
     - shared_index: k p_index / B + 2 (W-1)/W * k p_value / B + 3 (W-1) a       (one rank's indices to all,
                     + select * numel + decode * k                                then an allreduce of k values)
+    - hierarchical_shared_index: the intra-node terms of hierarchical          (shared index among the N
+                    + L (k/L) (p_index + 2 (N-1)/N p_value) / B + 3 (N-1) a      ranks of each local rank;
+                    + select * numel/L + decode * k/L                            L rings share a node's link)
 
     Latency terms are per bucket (``c.collectives``); compute is multiplied by
     ``W / c.cores`` when ranks share fewer cores. A compressed exchange that would move
@@ -416,7 +420,7 @@ def predict_step(scheme: str, *, numel: int, ranks: int, node_size: int, density
         edge = k * c.index_bytes + 2 * (W - 1) / W * k * c.value_bytes
         wire_s = edge / slowest + 3 * (W - 1) * lat
         codec_s = (c.select_s * numel + c.decode_s * k) * crowd
-    else:  # hierarchical
+    else:  # hierarchical, hierarchical_shared_index
         slot = numel / L
         k = density * slot
         if L > 1:
@@ -424,6 +428,10 @@ def predict_step(scheme: str, *, numel: int, ranks: int, node_size: int, density
         if N == 1:
             edge = wire_s = 0.0
             codec_s = c.select_s * slot * crowd
+        elif scheme == "hierarchical_shared_index":
+            edge = L * (k * c.index_bytes + 2 * (N - 1) / N * k * c.value_bytes)
+            wire_s = edge / c.link_Bps + 3 * (N - 1) * lat
+            codec_s = (c.select_s * slot + c.decode_s * k) * crowd
         elif N * k * per_kept > 2 * 4 * slot:
             per_rank, wire_s = ring_allreduce(4 * slot, N, c.link_Bps / L)
             edge = L * per_rank
@@ -527,7 +535,8 @@ def fit_constants(rows: list[dict], cores: float, latency_s: float, intra_Bps: f
 
 MODEL_CONFIGS = {"dense": "dense", "powersgd": "powersgd", "topk:0.01/eliasfano/fp16": "allgather",
                  "topk:0.01/eliasfano/fp16@hierarchical": "hierarchical",
-                 "topk:0.01/eliasfano/fp16@shared_index": "shared_index"}
+                 "topk:0.01/eliasfano/fp16@shared_index": "shared_index",
+                 "topk:0.01/eliasfano/fp16@hierarchical_shared_index": "hierarchical_shared_index"}
 # PowerSGD's own compute per step for the ResNet-50 layout: a world-size-1 run of the same
 # benchmark (powerSGD_hook minus noop), see ALGORITHMS.md section 10.
 POWERSGD_COMPUTE_S = 0.188 - 0.045
