@@ -147,10 +147,11 @@ def worker(argv: list[str]) -> int:
             tx.append(after - before if before is not None and after is not None else None)
     digest = params_digest(model)
     hook_stats = state.stats()["steady"] if hasattr(state, "engine") else None  # deepreduce hooks: the timed phase
+    plan = state.stats().get("plan") if hasattr(state, "engine") else None  # compressor "auto": what it chose
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "world": world, "config": args.config, "step_s": step_s, "hook_in_flight_s": comm_s,
-        "tx_bytes": tx, "params_digest": digest, "hook_stats": hook_stats,
+        "tx_bytes": tx, "params_digest": digest, "hook_stats": hook_stats, "plan": plan,
     }))
     close_process_group()
     return 0
@@ -194,6 +195,7 @@ def run_config(cluster, config: str, steps: int, out: Path, port: int, threads: 
         "nodes": cluster.nodes,
         "procs_per_node": cluster.procs_per_node,
         "hook_stats": stats[0] if stats else None,  # rank 0's counters over the timed steps
+        "plan": next((r["plan"]["buckets"] for r in reports if r.get("plan")), None),  # "auto": bucket -> option
         "link": cluster.rate or "unshaped",
         "step_time_s": max(step_times),  # the slowest rank sets the pace
         "hook_in_flight_s": statistics.median(statistics.median(r["hook_in_flight_s"]) for r in reports),
