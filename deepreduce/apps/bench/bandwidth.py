@@ -16,6 +16,9 @@ overhead, counted by the kernel), and speed-up vs. the default allreduce.
     deepreduce bench bandwidth --nodes 2 --links 100mbit --configs dense topk:0.01/eliasfano/fp16
     deepreduce bench bandwidth --quick                   # smoke test: tiny model, 2 nodes, unshaped (30-60 s)
 
+``auto`` is ``compressor="auto"`` (:mod:`deepreduce.engine.plan`): it plans at step 2,
+inside the untimed warm-up, and each rank's report keeps the plan (bucket -> option).
+
 ``powersgd`` is torch's ``powerSGD_hook`` (rank 4) wrapped so that each bucket's future
 has completed when the hook returns: the stock hook issues collectives from future
 callbacks, which aborts or hangs gloo with several buckets. Its warm-up
