@@ -8,18 +8,19 @@ How a bucket is planned, at its first step after ``start_iter`` (the decision is
 rank 0 and broadcast, so every rank follows the same plan):
 
 1. The link, once per plan, with every rank: two allreduces (a latency-bound 16 KB and
-   a bandwidth-bound one, up to 4 MB, the size of the bucket) are timed in fp32 and
+   a bandwidth-bound one, up to 16 MB, the size of the bucket) are timed in fp32 and
    ``seconds = latency + wire bytes / rate`` is fitted (a ring allreduce puts
    ``2 (W-1)/W`` times its input on the wire); the larger one again in fp16, which gloo
    sums at its own speed. (Timing the warm-up's own allreduces does not measure the
    link: a group runs several collectives at once, and DDP overlaps them with the
    backward pass.)
-2. The candidates, on the bucket as it arrives: each sparse spec encodes it and decodes
-   the message (timed; the decode counted W times, one per rank's payload); the message
-   size gives the all-gather's wire bytes, ``(W-1)`` times the padded message.
+2. The candidates, on the bucket as it arrives: each sparse spec runs what the engine
+   would run to send it (finiteness check, error feedback's passes, compression,
+   framing) and to receive it (W messages decoded and summed), timed; the message size
+   gives the all-gather's wire bytes, ``(W-1)`` times the padded message.
 3. Predicted seconds per bucket: dense and ``fp16``: the link model at the bucket's
-   wire bytes (fp16: half of them, plus the casts); a sparse spec: encode +
-   W decodes + the link model at its gather's wire bytes (not eligible where the dense
+   wire bytes (fp16: half of them, plus the casts); a sparse spec: sending +
+   receiving + the link model at its gather's wire bytes (not eligible where the dense
    fallback would take over). The plan takes the first option, in the order dense,
    fp16, then ``candidates`` as listed, whose prediction is within ``tolerance`` of the
    fastest: list the candidates from the least to the most lossy.
@@ -68,7 +69,9 @@ logger = logging.getLogger(__name__)
 DENSE = "dense"
 FP16 = "fp16"
 DEFAULT_CANDIDATES = ("topk:0.1/eliasfano/fp16", "topk:0.01/eliasfano/fp16")
-_PROBE_NUMELS = (4096, 1 << 20)  # a latency-bound and a bandwidth-bound allreduce (fp32 elements)
+# A latency-bound and a bandwidth-bound allreduce (fp32 elements). Smaller bandwidth probes
+# underrate a fast link: gloo moves large tensors at a better rate than a few MB.
+_PROBE_NUMELS = (4096, 1 << 22)
 
 
 @dataclass(frozen=True)
@@ -224,11 +227,12 @@ class AutoPlan:
         transport, world = engine.transport, engine.transport.world_size
         small, large = _PROBE_NUMELS[0], min(max(numel, 4 * _PROBE_NUMELS[0]), _PROBE_NUMELS[1])
 
-        def seconds(count: int, dtype: torch.dtype) -> float:
+        def seconds(count: int, dtype: torch.dtype, runs: int = 2) -> float:
             tensor = torch.zeros(count, dtype=dtype, device=device)
-            transport.allreduce_(tensor)  # settle (connections, allocations)
+            if count == small:
+                transport.allreduce_(tensor)  # settle (connections, in-flight collectives)
             best = float("inf")
-            for _ in range(2):
+            for _ in range(runs):
                 _sync(device)
                 began = time.perf_counter()
                 transport.allreduce_(tensor)
@@ -237,7 +241,8 @@ class AutoPlan:
             return best
 
         try:
-            fp32 = [(allreduce_wire_bytes(count * 4, world), seconds(count, torch.float32)) for count in (small, large)]
+            fp32 = [(allreduce_wire_bytes(count * 4, world), seconds(count, torch.float32, 3 if count == small else 2))
+                    for count in (small, large)]
             fp16 = seconds(large, torch.float16) if self.fp16 else None
         except Exception as exc:
             raise engine._failed("probing the link for the auto plan", "auto plan", engine.step, exc) from exc
@@ -299,9 +304,9 @@ class AutoPlan:
                 cast_s = _seconds(lambda: buffer.to(torch.float16).to(buffer.dtype), buffer.device)
                 predicted[FP16] = (self.link_fp16 or self.link).seconds(wire / 2) + cast_s
         for compressor in self.compressors:
-            encode_s, decode_s, width = _measure(engine, compressor, buffer, segments)
+            send_s, receive_s, width = _measure(engine, compressor, buffer, segments)
             fallback = engine.dense_fallback and world * width > 2 * nbytes
-            predicted[compressor.spec] = None if fallback else encode_s + world * decode_s + self.link.seconds((world - 1) * width)
+            predicted[compressor.spec] = None if fallback else send_s + receive_s + self.link.seconds((world - 1) * width)
         return predicted
 
     # --- drift -----------------------------------------------------------------------------
@@ -412,24 +417,44 @@ def _seconds(work, device: torch.device) -> float:
 
 def _measure(engine: "Engine", compressor: Compressor, buffer: torch.Tensor,
              segments: list["Segment"]) -> tuple[float, float, int]:
-    """(encode seconds, decode seconds, gather width) of ``compressor`` on this bucket as
-    the engine would send it (small segments raw or through its small compressor)."""
-    from .pipeline import _as_bytes, _stream_name, read_message
+    """(seconds to send, seconds to receive, gather width) of ``compressor`` on this
+    bucket as the engine would run it: to send, the finiteness check, error feedback's
+    full-size add, the compression of each segment (small ones raw or through the small
+    compressor), framing and the residual update; to receive, decoding W messages and
+    summing them in rank order (this rank's message decoded W times)."""
+    from .memory import memory_dtype
+    from .pipeline import _as_bytes, _stream_name, all_finite, read_message, sum_in_rank_order
 
     messages: list[torch.Tensor] = []
+    wide = memory_dtype(buffer.dtype)
 
-    def encode() -> None:
+    def send() -> None:
+        all_finite(buffer)
         entries = []
         for seg in segments:
             view = buffer.narrow(0, seg.offset, seg.numel)
             if seg.numel < engine.raw_below:
                 entries.append(_as_bytes(view))
                 continue
+            compensated = torch.add(view.to(wide), view, alpha=0.0)  # the residual's add: one full pass
             which = engine.small_compressor if seg.numel < engine.min_numel else compressor
-            entries.append(which.compress_detailed(view, step=engine.step, key=_stream_name(seg.name)).payload)
+            result = which.compress_detailed(compensated.to(buffer.dtype), step=engine.step, key=_stream_name(seg.name))
+            entries.append(result.payload)
+            sent = result.sent
+            compensated[sent.indices] = compensated[sent.indices] - sent.values.to(wide)  # the residual update
         messages.append(frame(entries, buffer.device))
 
-    encode_s = _seconds(encode, buffer.device)
+    send_s = _seconds(send, buffer.device)
     message = messages[-1]
-    decode_s = _seconds(lambda: read_message(message, segments, buffer.dtype, engine.raw_below), buffer.device)
-    return encode_s, decode_s, pad8(message.numel())
+    world = engine.transport.world_size
+
+    def receive() -> None:
+        parts = read_message(message, segments, buffer.dtype, engine.raw_below)
+        total = torch.zeros(buffer.numel(), dtype=wide, device=buffer.device)
+        for i, seg in enumerate(segments):
+            sum_in_rank_order(total.narrow(0, seg.offset, seg.numel), [parts[i]] * world, world)
+        for _ in range(world - 1):
+            read_message(message, segments, buffer.dtype, engine.raw_below)
+
+    receive_s = _seconds(receive, buffer.device)
+    return send_s, receive_s, pad8(message.numel())
