@@ -87,6 +87,7 @@ class IndexCodec(_Codec):
 
     kind: ClassVar[str] = "index"
     general: ClassVar[bool] = True  # carries any ascending index set (False: only what its sparsifier makes)
+    sparsifier: ClassVar[str] = "topk"  # the sparsifier that benchmarks and fuzzers pair it with (its own, if not general)
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:
         """Encode ascending unique int64 ``indices`` in ``[0, ctx.numel)``."""
