@@ -93,6 +93,10 @@ class IndexCodec(_Codec):
         """Encode ascending unique int64 ``indices`` in ``[0, ctx.numel)``."""
         raise NotImplementedError
 
+    def check_sparsifier(self, name: str, options: Mapping[str, Any]) -> None:
+        """Raise :class:`ConfigError` if the sparsifier ``name`` with ``options`` makes index
+        sets this codec cannot carry (checked when a compressor is built)."""
+
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:
         """Return the ``k`` ascending int64 indices; raise :class:`DecodeError` on bad input."""

@@ -15,6 +15,7 @@ block is among them, which ``k mod block`` tells.
 from __future__ import annotations
 
 import struct
+from typing import Any, Mapping
 
 import torch
 
@@ -68,6 +69,12 @@ class BlocksIndexCodec(IndexCodec):
         Option("block", int, 64, "elements per block (the sparsifier's)", check=lambda v: 1 <= v <= MAX_BLOCK,
                check_text=f"must be in [1, {MAX_BLOCK}]"),
     )
+
+    def check_sparsifier(self, name: str, options: Mapping[str, Any]) -> None:
+        block = self.config["block"]
+        if name == "blocktopk" and options["block"] % block:
+            raise ConfigError(f"the blocks index codec (block={block}) cannot carry blocktopk's blocks of "
+                              f"{options['block']}: give both the same block (e.g. blocks:block={options['block']})")
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:
         block = self.config["block"]
