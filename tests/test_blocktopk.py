@@ -18,11 +18,11 @@ from helpers import bits, reseal, set_header_field
 CPU = torch.device("cpu")
 
 
-def compressor(ratio: float, block: int, value: str = "raw", norm: str = "l2") -> dr.Compressor:
+def compressor(ratio: float, block: int, value: str = "raw", norm: str = "l1") -> dr.Compressor:
     return dr.Compressor.from_spec(f"blocktopk:{ratio},block={block},norm={norm}/blocks:block={block}/{value}")
 
 
-def reference_blocks(x: torch.Tensor, block: int, kept: int, norm: str = "l2") -> torch.Tensor:
+def reference_blocks(x: torch.Tensor, block: int, kept: int, norm: str = "l1") -> torch.Tensor:
     """The kept blocks by a plain loop: highest mean score first, lower block on ties."""
     scores = []
     for b in range(-(-x.numel() // block)):
@@ -120,10 +120,10 @@ def test_computed_size_bounds_the_payload_and_matches_the_gather_width(value, nu
 
 def test_kept_counts_cover_both_cases_of_the_short_last_block():
     entry = get_sparsifier("blocktopk")
-    assert entry.kept_counts(1000, 200, {"block": 64, "norm": "l2"}) == (168, 192)  # 3 blocks, or 2 + the 40
-    assert entry.kept_counts(1024, 200, {"block": 64, "norm": "l2"}) == (192,)
-    assert entry.kept_counts(1000, 1000, {"block": 64, "norm": "l2"}) == (1000,)
-    assert entry.kept_counts(1000, 0, {"block": 64, "norm": "l2"}) == (0,)
+    assert entry.kept_counts(1000, 200, {"block": 64, "norm": "l1"}) == (168, 192)  # 3 blocks, or 2 + the 40
+    assert entry.kept_counts(1024, 200, {"block": 64, "norm": "l1"}) == (192,)
+    assert entry.kept_counts(1000, 1000, {"block": 64, "norm": "l1"}) == (1000,)
+    assert entry.kept_counts(1000, 0, {"block": 64, "norm": "l1"}) == (0,)
     assert get_sparsifier("topk").kept_counts(1000, 200, {}) == (200,)
 
 
@@ -162,8 +162,10 @@ def test_blocks_codec_refuses_index_sets_that_are_not_its_blocks():
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     with pytest.raises(dr.ConfigError, match="whole aligned blocks of 64 positions only"):
         dr.Compressor(0.1, "topk", "blocks", "raw").compress(x)
+    with pytest.raises(dr.ConfigError, match="cannot carry blocktopk's blocks of 32: give both the same block"):
+        dr.Compressor.from_spec("blocktopk:0.2,block=32/blocks/raw")  # refused when built
     with pytest.raises(dr.ConfigError, match="blocktopk sparsifier at block=64"):
-        dr.Compressor.from_spec("blocktopk:0.2,block=32/blocks:block=64/raw").compress(x)
+        dr.Compressor.from_spec("randomk:0.2/blocks/raw").compress(x)  # other sparsifiers: when encoding
     with pytest.raises(dr.ConfigError, match="whole aligned blocks"):  # 64 = 2 blocks of 32, but misaligned
         make_index_codec("blocks", {"block": 32}).encode(torch.arange(16, 80), CodecContext(1000, torch.float32, CPU))
     # A larger multiple of the block is whole blocks of the smaller size too.

@@ -2,9 +2,12 @@
 
 The flat tensor is cut into aligned blocks ``[b*block, (b+1)*block)`` (the last one
 shorter when ``block`` does not divide the size). Each block is scored by the mean of
-its elements' squares (``norm=l2``: the ranking of the blocks' L2 norms) or of their
-magnitudes (``norm=l1``); means, so the shorter last block competes on equal terms. The
-``round(k / block)`` best blocks are kept (at least one); ties go to the lower block.
+its elements' magnitudes (``norm=l1``, the default) or of their squares (``norm=l2``:
+the ranking of the blocks' L2 norms); means, so the shorter last block competes on
+equal terms. The ``round(k / block)`` best blocks are kept (at least one); ties go to
+the lower block. With 1-bit values (``uniform:bits=1``: sign times a mean magnitude)
+``l1`` learned better in update mode (benchmarks/RESULTS.md): it prefers blocks whose
+elements are all large, where a sign code loses least, over blocks with one spike.
 
 Where the index set's positions are spread evenly -- an optimizer's update, where every
 element moves by about the learning rate -- per-element top-k spends most of its bits
@@ -67,16 +70,16 @@ def block_scores(magnitude: torch.Tensor, block: int, norm: str) -> torch.Tensor
 
 @register_sparsifier(
     "blocktopk",
-    "the round(k/block) aligned blocks of `block` elements with the largest mean |x|^2 (or |x|), whole; "
+    "the round(k/block) aligned blocks of `block` elements with the largest mean |x| (or |x|^2), whole; "
     "use the blocks index codec",
     options=(
         Option("block", int, 64, "elements per block", check=lambda v: 1 <= v <= MAX_BLOCK,
                check_text=f"must be in [1, {MAX_BLOCK}]"),
-        Option("norm", str, "l2", "block score: mean of squares (l2) or of magnitudes (l1)", choices=("l2", "l1")),
+        Option("norm", str, "l1", "block score: mean of magnitudes (l1) or of squares (l2)", choices=("l1", "l2")),
     ),
     counts=block_counts,
 )
-def blocktopk(magnitude: torch.Tensor, k: int, ctx: SelectContext, block: int = 64, norm: str = "l2") -> torch.Tensor:
+def blocktopk(magnitude: torch.Tensor, k: int, ctx: SelectContext, block: int = 64, norm: str = "l1") -> torch.Tensor:
     numel = magnitude.numel()
     kept = kept_blocks(numel, k, block)
     scores = block_scores(magnitude, block, norm)
