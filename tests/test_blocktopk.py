@@ -271,3 +271,20 @@ def test_update_sync_with_block_top_k_on_one_rank():
     sync.finish()
     assert stats["compressed_buckets"] == 3 and stats.get("size_exchanges", 0) == 0  # sizes computed, not exchanged
     assert 0.25 <= stats["density"] < 0.3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_block_top_k_on_gpu_decodes_alike_on_the_cpu():
+    cuda = torch.device("cuda")
+    numel, block = 100_003, 64
+    # Block scales far apart, so rounding differences between devices cannot reorder blocks.
+    scale = torch.randperm(-(-numel // block), generator=torch.Generator().manual_seed(5)).double().repeat_interleave(block)[:numel]
+    x = (torch.randn(numel, generator=torch.Generator().manual_seed(6)).sign() * (1 + scale)).float()
+    c = compressor(0.1, block, "uniform:bits=1")
+    on_gpu = c.compress_detailed(x.to(cuda), step=0)
+    assert on_gpu.payload.is_cuda and on_gpu.sent.indices.is_cuda
+    assert torch.equal(on_gpu.sent.indices.cpu(), c.compress_detailed(x, step=0).sent.indices)
+    decoded = dr.decode(on_gpu.payload.cpu())
+    assert torch.equal(decoded.indices, on_gpu.sent.indices.cpu())
+    assert torch.equal(bits(decoded.values), bits(on_gpu.sent.values.cpu()))
+    assert on_gpu.payload.numel() <= c.payload_size(numel, torch.float32)[0]
