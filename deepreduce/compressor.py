@@ -62,7 +62,7 @@ class Compressor:
 
     Args:
         ratio: fraction of elements kept (density), in [0, 1].
-        sparsifier: ``topk`` | ``threshold`` | ``randomk`` | ``mstopk`` | ``dgc``.
+        sparsifier: ``topk`` | ``threshold`` | ``randomk`` | ``mstopk`` | ``dgc`` | ``cyclic`` | ``blocktopk``.
         index: index codec name (``deepreduce codecs`` lists them).
         value: value codec name.
         seed: seeds the private (seed, step, bucket) random streams used by random
@@ -128,6 +128,7 @@ class Compressor:
                 routed[part].setdefault(key, value_)
         self.sparsifier_config = resolve_options(f"sparsifier {sparsifier!r}", self.sparsifier.options, routed["s"])
         self.index_codec: IndexCodec = make_index_codec(index, routed["i"])
+        self.index_codec.check_sparsifier(self.sparsifier.name, self.sparsifier_config)
         self.value_codec: ValueCodec = make_value_codec(value, routed["v"])
         self._steps: dict[int, int] = {}
         self._scratch = Scratch()  # selection's full-size temporaries, reused across calls
@@ -274,14 +275,18 @@ class Compressor:
         gather of such payloads needs no size exchange."""
         if not self.sparsifier.exact_k:
             return None
-        k = target_k(numel, self.ratio)
-        index = self.index_codec.encoded_size(numel, k, dtype)
-        value = self.value_codec.encoded_size(numel, k, dtype)
-        if index is None or value is None:
-            return None
-        # pad8 is monotone, so a bound on the index part bounds its padded length too.
-        nbytes = wire.HEADER_SIZE + wire.pad8(index.params + value.params) + wire.pad8(index.data) + value.data
-        return nbytes, index.exact and value.exact
+        counts = self.sparsifier.kept_counts(numel, target_k(numel, self.ratio), self.sparsifier_config)
+        sizes = []
+        for k in counts:  # one count, or a few (whole blocks): the largest payload bounds them all
+            index = self.index_codec.encoded_size(numel, k, dtype)
+            value = self.value_codec.encoded_size(numel, k, dtype)
+            if index is None or value is None:
+                return None
+            # pad8 is monotone, so a bound on the index part bounds its padded length too.
+            nbytes = wire.HEADER_SIZE + wire.pad8(index.params + value.params) + wire.pad8(index.data) + value.data
+            sizes.append((nbytes, index.exact and value.exact))
+        largest = max(nbytes for nbytes, _ in sizes)
+        return largest, len(sizes) == 1 and sizes[0][1]
 
     def compress(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0) -> torch.Tensor:
         """Compress ``tensor`` into a 1-D uint8 payload on the same device."""

@@ -87,10 +87,15 @@ class IndexCodec(_Codec):
 
     kind: ClassVar[str] = "index"
     general: ClassVar[bool] = True  # carries any ascending index set (False: only what its sparsifier makes)
+    sparsifier: ClassVar[str] = "topk"  # the sparsifier that benchmarks and fuzzers pair it with (its own, if not general)
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:
         """Encode ascending unique int64 ``indices`` in ``[0, ctx.numel)``."""
         raise NotImplementedError
+
+    def check_sparsifier(self, name: str, options: Mapping[str, Any]) -> None:
+        """Raise :class:`ConfigError` if the sparsifier ``name`` with ``options`` makes index
+        sets this codec cannot carry (checked when a compressor is built)."""
 
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:

@@ -9,8 +9,8 @@ fails at import.
 from __future__ import annotations
 
 WIRE_IDS: dict[str, dict[str, int]] = {
-    "sparsifier": {"topk": 1, "threshold": 2, "randomk": 3, "mstopk": 4, "dgc": 5, "cyclic": 6},
-    "index": {"raw": 1, "rle": 2, "eliasfano": 3, "zstd": 4, "bloom": 5, "strided": 6},
+    "sparsifier": {"topk": 1, "threshold": 2, "randomk": 3, "mstopk": 4, "dgc": 5, "cyclic": 6, "blocktopk": 7},
+    "index": {"raw": 1, "rle": 2, "eliasfano": 3, "zstd": 4, "bloom": 5, "strided": 6, "blocks": 7},
     "value": {"raw": 1, "fp16": 2, "bf16": 3, "zstd": 4, "qsgd": 5, "polyfit": 6, "dexp": 7, "uniform": 8},
 }
 

@@ -45,6 +45,7 @@ class SelectContext:
 
 
 SelectFn = Callable[..., torch.Tensor]
+CountsFn = Callable[[int, int, Mapping[str, Any]], Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,15 @@ class Sparsifier:
     select: SelectFn
     description: str
     options: Sequence[Option] = ()
-    exact_k: bool = True  # returns exactly round(ratio * d) elements
+    exact_k: bool = True  # returns exactly round(ratio * d) elements (or one of ``counts``)
+    counts: CountsFn | None = None  # the element counts it can return for a target k, when not k itself
+
+    def kept_counts(self, numel: int, k: int, config: Mapping[str, Any]) -> tuple[int, ...]:
+        """Every number of elements :meth:`select` can return for ``k`` of ``numel`` (one
+        number: exactly that many), for an exact-k sparsifier."""
+        if self.counts is None or k in (0, numel):
+            return (k,)
+        return tuple(sorted(set(int(c) for c in self.counts(numel, k, config))))
 
     def spec(self, ratio: float, config: Mapping[str, Any]) -> str:
         args = format_options(config, self.options)
@@ -69,16 +78,20 @@ def register_sparsifier(
     description: str,
     options: Sequence[Option] = (),
     exact_k: bool = True,
+    counts: CountsFn | None = None,
 ) -> Callable[[SelectFn], SelectFn]:
     """Register ``fn(abs_values, k, ctx, **options) -> indices`` under ``name``.
 
     ``abs_values`` is ``|x|`` as a flat tensor; the function returns int64 positions,
-    ascending if it can do so cheaply (they are sorted otherwise)."""
+    ascending if it can do so cheaply (they are sorted otherwise). A sparsifier that keeps
+    a number of elements other than ``k`` which is still known in advance (whole blocks)
+    passes ``counts(numel, k, options)``: the counts it may return, so payload sizes can
+    still be computed ahead."""
 
     def decorator(fn: SelectFn) -> SelectFn:
         if name in _SPARSIFIERS:
             raise RuntimeError(f"sparsifier {name!r} registered twice")
-        _SPARSIFIERS[name] = Sparsifier(name, wire_id("sparsifier", name), fn, description, tuple(options), exact_k)
+        _SPARSIFIERS[name] = Sparsifier(name, wire_id("sparsifier", name), fn, description, tuple(options), exact_k, counts)
         return fn
 
     return decorator

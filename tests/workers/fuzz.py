@@ -36,9 +36,8 @@ BOUNDARY = [0, 1, 2, 7, 8, 63, 64, 255, 256, 65535, 2**31 - 1, 2**31, 2**32, 2**
 def base_payloads(entry: str) -> list[torch.Tensor]:
     kind, _, spec = entry.partition(":")
     parts = f"{spec}/raw" if kind == "index" else f"eliasfano/{spec}"
-    # An index codec that carries only its own sparsifier's sets (strided) gets that sparsifier.
-    general = kind != "index" or INDEX_CODECS.lookup(spec.split(":")[0]).general
-    sparsifier = "topk" if general else "cyclic"
+    # An index codec that carries only its own sparsifier's sets (strided, blocks) gets that sparsifier.
+    sparsifier = INDEX_CODECS.lookup(spec.split(":")[0]).sparsifier if kind == "index" else "topk"
     payloads = []
     for i, (numel, ratio, dtype) in enumerate(BASES):
         x = torch.randn(numel, generator=torch.Generator().manual_seed(i)).to(dtype)

@@ -360,9 +360,10 @@ def seed_inputs() -> dict[str, dict[str, bytes]]:
     index_specs = [n for n in index_codecs()] + [v for v in _INDEX_VARIANTS if _registered(v, "index")]
     value_specs = [n for n in value_codecs()] + [v for v in _VALUE_VARIANTS if _registered(v, "value")]
     for spec in index_specs:
-        general = INDEX_CODECS.lookup(spec.split(":")[0]).general
+        codec = INDEX_CODECS.lookup(spec.split(":")[0])
+        general = codec.general
         for i, (numel, ratio, dtype) in enumerate(_SIZES):
-            add_payload(f"index-{spec}-{numel}-{ratio}-{str(dtype)[6:]}", f"{'topk' if general else 'cyclic'}/{spec}/raw", numel, ratio, dtype, i)
+            add_payload(f"index-{spec}-{numel}-{ratio}-{str(dtype)[6:]}", f"{codec.sparsifier}/{spec}/raw", numel, ratio, dtype, i)
         if general:
             add_payload(f"index-{spec}-clustered", f"topk/{spec}/raw", 4000, 0.05, torch.float32, 11, "clustered")
     for spec in value_specs:

@@ -66,23 +66,52 @@ def best_low_width(gaps: torch.Tensor, numel: int) -> int:
     return candidates[int(torch.argmin(costs))]
 
 
+def encode_ascending(indices: torch.Tensor, numel: int) -> tuple[torch.Tensor, int, int]:
+    """``(bytes, low-bit width, unary bits)`` of ascending unique ``indices`` in ``[0, numel)``."""
+    k = indices.numel()
+    if k == 0:
+        return indices.new_empty(0, dtype=torch.uint8), 0, 0
+    gaps = gaps_of(indices)
+    low_width = best_low_width(gaps, numel)
+    high = gaps >> low_width
+    terminators = torch.cumsum(high, 0) + torch.arange(k, device=indices.device)
+    nbits = int(terminators[-1]) + 1
+    low = _bits.pack_fixed(gaps & ((1 << low_width) - 1), low_width)
+    unary = _bits.pack_bitmap(terminators, nbits)
+    return torch.cat([low, unary]), low_width, nbits
+
+
+def decode_ascending(data: torch.Tensor, low_width: int, nbits: int, k: int, numel: int, codec: str = "eliasfano") -> torch.Tensor:
+    """The ``k`` indices :func:`encode_ascending` wrote; :class:`DecodeError` (naming
+    ``codec``) on bad input."""
+    if k == 0:
+        if low_width or nbits:
+            raise DecodeError(f"{codec}: non-empty parameters for k=0")
+        expect_nbytes(data, 0, codec)
+        return torch.empty(0, dtype=torch.int64, device=data.device)
+    if low_width > _bits.bit_length(numel):
+        raise DecodeError(f"{codec}: low-bit width {low_width} too large for numel={numel}")
+    if not k <= nbits <= k + ((numel - k) >> low_width):
+        raise DecodeError(f"{codec}: unary stream of {nbits} bits impossible for k={k}, numel={numel}")
+    low_bytes = _bits.fixed_nbytes(k, low_width)
+    expect_nbytes(data, low_bytes + _bits.packed_nbytes(nbits), codec)
+    terminators = _bits.bitmap_positions(data[low_bytes:], nbits)
+    if terminators.numel() != k or int(terminators[-1]) != nbits - 1:
+        raise DecodeError(f"{codec}: unary stream holds {terminators.numel()} terminators, expected {k}")
+    previous = torch.cat([terminators.new_full((1,), -1), terminators[:-1]])
+    high = terminators - previous - 1
+    low = _bits.unpack_fixed(data[:low_bytes], low_width, k)
+    return indices_from_gaps((high << low_width) | low)
+
+
 @register_index_codec
 class EliasFanoIndexCodec(IndexCodec):
     name = "eliasfano"
     description = "Elias-Fano split of the index gaps (low bits packed, high bits unary); near the entropy bound"
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:
-        k = indices.numel()
-        if k == 0:
-            return IndexEncoding(indices.new_empty(0, dtype=torch.uint8), struct.pack(_PARAMS, 0, 0), indices)
-        gaps = gaps_of(indices)
-        low_width = best_low_width(gaps, ctx.numel)
-        high = gaps >> low_width
-        terminators = torch.cumsum(high, 0) + torch.arange(k, device=indices.device)
-        nbits = int(terminators[-1]) + 1
-        low = _bits.pack_fixed(gaps & ((1 << low_width) - 1), low_width)
-        unary = _bits.pack_bitmap(terminators, nbits)
-        return IndexEncoding(torch.cat([low, unary]), struct.pack(_PARAMS, low_width, nbits), indices)
+        data, low_width, nbits = encode_ascending(indices, ctx.numel)
+        return IndexEncoding(data, struct.pack(_PARAMS, low_width, nbits), indices)
 
     def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
         # An upper bound (the unary stream's length depends on the gaps): about 0.5 bit
@@ -92,21 +121,4 @@ class EliasFanoIndexCodec(IndexCodec):
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:
         low_width, nbits = unpack_params(_PARAMS, params, cls.name)
-        if k == 0:
-            if low_width or nbits:
-                raise DecodeError("eliasfano: non-empty parameters for k=0")
-            expect_nbytes(data, 0, cls.name)
-            return torch.empty(0, dtype=torch.int64, device=data.device)
-        if low_width > _bits.bit_length(ctx.numel):
-            raise DecodeError(f"eliasfano: low-bit width {low_width} too large for numel={ctx.numel}")
-        if not k <= nbits <= k + ((ctx.numel - k) >> low_width):
-            raise DecodeError(f"eliasfano: unary stream of {nbits} bits impossible for k={k}, numel={ctx.numel}")
-        low_bytes = _bits.fixed_nbytes(k, low_width)
-        expect_nbytes(data, low_bytes + _bits.packed_nbytes(nbits), cls.name)
-        terminators = _bits.bitmap_positions(data[low_bytes:], nbits)
-        if terminators.numel() != k or int(terminators[-1]) != nbits - 1:
-            raise DecodeError(f"eliasfano: unary stream holds {terminators.numel()} terminators, expected {k}")
-        previous = torch.cat([terminators.new_full((1,), -1), terminators[:-1]])
-        high = terminators - previous - 1
-        low = _bits.unpack_fixed(data[:low_bytes], low_width, k)
-        return indices_from_gaps((high << low_width) | low)
+        return decode_ascending(data, low_width, nbits, k, ctx.numel, cls.name)

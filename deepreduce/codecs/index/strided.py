@@ -20,6 +20,7 @@ class StridedIndexCodec(IndexCodec):
     name = "strided"
     description = "evenly spaced indices as offset + stride (no bits per element); pair with the cyclic sparsifier"
     general = False
+    sparsifier = "cyclic"
 
     def encode(self, indices: torch.Tensor, ctx: CodecContext) -> IndexEncoding:
         k = indices.numel()

@@ -1,0 +1,91 @@
+"""``blocktopk``: the top blocks of ``block`` consecutive elements, every element of each.
+
+The flat tensor is cut into aligned blocks ``[b*block, (b+1)*block)`` (the last one
+shorter when ``block`` does not divide the size). Each block is scored by the mean of
+its elements' magnitudes (``norm=l1``, the default) or of their squares (``norm=l2``:
+the ranking of the blocks' L2 norms); means, so the shorter last block competes on
+equal terms. The ``round(k / block)`` best blocks are kept (at least one); ties go to
+the lower block. With 1-bit values (``uniform:bits=1``: sign times a mean magnitude)
+``l1`` learned better in update mode (benchmarks/RESULTS.md): it prefers blocks whose
+elements are all large, where a sign code loses least, over blocks with one spike.
+
+Where the index set's positions are spread evenly -- an optimizer's update, where every
+element moves by about the learning rate -- per-element top-k spends most of its bits
+on positions. Whole blocks cost a few bits per *block* (the ``blocks`` index codec
+writes block ids, not positions), so at the same bytes several times more elements
+travel, with few-bit values (``uniform``).
+
+The number of kept elements is known in advance: ``kept * block``, or ``block`` minus
+the last block's length fewer when the last (shorter) block is among them. Both counts
+are declared, so payload sizes can still be computed ahead (the larger one bounds them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..codecs.index.blocks import expand_blocks
+from ..options import Option
+from . import SelectContext, register_sparsifier
+
+MAX_BLOCK = (1 << 31) - 1
+
+
+def kept_blocks(numel: int, k: int, block: int) -> int:
+    """Blocks kept for a target of ``k`` of ``numel`` elements: ``round(k / block)``, at
+    least one (for ``k > 0``), at most all of them."""
+    if k <= 0 or numel <= 0:
+        return 0
+    nblocks = -(-numel // block)
+    return min(nblocks, max(1, (2 * k + block) // (2 * block)))
+
+
+def block_counts(numel: int, k: int, config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The element counts :func:`blocktopk` can return for a target ``k``."""
+    block = config["block"]
+    kept = kept_blocks(numel, k, block)
+    nblocks = -(-numel // block)
+    if kept == 0:
+        return (0,)
+    if kept == nblocks:
+        return (numel,)
+    last = numel - (nblocks - 1) * block
+    return (kept * block,) if last == block else (kept * block - (block - last), kept * block)
+
+
+def block_scores(magnitude: torch.Tensor, block: int, norm: str) -> torch.Tensor:
+    """Per block the mean of ``|x|^2`` (``l2``) or ``|x|`` (``l1``), in float32 at least."""
+    wide = magnitude if magnitude.dtype in (torch.float32, torch.float64) else magnitude.float()
+    values = wide.square() if norm == "l2" else wide
+    numel = values.numel()
+    full = numel // block
+    scores = values[: full * block].reshape(full, block).sum(dim=1) / block
+    if full * block < numel:
+        tail = values[full * block :]
+        scores = torch.cat([scores, (tail.sum() / tail.numel()).reshape(1)])
+    return scores
+
+
+@register_sparsifier(
+    "blocktopk",
+    "the round(k/block) aligned blocks of `block` elements with the largest mean |x| (or |x|^2), whole; "
+    "use the blocks index codec",
+    options=(
+        Option("block", int, 64, "elements per block", check=lambda v: 1 <= v <= MAX_BLOCK,
+               check_text=f"must be in [1, {MAX_BLOCK}]"),
+        Option("norm", str, "l1", "block score: mean of magnitudes (l1) or of squares (l2)", choices=("l1", "l2")),
+    ),
+    counts=block_counts,
+)
+def blocktopk(magnitude: torch.Tensor, k: int, ctx: SelectContext, block: int = 64, norm: str = "l1") -> torch.Tensor:
+    numel = magnitude.numel()
+    kept = kept_blocks(numel, k, block)
+    scores = block_scores(magnitude, block, norm)
+    if kept >= scores.numel():
+        return torch.arange(numel, device=magnitude.device)
+    # A stable sort breaks ties towards the lower block, the same on every device
+    # (NaN scores sort first: a non-finite block is always sent).
+    order = torch.sort(scores, descending=True, stable=True).indices[:kept]
+    return expand_blocks(torch.sort(order).values, block, numel)
