@@ -50,6 +50,9 @@ from . import default_output_dir, machine_facts, make_console, markdown_table, p
 # them too cost accuracy on the tuning task.
 HOOK_SPEC = "topk:0.01/eliasfano/fp16"
 UPDATE_SPEC = "topk:0.035/eliasfano/uniform:bits=1"
+# Whole blocks of 128 with 1-bit values: block ids cost a few bits per block, so at the same
+# bytes about 6x the elements of UPDATE_SPEC travel (benchmarks/RESULTS.md, block top-k).
+BLOCK_SPEC = "blocktopk:0.215,block=128/blocks:block=128/uniform:bits=1"
 SMALL: list[str] = []
 ROWS: dict[str, list[str]] = {
     "dense": ["--compression", "dense"],
@@ -62,6 +65,8 @@ ROWS: dict[str, list[str]] = {
     "update H=16": ["--compression", UPDATE_SPEC, *SMALL, "--mode", "update", "--keep-unsent", "--local-steps", "16"],
     "update H=1 LocalAdamW": ["--compression", UPDATE_SPEC, *SMALL, "--mode", "update", "--keep-unsent",
                               "--local-steps", "1"],
+    "update H=1 LocalAdamW blocks": ["--compression", BLOCK_SPEC, *SMALL, "--mode", "update", "--keep-unsent",
+                                     "--local-steps", "1"],
 }
 # In update mode each rank's Adam normalises its own noisier gradient and the average of the
 # ranks' updates is shorter: the update rows raise AdamW's learning rate (by 2x at 2 ranks, as
@@ -69,7 +74,8 @@ ROWS: dict[str, list[str]] = {
 UPDATE_ADAM_LR_SCALE = 2.0
 # Rows that replace the optimizer, at its data-parallel learning rate; skipped for the others.
 # deepreduce.LocalAdamW steps as data-parallel AdamW would (no learning-rate factor).
-ROW_OPTIMIZER = {"update H=1 LocalAdamW": {"adamw": "local-adamw"}}
+ROW_OPTIMIZER = {"update H=1 LocalAdamW": {"adamw": "local-adamw"},
+                 "update H=1 LocalAdamW blocks": {"adamw": "local-adamw"}}
 # DGC's momentum correction moves SGD's momentum into the hook (the optimizer then runs without).
 RECIPE_EXTRA = {"sgd": ["--momentum-correction", "0.9"], "adamw": []}
 TASKS: dict[str, list[str]] = {
