@@ -336,6 +336,23 @@ def nonfinite_raise_run(state) -> dict:
     return {"raised": False, "message": "", "step": counter[0]}
 
 
+def train_from(model, ddp, state, optimizer, data: list, steps: int, saved: dict | None = None) -> dict:
+    """``steps`` steps of ``data`` through ``ddp``, from the start or from a ``saved``
+    snapshot; the snapshot after them (model, optimizer, hook state, step)."""
+    first = 0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state.load_state_dict(saved["hook"])
+        first = saved["step"]
+    for x, y in data[first:first + steps]:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
+        optimizer.step()
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "hook": state.state_dict(), "step": first + steps}
+
+
 def check_resume_layout() -> dict:
     """Save after 6 steps, resume into a DDP with another bucket size and no settling
     pass (its first iteration uses yet another layout): per-parameter residuals make the
@@ -350,19 +367,7 @@ def check_resume_layout() -> dict:
             ddp = DDP(model, bucket_cap_mb=bucket_mb)
             ddp.register_comm_hook(state, dr.deepreduce_hook)
             optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
-            data = list(batches(dist.get_rank(), 12))
-            first = 0
-            if saved is not None:
-                model.load_state_dict(saved["model"])
-                optimizer.load_state_dict(saved["optimizer"])
-                state.load_state_dict(saved["hook"])
-                first = saved["step"]
-            for x, y in data[first:first + steps]:
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
-                optimizer.step()
-            snapshot = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                        "optimizer": optimizer.state_dict(), "hook": state.state_dict(), "step": first + steps}
+            snapshot = train_from(model, ddp, state, optimizer, list(batches(dist.get_rank(), 12)), steps, saved)
             return model, state, snapshot
 
         whole, _, _ = run(12, 0.03)
@@ -390,18 +395,7 @@ def check_auto() -> dict:
         ddp = DDP(model, bucket_cap_mb=0.03)
         ddp.register_comm_hook(state, dr.deepreduce_hook)
         optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
-        data, first = list(batches(dist.get_rank(), 16)), 0
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            state.load_state_dict(saved["hook"])
-            first = saved["step"]
-        for x, y in data[first:first + steps]:
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
-            optimizer.step()
-        snapshot = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(), "hook": state.state_dict(), "step": first + steps}
+        snapshot = train_from(model, ddp, state, optimizer, list(batches(dist.get_rank(), 16)), steps, saved)
         stats = state.stats()
         return {"digest": digest(model), "plan": stats["plan"]["buckets"], "replans": stats["plan"]["replans"],
                 "compressed_buckets": stats["compressed_buckets"],

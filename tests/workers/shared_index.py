@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import deepreduce as dr
 from deepreduce.comm.torch_dist import close_process_group
 from deepreduce.apps.train import _settle_buckets
-from workers.hook_checks import SEQ, amp_run, batches, digest, make_model, residuals_finite, train
+from workers.hook_checks import SEQ, amp_run, batches, digest, make_model, residuals_finite, train, train_from
 
 STEPS = 50
 
@@ -130,19 +130,7 @@ def check_resume() -> dict:
             _settle_buckets(ddp, SEQ, torch.device("cpu"))
         ddp.register_comm_hook(hook_state, dr.deepreduce_hook)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
-        data = list(batches(dist.get_rank(), 14))
-        first = 0
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            hook_state.load_state_dict(saved["hook"])
-            first = saved["step"]
-        for x, y in data[first:first + steps]:
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1)).backward()
-            optimizer.step()
-        snapshot = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(), "hook": hook_state.state_dict(), "step": first + steps}
+        snapshot = train_from(model, ddp, hook_state, optimizer, list(batches(dist.get_rank(), 14)), steps, saved)
         return model, hook_state, snapshot
 
     whole, _, _ = run(14)
