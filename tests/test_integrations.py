@@ -146,6 +146,9 @@ def test_lightning_strategy_checks_options_and_pickles():
         DeepReduceStrategy(update={"local_step": 2})
     with pytest.raises(dr.ConfigError):
         DeepReduceStrategy(update={"compressor": "topk:2/raw/raw"})
+    assert DeepReduceStrategy("auto").state.describe()["compressor"] == "auto"  # the gradient hook plans per bucket
+    with pytest.raises(dr.ConfigError, match="'auto' is for the gradient hook"):
+        DeepReduceStrategy(update={"compressor": "auto"})
     with pytest.raises(dr.ConfigError, match="DeepReduceState"):
         DeepReduceStrategy(state=0.01)
 

@@ -87,6 +87,9 @@ def check_update_options(update: Any) -> dict[str, Any]:
         raise ConfigError(f"unknown update-mode options {unknown}; UpdateSync takes {', '.join(allowed)} "
                           "(the parameters, process group and DDP model are supplied by the integration)")
     compressor = update.get("compressor")
+    if compressor == "auto":
+        raise ConfigError("update['compressor']='auto' is for the gradient hook; the update mode needs a compressor "
+                          "spec such as 'topk:0.035/eliasfano/uniform:bits=1'")
     if isinstance(compressor, str):
         Compressor.from_spec(compressor)  # a bad spec fails here, with the spec's own message
     elif compressor is not None and not isinstance(compressor, Compressor):
