@@ -288,3 +288,12 @@ def test_block_top_k_on_gpu_decodes_alike_on_the_cpu():
     assert torch.equal(decoded.indices, on_gpu.sent.indices.cpu())
     assert torch.equal(bits(decoded.values), bits(on_gpu.sent.values.cpu()))
     assert on_gpu.payload.numel() <= c.payload_size(numel, torch.float32)[0]
+
+
+def test_a_block_longer_than_the_tensor_allocates_only_the_tensor():
+    # A payload may carry any block size up to 2**31 - 1; one block longer than the tensor
+    # is the whole tensor, and decoding it must not allocate a block's worth of positions.
+    codec = make_index_codec("blocks", {"block": 2**31 - 1})
+    ctx = CodecContext(14, torch.float32, CPU)
+    encoded = codec.encode(torch.arange(14), ctx)
+    assert torch.equal(BlocksIndexCodec.decode(encoded.data, encoded.params, 14, ctx), torch.arange(14))

@@ -51,10 +51,13 @@ def blocks_of_count(numel: int, k: int, block: int) -> tuple[int, bool | None] |
 
 def expand_blocks(block_ids: torch.Tensor, block: int, numel: int) -> torch.Tensor:
     """Ascending positions of the ascending ``block_ids`` (the last block cut at ``numel``)."""
-    offsets = torch.arange(block, dtype=torch.int64, device=block_ids.device)
+    # A block longer than the tensor is the tensor itself (one block, cut at numel): the
+    # offsets stop there, so a payload's block size cannot make this allocate past numel.
+    span = min(block, numel)
+    offsets = torch.arange(span, dtype=torch.int64, device=block_ids.device)
     positions = (block_ids.reshape(-1, 1) * block + offsets).reshape(-1)
-    if block_ids.numel() and (int(block_ids[-1]) + 1) * block > numel:
-        positions = positions[: positions.numel() - ((int(block_ids[-1]) + 1) * block - numel)]
+    if block_ids.numel() and int(block_ids[-1]) * block + span > numel:
+        positions = positions[: positions.numel() - (int(block_ids[-1]) * block + span - numel)]
     return positions
 
 
