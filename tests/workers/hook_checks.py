@@ -385,7 +385,7 @@ def check_resume_layout() -> dict:
 def check_auto() -> dict:
     """compressor="auto": with the link measured, and with a slow link given and a
     re-plan at every drift check; parameters and plans must agree across ranks; a run
-    resumed from step 8 equals the uninterrupted one."""
+    resumed from step 12 equals the uninterrupted one."""
     out = {}
 
     def run(plan_options, steps, saved=None):
@@ -395,18 +395,21 @@ def check_auto() -> dict:
         ddp = DDP(model, bucket_cap_mb=0.03)
         ddp.register_comm_hook(state, dr.deepreduce_hook)
         optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
-        snapshot = train_from(model, ddp, state, optimizer, list(batches(dist.get_rank(), 16)), steps, saved)
+        snapshot = train_from(model, ddp, state, optimizer, list(batches(dist.get_rank(), 24)), steps, saved)
         stats = state.stats()
         return {"digest": digest(model), "plan": stats["plan"]["buckets"], "replans": stats["plan"]["replans"],
+                "planned_at": stats["plan"]["planned_at"],
                 "compressed_buckets": stats["compressed_buckets"],
                 "planned_dense_buckets": stats["planned_dense_buckets"]}, snapshot
 
     out["measured"], _ = run({"check_every": 0}, 16)
+    # Drift checks every 4 steps; the first one after the baseline (7 step times after the
+    # plan) compares it with itself, the ones after it re-plan (drift 1e-9).
     slow = {"link": (0.001, 1e5), "check_every": 4, "drift": 1e-9}
-    out["slow"], _ = run(slow, 16)
+    out["slow"], _ = run(slow, 24)
     out["fast"], _ = run({"link": (0.0, 1e13), "check_every": 0}, 8)
-    _, saved = run(slow, 8)
-    out["resumed"], _ = run(slow, 8, saved)
+    _, saved = run(slow, 12)
+    out["resumed"], _ = run(slow, 12, saved)
     return out
 
 
