@@ -272,11 +272,16 @@ def residuals_finite(state: dr.DeepReduceState) -> bool:
 
 def check_nonfinite_amp() -> dict:
     """The same skipped steps and scale schedule as plain DDP, no poisoned residual."""
-    reference = amp_run(default_hooks.allreduce_hook, None)
-    out = {"allreduce": reference}
-    for spec, options in (("topk:0.05/eliasfano/fp16", {}), ("mstopk:0.05/eliasfano/qsgd", {}),
-                          ("topk:0.05/eliasfano/fp16", {"momentum": 0.9, "granularity": "bucket"})):
-        state = hook_state(spec, start_iter=2, **options)
+    return amp_runs(hook_state, [("topk:0.05/eliasfano/fp16", {}), ("mstopk:0.05/eliasfano/qsgd", {}),
+                                 ("topk:0.05/eliasfano/fp16", {"momentum": 0.9, "granularity": "bucket"})])
+
+
+def amp_runs(make_state, configs: list[tuple[str, dict]]) -> dict:
+    """:func:`amp_run` through torch's allreduce hook, then through the deepreduce hook with
+    ``make_state(spec, start_iter=2, **options)`` for each ``(spec, options)``."""
+    out = {"allreduce": amp_run(default_hooks.allreduce_hook, None)}
+    for spec, options in configs:
+        state = make_state(spec, start_iter=2, **options)
         run = amp_run(dr.deepreduce_hook, state)
         run.update(residuals_finite=residuals_finite(state), stats=state.stats())
         out[f"{spec} {options}"] = run

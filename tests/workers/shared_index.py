@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import deepreduce as dr
 from deepreduce.comm.torch_dist import close_process_group
 from deepreduce.apps.train import _settle_buckets
-from workers.hook_checks import SEQ, amp_run, batches, digest, make_model, residuals_finite, train, train_from
+from workers.hook_checks import SEQ, amp_runs, batches, digest, make_model, train, train_from
 
 STEPS = 50
 
@@ -99,14 +98,8 @@ def check_nonfinite() -> dict:
     """Rank 1's gradient turns Inf/NaN at steps where it leads some buckets and follows
     in others: every rank skips the same steps as plain DDP under AMP, the parameters
     stay identical and no residual takes the poison in."""
-    reference = amp_run(default_hooks.allreduce_hook, None)
-    out = {"allreduce": reference}
-    for spec, options in (("topk:0.05/eliasfano/fp16", {}), ("topk:0.05/raw/raw", {"momentum": 0.9, "granularity": "bucket"})):
-        hook_state = state(spec, start_iter=2, **options)
-        run = amp_run(dr.deepreduce_hook, hook_state)
-        run.update(residuals_finite=residuals_finite(hook_state), stats=hook_state.stats())
-        out[f"{spec} {options}"] = run
-    return out
+    return amp_runs(state, [("topk:0.05/eliasfano/fp16", {}),
+                            ("topk:0.05/raw/raw", {"momentum": 0.9, "granularity": "bucket"})])
 
 
 def check_nonfinite_raise() -> dict:
