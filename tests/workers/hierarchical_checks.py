@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -24,8 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deepreduce as dr  # noqa: E402
-from deepreduce.comm.torch_dist import close_process_group  # noqa: E402
-from workers.hook_checks import batches, compare_with_allreduce, digest, make_model, train  # noqa: E402
+from workers.hook_checks import batches, compare_with_allreduce, digest, make_model, run_checks, train  # noqa: E402
 
 NODE_SIZE: int | None = None  # --node-size, else LOCAL_WORLD_SIZE
 SCHEME: dict = {}  # the engine options under test (FLAT=1 in the environment: the flat scheme, to compare)
@@ -149,18 +145,8 @@ def main() -> int:
     SCHEME.update({"scheme": "hierarchical", "node_size": NODE_SIZE} if not os.environ.get("FLAT") else {})
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    results: dict = {"_seconds": {}, "_env": {k: os.environ.get(k) for k in ("LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_RANK")}}
-    for name in args.checks.split(","):
-        began = time.perf_counter()
-        try:
-            results[name] = CHECKS[name]()
-            results["_seconds"][name] = round(time.perf_counter() - began, 2)
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-            break
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
-    close_process_group(completed=not any("error" in entry for entry in results.values()))
+    run_checks(CHECKS, args.checks.split(","), args.out_dir,
+               {"_env": {k: os.environ.get(k) for k in ("LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_RANK")}})
     return 0
 
 

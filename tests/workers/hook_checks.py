@@ -449,21 +449,26 @@ def main() -> int:
         DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(DEVICE)
     dist.init_process_group(args.backend)
-    results: dict = {}
-    seconds = results["_seconds"] = {}
-    for name in args.checks.split(","):
+    run_checks(CHECKS, args.checks.split(","), args.out_dir)
+    return 0
+
+
+def run_checks(checks: dict, names: list[str], out_dir: Path, extra: dict | None = None) -> None:
+    """Run the named ``checks`` in order (stopping at the first that raises: the process
+    group may be unusable after it), write this rank's results (plus ``extra``) to
+    ``out_dir/rank<r>.json`` and close the process group."""
+    results: dict = {"_seconds": {}, **(extra or {})}
+    for name in names:
         began = time.perf_counter()
         try:
-            results[name] = CHECKS[name]()
-            seconds[name] = round(time.perf_counter() - began, 2)
+            results[name] = checks[name]()
+            results["_seconds"][name] = round(time.perf_counter() - began, 2)
         except Exception:
             results[name] = {"error": traceback.format_exc()}
-            break  # the process group may be unusable now
-    rank = dist.get_rank()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"rank{rank}.json").write_text(json.dumps(results))
+            break
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
     close_process_group(completed=not any("error" in entry for entry in results.values()))
-    return 0
 
 
 if __name__ == "__main__":

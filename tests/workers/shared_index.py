@@ -9,11 +9,8 @@ ranks' entries. Several checks share one launch because starting processes costs
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -21,9 +18,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import deepreduce as dr
-from deepreduce.comm.torch_dist import close_process_group
 from deepreduce.apps.train import _settle_buckets
-from workers.hook_checks import SEQ, amp_runs, batches, digest, make_model, train, train_from
+from workers.hook_checks import SEQ, amp_runs, batches, digest, make_model, run_checks, train, train_from
 
 STEPS = 50
 
@@ -161,19 +157,7 @@ CHECKS = {
 def main(out_dir: str, checks: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    results: dict = {}
-    seconds = results["_seconds"] = {}
-    for name in checks.split(","):
-        began = time.perf_counter()
-        try:
-            results[name] = CHECKS[name]()
-            seconds[name] = round(time.perf_counter() - began, 2)
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-            break  # the process group may be unusable now
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
-    close_process_group(completed=not any("error" in entry for entry in results.values()))
+    run_checks(CHECKS, checks.split(","), Path(out_dir))
 
 
 if __name__ == "__main__":
