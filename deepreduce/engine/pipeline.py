@@ -319,7 +319,7 @@ class Engine:
         """Everything ranks must agree on, as plain data."""
         c = self.compressor
         return {
-            "compressor": c.spec if self.plan is None else "auto",
+            "compressor": (self.plan or c).spec,
             "seed": c.seed,
             "fingerprint": c.fingerprint,
             "plan": None if self.plan is None else self.plan.describe(),
@@ -793,7 +793,7 @@ class Engine:
         """Counters since the start (or the checkpoint); see :mod:`deepreduce.engine.stats`."""
         out = self._stats.as_dict()
         out["step"] = self.step
-        out["compressor"] = self.compressor.spec if self.plan is None else "auto"
+        out["compressor"] = (self.plan or self.compressor).spec
         if self.plan is not None:
             out["plan"] = self.plan.stats()
         return out

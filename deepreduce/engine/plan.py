@@ -200,6 +200,7 @@ class AutoPlan:
 
     @property
     def spec(self) -> str:
+        """What the engine reports as its compressor (describe, stats)."""
         return "auto"
 
     @property
@@ -231,14 +232,7 @@ class AutoPlan:
             tensor = torch.zeros(count, dtype=dtype, device=device)
             if count == small:
                 transport.allreduce_(tensor)  # settle (connections, in-flight collectives)
-            best = float("inf")
-            for _ in range(runs):
-                _sync(device)
-                began = time.perf_counter()
-                transport.allreduce_(tensor)
-                _sync(device)
-                best = min(best, time.perf_counter() - began)
-            return best
+            return _seconds(lambda: transport.allreduce_(tensor), device, runs)
 
         try:
             fp32 = [(allreduce_wire_bytes(count * 4, world), seconds(count, torch.float32, 3 if count == small else 2))
@@ -403,10 +397,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _seconds(work, device: torch.device) -> float:
-    """The faster of two timed runs of ``work()`` (the first also warms caches)."""
+def _seconds(work, device: torch.device, runs: int = 2) -> float:
+    """The fastest of ``runs`` timed runs of ``work()`` (the first also warms caches)."""
     best = float("inf")
-    for _ in range(2):
+    for _ in range(runs):
         _sync(device)
         began = time.perf_counter()
         work()
