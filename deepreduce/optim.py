@@ -38,6 +38,10 @@ Tuning:
 - ``compressor``: its ratio is the density *per local step*; each exchange sends
   ``ratio * local_steps`` of the parameters (capped at 1), so bytes per step stay the
   configured figure whatever ``local_steps`` is.
+- Small tensors (below ``min_numel``: biases, norms) travel whole by default; in a small
+  model that is as many bytes as the compressed rest. ``small_compressor=
+  "cyclic:0.125/strided/fp16"`` sends an eighth of each per exchange (no index bits, the
+  rest waits in the residual), about a sixteenth of their bytes, for little accuracy.
 - ``local_steps`` (H): more local steps mean fewer, denser exchanges of the same total
   bytes. Small H (1-4) tracks dense training closely; large H drifts, as local SGD does,
   and wants an outer step with momentum.

@@ -210,6 +210,30 @@ def test_small_compressor_carries_the_small_segments_with_error_feedback():
     assert plain.describe()["small_compressor"] is None
 
 
+def test_cyclic_small_compressor_sends_an_eighth_per_step_and_everything_within_eight():
+    """``cyclic:0.125/strided/fp16`` for the small segments (the update mode's advice):
+    each step exactly the elements at this step's offset travel, with everything they
+    gathered since their last turn; what was sent plus the residual is the sum of all
+    steps (fp16 rounding kept by error feedback)."""
+    engine = Engine(SoloTransport(), dr.Compressor(ratio=0.1, value="raw"), min_numel=200, dense_fallback=False,
+                    small_compressor="cyclic:0.125/strided/fp16")
+    segments = [Segment("big", 0, 1000), Segment("bias", 1000, 100)]
+    torch.manual_seed(1)
+    grads = [torch.randn(1100) for _ in range(8)]
+    delivered = torch.zeros(100)
+    for step, grad in enumerate(grads):
+        out = engine.reduce(grad.clone(), segments).wait()[1000:]
+        engine.end_step()
+        sent = out.nonzero().flatten()
+        assert torch.equal(sent, torch.arange(step % 8, 100, 8))
+        delivered += out
+    total = torch.stack(grads).sum(0)[1000:]
+    assert torch.allclose(delivered + engine.memory.residual("bias"), total, atol=1e-5)
+    # What waits is exactly what arrived after each element's turn (plus fp16 rounding).
+    since_turn = torch.stack([torch.stack(grads)[j % 8 + 1:, 1000 + j].sum() for j in range(100)])
+    assert (engine.memory.residual("bias") - since_turn).abs().max() < 1e-2
+
+
 @pytest.mark.parametrize("value, match", [(42, "small_compressor must be"), ("nosuch:1", "small_compressor: "),
                                           ("topk:0/raw/raw", "ratio 0 sends nothing")])
 def test_small_compressor_rejects_bad_values(value, match):
