@@ -232,6 +232,7 @@ def test_cyclic_small_compressor_sends_an_eighth_per_step_and_everything_within_
     # What waits is exactly what arrived after each element's turn (plus fp16 rounding).
     since_turn = torch.stack([torch.stack(grads)[j % 8 + 1:, 1000 + j].sum() for j in range(100)])
     assert (engine.memory.residual("bias") - since_turn).abs().max() < 1e-2
+    assert engine.stats()["size_exchanges"] == 0  # both of cyclic's counts are known ahead: no size exchange
 
 
 @pytest.mark.parametrize("value, match", [(42, "small_compressor must be"), ("nosuch:1", "small_compressor: "),

@@ -106,6 +106,21 @@ def test_declared_payload_sizes_match_the_payloads(codecs):
                 assert payload.numel() <= nbytes, (codecs, numel, density, dtype)
 
 
+@pytest.mark.parametrize("codecs", ["strided/fp16", "strided/uniform:bits=4", "strided/raw"])
+def test_cyclic_payloads_fit_their_declared_size_at_every_step(codecs):
+    """cyclic keeps one of two counts depending on the step's offset: the declared size is
+    the larger payload, every step's payload fits, and one of them fills it."""
+    gen = torch.Generator().manual_seed(5)
+    for numel in (1, 3, 7, 100, 1001, 4099):
+        for density in (0.125, 0.3, 1.0):
+            compressor = dr.Compressor.from_spec(f"cyclic:{density}/{codecs}")
+            nbytes, exact = compressor.payload_size(numel, torch.float32)
+            x = torch.randn(numel, generator=gen)
+            sizes = {compressor.compress(x, step=step).numel() for step in range(round(1 / density) + 1)}
+            assert max(sizes) == nbytes, (codecs, numel, density, sizes)
+            assert not exact or sizes == {nbytes}, (codecs, numel, density, sizes)
+
+
 @pytest.mark.parametrize("spec", UNSIZED)
 def test_data_dependent_payloads_declare_no_size(spec):
     assert dr.Compressor.from_spec(spec).payload_size(10_000, torch.float32) is None

@@ -12,16 +12,29 @@ holds each element's updates until its turn.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
 from . import SelectContext, register_sparsifier
 
 
+def _stride(numel: int, k: int) -> int:
+    return max(1, round(numel / k))
+
+
+def cyclic_counts(numel: int, k: int, config: Mapping[str, Any]) -> tuple[int, ...]:
+    """An offset below ``numel % stride`` keeps one element more than the others; every rank
+    knows both counts, so payload sizes are computable ahead (no size exchange)."""
+    stride = _stride(numel, k)
+    return (numel // stride, -(-numel // stride))
+
+
 @register_sparsifier("cyclic", "every (1/ratio)-th element, offset advancing each step (all ranks alike); use the strided index codec",
-                     exact_k=False)
+                     counts=cyclic_counts)
 def cyclic(magnitude: torch.Tensor, k: int, ctx: SelectContext) -> torch.Tensor:
     d = magnitude.numel()
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=magnitude.device)
-    stride = max(1, round(d / k))
+    stride = _stride(d, k)
     return torch.arange(ctx.step % stride, d, stride, device=magnitude.device)
