@@ -298,14 +298,15 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 8), squeeze=False)
     for col, (task, optimizer) in enumerate(panels):
         by_step, by_time = axes[0][col], axes[1][col]
-        for row in ROWS:
+        for number, row in enumerate(ROWS):
             group = [r for r in runs if (r["task"], r["optimizer"], r["row"]) == (task, optimizer, row)]
             if not group:
                 continue
             steps = [p["step"] for p in group[0]["curve"]]
             values = [[p["value"] for p in r["curve"]] for r in group if len(r["curve"]) == len(steps)]
             mean = [statistics.fmean(v) for v in zip(*values)]
-            line, = by_step.plot(steps, mean, label=row, linewidth=1.2)
+            # tab20: a distinct colour for each of the (more than 10) rows.
+            line, = by_step.plot(steps, mean, label=row, linewidth=1.2, color=plt.get_cmap("tab20")(number % 20))
             by_step.fill_between(steps, [min(v) for v in zip(*values)], [max(v) for v in zip(*values)],
                                  color=line.get_color(), alpha=0.15)
             stats = next(s for s in summary if (s["task"], s["optimizer"], s["row"]) == (task, optimizer, row))
