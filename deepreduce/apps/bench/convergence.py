@@ -57,24 +57,28 @@ UPDATE_H1_SPEC = "topk:0.029/eliasfano/uniform:bits=1"
 BLOCK_SPEC = "blocktopk:0.18,block=128/blocks:block=128/uniform:bits=1"
 BLOCK_SMALL_WHOLE_SPEC = "blocktopk:0.215,block=128/blocks:block=128/uniform:bits=1"
 SMALL_CYCLIC = ["--small-compression", "cyclic:0.125/strided/fp16"]
+
+
+def update_row(spec: str, local_steps: int, small: list[str] | None = None) -> list[str]:
+    """``deepreduce train`` arguments of an update-mode row (``keep_unsent``)."""
+    return ["--compression", spec, *(small or []), "--mode", "update", "--keep-unsent", "--local-steps", str(local_steps)]
+
+
 ROWS: dict[str, list[str]] = {
     "dense": ["--compression", "dense"],
     "fp16": ["--compression", "fp16"],
     "powersgd r4": ["--compression", "powersgd", "--powersgd-rank", "4"],
     "hook top-1%": ["--compression", HOOK_SPEC],
     "hook top-1% + DGC recipe": ["--compression", HOOK_SPEC, "--density-warmup", "300"],
-    "update H=1": ["--compression", UPDATE_H1_SPEC, *SMALL_CYCLIC, "--mode", "update", "--keep-unsent", "--local-steps", "1"],
-    "update H=4": ["--compression", UPDATE_SPEC, "--mode", "update", "--keep-unsent", "--local-steps", "4"],
-    "update H=16": ["--compression", UPDATE_SPEC, "--mode", "update", "--keep-unsent", "--local-steps", "16"],
-    "update H=1 LocalAdamW": ["--compression", UPDATE_H1_SPEC, *SMALL_CYCLIC, "--mode", "update", "--keep-unsent",
-                              "--local-steps", "1"],
-    "update H=1 LocalAdamW blocks": ["--compression", BLOCK_SPEC, *SMALL_CYCLIC, "--mode", "update", "--keep-unsent",
-                                     "--local-steps", "1"],
+    "update H=1": update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC),
+    "update H=4": update_row(UPDATE_SPEC, 4),
+    "update H=16": update_row(UPDATE_SPEC, 16),
+    "update H=1 LocalAdamW": update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC),
+    "update H=1 LocalAdamW blocks": update_row(BLOCK_SPEC, 1, SMALL_CYCLIC),
     # The same H=1 rows with the small tensors whole and a denser spec: what ~0.8 % more of
     # dense's bytes buys.
-    "update H=1, small whole": ["--compression", UPDATE_SPEC, "--mode", "update", "--keep-unsent", "--local-steps", "1"],
-    "update H=1 LocalAdamW blocks, small whole": ["--compression", BLOCK_SMALL_WHOLE_SPEC, "--mode", "update",
-                                                  "--keep-unsent", "--local-steps", "1"],
+    "update H=1, small whole": update_row(UPDATE_SPEC, 1),
+    "update H=1 LocalAdamW blocks, small whole": update_row(BLOCK_SMALL_WHOLE_SPEC, 1),
 }
 # In update mode each rank's Adam normalises its own noisier gradient and the average of the
 # ranks' updates is shorter: the update rows raise AdamW's learning rate (by 2x at 2 ranks, as
