@@ -234,7 +234,7 @@ class Compressor:
         mark(timer, "index encode")
         # Values are read where the receivers will put them: for a lossy index codec
         # that is not where the sparsifier looked.
-        values = selected.values if indices is selected.indices else flat[indices]
+        values = selected.values if indices is selected.indices else flat.index_select(0, indices)
         value_part = self.value_codec.encode(values, ctx)
         mark(timer, "value encode")
         payload = wire.pack(

@@ -19,7 +19,7 @@ def l1_of_top(x: torch.Tensor, k: int) -> float:
     return float(torch.topk(x.abs(), k).values.double().sum()) if k else 0.0
 
 
-@pytest.mark.parametrize("numel", [1, 10, 1000, 300_000, 2_000_000])
+@pytest.mark.parametrize("numel", [1, 10, 1000, 40_000, 300_000, 2_000_000])
 @pytest.mark.parametrize("ratio", [0.0, 0.001, 0.01, 0.1, 0.3, 1.0])
 def test_topk_selects_exactly_the_largest_magnitudes(numel, ratio):
     x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
@@ -47,6 +47,38 @@ def test_topk_survives_ties_and_zeros():
     sg = dr.sparsify(x, 0.01, "topk")  # 1000 ones and 9000 ties at zero
     assert sg.k == 10_000 and ascending_unique(sg.indices)
     assert int((sg.values == 1.0).sum()) == 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("numel", [50_000, 1_000_000])
+def test_topk_with_ties_keeps_a_top_k_set(dtype, numel):
+    # Half precision rounds many magnitudes to the same value: any choice among the
+    # ties at the k-th magnitude is a top-k, nothing below it may be kept.
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(5)).to(dtype)
+    for ratio in (0.001, 0.01, 0.1):
+        sg = dr.sparsify(x, ratio, "topk")
+        k = target_k(numel, ratio)
+        outside = torch.ones(numel, dtype=torch.bool)
+        outside[sg.indices] = False
+        assert sg.k == k and ascending_unique(sg.indices) and torch.equal(sg.values, x[sg.indices])
+        assert x[sg.indices].abs().min() >= x[outside].abs().max()
+
+
+def test_threshold_passes_agree_with_torch_on_every_dtype():
+    from deepreduce.sparsifiers._search import at_least, count_at_least, nonzero
+
+    base = torch.randn(100_003, generator=torch.Generator().manual_seed(2))
+    base[::97] = float("nan")
+    base[5::89] = float("inf")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        magnitude = base.to(dtype).abs()
+        threshold = torch.tensor(1.5, dtype=dtype)
+        expected = magnitude >= threshold
+        mask = torch.empty_like(expected)
+        assert torch.equal(at_least(magnitude, threshold, mask), expected) and torch.equal(mask, expected)
+        assert count_at_least(magnitude, threshold) == int(expected.sum())
+        assert torch.equal(nonzero(expected), torch.nonzero(expected).reshape(-1))
+        assert nonzero(expected).dtype == torch.int64
 
 
 def test_mstopk_returns_exactly_k_with_top_k_mass(real_gradients):

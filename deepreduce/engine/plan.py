@@ -435,7 +435,7 @@ def _measure(engine: "Engine", compressor: Compressor, buffer: torch.Tensor,
             result = which.compress_detailed(compensated.to(buffer.dtype), step=engine.step, key=_stream_name(seg.name))
             entries.append(result.payload)
             sent = result.sent
-            compensated[sent.indices] = compensated[sent.indices] - sent.values.to(wide)  # the residual update
+            compensated.index_copy_(0, sent.indices, compensated.index_select(0, sent.indices) - sent.values.to(wide))  # the residual update
         messages.append(frame(entries, buffer.device))
 
     send_s = _seconds(send, buffer.device)

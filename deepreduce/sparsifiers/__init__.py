@@ -168,7 +168,7 @@ def select_with(
         indices = entry.select(magnitude, k, ctx, **config)
         if not _is_ascending(indices):
             indices = torch.sort(indices).values
-    return SparseGrad(indices, flat[indices], flat.numel())
+    return SparseGrad(indices, flat.index_select(0, indices), flat.numel())
 
 
 __all__ = [

@@ -7,7 +7,7 @@ import torch
 from ..errors import ConfigError
 from ..options import Option
 from . import SelectContext, register_sparsifier
-from ._search import nonzero
+from ._search import at_least, nonzero
 
 
 @register_sparsifier(
@@ -19,4 +19,4 @@ from ._search import nonzero
 def threshold(magnitude: torch.Tensor, k: int, ctx: SelectContext, t: float | None) -> torch.Tensor:
     if t is None:
         raise ConfigError("sparsifier 'threshold' needs the parameter t (e.g. 'threshold:t=1e-3')")
-    return nonzero(magnitude >= t)
+    return nonzero(at_least(magnitude, torch.tensor(t, dtype=magnitude.dtype)))

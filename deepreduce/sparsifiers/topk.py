@@ -21,8 +21,10 @@ def topk(magnitude: torch.Tensor, k: int, ctx: SelectContext) -> torch.Tensor:
     if d <= EXACT_BELOW or k > d // 4:
         return torch.topk(magnitude, k, sorted=False).indices
     sample, scale = strided_sample(magnitude)
-    # Aim ~10 % above k so one pass over the data almost always yields enough candidates.
-    want = 1.1 * k + 4 * math.sqrt(k) * scale
+    # Aim ~10 % above k so one pass over the data almost always yields enough candidates:
+    # the count above a sampled threshold is off by about sqrt(count * scale); 4 of those
+    # on top make a second pass rare.
+    want = 1.1 * k + 4 * math.sqrt(k * scale)
     mask = ctx.buffer("mask", d, torch.bool, magnitude.device)  # reused: one comparison pass serves count and nonzero
     for _ in range(3):
         threshold = sample_threshold(sample, scale, want)
