@@ -69,6 +69,8 @@ def test_steady_state_mode_quick_run(tmp_path):
 
 def test_profile_mode_quick_run(tmp_path):
     assert bench_codecs.main(["--profile", "--quick", "--out", str(tmp_path), "--profile-specs", "topk:0.01/eliasfano/fp16"]) == 0
-    (row,) = json.loads((tmp_path / "results" / "profile.json").read_text())
-    assert row["size_exchanges"] == 0 and row["phases"]["select"] > 0 and row["phases"]["decode"] >= 0
+    bucket, layout = json.loads((tmp_path / "results" / "profile.json").read_text())
+    assert (bucket["layout"], bucket["tensors"], layout["layout"], layout["tensors"]) == ("bucket", 1, "resnet50", 5)
+    for row in (bucket, layout):
+        assert row["size_exchanges"] == 0 and row["phases"]["select"] > 0 and row["phases"]["decode"] > 0
     assert "<!-- profile:begin -->" in (tmp_path / "RESULTS.md").read_text()

@@ -3,9 +3,8 @@ then one or two full passes (``abs() >= t``, ``count_nonzero``, ``nonzero``) pic
 elements, which also keeps them in ascending index order without a sort.
 
 On the CPU the full passes run in numpy on the same memory: its comparison, count and
-``flatnonzero`` of a sparse boolean mask are 2.5x, 5x and 2.5-10x faster than torch's
-single-threaded kernels (``benchmarks/RESULTS.md``, "CPU time per phase"), with
-identical results."""
+``flatnonzero`` give the same results as torch's kernels and are several times faster
+on one thread (``benchmarks/RESULTS.md``, "CPU time per phase")."""
 
 from __future__ import annotations
 

@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-specs", nargs="+", default=PROFILE_SPECS, help="compressor specs to profile")
     parser.add_argument("--profile-numel", type=int, default=25_600_000, help="bucket elements (default: ResNet-50's 25.6 M)")
     parser.add_argument("--profile-world", type=int, default=2, help="ranks whose payloads are decoded and summed")
+    parser.add_argument("--profile-layouts", nargs="+", default=["bucket", "resnet50"], choices=["bucket", "resnet50"],
+                        help="bucket: one flat tensor of --profile-numel elements; resnet50: ResNet-50's 161 tensors "
+                             "in one bucket, each compressed on its own (the DDP hook's default granularity)")
     parser.add_argument("--profile-baseline", type=Path, default=None,
                         help="a profile.json from an earlier run, shown side by side as 'before'")
     args = parser.parse_args(argv)
@@ -366,6 +369,7 @@ PROFILE_SPECS = ["topk:0.01/eliasfano/fp16", "topk:0.01/eliasfano/uniform:bits=4
 
 def profile_main(args: argparse.Namespace, argv: list[str]) -> int:
     """``--profile``: one compressed bucket through the engine, CPU time per phase."""
+    from .bandwidth import resnet_shapes
     from .profile import profile_step, render_profile
 
     torch.set_num_threads(1)  # CPU time of one thread is the work done, whatever the neighbours do
@@ -376,21 +380,29 @@ def profile_main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.profile_baseline:
         import json
 
-        results += [dict(r, label=f"before: {r['spec']}") for r in json.loads(args.profile_baseline.read_text())]
-    for spec in args.profile_specs:
-        console.print(f"profiling {spec} on {numel:,} elements, {args.profile_world} ranks ...")
-        results.append(dict(profile_step(spec, numel=numel, world=args.profile_world, steps=steps, device=args.device),
-                            commit=_git_commit()))
+        results += [dict(r, label=f"before: {r.get('label', r['spec'])}", baseline=True)
+                    for r in json.loads(args.profile_baseline.read_text())]
+    layouts = {"bucket": None, "resnet50": [shape.numel() for shape in resnet_shapes(args.quick)]}
+    for layout in args.profile_layouts:
+        for spec in args.profile_specs:
+            tensors = layouts[layout]
+            what = f"{numel:,} elements" if tensors is None else f"{len(tensors)} tensors of {sum(tensors):,} elements"
+            console.print(f"profiling {spec} on {what}, {args.profile_world} ranks ...")
+            row = profile_step(spec, numel=numel, world=args.profile_world, steps=steps, device=args.device, tensors=tensors)
+            label = spec if tensors is None else f"{spec}, {len(tensors)} tensors"
+            results.append(dict(row, layout=layout, label=label, commit=_git_commit()))
     table = render_profile(results)
     console.print(table)
     out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
-    write_json(out / "results" / "profile.json", [r for r in results if not r.get("label", "").startswith("before")])
+    write_json(out / "results" / "profile.json", [r for r in results if not r.get("baseline")])
     facts = machine_facts()
     update_results_section(out / "RESULTS.md", "profile", "\n".join([
         "### CPU time per phase of one compressed bucket",
         "",
         f"Reproduce: `{reproduce_command('codecs', argv)}`. One {numel:,}-element fp32 bucket through the engine "
-        f"(error feedback on, after a warm-up step) over a loopback transport of {args.profile_world} ranks; median "
+        f"(error feedback on, after a warm-up step) over a loopback transport of {args.profile_world} ranks, and "
+        f"(columns naming their tensors) a bucket of ResNet-50's tensors, each compressed on its own as the DDP "
+        f"hook does by default (those under 1,024 elements raw); median "
         f"over {steps} steps of the process's CPU time with one torch thread ({facts['cpu_cores']} cores, torch "
         f"{facts['torch']}). The network is not included; `size exchange` is the engine's own time around it.",
         "",

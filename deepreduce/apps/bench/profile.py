@@ -59,15 +59,29 @@ class LoopbackTransport(Transport):
 
 
 def profile_step(spec: str = "topk:0.01/eliasfano/fp16", numel: int = 25_600_000, world: int = 2, steps: int = 3,
-                 seed: int = 0, device: torch.device | str = "cpu", **engine_options: Any) -> dict[str, Any]:
+                 seed: int = 0, device: torch.device | str = "cpu", tensors: list[int] | None = None,
+                 **engine_options: Any) -> dict[str, Any]:
     """Median CPU seconds per phase of one compressed bucket of ``numel`` fp32 elements.
+
+    ``tensors``: the bucket holds tensors of these sizes instead (``numel`` is ignored),
+    each compressed on its own as the DDP hook does by default, and those below the
+    engine's ``min_numel`` sent raw.
 
     Returns ``{"phases": {name: s}, "step_s": s, "accounted_s": s, ...}``; ``step_s`` is
     the whole ``reduce(...).wait()``, so ``step_s - accounted_s`` is what no phase names
     (Python overhead, allocations between marks)."""
+    if tensors is None:
+        segments = [Segment("bucket", 0, numel)]
+        engine_options.setdefault("min_numel", 0)
+    else:
+        offsets = [0]
+        for size in tensors:
+            offsets.append(offsets[-1] + size)
+        segments = [Segment(f"tensor{i}", offset, size) for i, (offset, size) in enumerate(zip(offsets, tensors))]
+        numel = offsets[-1]
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(numel, generator=gen).to(device)
-    engine = Engine(LoopbackTransport(world), Compressor.from_spec(spec), min_numel=0, check=False, **engine_options)
+    engine = Engine(LoopbackTransport(world), Compressor.from_spec(spec), check=False, **engine_options)
     timer = PhaseTimer()
     per_step: list[dict[str, float]] = []
     step_times = []
@@ -77,7 +91,7 @@ def profile_step(spec: str = "topk:0.01/eliasfano/fp16", numel: int = 25_600_000
             engine.phases = timer
             timer.reset()
         began = time.process_time()
-        engine.reduce(grad, [Segment("bucket", 0, numel)], key=0).wait()
+        engine.reduce(grad, segments, key=0).wait()
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.process_time() - began
@@ -88,7 +102,7 @@ def profile_step(spec: str = "topk:0.01/eliasfano/fp16", numel: int = 25_600_000
     phases = {name: statistics.median(t.get(name, 0.0) for t in per_step) for name in PHASES}
     stats = engine.stats()
     return {
-        "spec": spec, "numel": numel, "world": world, "steps": steps,
+        "spec": spec, "numel": numel, "tensors": len(segments), "world": world, "steps": steps,
         "phases": phases, "step_s": statistics.median(step_times), "accounted_s": sum(phases.values()),
         "size_exchanges": engine.transport.exchanges, "payload_bytes": stats["payload_bytes"] // max(stats["compressed_buckets"], 1),
     }
