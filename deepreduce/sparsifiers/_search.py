@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-SAMPLE_SIZE = 1 << 17  # elements in the strided sample that estimates a threshold
+SAMPLE_SIZE = 1 << 15  # elements in the strided sample that estimates a threshold
 EXACT_BELOW = 1 << 15  # below this size torch.topk is as fast as anything else
 
 # dtypes whose CPU tensors numpy can view without a copy (not bfloat16)
