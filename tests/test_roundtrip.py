@@ -171,6 +171,23 @@ def test_eliasfano_is_within_ten_percent_of_the_entropy_bound():
         assert index_bits >= bound * 0.999  # no codec beats the bound: guards the measurement itself
 
 
+@pytest.mark.parametrize("k", [1, 37, 5_000, 70_000])
+def test_eliasfano_picks_the_cheapest_low_width_near_the_guess(k):
+    # Small and large payloads take different code paths to the same choice: the width
+    # that minimises k*l + sum(gap >> l) among guess-2 .. guess+2, the first on ties.
+    from deepreduce.codecs.index.eliasfano import best_low_width, gaps_of, guess_low_width
+
+    numel = 3_000_000
+    gen = torch.Generator().manual_seed(k)
+    clustered = torch.randint(0, numel // 50, (k,), generator=gen) * torch.randint(1, 50, (k,), generator=gen)
+    for indices in (torch.randperm(numel, generator=gen)[:k], clustered):
+        gaps = gaps_of(torch.unique(indices))
+        guess = guess_low_width(numel, gaps.numel())
+        widths = range(max(0, guess - 2), min(guess + 3, 63))
+        costs = [int((gaps >> l).sum()) + gaps.numel() * l for l in widths]
+        assert best_low_width(gaps, numel) == widths[costs.index(min(costs))]
+
+
 @given(numel=st.integers(1, 10**6), ratio=st.floats(1e-4, 1.0), step=st.integers(0, 10**4))
 @settings(max_examples=60, deadline=None)
 def test_cyclic_selection_round_trips_through_the_strided_codec(numel, ratio, step):
