@@ -75,15 +75,17 @@ class UniformValueCodec(ValueCodec):
             return ValueEncoding(torch.cat([as_bytes(scales), _bits.pack_fixed(signs, 1)]), params)
         steps = (1 << (bits - 1)) - 1
         high = magnitude.amax(dim=1)
-        padding = torch.arange(magnitude.numel(), device=values.device).reshape(magnitude.shape) >= k
-        low = magnitude.masked_fill(padding, float("inf")).amin(dim=1)
+        low = magnitude.amin(dim=1)
+        last = k - magnitude.shape[1] * (magnitude.shape[0] - 1)  # values in the last block
+        if last < magnitude.shape[1]:  # its zero padding is no magnitude
+            low[-1] = magnitude[-1, :last].amin()
         scales = torch.stack([low, high], dim=1).to(torch.float32)  # as the receiver sees them
         low64, high64 = (scales[:, 0].to(torch.float64), scales[:, 1].to(torch.float64))
-        which = _block_of(k, block, values.device)
-        span = (high64 - low64)[which]
+        # Per block, broadcast over its row (no per-value gather of the block's scales).
+        span = (high64 - low64).unsqueeze(1)
         usable = torch.isfinite(span) & (span > 0)
-        unit = torch.where(usable, (wide.abs() - low64[which]) / torch.where(usable, span, 1.0), 0.0)
-        level = torch.round(unit * steps).clamp_(0, steps).to(torch.int64)
+        unit = torch.where(usable, (magnitude - low64.unsqueeze(1)) / torch.where(usable, span, 1.0), 0.0)
+        level = torch.round(unit * steps).clamp_(0, steps).to(torch.int64).reshape(-1)[:k]
         codes = (level << 1) | signs
         return ValueEncoding(torch.cat([as_bytes(scales.reshape(-1)), _bits.pack_fixed(codes, bits)]), params)
 
@@ -111,8 +113,8 @@ class UniformValueCodec(ValueCodec):
         sign = 1.0 - 2.0 * (codes & 1).to(torch.float64)
         which = _block_of(k, block, data.device)
         if bits == 1:
-            return (sign * scales[which, 0]).to(ctx.dtype)
+            return (sign * scales[:, 0].index_select(0, which)).to(ctx.dtype)
         steps = (1 << (bits - 1)) - 1
-        low, high = scales[which, 0], scales[which, 1]
+        low, high = scales[:, 0].index_select(0, which), scales[:, 1].index_select(0, which)
         magnitude = low + (high - low) * ((codes >> 1).to(torch.float64) / steps)
         return (sign * magnitude).to(ctx.dtype)
