@@ -324,6 +324,25 @@ def test_uniform_error_is_bounded_by_half_a_step_and_by_the_values(bits, block):
     assert torch.linalg.vector_norm(decoded - values) < torch.linalg.vector_norm(values)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("block", [7, 128, 5000])
+def test_uniform_levels_follow_the_definition_exactly(bits, block):
+    # Independent float64 reference: the block's fp32 (low, high) of the real values (not
+    # the last block's padding), then the nearest of 2^(bits-1) evenly spaced levels.
+    values = _heavy_tailed(1000).float()
+    codec = make_value_codec("uniform", {"bits": bits, "block": block})
+    enc = codec.encode(values, _ctx())
+    decoded = codec.decode(enc.data, enc.params, 1000, _ctx())
+    steps = 2 ** (bits - 1) - 1
+    expected = torch.empty(1000, dtype=torch.float64)
+    for start in range(0, 1000, block):
+        part = values[start:start + block].double()
+        low, high = part.abs().min().float().double(), part.abs().max().float().double()
+        level = torch.round((part.abs() - low) / (high - low) * steps).clamp(0, steps)
+        expected[start:start + block] = torch.where(part < 0, -1.0, 1.0) * (low + (high - low) * (level / steps))
+    assert torch.equal(decoded, expected.float())
+
+
 def test_uniform_keeps_non_finite_blocks_non_finite_and_rejects_bad_parts():
     values = torch.randn(300)
     values[5] = float("inf")
