@@ -8,6 +8,7 @@ starting at bit offset ``o < 32`` of a word spans at most two words, and
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -72,7 +73,7 @@ def unpack_fixed(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
     offsets = torch.arange(count, dtype=torch.int64, device=device) * width
     word = offsets >> 5
     shift = offsets & 31
-    both = words[word] | (words[word + 1] << 32)
+    both = words.index_select(0, word) | (words.index_select(0, word + 1) << 32)
     # Arithmetic shift may fill the top bits with ones; they sit above bit `width` and are masked.
     return (both >> shift) & ((1 << width) - 1)
 
@@ -101,9 +102,18 @@ def bitmap_to_bool(data: torch.Tensor, nbits: int) -> torch.Tensor:
     return bits.reshape(-1)[:nbits].bool()
 
 
+def true_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Ascending int64 positions of the true entries of a 1-D bool tensor. On the CPU
+    numpy's ``flatnonzero`` reads the same memory, several times faster than torch's
+    ``nonzero`` on one thread, with the same result."""
+    if mask.device.type == "cpu" and not mask.requires_grad:
+        return torch.from_numpy(np.flatnonzero(mask.numpy()).astype(np.int64, copy=False))
+    return torch.nonzero(mask).reshape(-1)
+
+
 def bitmap_positions(data: torch.Tensor, nbits: int) -> torch.Tensor:
     """Ascending positions of the set bits among the first ``nbits`` bits."""
-    return torch.nonzero(bitmap_to_bool(data, nbits)).reshape(-1)
+    return true_positions(bitmap_to_bool(data, nbits))
 
 
 def bit_length(x: int) -> int:

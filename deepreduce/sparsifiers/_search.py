@@ -13,6 +13,8 @@ import math
 import numpy as np
 import torch
 
+from .. import _bits
+
 SAMPLE_SIZE = 1 << 15  # elements in the strided sample that estimates a threshold
 EXACT_BELOW = 1 << 15  # below this size torch.topk is as fast as anything else
 
@@ -69,10 +71,7 @@ def count_at_least(magnitude: torch.Tensor, threshold: torch.Tensor, mask: torch
 
 def nonzero(mask: torch.Tensor) -> torch.Tensor:
     """Ascending int64 positions of the true elements of a 1-D mask."""
-    array = host_array(mask)
-    if array is not None:
-        return torch.from_numpy(np.flatnonzero(array).astype(np.int64, copy=False))
-    return torch.nonzero(mask).reshape(-1)
+    return _bits.true_positions(mask)
 
 
 def keep_top(candidates: torch.Tensor, magnitude: torch.Tensor, k: int) -> torch.Tensor:
