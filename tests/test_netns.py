@@ -103,8 +103,11 @@ def test_interrupt_tears_everything_down(tmp_path):
     marker = tmp_path / "started"
     cmd = [str(SCRIPT), "--nodes", "2", "--rate", "100mbit", "--exec", "--",
            "sh", "-c", f"echo {{addr}} >> {marker}; sleep 120"]
+    # Ctrl-C's default action, as at a terminal: a test run started in the background
+    # (`cmd &`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHON": sys.executable})
+                            env={**os.environ, "PYTHON": sys.executable},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     prefix = f"dr{proc.pid}"
     deadline = time.monotonic() + 30
     while (not marker.exists() or len(marker.read_text().split()) < 2) and time.monotonic() < deadline:
