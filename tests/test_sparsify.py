@@ -65,7 +65,8 @@ def test_topk_with_ties_keeps_a_top_k_set(dtype, numel):
 
 
 def test_threshold_passes_agree_with_torch_on_every_dtype():
-    from deepreduce.sparsifiers._search import at_least, count_at_least, nonzero
+    from deepreduce._bits import true_positions
+    from deepreduce.sparsifiers._search import at_least, count_at_least
 
     base = torch.randn(100_003, generator=torch.Generator().manual_seed(2))
     base[::97] = float("nan")
@@ -77,8 +78,8 @@ def test_threshold_passes_agree_with_torch_on_every_dtype():
         mask = torch.empty_like(expected)
         assert torch.equal(at_least(magnitude, threshold, mask), expected) and torch.equal(mask, expected)
         assert count_at_least(magnitude, threshold) == int(expected.sum())
-        assert torch.equal(nonzero(expected), torch.nonzero(expected).reshape(-1))
-        assert nonzero(expected).dtype == torch.int64
+        assert torch.equal(true_positions(expected), torch.nonzero(expected).reshape(-1))
+        assert true_positions(expected).dtype == torch.int64
 
 
 def test_mstopk_returns_exactly_k_with_top_k_mass(real_gradients):

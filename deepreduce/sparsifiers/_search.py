@@ -13,22 +13,10 @@ import math
 import numpy as np
 import torch
 
-from .. import _bits
+from .._bits import host_array
 
 SAMPLE_SIZE = 1 << 15  # elements in the strided sample that estimates a threshold
 EXACT_BELOW = 1 << 15  # below this size torch.topk is as fast as anything else
-
-# dtypes whose CPU tensors numpy can view without a copy (not bfloat16)
-_NUMPY_DTYPES = {torch.float16, torch.float32, torch.float64, torch.bool}
-
-
-def host_array(tensor: torch.Tensor) -> np.ndarray | None:
-    """``tensor`` as a numpy array on the same memory, or None where numpy cannot view it
-    (another device, bfloat16, a tensor that needs grad)."""
-    if tensor.device.type != "cpu" or tensor.dtype not in _NUMPY_DTYPES or tensor.requires_grad:
-        return None
-    return tensor.numpy()
-
 
 def strided_sample(magnitude: torch.Tensor, size: int | None = None) -> tuple[torch.Tensor, float]:
     """A strided sample of about ``size`` elements (default: ``SAMPLE_SIZE``, at most an
@@ -65,13 +53,8 @@ def count_true(mask: torch.Tensor) -> int:
 
 def count_at_least(magnitude: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor | None = None) -> int:
     """Elements ``>= threshold``; with ``mask`` (a bool tensor like ``magnitude``) the
-    comparison is written there, so a following :func:`nonzero` of it needs no second pass."""
+    comparison is written there, so a following :func:`~deepreduce._bits.true_positions` of it needs no second pass."""
     return count_true(at_least(magnitude, threshold, mask))
-
-
-def nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Ascending int64 positions of the true elements of a 1-D mask."""
-    return _bits.true_positions(mask)
 
 
 def keep_top(candidates: torch.Tensor, magnitude: torch.Tensor, k: int) -> torch.Tensor:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from ..options import Option, probability
+from .._bits import true_positions
 from . import SelectContext, register_sparsifier
-from ._search import at_least, count_at_least, nonzero, sample_threshold, strided_sample
+from ._search import at_least, count_at_least, sample_threshold, strided_sample
 
 
 @register_sparsifier(
@@ -34,4 +35,4 @@ def dgc(magnitude: torch.Tensor, k: int, ctx: SelectContext, sample: float, tole
         want = max(1.0, want * k / max(count, 1))
         threshold_ = sample_threshold(picked, scale, want)
         count = count_at_least(magnitude, threshold_)
-    return nonzero(at_least(magnitude, threshold_))
+    return true_positions(at_least(magnitude, threshold_))

@@ -8,8 +8,9 @@ import math
 import torch
 
 from ..options import Option, positive, probability
+from .._bits import true_positions
 from . import SelectContext, register_sparsifier
-from ._search import at_least, count_at_least, keep_top, nonzero, sample_threshold, strided_sample
+from ._search import at_least, count_at_least, keep_top, sample_threshold, strided_sample
 
 
 @register_sparsifier(
@@ -48,8 +49,8 @@ def mstopk(magnitude: torch.Tensor, k: int, ctx: SelectContext, rounds: int, ban
         else:
             hi, n_hi = mid, n_mid
     if n_hi > k:  # only with ties at the maximum: fall back to an exact choice among them
-        return keep_top(nonzero(at_least(magnitude, hi)), magnitude, k)
-    candidates = nonzero(at_least(magnitude, lo))
+        return keep_top(true_positions(at_least(magnitude, hi)), magnitude, k)
+    candidates = true_positions(at_least(magnitude, lo))
     above = magnitude.index_select(0, candidates) >= hi
     in_band = ~above
     fill = in_band & (torch.cumsum(in_band, 0) <= k - n_hi)

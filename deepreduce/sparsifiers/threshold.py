@@ -6,8 +6,9 @@ import torch
 
 from ..errors import ConfigError
 from ..options import Option
+from .._bits import true_positions
 from . import SelectContext, register_sparsifier
-from ._search import at_least, nonzero
+from ._search import at_least
 
 
 @register_sparsifier(
@@ -19,4 +20,4 @@ from ._search import at_least, nonzero
 def threshold(magnitude: torch.Tensor, k: int, ctx: SelectContext, t: float | None) -> torch.Tensor:
     if t is None:
         raise ConfigError("sparsifier 'threshold' needs the parameter t (e.g. 'threshold:t=1e-3')")
-    return nonzero(at_least(magnitude, torch.tensor(t, dtype=magnitude.dtype)))
+    return true_positions(at_least(magnitude, torch.tensor(t, dtype=magnitude.dtype)))

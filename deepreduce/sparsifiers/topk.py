@@ -11,8 +11,9 @@ import math
 
 import torch
 
+from .._bits import true_positions
 from . import SelectContext, register_sparsifier
-from ._search import EXACT_BELOW, count_at_least, keep_top, nonzero, sample_threshold, strided_sample
+from ._search import EXACT_BELOW, count_at_least, keep_top, sample_threshold, strided_sample
 
 
 @register_sparsifier("topk", "exact top-k by magnitude (sampled threshold, then topk of the candidates)")
@@ -25,12 +26,12 @@ def topk(magnitude: torch.Tensor, k: int, ctx: SelectContext) -> torch.Tensor:
     # the count above a sampled threshold is off by about sqrt(count * scale); 4 of those
     # on top make a second pass rare.
     want = 1.1 * k + 4 * math.sqrt(k * scale)
-    mask = ctx.buffer("mask", d, torch.bool, magnitude.device)  # reused: one comparison pass serves count and nonzero
+    mask = ctx.buffer("mask", d, torch.bool, magnitude.device)  # reused: one comparison pass serves the count and the positions
     for _ in range(3):
         threshold = sample_threshold(sample, scale, want)
         count = count_at_least(magnitude, threshold, mask)
         if k <= count <= 4 * k + 1024:
-            return keep_top(nonzero(mask), magnitude, k)
+            return keep_top(true_positions(mask), magnitude, k)
         want = want * 2 if count < k else want / 2
     # Pathological data (ties, NaNs, adversarial layouts): the reference algorithm.
     return torch.topk(magnitude, k, sorted=False).indices
