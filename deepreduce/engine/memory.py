@@ -39,6 +39,16 @@ def memory_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def subtract_sent(compensated: torch.Tensor, sent: SparseGrad) -> torch.Tensor:
+    """``compensated[i] -= sent.values`` at ``sent``'s (unique) indices, in place.
+
+    Assignment of the exact difference, not subtraction in place, so a lossless codec
+    leaves exactly zero there; ``index_select``/``index_copy_`` give the values advanced
+    indexing would, at a fraction of its cost on the CPU."""
+    indices = sent.indices
+    return compensated.index_copy_(0, indices, compensated.index_select(0, indices) - sent.values.to(compensated.dtype))
+
+
 class ErrorFeedback:
     """Residual memory per key (a parameter's name, or a bucket's index).
 
@@ -172,14 +182,9 @@ class ErrorFeedback:
         self._pending.pop(key, None)
         if sent.numel != compensated.numel():
             raise ValueError(f"sent gradient has {sent.numel} elements, compensated one {compensated.numel()}")
-        # Assignment, not subtraction in place: indices are unique, and the exact
-        # difference keeps a lossless codec's residual at exactly zero there.
-        # (index_select/index_copy_: the same values as advanced indexing, ~10x cheaper on CPU.)
-        indices = sent.indices
-        compensated.index_copy_(0, indices, compensated.index_select(0, indices) - sent.values.to(compensated.dtype))
-        self.residuals[key] = compensated
+        self.residuals[key] = subtract_sent(compensated, sent)
         if self.momentum and key in self.velocities:
-            self.velocities[key].index_fill_(0, indices, 0)
+            self.velocities[key].index_fill_(0, sent.indices, 0)
 
     def update_dense(self, key: Hashable, compensated: torch.Tensor, sent: torch.Tensor) -> None:
         """Residual := ``compensated - sent`` for a bucket that went dense (``sent`` is

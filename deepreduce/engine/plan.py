@@ -416,7 +416,7 @@ def _measure(engine: "Engine", compressor: Compressor, buffer: torch.Tensor,
     full-size add, the compression of each segment (small ones raw or through the small
     compressor), framing and the residual update; to receive, decoding W messages and
     summing them in rank order (this rank's message decoded W times)."""
-    from .memory import memory_dtype
+    from .memory import memory_dtype, subtract_sent
     from .pipeline import _as_bytes, _stream_name, all_finite, read_message, sum_in_rank_order
 
     messages: list[torch.Tensor] = []
@@ -435,7 +435,7 @@ def _measure(engine: "Engine", compressor: Compressor, buffer: torch.Tensor,
             result = which.compress_detailed(compensated.to(buffer.dtype), step=engine.step, key=_stream_name(seg.name))
             entries.append(result.payload)
             sent = result.sent
-            compensated.index_copy_(0, sent.indices, compensated.index_select(0, sent.indices) - sent.values.to(wide))  # the residual update
+            subtract_sent(compensated, sent)  # the residual update
         messages.append(frame(entries, buffer.device))
 
     send_s = _seconds(send, buffer.device)
