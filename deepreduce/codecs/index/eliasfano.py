@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import torch
 
 from ... import _bits
@@ -57,11 +58,15 @@ def size_bound(numel: int, k: int) -> int:
     return (k * low + k + ((numel - k) >> low)) // 8 + 8
 
 
+def _candidate_widths(numel: int, k: int) -> range:
+    guess = guess_low_width(numel, k)
+    return range(max(0, guess - 2), min(guess + 3, 63))
+
+
 def best_low_width(gaps: torch.Tensor, numel: int) -> int:
     """The ``l`` that minimises ``r*l + sum(g >> l)`` (evaluated around log2(d/r))."""
     k = gaps.numel()
-    guess = guess_low_width(numel, k)
-    candidates = range(max(0, guess - 2), min(guess + 3, 63))
+    candidates = _candidate_widths(numel, k)
     if k <= 1 << 16:  # one broadcast op instead of one pass per candidate (per-call cost dominates here)
         widths = torch.arange(candidates.start, candidates.stop, device=gaps.device)
         costs = (gaps.unsqueeze(0) >> widths.unsqueeze(1)).sum(1) + k * widths
@@ -75,6 +80,9 @@ def encode_ascending(indices: torch.Tensor, numel: int) -> tuple[torch.Tensor, i
     k = indices.numel()
     if k == 0:
         return indices.new_empty(0, dtype=torch.uint8), 0, 0
+    array = _bits.host_array(indices)
+    if array is not None:
+        return _encode_host(array.astype(np.int64, copy=False), numel)
     gaps = gaps_of(indices)
     low_width = best_low_width(gaps, numel)
     high = gaps >> low_width
@@ -102,10 +110,31 @@ def decode_ascending(data: torch.Tensor, low_width: int, nbits: int, k: int, num
     terminators = _bits.bitmap_positions(data[low_bytes:], nbits)
     if terminators.numel() != k or int(terminators[-1]) != nbits - 1:
         raise DecodeError(f"{codec}: unary stream holds {terminators.numel()} terminators, expected {k}")
+    low = _bits.unpack_fixed(data[:low_bytes], low_width, k)
+    if terminators.device.type == "cpu":  # the same arithmetic in numpy: lower cost per operation
+        gaps = ((np.diff(terminators.numpy(), prepend=-1) - 1) << low_width) | low.numpy()
+        return torch.from_numpy(np.cumsum(gaps + 1) - 1)
     previous = torch.cat([terminators.new_full((1,), -1), terminators[:-1]])
     high = terminators - previous - 1
-    low = _bits.unpack_fixed(data[:low_bytes], low_width, k)
     return indices_from_gaps((high << low_width) | low)
+
+
+def _encode_host(indices: np.ndarray, numel: int) -> tuple[torch.Tensor, int, int]:
+    """:func:`encode_ascending` in numpy, for CPU tensors (the same bytes)."""
+    k = indices.size
+    gaps = np.diff(indices, prepend=-1) - 1
+    candidates = _candidate_widths(numel, k)
+    widths = np.arange(candidates.start, candidates.stop)
+    if k <= 1 << 16:
+        costs = (gaps[None] >> widths[:, None]).sum(1) + k * widths
+    else:
+        costs = np.array([int((gaps >> l).sum()) + k * int(l) for l in widths])
+    low_width = int(widths[np.argmin(costs)])
+    terminators = np.cumsum(gaps >> low_width) + np.arange(k)
+    nbits = int(terminators[-1]) + 1
+    low = _bits.pack_fixed(torch.from_numpy(gaps & ((1 << low_width) - 1)), low_width)
+    unary = _bits.pack_bitmap(torch.from_numpy(terminators), nbits)
+    return torch.cat([low, unary]), low_width, nbits
 
 
 @register_index_codec

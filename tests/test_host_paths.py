@@ -1,0 +1,107 @@
+"""On the CPU, bit packing, Elias-Fano and the fp16 value codec run in numpy on the
+tensors' memory; elsewhere (CUDA) they run as torch ops. Payloads must be the same
+bytes whichever path wrote them, and either path must read the other's. These tests
+force the torch path on the CPU (no host view) and compare."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepreduce import _bits
+from deepreduce.codecs import CodecContext
+from deepreduce.codecs.index import eliasfano
+from deepreduce.codecs.value import fp16
+
+
+def _tensor_path(monkeypatch, *modules):
+    for module in modules:
+        monkeypatch.setattr(module, "host_array", lambda tensor: None)
+
+
+def _both(monkeypatch, fn, *args, modules=(_bits,)):
+    host = fn(*args)
+    with monkeypatch.context() as patch:
+        _tensor_path(patch, *modules)
+        tensor = fn(*args)
+    return host, tensor
+
+
+@given(count=st.integers(0, 3000), width=st.integers(0, 62), seed=st.integers(0, 2**31))
+@settings(max_examples=150, deadline=None)
+def test_fixed_width_fields_pack_alike_on_both_paths(count, width, seed):
+    monkeypatch = pytest.MonkeyPatch()
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 1 << width, (count,), generator=gen) if width else torch.zeros(count, dtype=torch.int64)
+    host, tensor = _both(monkeypatch, _bits.pack_fixed, values, width)
+    assert torch.equal(host, tensor)
+    assert host.numel() == _bits.fixed_nbytes(count, width)
+    unpacked_host, unpacked_tensor = _both(monkeypatch, _bits.unpack_fixed, host, width, count)
+    assert torch.equal(unpacked_host, values) and torch.equal(unpacked_tensor, values)
+
+
+@given(nbits=st.integers(0, 5000), fill=st.floats(0, 1), seed=st.integers(0, 2**31))
+@settings(max_examples=150, deadline=None)
+def test_bitmaps_pack_and_read_alike_on_both_paths(nbits, fill, seed):
+    monkeypatch = pytest.MonkeyPatch()
+    gen = torch.Generator().manual_seed(seed)
+    positions = torch.nonzero(torch.rand(nbits, generator=gen) < fill).reshape(-1)
+    host, tensor = _both(monkeypatch, _bits.pack_bitmap, positions, nbits)
+    assert torch.equal(host, tensor) and host.numel() == _bits.packed_nbytes(nbits)
+    read_host, read_tensor = _both(monkeypatch, _bits.bitmap_positions, host, nbits)
+    assert torch.equal(read_host, positions) and torch.equal(read_tensor, positions)
+
+
+def test_host_unpacking_reads_misaligned_slices():
+    # Payload parts start at any byte of a message; numpy views them without a copy.
+    values = torch.randint(0, 1 << 13, (777,), generator=torch.Generator().manual_seed(0))
+    packed = _bits.pack_fixed(values, 13)
+    for offset in range(1, 8):
+        shifted = torch.cat([torch.zeros(offset, dtype=torch.uint8), packed])[offset:]
+        assert torch.equal(_bits.unpack_fixed(shifted, 13, 777), values)
+
+
+@pytest.mark.parametrize("numel", [1, 64, 70_000, 3_000_000])
+@pytest.mark.parametrize("layout", ["scattered", "run", "clustered"])
+@pytest.mark.parametrize("k", [1, 37, 5_000, 70_000])
+def test_eliasfano_writes_the_same_bytes_on_both_paths(monkeypatch, numel, layout, k):
+    # Both paths pick the width with the fewest bits (the first on ties): the same bytes.
+    k = min(k, numel)
+    gen = torch.Generator().manual_seed(numel + k)
+    if layout == "scattered":
+        indices = torch.sort(torch.randperm(numel, generator=gen)[:k]).values
+    elif layout == "run":
+        indices = torch.arange(k) + (numel - k) // 2
+    else:
+        indices = torch.unique(torch.randint(0, max(1, numel // 50), (k,), generator=gen) * 49 % numel)
+    host, tensor = _both(monkeypatch, eliasfano.encode_ascending, indices, numel)
+    assert torch.equal(host[0], tensor[0]) and host[1:] == tensor[1:]
+    args = (host[0], host[1], host[2], indices.numel(), numel)
+    decoded_host, decoded_tensor = _both(monkeypatch, eliasfano.decode_ascending, *args)
+    assert torch.equal(decoded_host, indices) and torch.equal(decoded_tensor, indices)
+
+
+_SPECIAL = [math.inf, -math.inf, math.nan, 0.0, -0.0, 1e300, -1e-300, 65504.0, 6e-8]
+
+
+@given(count=st.integers(0, 300), dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+       log_scale=st.floats(-40, 40), special=st.lists(st.sampled_from(_SPECIAL), max_size=3), seed=st.integers(0, 2**31))
+@settings(max_examples=300, deadline=None)
+def test_fp16_values_encode_alike_on_both_paths(count, dtype, log_scale, special, seed):
+    monkeypatch = pytest.MonkeyPatch()
+    values = torch.randn(count, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 10.0 ** log_scale
+    values[: len(special)] = torch.tensor(special[:count], dtype=torch.float64)
+    values = values.to(dtype)
+    codec = fp16.Float16ValueCodec()
+    ctx = CodecContext(count, dtype, torch.device("cpu"))
+    host, tensor = _both(monkeypatch, lambda v: codec.encode(v, ctx).data, values, modules=(fp16,))
+    assert torch.equal(host, tensor)
+    decoded = codec.decode(host, b"", count, ctx)
+    shift = int(host[:4].view(torch.int32))
+    expected = (host[4:].view(torch.float16).double() * 2.0 ** -shift).to(dtype)
+    assert torch.equal(decoded.isnan(), expected.isnan())
+    assert torch.equal(decoded[~decoded.isnan()], expected[~expected.isnan()])
