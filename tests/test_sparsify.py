@@ -174,3 +174,24 @@ def test_cyclic_sends_every_element_once_per_stride_steps():
         seen[chosen] += 1
     assert bool((seen == 1).all())
     assert sparsify(x, 0.0, "cyclic").k == 0 and sparsify(x, 1.0, "cyclic").k == 1003
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_largest_finds_the_set_torch_topk_finds(dtype):
+    # numpy's argpartition on the CPU (bfloat16: torch.topk): the same set where values
+    # are distinct, NaN counted as the largest, k = 0 and k = n included.
+    from deepreduce.sparsifiers._search import largest
+
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randperm(250, generator=gen).to(dtype)  # integers below 256: distinct in every dtype
+    values[::31] = float("nan")
+    for k in (0, 1, 7, 150, 249, 250):
+        got = largest(values, k)
+        assert got.dtype == torch.int64 and got.numel() == k
+        assert got.unique().numel() == k
+        expected = torch.topk(values, k, sorted=False).values
+        # the same values (NaNs are ties among themselves: which NaN is kept may differ)
+        torch.testing.assert_close(torch.sort(values[got]).values, torch.sort(expected).values, rtol=0, atol=0, equal_nan=True)
+    strided = values[::3]
+    torch.testing.assert_close(torch.sort(strided[largest(strided, 40)]).values, torch.sort(torch.topk(strided, 40).values).values,
+                               rtol=0, atol=0, equal_nan=True)

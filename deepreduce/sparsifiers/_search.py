@@ -16,7 +16,7 @@ import torch
 from .._bits import host_array
 
 SAMPLE_SIZE = 1 << 15  # elements in the strided sample that estimates a threshold
-EXACT_BELOW = 1 << 15  # below this size torch.topk is as fast as anything else
+EXACT_BELOW = 1 << 15  # below this size one selection over the whole tensor is as fast as the sampled passes
 
 def strided_sample(magnitude: torch.Tensor, size: int | None = None) -> tuple[torch.Tensor, float]:
     """A strided sample of about ``size`` elements (default: ``SAMPLE_SIZE``, at most an
@@ -29,10 +29,22 @@ def strided_sample(magnitude: torch.Tensor, size: int | None = None) -> tuple[to
     return sample, magnitude.numel() / sample.numel()
 
 
+def largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` largest of the 1-D ``values``, in no particular order (NaN
+    counts as the largest, as in ``torch.topk``). On the CPU numpy's introselect
+    (``argpartition``) finds the same set, up to ties, several times faster than
+    ``torch.topk`` on one thread."""
+    array = host_array(values)
+    n = values.numel()
+    if array is None or not 0 < k < n:
+        return torch.topk(values, k, sorted=False).indices
+    return torch.from_numpy(np.argpartition(array, n - k)[n - k :])
+
+
 def sample_threshold(sample: torch.Tensor, scale: float, count: float) -> torch.Tensor:
     """Threshold above which about ``count`` elements of the full tensor are expected."""
     kth = min(sample.numel(), max(1, int(math.ceil(count / scale))))
-    return torch.topk(sample, kth, sorted=False).values.min()
+    return sample.index_select(0, largest(sample, kth)).min()
 
 
 def at_least(magnitude: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,7 +71,7 @@ def count_at_least(magnitude: torch.Tensor, threshold: torch.Tensor, mask: torch
 
 def keep_top(candidates: torch.Tensor, magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` largest of ``magnitude[candidates]``, returned in ascending index order."""
-    chosen = torch.topk(magnitude.index_select(0, candidates), k, sorted=False).indices
+    chosen = largest(magnitude.index_select(0, candidates), k)
     keep = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
     keep[chosen] = True
     return torch.masked_select(candidates, keep)

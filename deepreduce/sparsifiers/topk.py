@@ -1,8 +1,9 @@
 """``topk``: exact top-k by magnitude.
 
-A threshold from a strided sample picks ~10 % more candidates than k in one pass;
-``torch.topk`` of the candidates then keeps exactly the k largest. Pathological inputs
-(ties, NaNs) fall back to ``torch.topk`` of the whole tensor, the reference.
+A threshold from a strided sample picks ~10 % more candidates than k in one pass; a
+selection of the k largest candidates (:func:`._search.largest`) then keeps exactly k.
+Small tensors and pathological inputs (ties, NaNs) take that selection over the whole
+tensor.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import torch
 
 from .._bits import true_positions
 from . import SelectContext, register_sparsifier
-from ._search import EXACT_BELOW, count_at_least, keep_top, sample_threshold, strided_sample
+from ._search import EXACT_BELOW, count_at_least, keep_top, largest, sample_threshold, strided_sample
 
 
 @register_sparsifier("topk", "exact top-k by magnitude (sampled threshold, then topk of the candidates)")
 def topk(magnitude: torch.Tensor, k: int, ctx: SelectContext) -> torch.Tensor:
     d = magnitude.numel()
     if d <= EXACT_BELOW or k > d // 4:
-        return torch.topk(magnitude, k, sorted=False).indices
+        return largest(magnitude, k)
     sample, scale = strided_sample(magnitude)
     # Aim ~10 % above k so one pass over the data almost always yields enough candidates:
     # the count above a sampled threshold is off by about sqrt(count * scale); 4 of those
@@ -33,5 +34,5 @@ def topk(magnitude: torch.Tensor, k: int, ctx: SelectContext) -> torch.Tensor:
         if k <= count <= 4 * k + 1024:
             return keep_top(true_positions(mask), magnitude, k)
         want = want * 2 if count < k else want / 2
-    # Pathological data (ties, NaNs, adversarial layouts): the reference algorithm.
-    return torch.topk(magnitude, k, sorted=False).indices
+    # Pathological data (ties, NaNs, adversarial layouts): a selection over the whole tensor.
+    return largest(magnitude, k)
