@@ -17,7 +17,7 @@ from .errors import CommunicationError, ConfigError, DecodeError, DeepReduceErro
 from .engine.plan import AutoPlan
 from .hooks import DeepReduceState, deepreduce_hook
 from .local_adam import LocalAdamW
-from .optim import UpdateSync
+from .optim import DensityFollowsLR, UpdateSync
 from .sparse import SparseGrad
 from .sparsifiers import sparsifiers, sparsify
 from .wire import read_header
@@ -33,6 +33,7 @@ __all__ = [
     "DecodeError",
     "DeepReduceState",
     "DeepReduceError",
+    "DensityFollowsLR",
     "LocalAdamW",
     "NonFiniteError",
     "SparseGrad",

@@ -66,7 +66,8 @@ Tuning:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator
+import math
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -79,6 +80,62 @@ from .hooks import local_gradient_hook
 from .errors import ConfigError
 
 _STATE_FORMAT = 1
+
+
+class DensityFollowsLR:
+    """Density factors that follow the learning rate: ``(lr(t) / mean lr) ** power``,
+    normalised to a mean of 1 over steps ``start .. steps - 1``. Passed as
+    ``UpdateSync(density_schedule=...)``, it sends the same bytes over the run as a
+    constant density, more of them while the learning rate (and with it each update)
+    is large and fewer as it decays, when the residual has little new to carry.
+
+    Args:
+        lr_at: the learning rate at an optimizer step (counted from 0), e.g. the
+            function that sets the optimizer's rate; read once, here, for every step.
+        steps: the run's length in optimizer steps.
+        start: the first compressed step (``start_iter * local_steps``); the mean is
+            taken from there.
+        power: 1: proportional to the rate; 2 leans further towards the early steps.
+
+    Steps past the end keep the last factor. The object holds plain numbers: it
+    pickles, and every rank built from the same schedule computes the same densities.
+    """
+
+    def __init__(self, lr_at: Callable[[int], float], steps: int, *, start: int = 0, power: float = 1.0) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or isinstance(start, bool) or not isinstance(start, int) \
+                or not 0 <= start < steps:
+            raise ConfigError(f"DensityFollowsLR needs integers 0 <= start < steps, got start={start!r}, steps={steps!r}")
+        if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
+            raise ConfigError(f"power must be a finite number >= 0, got {power!r}")
+        rates = [lr_at(step) for step in range(start, steps)]
+        bad = next((i for i, rate in enumerate(rates) if not (isinstance(rate, (int, float)) and math.isfinite(rate)
+                                                              and rate > 0)), None)
+        if bad is not None:
+            raise ConfigError(f"lr_at({start + bad}) returned {rates[bad]!r}; the learning rate must be positive")
+        weights = [float(rate) ** power for rate in rates]
+        mean = sum(weights) / len(weights)
+        self.start, self.power = start, float(power)
+        self.factors = tuple(weight / mean for weight in weights)
+
+    def __call__(self, step: int) -> float:
+        return self.factors[min(max(step - self.start, 0), len(self.factors) - 1)]
+
+    def __repr__(self) -> str:
+        return (f"DensityFollowsLR(steps {self.start}..{self.start + len(self.factors) - 1}, power {self.power:g}, "
+                f"factors {self.factors[0]:.3g} -> {max(self.factors):.3g} -> {self.factors[-1]:.3g})")
+
+
+class _PerExchange:
+    """An optimizer-step schedule read at exchanges: exchange ``e`` follows optimizer step
+    ``(e + 1) * local_steps - 1`` (picklable, unlike a closure)."""
+
+    def __init__(self, schedule: Callable[[int], float], local_steps: int) -> None:
+        if not callable(schedule):
+            raise ConfigError(f"density_schedule must be a function of the step or None, got {type(schedule).__name__}")
+        self.schedule, self.local_steps = schedule, local_steps
+
+    def __call__(self, exchange: int) -> float:
+        return self.schedule((exchange + 1) * self.local_steps - 1)
 
 
 def register_local_hook(ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
@@ -104,6 +161,10 @@ class UpdateSync:
         broadcast: copy rank 0's parameters to every rank first (so all start alike).
         ddp: a DistributedDataParallel model to switch to local gradients.
         seed: the compressor's seed when ``compressor`` is a spec.
+        density_schedule: a function of the optimizer step (counted from 0) giving the
+            factor on the density of the exchange after that step, e.g.
+            :class:`DensityFollowsLR` (more bytes where the learning rate is high, the
+            same bytes over the run). None: the same density every exchange.
         min_numel, error_feedback, dense_fallback, granularity, start_iter, nonfinite,
         stats_every, small_compressor, scheme: engine options (see :class:`deepreduce.DeepReduceState`);
             ``start_iter`` exchanges go dense.
@@ -140,6 +201,7 @@ class UpdateSync:
         stats_every: int = 0,
         small_compressor: Compressor | str | None = None,
         scheme: str = "allgather",
+        density_schedule: Callable[[int], float] | None = None,
     ) -> None:
         self.config: dict[str, Any] = dict(
             compressor=compressor, local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
@@ -147,7 +209,7 @@ class UpdateSync:
             min_numel=min_numel, error_feedback=error_feedback, dense_fallback=dense_fallback,
             granularity=granularity, start_iter=start_iter, nonfinite=nonfinite, stats_every=stats_every,
             small_compressor=small_compressor,
-            scheme=scheme,
+            scheme=scheme, density_schedule=density_schedule,
         )
         if isinstance(compressor, str) and compressor == "auto":
             raise ConfigError("compressor='auto' plans the gradient hook's buckets; the update mode needs a compressor "
@@ -187,6 +249,7 @@ class UpdateSync:
             error_feedback=error_feedback, start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback,
             granularity=granularity, nonfinite=nonfinite, stats_every=stats_every,
             small_compressor=small_compressor, scheme=scheme,
+            density_scale=None if density_schedule is None else _PerExchange(density_schedule, local_steps),
             describe_extra={
                 "mode": "update", "local_steps": local_steps, "outer_lr": self.outer_lr,
                 "outer_momentum": self.outer_momentum, "nesterov": self.nesterov, "overlap": self.overlap,

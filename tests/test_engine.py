@@ -161,6 +161,26 @@ def test_density_warmup_falls_exponentially_to_the_target():
     assert engine.describe()["density_warmup"] == 4
 
 
+def test_density_scale_sets_each_steps_density():
+    factors = {2: 3.0, 3: 0.5, 4: 1000.0}  # step 4: capped at dense
+    engine = Engine(SoloTransport(), dr.Compressor(ratio=0.01, value="raw"), start_iter=2, min_numel=0,
+                    density_scale=lambda step: factors.get(step, 1.0))
+    assert [engine.density(step) for step in range(6)] == [0.01, 0.01, 0.03, 0.005, 1.0, 0.01]
+    kept = []
+    for _ in range(6):
+        before = engine.stats()["kept"]
+        engine.reduce(torch.randn(10_000)).wait()
+        kept.append(engine.stats()["kept"] - before)
+        engine.end_step()
+    assert kept == [0, 0, 300, 50, 10_000, 100]  # two dense warm-up steps, then the scaled densities
+    assert engine.describe()["density_scale"][:2] == [0.03, 0.005]  # compared across ranks
+    with pytest.raises(dr.ConfigError, match="density_scale must be a function"):
+        Engine(SoloTransport(), dr.Compressor(), density_scale=2.0)
+    broken = Engine(SoloTransport(), dr.Compressor(value="raw"), min_numel=0, density_scale=lambda step: float("nan"))
+    with pytest.raises(dr.ConfigError, match="density_scale returned nan"):
+        broken.reduce(torch.randn(100)).wait()
+
+
 def test_clip_norm_scales_each_bucket_before_compression():
     engine = Engine(SoloTransport(), dr.Compressor(ratio=1.0, index="raw", value="raw"), min_numel=0,
                     dense_fallback=False, clip_norm=2.0)

@@ -68,6 +68,7 @@ def test_bad_plan_options_are_refused(kwargs, message):
     ({"scheme": "shared_index"}, "scheme='allgather'"),
     ({"momentum": 0.9}, "momentum"),
     ({"density_warmup": 10}, "density_warmup"),
+    ({"density_scale": lambda step: 1.0}, "density_scale"),
 ])
 def test_engine_refuses_settings_the_plan_cannot_honour(kwargs, message):
     with pytest.raises(dr.ConfigError, match=message):

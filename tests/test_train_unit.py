@@ -392,3 +392,26 @@ def test_resumed_metrics_drop_the_records_past_the_checkpoint(tmp_path):
     train._drop_records_after(path, 3)
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r.get("step") for r in kept] == [1, 2, 3, None]  # the torn line and steps 4-5 are gone
+
+
+def test_density_follows_lr_reaches_the_update_sync_and_needs_update_mode(monkeypatch):
+    seen = {}
+
+    class FakeSync:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(train, "UpdateSync", FakeSync)
+    args = train.parse_args(["--compression", "topk:0.01/eliasfano/fp16", "--mode", "update", "--local-steps", "2",
+                             "--start-iter", "3", "--steps", "100", "--density-follows-lr", "2"])
+    train._check_args(args)
+    train._update_sync(args, torch.nn.Linear(2, 2), None)
+    schedule = seen["density_schedule"]
+    assert seen["start_iter"] == 2 and schedule.start == 4 and schedule.power == 2.0  # 2 exchanges: 4 optimizer steps
+    rates = [train.learning_rate(step, args) ** 2 for step in range(4, 100)]
+    assert schedule(50) == pytest.approx(rates[46] / (sum(rates) / len(rates)))
+    assert train.parse_args(["--density-follows-lr"]).density_follows_lr == 1.0
+    for argv in (["--compression", "topk:0.01/eliasfano/fp16", "--density-follows-lr"],
+                 ["--compression", "topk:0.01/eliasfano/fp16", "--mode", "update", "--density-follows-lr", "-1"]):
+        with pytest.raises(SystemExit, match="--density-follows-lr needs --mode update and a POWER >= 0"):
+            train._check_args(train.parse_args(argv))

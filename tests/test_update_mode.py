@@ -71,6 +71,49 @@ def test_density_per_exchange_scales_with_local_steps():
     assert capped.compressor.ratio == 1.0
 
 
+def test_density_follows_the_learning_rate_with_the_same_bytes_over_the_run():
+    def lr_at(step):
+        return 0.1 if step < 20 else 0.01
+
+    schedule = dr.DensityFollowsLR(lr_at, 40, start=4)
+    factors = [schedule(step) for step in range(4, 40)]
+    assert sum(factors) / len(factors) == pytest.approx(1.0)
+    assert factors[0] / factors[-1] == pytest.approx(10.0) and schedule(0) == factors[0] and schedule(99) == factors[-1]
+    assert dr.DensityFollowsLR(lr_at, 40, start=4, power=2)(4) / dr.DensityFollowsLR(lr_at, 40, start=4, power=2)(39) \
+        == pytest.approx(100.0)
+    # Exchange e follows optimizer step (e + 1) * H - 1; every rank computes the same densities.
+    model = _model()
+    sync = dr.UpdateSync(model.named_parameters(), "topk:0.01/eliasfano/fp16", local_steps=2, start_iter=2, min_numel=0,
+                         transport=SoloTransport(), density_schedule=schedule)
+    assert sync.engine.density(2) == float(f"{0.02 * schedule(5):.3g}")
+    assert sync.engine.density(15) == float(f"{0.02 * schedule(31):.3g}")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    kept = []
+    for _ in range(40):
+        model(torch.randn(8, 20)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        before = sync.stats()["kept"]
+        sync.step()
+        kept.append(sync.stats()["kept"] - before)
+    compressed = kept[5::2]  # the exchanges after the 2 dense ones (an exchange follows every second step)
+    assert compressed[0] > 5 * compressed[-1] > 0
+    import pickle
+
+    assert pickle.loads(pickle.dumps(sync.config))["density_schedule"].factors == schedule.factors
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps": 10, "start": 10}, "0 <= start < steps"),
+    ({"steps": 10, "power": -1}, "power must be"),
+    ({"steps": 10, "lr_at": lambda step: 0.0}, r"lr_at\(0\) returned 0.0"),
+])
+def test_density_follows_lr_refuses_bad_settings(kwargs, match):
+    kwargs.setdefault("lr_at", lambda step: 0.1)
+    with pytest.raises(dr.ConfigError, match=match):
+        dr.DensityFollowsLR(**kwargs)
+
+
 def test_exchanges_every_local_steps_and_keeps_what_was_not_sent():
     """One rank: exchanges happen every local_steps; nothing is lost, only delayed: the
     anchor plus the residual is the start plus every round's local progress, and the

@@ -70,7 +70,7 @@ from ..compressor import Compressor
 from ..errors import ConfigError
 from ..hooks import DeepReduceState
 from ..local_adam import LocalAdamW
-from ..optim import UpdateSync
+from ..optim import DensityFollowsLR, UpdateSync
 from ..engine.pipeline import NODE_SCHEMES, SCHEMES
 from .comm_hooks import BUILTIN_HOOKS, CommMeter, hook_state_dict, load_hook_state, make_hook
 from .data import ByteCorpus, CorpusError, SnippetClasses, stdlib_classes, stdlib_corpus, text_corpus
@@ -143,6 +143,10 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                    help="update mode: apply each exchange one round late so the wire time hides behind compute")
     c.add_argument("--keep-unsent", action="store_true",
                    help="update mode: each rank keeps its not-yet-sent update in its own parameters (flushed densely at the end)")
+    c.add_argument("--density-follows-lr", type=float, nargs="?", const=1.0, default=None, metavar="POWER",
+                   help="update mode: each exchange's density follows the learning-rate schedule ((lr / mean lr) "
+                        "** POWER, default POWER 1), the same bytes over the run as a constant density "
+                        "(deepreduce.DensityFollowsLR)")
     c.add_argument("--start-iter", type=int, default=10, help="dense steps before compression starts")
     c.add_argument("--min-numel", type=int, default=1024,
                    help="buckets smaller than this go dense; smaller parameters travel uncompressed")
@@ -363,7 +367,7 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, hook_state, da
         "world_size": dist.get_world_size(),
         "compression": args.compression,
         "dgc": _dgc_options(args),
-        "mode": [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov, args.keep_unsent],
+        "mode": _mode_options(args),
         "optimizer_name": args.optimizer,
         "weight_decay": args.weight_decay,
         "data": data_label(args),
@@ -400,11 +404,13 @@ def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_ge
     if saved_dgc != _dgc_options(args):
         raise SystemExit(f"deepreduce train: checkpoint used --momentum-correction/--density-warmup/--clip-norm "
                          f"{saved_dgc}, this run {_dgc_options(args)}")
-    mode = [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov, args.keep_unsent]
+    mode = _mode_options(args)
     saved_mode = saved.get("mode", ["gradient", 1, False, 1.0, 0.0, False, False])
+    if len(saved_mode) < len(mode):  # checkpoints from before --density-follows-lr
+        saved_mode = saved_mode + [None]
     if saved_mode != mode:
-        raise SystemExit(f"deepreduce train: checkpoint used mode/local steps/overlap/outer lr/outer momentum/nesterov/keep unsent "
-                         f"{saved_mode}, this run {mode}")
+        raise SystemExit(f"deepreduce train: checkpoint used mode/local steps/overlap/outer lr/outer momentum/nesterov/keep unsent/"
+                         f"density follows lr {saved_mode}, this run {mode}")
     # Checkpoints written before these options existed trained with Adam, no weight decay.
     saved_optimizer = saved.get("optimizer_name", "adam")
     if saved_optimizer != args.optimizer:
@@ -439,6 +445,11 @@ def _settle_buckets(ddp: DDP, seq_len: int, device: torch.device) -> None:
     torch.set_rng_state(rng)
 
 
+def _mode_options(args: argparse.Namespace) -> list:
+    return [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov, args.keep_unsent,
+            args.density_follows_lr]
+
+
 def _dgc_options(args: argparse.Namespace) -> list:
     return [args.momentum_correction, args.density_warmup, args.clip_norm]
 
@@ -451,6 +462,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("deepreduce train: --weight-decay must be >= 0")
     if args.local_steps < 1:
         raise SystemExit("deepreduce train: --local-steps must be >= 1")
+    if args.density_follows_lr is not None and (args.mode != "update" or not args.density_follows_lr >= 0):
+        raise SystemExit("deepreduce train: --density-follows-lr needs --mode update and a POWER >= 0")
     if args.scheme in NODE_SCHEMES and args.mode != "gradient":
         raise SystemExit(f"deepreduce train: --scheme {args.scheme} needs --mode gradient")
     if args.node_size is not None and (args.scheme not in NODE_SCHEMES or args.node_size < 1):
@@ -521,13 +534,18 @@ def _update_sync(args: argparse.Namespace, model: torch.nn.Module, ddp: DDP) -> 
     """The update-mode exchange for ``--compression`` (a compressor spec)."""
     try:
         compressor = Compressor.from_spec(args.compression, seed=args.seed)
+        start_iter = -(-args.start_iter // args.local_steps)  # exchanges
+        schedule = None
+        if args.density_follows_lr is not None and start_iter * args.local_steps < args.steps:
+            schedule = DensityFollowsLR(lambda step: learning_rate(step, args), args.steps,
+                                        start=start_iter * args.local_steps, power=args.density_follows_lr)
         return UpdateSync(
             model.named_parameters(), compressor, local_steps=args.local_steps, outer_lr=args.outer_lr,
             outer_momentum=args.outer_momentum, nesterov=args.nesterov, overlap=args.overlap,
             keep_unsent=args.keep_unsent, broadcast=False,
             ddp=ddp, min_numel=args.min_numel, error_feedback=not args.no_error_feedback,
             dense_fallback=not args.no_dense_fallback, granularity=args.granularity, scheme=args.scheme,
-            start_iter=-(-args.start_iter // args.local_steps), small_compressor=args.small_compression,
+            start_iter=start_iter, small_compressor=args.small_compression, density_schedule=schedule,
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --mode update: {error}")
@@ -642,6 +660,7 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | 
             "task": args.task, "steps": stop, "world_size": world, "compression": args.compression,
             "parameters": n_params, "mode": args.mode, "scheme": args.scheme, "local_steps": args.local_steps,
             "momentum_correction": args.momentum_correction, "density_warmup": args.density_warmup,
+            "density_follows_lr": args.density_follows_lr,
             "clip_norm": args.clip_norm,
             "data": data_label(args), "corpus_digest": corpus.digest,
             "optimizer": args.optimizer, "weight_decay": args.weight_decay,

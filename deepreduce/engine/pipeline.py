@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Sequence
@@ -173,6 +174,12 @@ class Engine:
         average: divide by the world size (else sum).
         density_warmup: steps after ``start_iter`` over which the density falls
             exponentially from 1 to the compressor's ratio (DGC's warm-up); 0: none.
+        density_scale: a function of the step giving the factor on the compressor's
+            ratio at that step (the density is capped at 1); its mean over the
+            compressed steps is the factor on the bytes. The update mode uses it to
+            spend a byte budget where the learning rate is high
+            (:class:`deepreduce.DensityFollowsLR`). It must return the same number on
+            every rank. None: the ratio every step.
         clip_norm: scale each rank's bucket to an L2 norm of at most
             ``clip_norm / sqrt(W)`` before compression (DGC's local gradient clipping,
             per bucket); None: no clipping.
@@ -206,6 +213,7 @@ class Engine:
         scheme: str = "allgather",
         average: bool = True,
         density_warmup: int = 0,
+        density_scale: Callable[[int], float] | None = None,
         clip_norm: float | None = None,
         nonfinite: str = "propagate",
         size_exchange: str = "auto",
@@ -219,7 +227,8 @@ class Engine:
         plan = AutoPlan() if isinstance(compressor, str) and compressor == "auto" else compressor
         if isinstance(plan, AutoPlan):
             compressor = plan.compressors[-1]  # the most lossy candidate: settings and agreement use it
-            _check_plan_settings(scheme=scheme, momentum=momentum, density_warmup=density_warmup)
+            _check_plan_settings(scheme=scheme, momentum=momentum, density_warmup=density_warmup,
+                                 density_scale=density_scale)
         else:
             plan = None
         if not isinstance(compressor, Compressor):
@@ -240,6 +249,8 @@ class Engine:
                             ("density_warmup", density_warmup)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative int, got {value!r}")
+        if density_scale is not None and not callable(density_scale):
+            raise ConfigError(f"density_scale must be a function of the step or None, got {type(density_scale).__name__}")
         if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
             raise ConfigError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
         if granularity not in GRANULARITIES:
@@ -278,6 +289,7 @@ class Engine:
         self.scheme = scheme
         self.average = bool(average)
         self.density_warmup = density_warmup
+        self.density_scale = density_scale
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.nonfinite = nonfinite
         self.size_exchange = size_exchange
@@ -333,6 +345,9 @@ class Engine:
             "scheme": self.scheme,
             "average": self.average,
             "density_warmup": self.density_warmup,
+            # a function cannot be compared: its densities at a few steps stand for it
+            "density_scale": None if self.density_scale is None else [
+                self.density(self.start_iter + offset) for offset in (0, 1, 10, 100, 1000, 10000)],
             "clip_norm": self.clip_norm,
             "nonfinite": self.nonfinite,
             "size_exchange": self.size_exchange,
@@ -480,6 +495,8 @@ class Engine:
         """The density compressed buckets use at ``step`` (default: the current one)."""
         step = self.step if step is None else step
         target = self.compressor.ratio
+        if self.density_scale is not None:
+            target = _scaled_density(target, self.density_scale(step))
         done = step - self.start_iter + 1
         if not self.density_warmup or done >= self.density_warmup or target <= 0:
             return target
@@ -488,10 +505,15 @@ class Engine:
     def _step_compressor(self) -> Compressor:
         if self._bucket_compressor is not None:
             return self._bucket_compressor
-        if not self.density_warmup or self.step - self.start_iter + 1 >= self.density_warmup:
+        ramping = self.density_warmup and self.step - self.start_iter + 1 < self.density_warmup
+        if self.density_scale is None and not ramping:
             return self.compressor
         if self._ramp is None or self._ramp[0] != self.step:
-            self._ramp = (self.step, self.compressor.with_ratio(self.density()))
+            density = self.density()
+            same = density == self.compressor.ratio
+            self._ramp = (self.step, self.compressor if same else self.compressor.with_ratio(density))
+            if len(self._widths) > 64:  # widths are cached per density: keep the cache small
+                self._widths.clear()
         return self._ramp[1]
 
     def _clip(self, buffer: torch.Tensor) -> None:
@@ -824,15 +846,25 @@ class Engine:
             self.plan.load_state_dict(state["plan"])
 
 
-def _check_plan_settings(*, scheme: str, momentum: float, density_warmup: int) -> None:
+def _scaled_density(ratio: float, factor: float) -> float:
+    """``ratio * factor`` capped at 1, to 3 significant digits (a few hundred distinct
+    densities over a run, not one per step: each one's gather width is computed once)."""
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise ConfigError(f"density_scale returned {factor!r}; it must return a positive finite number")
+    density = min(1.0, ratio * factor)
+    return float(f"{density:.3g}")
+
+
+def _check_plan_settings(*, scheme: str, momentum: float, density_warmup: int,
+                         density_scale: Callable[[int], float] | None = None) -> None:
     """ConfigError for settings ``compressor="auto"`` cannot honour."""
     if scheme != "allgather":
         raise ConfigError(f"compressor='auto' plans buckets for scheme='allgather'; scheme={scheme!r} takes a spec")
     if momentum:
         raise ConfigError("compressor='auto' cannot keep DGC momentum correction (a bucket planned dense would drop "
                           "the momentum it moved out of the optimizer); use momentum=0 with a momentum optimizer")
-    if density_warmup:
-        raise ConfigError("compressor='auto' plans the density itself; use density_warmup=0")
+    if density_warmup or density_scale is not None:
+        raise ConfigError("compressor='auto' plans the density itself; use density_warmup=0 and density_scale=None")
 
 
 def sum_in_rank_order(target: torch.Tensor, parts: Sequence[torch.Tensor | SparseGrad], divisor: int = 1) -> None:
