@@ -49,6 +49,12 @@ Tuning:
   update taken as a negative gradient (DiLoCo uses lr 0.7, Nesterov momentum 0.9 with
   hundreds of local steps). The default, lr 1 without momentum, applies the average as
   it is; error feedback already carries what compression delayed.
+- ``density_schedule``: :class:`DensityFollowsLR` moves a run's bytes towards the steps
+  where the learning rate, and with it each update, is large (the same total). With
+  :class:`deepreduce.LocalAdamW` and block top-k it narrowed the gap to dense
+  markedly, at power 0.5 better than 1 or 2; with plain AdamW at twice the learning
+  rate and ``local_steps=4``, and with SGD, it did not help
+  (``benchmarks/RESULTS.md``, "Bytes that follow the learning rate").
 - ``keep_unsent``: each rank keeps the part of its update not sent yet in its own
   parameters (parameters = agreed anchor + own residual), so its optimizer never works
   on a model that lags its own progress; the ranks' parameters then differ by their

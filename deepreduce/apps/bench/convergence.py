@@ -57,6 +57,7 @@ UPDATE_H1_SPEC = "topk:0.029/eliasfano/uniform:bits=1"
 BLOCK_SPEC = "blocktopk:0.18,block=128/blocks:block=128/uniform:bits=1"
 BLOCK_SMALL_WHOLE_SPEC = "blocktopk:0.215,block=128/blocks:block=128/uniform:bits=1"
 SMALL_CYCLIC = ["--small-compression", "cyclic:0.125/strided/fp16"]
+FOLLOW_LR = ["--density-follows-lr", "0.5"]
 
 
 def update_row(spec: str, local_steps: int, small: list[str] | None = None) -> list[str]:
@@ -71,10 +72,13 @@ ROWS: dict[str, list[str]] = {
     "hook top-1%": ["--compression", HOOK_SPEC],
     "hook top-1% + DGC recipe": ["--compression", HOOK_SPEC, "--density-warmup", "300"],
     "update H=1": update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC),
+    "update H=1, bytes follow lr": [*update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC), *FOLLOW_LR],
     "update H=4": update_row(UPDATE_SPEC, 4),
     "update H=16": update_row(UPDATE_SPEC, 16),
     "update H=1 LocalAdamW": update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC),
     "update H=1 LocalAdamW blocks": update_row(BLOCK_SPEC, 1, SMALL_CYCLIC),
+    # The same bytes over the run, spent as the learning rate goes: (lr / mean lr) ** 0.5.
+    "update H=1 LocalAdamW blocks, bytes follow lr": [*update_row(BLOCK_SPEC, 1, SMALL_CYCLIC), *FOLLOW_LR],
     # The same H=1 rows with the small tensors whole and a denser spec: what ~0.8 % more of
     # dense's bytes buys.
     "update H=1, small whole": update_row(UPDATE_SPEC, 1),
@@ -84,10 +88,12 @@ ROWS: dict[str, list[str]] = {
 # ranks' updates is shorter: the update rows raise AdamW's learning rate (by 2x at 2 ranks, as
 # measured on a tuning task; see deepreduce.optim). SGD needs no change.
 UPDATE_ADAM_LR_SCALE = 2.0
-# Rows that replace the optimizer, at its data-parallel learning rate; skipped for the others.
+# Rows that run with these optimizers only, replaced as given (at the data-parallel learning rate).
 # deepreduce.LocalAdamW steps as data-parallel AdamW would (no learning-rate factor).
-ROW_OPTIMIZER = {"update H=1 LocalAdamW": {"adamw": "local-adamw"},
+ROW_OPTIMIZER = {"update H=1, bytes follow lr": {"sgd": "sgd"},
+                 "update H=1 LocalAdamW": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks": {"adamw": "local-adamw"},
+                 "update H=1 LocalAdamW blocks, bytes follow lr": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks, small whole": {"adamw": "local-adamw"}}
 # DGC's momentum correction moves SGD's momentum into the hook (the optimizer then runs without).
 RECIPE_EXTRA = {"sgd": ["--momentum-correction", "0.9"], "adamw": []}
