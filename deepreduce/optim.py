@@ -52,8 +52,8 @@ Tuning:
 - ``density_schedule``: :class:`DensityFollowsLR` moves a run's bytes towards the steps
   where the learning rate, and with it each update, is large (the same total). With
   :class:`deepreduce.LocalAdamW` and block top-k on language models, power 0.5 gained a
-  few tenths of a point on most seeds; with SGD it helped a classifier and left a
-  language model as it was; with plain AdamW at twice the learning rate and
+  few tenths of a point on one corpus and nothing on another; with SGD it helped a
+  classifier and left a language model as it was; with plain AdamW at twice the learning rate and
   ``local_steps=4`` it did worse (``benchmarks/RESULTS.md``, "Bytes that follow the
   learning rate"). Compare against a constant density on your task.
 - ``keep_unsent``: each rank keeps the part of its update not sent yet in its own
