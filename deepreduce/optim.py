@@ -114,12 +114,17 @@ class DensityFollowsLR:
             raise ConfigError(f"DensityFollowsLR needs integers 0 <= start < steps, got start={start!r}, steps={steps!r}")
         if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
             raise ConfigError(f"power must be a finite number >= 0, got {power!r}")
-        rates = [lr_at(step) for step in range(start, steps)]
-        bad = next((i for i, rate in enumerate(rates) if not (isinstance(rate, (int, float)) and math.isfinite(rate)
-                                                              and rate > 0)), None)
-        if bad is not None:
-            raise ConfigError(f"lr_at({start + bad}) returned {rates[bad]!r}; the learning rate must be positive")
-        weights = [float(rate) ** power for rate in rates]
+        rates = []
+        for step in range(start, steps):
+            rate = lr_at(step)
+            try:
+                value = float(rate)  # a Python, numpy or 0-d torch number
+            except (TypeError, ValueError):
+                value = math.nan
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"lr_at({step}) returned {rate!r}; the learning rate must be a positive number")
+            rates.append(value)
+        weights = [rate ** power for rate in rates]
         mean = sum(weights) / len(weights)
         self.start, self.power = start, float(power)
         self.factors = tuple(weight / mean for weight in weights)

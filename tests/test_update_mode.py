@@ -107,6 +107,7 @@ def test_density_follows_the_learning_rate_with_the_same_bytes_over_the_run():
     ({"steps": 10, "start": 10}, "0 <= start < steps"),
     ({"steps": 10, "power": -1}, "power must be"),
     ({"steps": 10, "lr_at": lambda step: 0.0}, r"lr_at\(0\) returned 0.0"),
+    ({"steps": 10, "start": 2, "lr_at": lambda step: "fast"}, r"lr_at\(2\) returned 'fast'"),
 ])
 def test_density_follows_lr_refuses_bad_settings(kwargs, match):
     kwargs.setdefault("lr_at", lambda step: 0.1)
