@@ -186,6 +186,7 @@ def test_eliasfano_picks_the_cheapest_low_width_near_the_guess(k):
         widths = range(max(0, guess - 2), min(guess + 3, 63))
         costs = [int((gaps >> l).sum()) + gaps.numel() * l for l in widths]
         assert best_low_width(gaps, numel) == widths[costs.index(min(costs))]
+        assert best_low_width(gaps.numpy(), numel) == widths[costs.index(min(costs))]  # the CPU path's arrays
 
 
 @given(numel=st.integers(1, 10**6), ratio=st.floats(1e-4, 1.0), step=st.integers(0, 10**4))

@@ -15,6 +15,7 @@ scattered sets, where classic Elias-Fano is well above it. ``l`` is chosen per p
 from __future__ import annotations
 
 import struct
+from typing import Union
 
 import numpy as np
 import torch
@@ -27,8 +28,16 @@ from .._common import expect_nbytes, unpack_params
 _PARAMS = "<BQ"  # low-bit width l, length of the unary stream in bits
 
 
-def gaps_of(indices: torch.Tensor) -> torch.Tensor:
+# The coding arithmetic below takes torch tensors or, for CPU tensors, numpy arrays on
+# their memory (numpy's cost per operation is a fraction of torch's, and a step codes
+# many small index sets); both give the same bytes.
+Array = Union[torch.Tensor, np.ndarray]
+
+
+def gaps_of(indices: Array) -> Array:
     """``g_0 = idx_0``, ``g_i = idx_i - idx_{i-1} - 1``: non-negative for ascending unique indices."""
+    if isinstance(indices, np.ndarray):
+        return np.diff(indices, prepend=-1) - 1
     gaps = torch.empty_like(indices)
     if indices.numel():
         gaps[0] = indices[0]
@@ -36,8 +45,8 @@ def gaps_of(indices: torch.Tensor) -> torch.Tensor:
     return gaps
 
 
-def indices_from_gaps(gaps: torch.Tensor) -> torch.Tensor:
-    return torch.cumsum(gaps + 1, 0) - 1
+def indices_from_gaps(gaps: Array) -> Array:
+    return (gaps + 1).cumsum(0) - 1
 
 
 def guess_low_width(numel: int, k: int) -> int:
@@ -63,16 +72,24 @@ def _candidate_widths(numel: int, k: int) -> range:
     return range(max(0, guess - 2), min(guess + 3, 63))
 
 
-def best_low_width(gaps: torch.Tensor, numel: int) -> int:
-    """The ``l`` that minimises ``r*l + sum(g >> l)`` (evaluated around log2(d/r))."""
-    k = gaps.numel()
+def _arange(like: Array, start: int, stop: int) -> Array:
+    if isinstance(like, np.ndarray):
+        return np.arange(start, stop)
+    return torch.arange(start, stop, device=like.device)
+
+
+def best_low_width(gaps: Array, numel: int) -> int:
+    """The ``l`` that minimises ``r*l + sum(g >> l)`` (evaluated around log2(d/r)); the
+    first such ``l`` on ties."""
+    k = len(gaps)
     candidates = _candidate_widths(numel, k)
     if k <= 1 << 16:  # one broadcast op instead of one pass per candidate (per-call cost dominates here)
-        widths = torch.arange(candidates.start, candidates.stop, device=gaps.device)
-        costs = (gaps.unsqueeze(0) >> widths.unsqueeze(1)).sum(1) + k * widths
+        widths = _arange(gaps, candidates.start, candidates.stop)
+        costs = (gaps[None] >> widths[:, None]).sum(1) + k * widths
     else:
-        costs = torch.stack([(gaps >> l).sum() + k * l for l in candidates])
-    return candidates[int(torch.argmin(costs))]
+        costs = [(gaps >> l).sum() + k * l for l in candidates]
+        costs = torch.stack(costs) if isinstance(gaps, torch.Tensor) else np.array(costs)
+    return candidates[int(costs.argmin())]
 
 
 def encode_ascending(indices: torch.Tensor, numel: int) -> tuple[torch.Tensor, int, int]:
@@ -81,15 +98,12 @@ def encode_ascending(indices: torch.Tensor, numel: int) -> tuple[torch.Tensor, i
     if k == 0:
         return indices.new_empty(0, dtype=torch.uint8), 0, 0
     array = _bits.host_array(indices)
-    if array is not None:
-        return _encode_host(array.astype(np.int64, copy=False), numel)
-    gaps = gaps_of(indices)
+    gaps = gaps_of(indices if array is None else array.astype(np.int64, copy=False))
     low_width = best_low_width(gaps, numel)
-    high = gaps >> low_width
-    terminators = torch.cumsum(high, 0) + torch.arange(k, device=indices.device)
+    terminators = (gaps >> low_width).cumsum(0) + _arange(gaps, 0, k)
     nbits = int(terminators[-1]) + 1
-    low = _bits.pack_fixed(gaps & ((1 << low_width) - 1), low_width)
-    unary = _bits.pack_bitmap(terminators, nbits)
+    low = _bits.pack_fixed(torch.as_tensor(gaps & ((1 << low_width) - 1)), low_width)
+    unary = _bits.pack_bitmap(torch.as_tensor(terminators), nbits)
     return torch.cat([low, unary]), low_width, nbits
 
 
@@ -111,30 +125,10 @@ def decode_ascending(data: torch.Tensor, low_width: int, nbits: int, k: int, num
     if terminators.numel() != k or int(terminators[-1]) != nbits - 1:
         raise DecodeError(f"{codec}: unary stream holds {terminators.numel()} terminators, expected {k}")
     low = _bits.unpack_fixed(data[:low_bytes], low_width, k)
-    if terminators.device.type == "cpu":  # the same arithmetic in numpy: lower cost per operation
-        gaps = ((np.diff(terminators.numpy(), prepend=-1) - 1) << low_width) | low.numpy()
-        return torch.from_numpy(np.cumsum(gaps + 1) - 1)
-    previous = torch.cat([terminators.new_full((1,), -1), terminators[:-1]])
-    high = terminators - previous - 1
-    return indices_from_gaps((high << low_width) | low)
-
-
-def _encode_host(indices: np.ndarray, numel: int) -> tuple[torch.Tensor, int, int]:
-    """:func:`encode_ascending` in numpy, for CPU tensors (the same bytes)."""
-    k = indices.size
-    gaps = np.diff(indices, prepend=-1) - 1
-    candidates = _candidate_widths(numel, k)
-    widths = np.arange(candidates.start, candidates.stop)
-    if k <= 1 << 16:
-        costs = (gaps[None] >> widths[:, None]).sum(1) + k * widths
-    else:
-        costs = np.array([int((gaps >> l).sum()) + k * int(l) for l in widths])
-    low_width = int(widths[np.argmin(costs)])
-    terminators = np.cumsum(gaps >> low_width) + np.arange(k)
-    nbits = int(terminators[-1]) + 1
-    low = _bits.pack_fixed(torch.from_numpy(gaps & ((1 << low_width) - 1)), low_width)
-    unary = _bits.pack_bitmap(torch.from_numpy(terminators), nbits)
-    return torch.cat([low, unary]), low_width, nbits
+    if _bits.host_array(terminators) is not None:
+        terminators, low = terminators.numpy(), low.numpy()
+    # The unary stream's terminators are the high parts' positions: their gaps are the high parts.
+    return torch.as_tensor(indices_from_gaps((gaps_of(terminators) << low_width) | low))
 
 
 @register_index_codec

@@ -34,9 +34,9 @@ class Float16ValueCodec(ValueCodec):
         floats = values.float()
         array = host_array(floats)
         if array is not None:  # on the CPU the exponent is one host number: no tensor ops for it
-            shift = torch.tensor([_host_shift(array)], dtype=torch.int32)
-            scaled = (floats * 2.0 ** int(shift)).to(torch.float16)
-            return ValueEncoding(torch.cat([as_bytes(shift), as_bytes(scaled)]), b"")
+            shift = _host_shift(array)
+            scaled = (floats * 2.0 ** shift).to(torch.float16)
+            return ValueEncoding(torch.cat([as_bytes(torch.tensor([shift], dtype=torch.int32)), as_bytes(scaled)]), b"")
         magnitude = floats.abs()
         finite_max = torch.where(torch.isfinite(magnitude), magnitude, 0.0).amax() if values.numel() else magnitude.new_zeros(())
         _, exponent = torch.frexp(finite_max)  # finite_max < 2^exponent
