@@ -53,9 +53,9 @@ Tuning:
   where the learning rate, and with it each update, is large (the same total). With
   :class:`deepreduce.LocalAdamW` and block top-k on language models, power 0.5 gained a
   few tenths of a point on one corpus and nothing on another; with SGD it helped a
-  classifier and left a language model as it was; with plain AdamW at twice the learning rate and
-  ``local_steps=4`` it did worse (``benchmarks/RESULTS.md``, "Bytes that follow the
-  learning rate"). Compare against a constant density on your task.
+  classifier and left a language model as it was; with plain AdamW at twice the
+  learning rate and ``local_steps=4`` it did worse (``benchmarks/RESULTS.md``, "Bytes
+  that follow the learning rate"). Compare against a constant density on your task.
 - ``keep_unsent``: each rank keeps the part of its update not sent yet in its own
   parameters (parameters = agreed anchor + own residual), so its optimizer never works
   on a model that lags its own progress; the ranks' parameters then differ by their

@@ -849,9 +849,13 @@ class Engine:
 def _scaled_density(ratio: float, factor: float) -> float:
     """``ratio * factor`` capped at 1, to 3 significant digits (a few hundred distinct
     densities over a run, not one per step: each one's gather width is computed once)."""
-    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+    try:
+        value = float(factor)  # a Python, numpy or 0-d torch number
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"density_scale returned {factor!r}; it must return a positive finite number")
-    density = min(1.0, ratio * factor)
+    density = min(1.0, ratio * value)
     return float(f"{density:.3g}")
 
 
