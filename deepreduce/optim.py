@@ -83,6 +83,7 @@ from .comm import Transport
 from .compressor import Compressor
 from .engine import Engine, memory_dtype, plan_groups, reduce_named
 from .engine.flat import check_named_tensors
+from .engine.pipeline import positive_number
 from .hooks import local_gradient_hook
 from .errors import ConfigError
 
@@ -117,11 +118,8 @@ class DensityFollowsLR:
         rates = []
         for step in range(start, steps):
             rate = lr_at(step)
-            try:
-                value = float(rate)  # a Python, numpy or 0-d torch number
-            except (TypeError, ValueError):
-                value = math.nan
-            if not (math.isfinite(value) and value > 0):
+            value = positive_number(rate)
+            if value is None:
                 raise ConfigError(f"lr_at({step}) returned {rate!r}; the learning rate must be a positive number")
             rates.append(value)
         weights = [rate ** power for rate in rates]

@@ -846,14 +846,21 @@ class Engine:
             self.plan.load_state_dict(state["plan"])
 
 
+def positive_number(value: Any) -> float | None:
+    """``value`` (a Python, numpy or 0-d torch number) as a float if it is positive and
+    finite, else None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
 def _scaled_density(ratio: float, factor: float) -> float:
     """``ratio * factor`` capped at 1, to 3 significant digits (a few hundred distinct
     densities over a run, not one per step: each one's gather width is computed once)."""
-    try:
-        value = float(factor)  # a Python, numpy or 0-d torch number
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
+    value = positive_number(factor)
+    if value is None:
         raise ConfigError(f"density_scale returned {factor!r}; it must return a positive finite number")
     density = min(1.0, ratio * value)
     return float(f"{density:.3g}")
