@@ -40,7 +40,7 @@ def spec(index: str, value: str, ratio: float = 0.02) -> str:
     return f"topk:{ratio}/{index}/{value}"
 
 
-@pytest.mark.parametrize("value", ["raw", "uniform:bits=1", "uniform:bits=3"])
+@pytest.mark.parametrize("value", ["raw", "uniform:bits=1", "uniform:bits=3", "uniform:bits=2,scale=bf16"])
 def test_cyclic_strided_payload_decodes_alike_on_gpu_and_cpu(value):
     x = distinct_magnitudes(60_000, seed=6).to(CUDA)
     result = dr.Compressor.from_spec(f"cyclic:0.1/strided/{value}").compress_detailed(x, step=7)

@@ -60,6 +60,29 @@ def test_gradient_sync_matches_the_replay():
     assert stats["steps"] == 3 and stats["step"] == 3 and stats["ratio"] > 5 and stats["compressed_buckets"] == 3
 
 
+def test_gradient_sync_packs_small_tensors_for_its_small_compressor():
+    """With a small compressor the small gradients share payloads; lossless, every
+    gradient comes back exactly, and each keeps its own (here empty) residual."""
+    torch.manual_seed(0)
+    shapes = [("w1", (40, 30)), ("b1", (30,)), ("norm", (30,)), ("w2", (30, 40)), ("b2", (40,))]
+    params = [(name, torch.nn.Parameter(torch.randn(shape))) for name, shape in shapes]
+    sync = GradientSync(SoloTransport(), dr.Compressor(ratio=0.5, value="raw"), params, min_numel=1000,
+                        small_compressor="topk:1/strided/raw")
+    segments = sync.groups[0].segments
+    assert [seg.name for seg in segments] == ["w1", "w2", ("b1", "norm", "b2")]
+    assert segments[2].parts == (("b1", 30), ("norm", 30), ("b2", 40)) and segments[2].offset == 2400
+    grads = {name: torch.randn(p.shape) for name, p in params}
+    for name, p in params:
+        p.grad = grads[name].clone()
+    sync.synchronize()
+    for name in ("b1", "norm", "b2"):
+        assert torch.equal(dict(params)[name].grad, grads[name])
+        assert not sync.engine.memory.residual(name).any()
+    assert int(torch.count_nonzero(dict(params)["w1"].grad)) == 600
+    unpacked = GradientSync(SoloTransport(), dr.Compressor(ratio=0.5, value="raw"), params, min_numel=1000)
+    assert [seg.name for seg in unpacked.groups[0].segments] == [name for name, _ in shapes]  # raw: as given
+
+
 def test_missing_gradients_count_as_zeros():
     params = make_parameters()
     sync = GradientSync(SoloTransport(), dr.Compressor(ratio=1.0, value="raw"), params, min_numel=EXCHANGE_MIN_NUMEL)

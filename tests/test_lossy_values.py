@@ -343,6 +343,54 @@ def test_uniform_levels_follow_the_definition_exactly(bits, block):
     assert torch.equal(decoded, expected.float())
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("block", [7, 128])
+def test_uniform_bf16_scales_are_the_fp32_scales_rounded(bits, block):
+    # Reference: the fp32-scale payload with every scale rounded to bfloat16, levels then
+    # computed from those scales as the receiver sees them.
+    values = _heavy_tailed(1000).float()
+    wide = make_value_codec("uniform", {"bits": bits, "block": block})
+    narrow = make_value_codec("uniform", {"bits": bits, "block": block, "scale": "bf16"})
+    enc, enc32 = narrow.encode(values, _ctx()), wide.encode(values, _ctx())
+    per_block = 1 if bits == 1 else 2
+    nblocks = -(-1000 // block)
+    assert enc.data.numel() == 2 * per_block * nblocks + _bits.fixed_nbytes(1000, bits)
+    assert enc.data.numel() == enc32.data.numel() - 2 * per_block * nblocks
+    assert narrow.encoded_size(10**6, 1000, torch.float32).data == enc.data.numel()
+    assert narrow.encoded_size(10**6, 1000, torch.float32).params == len(enc.params) == 6
+    decoded = narrow.decode(enc.data, enc.params, 1000, _ctx())
+    scales32 = enc32.data[: 4 * per_block * nblocks].view(torch.float32)
+    scales16 = enc.data[: 2 * per_block * nblocks].view(torch.bfloat16)
+    assert torch.equal(scales16, scales32.to(torch.bfloat16))
+    assert torch.equal(torch.signbit(decoded), torch.signbit(values))
+    if bits == 1:
+        which = torch.arange(1000) // block
+        assert torch.equal(decoded.abs(), scales16.float()[which])
+    else:  # half a step of the rounded levels, plus how far a magnitude lies outside them
+        which = torch.arange(1000) // block
+        low, high = scales16.float().reshape(-1, 2)[which].unbind(1)
+        outside = torch.clamp(low - values.abs(), min=0) + torch.clamp(values.abs() - high, min=0)
+        half_step = (high - low) / (2 * (2 ** (bits - 1) - 1))
+        assert bool(((decoded - values).abs() <= half_step + outside + high * 2.0**-22).all())
+        assert bool(((decoded - values).abs() <= values.abs() * (1 + 2.0**-7)).all())
+    assert torch.linalg.vector_norm(decoded - values) < torch.linalg.vector_norm(values)
+
+
+def test_uniform_fp32_payloads_keep_their_layout_and_bad_scale_codes_are_rejected():
+    values = torch.randn(300)
+    enc = make_value_codec("uniform", {"bits": 2, "block": 100}).encode(values, _ctx())
+    assert enc.params == struct.pack("<BI", 2, 100)  # the layout older payloads have
+    good = make_value_codec("uniform", {"bits": 2, "block": 100, "scale": "bf16"}).encode(values, _ctx())
+    with pytest.raises(dr.DecodeError, match="unknown scale dtype code 7"):
+        make_value_codec("uniform", {}).decode(good.data, struct.pack("<BIB", 2, 100, 7), 300, _ctx())
+    with pytest.raises(dr.DecodeError, match="expected"):  # a bf16 payload read with fp32 scales
+        make_value_codec("uniform", {}).decode(good.data, struct.pack("<BI", 2, 100), 300, _ctx())
+    with pytest.raises(dr.ConfigError, match="must be one of \\['fp32', 'bf16'\\]"):
+        make_value_codec("uniform", {"scale": "fp16"})
+    payload = dr.Compressor.from_spec("topk:0.1/eliasfano/uniform:bits=1,scale=bf16").compress(torch.randn(5000))
+    assert dr.decode(payload).k == 500
+
+
 def test_uniform_keeps_non_finite_blocks_non_finite_and_rejects_bad_parts():
     values = torch.randn(300)
     values[5] = float("inf")

@@ -236,3 +236,64 @@ def test_configuration_pickles_and_rebuilds_the_same_synchroniser():
     assert twin.engine.describe() == sync.engine.describe()
     for a, b in zip(train(sync, model), train(twin, twin_model)):
         assert torch.equal(a, b)
+
+
+class _Recording(SoloTransport):
+    """One rank that keeps the messages it gathers."""
+
+    def __init__(self) -> None:
+        self.messages: list[torch.Tensor] = []
+
+    def allgather_async(self, payload, sizes):
+        self.messages.append(payload.clone())
+        return super().allgather_async(payload, sizes)
+
+
+def _norms_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 64),
+                               torch.nn.LayerNorm(64), torch.nn.Linear(64, 700), torch.nn.Linear(700, 4))
+
+
+def test_small_tensors_share_payloads_and_keep_per_tensor_residuals():
+    """With a small compressor the tensors below min_numel travel packed (fewer than
+    min_numel elements per payload): fewer headers, fewer bytes, and the error feedback,
+    the keep-unsent parameters and the checkpoint stay per tensor."""
+    from deepreduce.engine import plan_groups
+    from deepreduce.engine.framing import unframe
+
+    def run(packed: bool):
+        model = _norms_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        transport = _Recording()
+        sync = dr.UpdateSync(model.named_parameters(), "topk:0.05/eliasfano/fp16", keep_unsent=True, min_numel=1024,
+                             small_compressor="cyclic:0.125/strided/fp16", transport=transport)
+        if not packed:
+            sync.groups = plan_groups(list(sync.anchors.items()))
+        for step in range(3):
+            torch.manual_seed(step)
+            model(torch.randn(8, 40)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sync.step()
+            for name, p in model.named_parameters():
+                assert torch.allclose(p, sync.anchors[name] + sync.engine.memory.residual(name).view_as(p)), name
+        return model, sync, transport.messages
+
+    small = {name for name, p in _norms_model().named_parameters() if p.numel() < 1024}
+    model, sync, messages = run(packed=True)
+    _, _, apart = run(packed=False)
+    segments = sync.groups[0].segments
+    packs = [seg for seg in segments if seg.parts is not None]
+    # Six of 64 elements, then 700 + 4: each pack stays below min_numel.
+    assert [[name for name, _ in seg.parts] for seg in packs] == [["0.bias", "1.weight", "1.bias", "2.bias", "3.weight",
+                                                                   "3.bias"], ["4.bias", "5.bias"]]
+    assert [seg.name for seg in segments if seg.parts is None] == ["0.weight", "2.weight", "4.weight", "5.weight"]
+    assert len(unframe(messages[-1], len(segments), padded=True)) == len(segments) == 6
+    saved = len(list(model.parameters())) - len(segments)  # headers (64 bytes each) no longer sent
+    assert len(messages) == len(apart) == 4  # the configuration check, then the three exchanges
+    assert all(m.numel() <= a.numel() - 64 * saved for m, a in zip(messages[1:], apart[1:]))
+    residuals = sync.state_dict()["engine"]["memory"]["residuals"]
+    assert small <= set(residuals) and all(residuals[n].numel() == p.numel() for n, p in model.named_parameters())
+    # The same error feedback either way: each small tensor sends an eighth per exchange.
+    assert all(int(torch.count_nonzero(residuals[n])) >= p.numel() * 7 // 8 - 8 for n, p in model.named_parameters() if n in small)

@@ -5,6 +5,13 @@ Tensors are grouped by (dtype, device), in the order given; each group becomes o
 buffer whose segments are the tensors, named by their names. With the engine's
 default per-tensor granularity a tensor is compressed alike whichever front end and
 bucket carry it.
+
+With ``small_below`` (the engine's ``min_numel`` when it has a ``small_compressor``),
+the tensors below it follow the others and are packed, in order, into shared segments
+of fewer than ``small_below`` elements (their names as the segment's parts, so error
+feedback and checkpoints stay per tensor): one payload, with one header, for a run of
+biases and norms instead of one each. In a small model at 1 % of dense's bytes those
+headers are a tenth of the message.
 """
 
 from __future__ import annotations
@@ -23,10 +30,17 @@ class FlatGroup:
     key: str
     dtype: torch.dtype
     device: torch.device
-    names: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # in buffer order
     shapes: list[torch.Size] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     numel: int = 0
+
+    def _add(self, name: str, shape: torch.Size) -> None:
+        self.names.append(name)
+        self.shapes.append(shape)
+        self.offsets.append(self.numel)
+        self.numel += shape.numel()
 
 
 def check_named_tensors(named: Sequence[tuple[str, torch.Tensor]], what: str = "parameter") -> None:
@@ -44,19 +58,46 @@ def check_named_tensors(named: Sequence[tuple[str, torch.Tensor]], what: str = "
             raise TypeError(f"{what} {name!r} has dtype {tensor.dtype}; supported: {sorted(str(d) for d in wire.DTYPE_CODES)}")
 
 
-def plan_groups(named: Sequence[tuple[str, torch.Tensor]]) -> list[FlatGroup]:
-    """One :class:`FlatGroup` per (dtype, device), tensors in the order given."""
-    groups: dict[tuple[torch.dtype, torch.device], FlatGroup] = {}
+def plan_groups(named: Sequence[tuple[str, torch.Tensor]], small_below: int = 0) -> list[FlatGroup]:
+    """One :class:`FlatGroup` per (dtype, device), tensors in the order given; with
+    ``small_below > 0`` the smaller tensors come last, packed into shared segments of
+    fewer than ``small_below`` elements."""
+    by_slot: dict[tuple[torch.dtype, torch.device], list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in named:
-        slot = (tensor.dtype, tensor.device)
-        group = groups.get(slot)
-        if group is None:
-            group = groups[slot] = FlatGroup(f"{str(tensor.dtype).replace('torch.', '')}@{tensor.device}", tensor.dtype, tensor.device)
-        group.names.append(name)
-        group.shapes.append(tensor.shape)
-        group.segments.append(Segment(name, group.numel, tensor.numel()))
-        group.numel += tensor.numel()
-    return list(groups.values())
+        by_slot.setdefault((tensor.dtype, tensor.device), []).append((name, tensor))
+    groups = []
+    for (dtype, device), members in by_slot.items():
+        group = FlatGroup(f"{str(dtype).replace('torch.', '')}@{device}", dtype, device)
+        small = [(name, t) for name, t in members if t.numel() < small_below]
+        for name, tensor in members:
+            if tensor.numel() >= small_below:
+                group.segments.append(Segment(name, group.numel, tensor.numel()))
+                group._add(name, tensor.shape)
+        pack: list[tuple[str, int]] = []
+        start = group.numel
+        for name, tensor in small:
+            if pack and sum(n for _, n in pack) + tensor.numel() >= small_below:
+                group.segments.append(_packed(pack, start))
+                pack, start = [], group.numel
+            pack.append((name, tensor.numel()))
+            group._add(name, tensor.shape)
+        if pack:
+            group.segments.append(_packed(pack, start))
+        groups.append(group)
+    return groups
+
+
+def packed_below(engine: Engine) -> int:
+    """``small_below`` for an engine: its ``min_numel`` when a small compressor sends the
+    small tensors (each payload has a header); 0 when they travel raw (no header)."""
+    return engine.min_numel if engine.small_compressor is not None else 0
+
+
+def _packed(parts: list[tuple[str, int]], offset: int) -> Segment:
+    """One segment over ``parts`` (a single tensor keeps its own name)."""
+    if len(parts) == 1:
+        return Segment(parts[0][0], offset, parts[0][1])
+    return Segment(tuple(name for name, _ in parts), offset, sum(n for _, n in parts), parts=tuple(parts))
 
 
 def reduce_named(engine: Engine, groups: Sequence[FlatGroup], tensors: Mapping[str, torch.Tensor | None], *,
@@ -80,8 +121,8 @@ def reduce_named(engine: Engine, groups: Sequence[FlatGroup], tensors: Mapping[s
                 parts.append(tensor.detach().reshape(-1).to(group.dtype))
         flat = torch.cat(parts) if parts else torch.empty(0, dtype=group.dtype, device=group.device)
         futures.append(engine.reduce(flat, group.segments, key=group.key))
-        for seg, shape in zip(group.segments, group.shapes):
-            out[seg.name] = flat.narrow(0, seg.offset, seg.numel).view(shape)
+        for name, shape, offset in zip(group.names, group.shapes, group.offsets):
+            out[name] = flat.narrow(0, offset, shape.numel()).view(shape)
     if not wait:
         return torch.futures.collect_all(futures), out
     for future in futures:
