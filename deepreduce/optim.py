@@ -42,6 +42,13 @@ Tuning:
   model that is as many bytes as the compressed rest. ``small_compressor=
   "cyclic:0.125/strided/fp16"`` sends an eighth of each per exchange (no index bits, the
   rest waits in the residual), about a sixteenth of their bytes, for little accuracy.
+  They travel packed, a few payloads for all of them (one header each), while error
+  feedback and checkpoints stay per tensor.
+- Values: at few bytes per step spend them on elements, not on bits per value:
+  ``uniform:bits=1,scale=bf16`` (sign times a bfloat16 mean per block of 128, ~1.125
+  bits per value), with ``blocktopk`` + ``blocks`` (whole blocks of 128, a few bits per
+  block for the ids) an element costs 1.2-1.4 bits, payload header included, in
+  tensors of 16-64 K elements.
 - ``local_steps`` (H): more local steps mean fewer, denser exchanges of the same total
   bytes. Small H (1-4) tracks dense training closely; large H drifts, as local SGD does,
   and wants an outer step with momentum.

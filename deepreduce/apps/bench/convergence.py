@@ -46,15 +46,16 @@ from . import default_output_dir, machine_facts, make_console, markdown_table, p
 # the update mode's final dense flush included. The hook: top-1 % (Elias-Fano indices, fp16
 # values: ~24 bits per kept element), tensors below min_numel (biases, norms) whole, as by
 # default, about as much again in these small models (1.6 % on the LM). The update mode
-# with H=1: top-2.9 % with 1-bit values (~7.5 bits per kept element), and the small tensors
-# an eighth of each per exchange in fp16 (cyclic), error feedback keeping the rest; with
-# H=4 and 16 the small tensors travel whole once per exchange, within 1 % as they are.
+# with H=1: top-3.1 % with 1-bit values (bf16 block scales; ~7.5 bits per kept element),
+# and the small tensors an eighth of each per exchange in fp16 (cyclic, packed into a few
+# payloads), error feedback keeping the rest; with H=4 and 16 the small tensors travel
+# whole once per exchange, within 1 % as they are.
 HOOK_SPEC = "topk:0.01/eliasfano/fp16"
 UPDATE_SPEC = "topk:0.035/eliasfano/uniform:bits=1"
-UPDATE_H1_SPEC = "topk:0.029/eliasfano/uniform:bits=1"
+UPDATE_H1_SPEC = "topk:0.031/eliasfano/uniform:bits=1,scale=bf16"
 # Whole blocks of 128 with 1-bit values: block ids cost a few bits per block, so at the same
 # bytes about 6x the elements of top-k travel (benchmarks/RESULTS.md, block top-k).
-BLOCK_SPEC = "blocktopk:0.18,block=128/blocks:block=128/uniform:bits=1"
+BLOCK_SPEC = "blocktopk:0.215,block=128/blocks:block=128/uniform:bits=1,scale=bf16"
 BLOCK_SMALL_WHOLE_SPEC = "blocktopk:0.215,block=128/blocks:block=128/uniform:bits=1"
 SMALL_CYCLIC = ["--small-compression", "cyclic:0.125/strided/fp16"]
 FOLLOW_LR = ["--density-follows-lr", "0.5"]
