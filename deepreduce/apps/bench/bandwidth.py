@@ -288,7 +288,7 @@ def render_topology(rows: list[dict], facts: dict, command: str, skipped: dict[s
         f"## Bandwidth with {L} processes per node: hierarchical vs. flat",
         "",
         f"Reproduce: `{command}` (as root). Machine: {facts['cpu_cores']} cores shared by every process of every "
-        f"node (and, during this run, by other jobs), torch {facts['torch']}. Each node is a network namespace with "
+        f"node, torch {facts['torch']}. Each node is a network namespace with "
         f"{L} DDP processes talking over its loopback; only traffic between nodes crosses the `tc tbf`-shaped link.",
         "",
         "Model, steps and `powersgd` as in the section above. Inter-node bytes: the node interface's transmit counter "
@@ -640,7 +640,7 @@ def write_cost_model(out: Path, argv: list[str]) -> int:
         "",
         "Predictions at 8, 64 and 256 ranks, 8 per node (1, 8 and 32 nodes): the links of this emulation "
         "(inside a node: the loopback rate above), one core per rank with the per-element costs above (CPU "
-        "costs measured on a busy machine; on GPUs `s`, `r` and `t_psgd` shrink by orders of magnitude and "
+        "costs of this machine's cores; on GPUs `s`, `r` and `t_psgd` shrink by orders of magnitude and "
         "the wire terms dominate), no forward/backward time (the step time the exchange adds; inter-node MB "
         "per rank per step). A compressed exchange past the dense-fallback point is priced as the allreduce "
         "it falls back to (flat all-gather at 256 ranks).",
