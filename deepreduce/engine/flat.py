@@ -76,7 +76,7 @@ def plan_groups(named: Sequence[tuple[str, torch.Tensor]], small_below: int = 0)
         pack: list[tuple[str, int]] = []
         start = group.numel
         for name, tensor in small:
-            if pack and sum(n for _, n in pack) + tensor.numel() >= small_below:
+            if pack and group.numel - start + tensor.numel() >= small_below:
                 group.segments.append(_packed(pack, start))
                 pack, start = [], group.numel
             pack.append((name, tensor.numel()))
