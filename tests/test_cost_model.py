@@ -87,3 +87,57 @@ def test_bench_configs_name_a_scheme_after_an_at_sign():
     assert unavailable("topk:0.01/eliasfano/fp16@hierarchical") is None
     assert "no scheme 'tree'" in unavailable("topk:0.01/eliasfano/fp16@tree")
     assert "built-in hook" in unavailable("powersgd@hierarchical")
+
+
+def _synthetic_topology(truth: dict, cores: float) -> list[dict]:
+    """Topology-benchmark rows whose step times and hook counters the model produces from
+    ``truth`` (CostConstants fields): 2 and 4 nodes of 2, two links."""
+    from deepreduce.apps.bench.bandwidth import MODEL_CONFIGS, constants_for
+
+    numel, rows = truth["numel"], []
+    for nodes in (2, 4):
+        for link in ("100mbit", "1gbit"):
+            noop = 0.05 * nodes
+            rows.append({"config": "noop", "nodes": nodes, "procs_per_node": 2, "link": link, "step_time_s": noop})
+            for config, scheme in MODEL_CONFIGS.items():
+                W = 2 * nodes
+                c = constants_for(truth, link, cores=cores, compute_s=noop)
+                row = {"config": config, "nodes": nodes, "procs_per_node": 2, "link": link,
+                       "step_time_s": predict_step(scheme, numel=numel, ranks=W, node_size=2, density=0.01, c=c)["step_s"]}
+                if scheme == "allgather":
+                    crowd, kept = W / cores, 0.01 * numel
+                    row["hook_stats"] = {"steps": 1, "numel": numel, "kept": kept, "compressed_buckets": truth["collectives"],
+                                         "compress_s": truth["select_s"] * numel * crowd,
+                                         "decompress_s": truth["decode_s"] * kept * (W - 1) * crowd,
+                                         "payload_bytes": kept * (truth["index_bytes"] + 2.0)}
+                rows.append(row)
+    return rows
+
+
+def test_constants_fitted_from_two_nodes_predict_four():
+    from deepreduce.apps.bench.bandwidth import constants_for, fit_constants, resnet_shapes
+
+    numel = sum(int(s.numel()) for s in resnet_shapes(False))
+    truth = {"link_efficiency": {"100mbit": 0.9, "1gbit": 0.95}, "intra_Bps": 4e8, "latency_s": 0.0, "index_bytes": 1.25,
+             "value_bytes": 2.0, "select_s": 5e-9, "decode_s": 8e-8, "powersgd_s": 0.25,
+             "powersgd_elements": powersgd_elements(resnet_shapes(False)), "numel": numel, "collectives": 5}
+    rows = _synthetic_topology(truth, cores=2.0)
+    fit = fit_constants(rows, 2.0, 0.0, 1.5e9, fit_nodes=2)
+    for name in ("select_s", "decode_s", "index_bytes", "powersgd_s", "intra_Bps"):
+        assert fit[name] == pytest.approx(truth[name], rel=1e-6), name
+    assert fit["link_efficiency"] == pytest.approx(truth["link_efficiency"], rel=1e-9)
+    assert fit["probe_Bps"] == 1.5e9 and fit["collectives"] == 5
+    # only the 2-node rows set t_psgd and B_node: slowing the 4-node PowerSGD rows changes nothing
+    slower = [dict(r, step_time_s=r["step_time_s"] * 2) if r["nodes"] == 4 and r["config"] == "powersgd" else r for r in rows]
+    assert fit_constants(slower, 2.0, 0.0, 1.5e9, fit_nodes=2)["powersgd_s"] == pytest.approx(0.25, rel=1e-6)
+    four = constants_for(fit, "100mbit", cores=2.0, compute_s=0.2)
+    assert predict_step("hierarchical", numel=numel, ranks=8, node_size=2, density=0.01, c=four)["step_s"] == pytest.approx(
+        next(r["step_time_s"] for r in rows if r["nodes"] == 4 and r["link"] == "100mbit"
+             and r["config"] == "topk:0.01/eliasfano/fp16@hierarchical"), rel=1e-6)
+
+
+def test_loopback_bytes_share_the_cores():
+    # 16 ranks on 4 cores: the intra-node reduce-scatter + all-gather's copies take 4x as long
+    shared = CostConstants(**{**C.__dict__, "cores": 4})
+    assert predict("hierarchical", c=shared)["intra_s"] == pytest.approx(4 * 0.15 + 0.003)
+    assert predict("hierarchical")["intra_s"] == pytest.approx(0.15 + 0.003)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -385,8 +386,9 @@ def predict_step(scheme: str, *, numel: int, ranks: int, node_size: int, density
                     + L (k/L) (p_index + 2 (N-1)/N p_value) / B + 3 (N-1) a      ranks of each local rank;
                     + select * numel/L + decode * k/L                            L rings share a node's link)
 
-    Latency terms are per bucket (``c.collectives``); compute is multiplied by
-    ``W / c.cores`` when ranks share fewer cores. A compressed exchange that would move
+    Latency terms are per bucket (``c.collectives``); compute, and the bytes moved at
+    ``B_intra`` (loopback copies are CPU work), are multiplied by ``W / c.cores`` when ranks
+    share fewer cores. A compressed exchange that would move
     more than a dense allreduce falls back to it, as the engine does. Returns
     ``step_s`` (including ``c.compute_s``), ``wire_s``, ``intra_s``, ``codec_s`` and
     ``inter_node_bytes`` (per rank per step)."""
@@ -403,7 +405,8 @@ def predict_step(scheme: str, *, numel: int, ranks: int, node_size: int, density
 
     def ring_allreduce(nbytes: float, world: int, rate: float, messages: int = 2) -> tuple[float, float]:
         edge = 2 * (world - 1) / world * nbytes
-        return edge, edge / rate + messages * (world - 1) * lat
+        copies = crowd if rate == c.intra_Bps else 1.0  # loopback moves bytes with the ranks' own cores
+        return edge, edge / rate * copies + messages * (world - 1) * lat
 
     intra_s = codec_s = 0.0
     if scheme == "dense":
@@ -429,7 +432,7 @@ def predict_step(scheme: str, *, numel: int, ranks: int, node_size: int, density
         slot = numel / L
         k = density * slot
         if L > 1:
-            intra_s = 2 * (L - 1) / L * 4 * numel / c.intra_Bps + 2 * (L - 1) * lat
+            intra_s = 2 * (L - 1) / L * 4 * numel / c.intra_Bps * crowd + 2 * (L - 1) * lat
         if N == 1:
             edge = wire_s = 0.0
             codec_s = c.select_s * slot * crowd
@@ -501,24 +504,34 @@ def measure_loopback(nbytes: int = 1 << 26) -> tuple[float, float]:
     return probe["small_s"] / 2, nbytes / probe["big_s"]
 
 
-def fit_constants(rows: list[dict], cores: float, latency_s: float, intra_Bps: float, powersgd_s: float) -> dict:
-    """CostConstants' fields from a topology run's rows (see :func:`write_cost_model`):
-    link goodput per link rate from the dense runs, per-element codec costs and bytes per
-    kept element from the flat all-gather runs' hook counters (their compute shared
-    ``W / cores`` ways)."""
+def fit_constants(rows: list[dict], cores: float, latency_s: float, probe_Bps: float, *, fit_nodes: int = 2) -> dict:
+    """CostConstants' fields from a topology run's rows (see :func:`write_cost_model`).
+
+    From every row: the link goodput per link rate (dense runs), the per-element codec
+    costs and bytes per kept element (the flat all-gather runs' hook counters, their
+    compute shared ``W / cores`` ways). From the ``fit_nodes``-node rows only, so that the
+    other rows check the model out of sample: PowerSGD's compute (what the PowerSGD step
+    takes beyond the modelled wire, per ``W / cores`` share) and the rate between the
+    processes of a node (what the hierarchical step takes beyond the rest of its model:
+    gloo's loopback copies are CPU work, shared as compute is). ``probe_Bps`` (a 2-process
+    loopback allreduce on an idle machine) is recorded, and stands in for the node's rate
+    when no hierarchical row was run (PowerSGD's compute is then 0)."""
     from .. import netns
 
     shapes = resnet_shapes(False)
     numel = sum(int(torch.Size(s).numel()) for s in shapes)
+
+    def noop_of(row: dict) -> float:
+        return next(r["step_time_s"] for r in rows if r["config"] == "noop" and r["nodes"] == row["nodes"]
+                    and r["link"] == row["link"])
+
     efficiency: dict[str, list[float]] = {}
     for row in rows:
         if row["config"] != "dense":
             continue
         W = row["nodes"] * row["procs_per_node"]
-        noop = next(r["step_time_s"] for r in rows if r["config"] == "noop" and r["nodes"] == row["nodes"]
-                    and r["link"] == row["link"])
         edge = 2 * (W - 1) / W * 4 * numel
-        efficiency.setdefault(row["link"], []).append(edge / (row["step_time_s"] - noop) / (netns.parse_rate(row["link"]) / 8))
+        efficiency.setdefault(row["link"], []).append(edge / (row["step_time_s"] - noop_of(row)) / (netns.parse_rate(row["link"]) / 8))
     flat = [r for r in rows if r["config"] == "topk:0.01/eliasfano/fp16" and r.get("hook_stats")]
     select, decode, per_kept, buckets = [], [], [], []
     for row in flat:
@@ -528,23 +541,41 @@ def fit_constants(rows: list[dict], cores: float, latency_s: float, intra_Bps: f
         decode.append(stats["decompress_s"] / (stats["kept"] * (W - 1)) / crowd)
         per_kept.append(stats["payload_bytes"] / stats["kept"])
         buckets.append(stats["compressed_buckets"] / stats["steps"])
-    return {
+    fit = {
         "link_efficiency": {link: statistics.median(v) for link, v in efficiency.items()},
-        "intra_Bps": intra_Bps, "latency_s": latency_s,
+        "intra_Bps": math.inf, "probe_Bps": probe_Bps, "latency_s": latency_s,
         "index_bytes": statistics.median(per_kept) - 2.0, "value_bytes": 2.0,  # fp16 values
         "select_s": statistics.median(select), "decode_s": statistics.median(decode),
-        "powersgd_s": powersgd_s, "powersgd_elements": powersgd_elements(shapes), "numel": numel,
-        "collectives": round(statistics.median(buckets)), "cores": cores,
+        "powersgd_s": 0.0, "powersgd_elements": powersgd_elements(shapes), "numel": numel,
+        "collectives": round(statistics.median(buckets)), "cores": cores, "fit_nodes": fit_nodes,
     }
+
+    def unexplained(row: dict, scheme: str) -> tuple[float, float]:
+        """(seconds the model leaves unexplained with the constant being fitted at zero cost, crowd)."""
+        W, L = row["nodes"] * row["procs_per_node"], row["procs_per_node"]
+        c = constants_for(fit, row["link"], cores=cores, compute_s=noop_of(row))
+        got = predict_step(scheme, numel=numel, ranks=W, node_size=L, density=0.01, c=c)
+        return row["step_time_s"] - got["step_s"], max(1.0, W / cores)
+
+    psgd = [unexplained(r, "powersgd") for r in rows if r["config"] == "powersgd" and r["nodes"] == fit_nodes]
+    if psgd:
+        fit["powersgd_s"] = statistics.median(max(0.0, left) / crowd for left, crowd in psgd)
+    intra = []
+    for row in rows:
+        if MODEL_CONFIGS.get(row["config"]) != "hierarchical" or row["nodes"] != fit_nodes or row["procs_per_node"] < 2:
+            continue
+        left, crowd = unexplained(row, "hierarchical")
+        L = row["procs_per_node"]
+        if left > 0:
+            intra.append(2 * (L - 1) / L * 4 * numel * crowd / left)
+    fit["intra_Bps"] = statistics.median(intra) if intra else probe_Bps
+    return fit
 
 
 MODEL_CONFIGS = {"dense": "dense", "powersgd": "powersgd", "topk:0.01/eliasfano/fp16": "allgather",
                  "topk:0.01/eliasfano/fp16@hierarchical": "hierarchical",
                  "topk:0.01/eliasfano/fp16@shared_index": "shared_index",
                  "topk:0.01/eliasfano/fp16@hierarchical_shared_index": "hierarchical_shared_index"}
-# PowerSGD's own compute per step for the ResNet-50 layout: a world-size-1 run of the same
-# benchmark (powerSGD_hook minus noop), see ALGORITHMS.md section 10.
-POWERSGD_COMPUTE_S = 0.188 - 0.045
 
 
 def constants_for(fit: dict, link: str, *, cores: float | None, compute_s: float = 0.0) -> CostConstants:
@@ -566,15 +597,16 @@ def write_cost_model(out: Path, argv: list[str]) -> int:
         print(f"no topology results at {stored}: run deepreduce bench bandwidth --procs-per-node 2 first", file=sys.stderr)
         return 2
     rows = json.loads(stored.read_text())
-    needed = {"noop", "dense", "topk:0.01/eliasfano/fp16"}
-    missing = needed - {r["config"] for r in rows}
+    fit_nodes = min(r["nodes"] for r in rows)
+    needed = {"noop", "dense", "powersgd", "topk:0.01/eliasfano/fp16", "topk:0.01/eliasfano/fp16@hierarchical"}
+    missing = needed - {r["config"] for r in rows if r["nodes"] == fit_nodes}
     if missing:
-        print(f"cost model: not written; its constants come from the {', '.join(sorted(needed))} runs, and "
-              f"{stored} has no {', '.join(sorted(missing))}", file=sys.stderr)
+        print(f"cost model: not written; its constants come from the {', '.join(sorted(needed))} runs on "
+              f"{fit_nodes} nodes, and {stored} has no {', '.join(sorted(missing))}", file=sys.stderr)
         return 0
     cores = float(rows[0]["machine"]["cpu_cores"])
-    latency_s, intra_Bps = measure_loopback()
-    fit = fit_constants(rows, cores, latency_s, intra_Bps, POWERSGD_COMPUTE_S)
+    latency_s, probe_Bps = measure_loopback()
+    fit = fit_constants(rows, cores, latency_s, probe_Bps, fit_nodes=fit_nodes)
     numel = fit["numel"]
     check = []
     for row in rows:
@@ -586,7 +618,9 @@ def write_cost_model(out: Path, argv: list[str]) -> int:
         c = constants_for(fit, row["link"], cores=cores, compute_s=noop)
         got = predict_step(scheme, numel=numel, ranks=row["nodes"] * row["procs_per_node"],
                            node_size=row["procs_per_node"], density=0.01, c=c)
-        check.append([f"{row['nodes']} x {row['procs_per_node']}", row["link"], scheme, f"{row['step_time_s']:.3f}",
+        fitted = row["nodes"] == fit_nodes and scheme in ("powersgd", "hierarchical")
+        check.append([f"{row['nodes']} x {row['procs_per_node']}", row["link"], scheme + (" (fitted)" if fitted else ""),
+                      f"{row['step_time_s']:.3f}",
                       f"{got['step_s']:.3f}", f"{got['step_s'] / row['step_time_s']:.2f}",
                       _fmt_bytes(row["bytes_per_step"]), _fmt_bytes(got["inter_node_bytes"])])
     predictions = []
@@ -613,27 +647,32 @@ def write_cost_model(out: Path, argv: list[str]) -> int:
         "- shared index (one rank's top-k indices to all, values allreduced): "
         "`k p_idx / B + 2 (W-1)/W * k p_val / B + 3 (W-1) a + s numel + r k`",
         "",
-        "with `k = 0.01 numel`, latency terms per DDP bucket, compute terms times `W / cores` when ranks share "
-        "cores (the emulation), and the engine's dense fallback when an exchange would exceed an allreduce.",
+        "with `k = 0.01 numel`, latency terms per DDP bucket, compute terms and the bytes moved at `B_node` "
+        "(loopback copies are CPU work) times `W / cores` when ranks share cores (the emulation), and the engine's "
+        "dense fallback when an exchange would exceed an allreduce.",
         "",
         "Constants (fitted from the run above, its hook counters, and a loopback probe of two gloo processes):",
         "",
         markdown_table(["constant", "value", "from"], [
             ["B, 100 Mbit/s link", f"{fit['link_efficiency'].get('100mbit', float('nan')) * 12.5:.2f} MB/s", "dense runs: ring bytes / (step - noop)"],
             ["B, 1 Gbit/s link", f"{fit['link_efficiency'].get('1gbit', float('nan')) * 125:.1f} MB/s", "dense runs"],
-            ["B_node (loopback)", f"{fit['intra_Bps'] / 1e6:.0f} MB/s", "2-process gloo allreduce of 64 MiB"],
+            ["B_node (inside a node)", f"{fit['intra_Bps'] / 1e6:.0f} MB/s per core",
+             f"{fit_nodes}-node hierarchical runs: intra-node bytes x (W / cores) / what the rest of the model leaves "
+             f"(an idle 2-process loopback allreduce of 64 MiB: {fit['probe_Bps'] / 1e6:.0f} MB/s)"],
             ["a, per message", f"{fit['latency_s'] * 1e6:.0f} us", "2-process gloo allreduce of 1 element (median) / 2"],
             ["p, bytes per kept element", f"{fit['index_bytes'] + fit['value_bytes']:.2f} (index {fit['index_bytes']:.2f} + fp16 2)",
              "hook counters: payload bytes / kept (eliasfano + fp16 + framing)"],
             ["s, select + encode", f"{fit['select_s'] * 1e9:.1f} ns per element", "hook counters: compress time / elements, / (W / cores)"],
             ["r, decode + add", f"{fit['decode_s'] * 1e9:.1f} ns per kept element", "hook counters: decompress time / received kept"],
-            ["t_psgd", f"{fit['powersgd_s']:.3f} s", "world-size-1 run, ALGORITHMS.md section 10"],
+            ["t_psgd", f"{fit['powersgd_s']:.3f} s", f"{fit_nodes}-node PowerSGD runs: what the wire and noop terms "
+             "leave, / (W / cores) (a world-size-1 run on an idle machine: 0.143 s, ALGORITHMS.md section 10)"],
             ["m (PowerSGD rank 4)", f"{fit['powersgd_elements'] / 1e6:.3f} M elements", "the layout's matrices"],
             ["buckets per step", str(fit["collectives"]), "hook counters"],
         ]),
         "",
-        "Checked against the measured points (the model plus the measured `noop` step; compute shared by "
-        f"{cores:.0f} cores):",
+        "Checked against the measured points (the model plus the measured `noop` step; compute and loopback "
+        f"copies shared by {cores:.0f} cores). The rows marked fitted set `t_psgd` and `B_node`; every other row "
+        f"is a check, the {fit_nodes}-node constants predicting the larger topologies out of sample:",
         "",
         markdown_table(["nodes x procs", "link", "scheme", "measured s", "model s", "model / measured",
                         "measured inter-node bytes/rank", "model"], check),
