@@ -101,8 +101,11 @@ class DensityFollowsLR:
     """Density factors that follow the learning rate: ``(lr(t) / mean lr) ** power``,
     normalised to a mean of 1 over steps ``start .. steps - 1``. Passed as
     ``UpdateSync(density_schedule=...)``, it sends the same bytes over the run as a
-    constant density, more of them while the learning rate (and with it each update)
-    is large and fewer as it decays, when the residual has little new to carry.
+    constant density (less where a factor would push the density past 1). A positive
+    power sends more of them while the learning rate (and with it each update) is large
+    and fewer as it decays; a negative one the reverse: fewer early, when a rank's own
+    steps are large and the others' catch up soon, more in the decay, where the final
+    loss is made.
 
     Args:
         lr_at: the learning rate at an optimizer step (counted from 0), e.g. the
@@ -110,7 +113,8 @@ class DensityFollowsLR:
         steps: the run's length in optimizer steps.
         start: the first compressed step (``start_iter * local_steps``); the mean is
             taken from there.
-        power: 1: proportional to the rate; 2 leans further towards the early steps.
+        power: 1: proportional to the rate; 2 leans further towards the early steps;
+            -0.5: towards the decay; 0: constant.
 
     Steps past the end keep the last factor. The object holds plain numbers: it
     pickles, and every rank built from the same schedule computes the same densities.
@@ -120,8 +124,8 @@ class DensityFollowsLR:
         if isinstance(steps, bool) or not isinstance(steps, int) or isinstance(start, bool) or not isinstance(start, int) \
                 or not 0 <= start < steps:
             raise ConfigError(f"DensityFollowsLR needs integers 0 <= start < steps, got start={start!r}, steps={steps!r}")
-        if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
-            raise ConfigError(f"power must be a finite number >= 0, got {power!r}")
+        if isinstance(power, bool) or not (isinstance(power, (int, float)) and math.isfinite(power)):
+            raise ConfigError(f"power must be a finite number, got {power!r}")
         rates = []
         for step in range(start, steps):
             rate = lr_at(step)

@@ -412,6 +412,9 @@ def test_density_follows_lr_reaches_the_update_sync_and_needs_update_mode(monkey
     assert schedule(50) == pytest.approx(rates[46] / (sum(rates) / len(rates)))
     assert train.parse_args(["--density-follows-lr"]).density_follows_lr == 1.0
     for argv in (["--compression", "topk:0.01/eliasfano/fp16", "--density-follows-lr"],
-                 ["--compression", "topk:0.01/eliasfano/fp16", "--mode", "update", "--density-follows-lr", "-1"]):
-        with pytest.raises(SystemExit, match="--density-follows-lr needs --mode update and a POWER >= 0"):
+                 ["--compression", "topk:0.01/eliasfano/fp16", "--mode", "update", "--density-follows-lr", "nan"]):
+        with pytest.raises(SystemExit, match="--density-follows-lr needs --mode update and a finite POWER"):
             train._check_args(train.parse_args(argv))
+    leaning_late = train.parse_args(["--compression", "topk:0.01/eliasfano/fp16", "--mode", "update", "--density-follows-lr", "-0.5"])
+    train._check_args(leaning_late)
+    assert leaning_late.density_follows_lr == -0.5

@@ -81,6 +81,11 @@ def test_density_follows_the_learning_rate_with_the_same_bytes_over_the_run():
     assert factors[0] / factors[-1] == pytest.approx(10.0) and schedule(0) == factors[0] and schedule(99) == factors[-1]
     assert dr.DensityFollowsLR(lr_at, 40, start=4, power=2)(4) / dr.DensityFollowsLR(lr_at, 40, start=4, power=2)(39) \
         == pytest.approx(100.0)
+    # A negative power leans the same bytes towards the decay.
+    late = dr.DensityFollowsLR(lr_at, 40, start=4, power=-0.5)
+    late_factors = [late(step) for step in range(4, 40)]
+    assert sum(late_factors) / len(late_factors) == pytest.approx(1.0)
+    assert late_factors[-1] / late_factors[0] == pytest.approx(10 ** 0.5)
     # Exchange e follows optimizer step (e + 1) * H - 1; every rank computes the same densities.
     model = _model()
     sync = dr.UpdateSync(model.named_parameters(), "topk:0.01/eliasfano/fp16", local_steps=2, start_iter=2, min_numel=0,
@@ -105,7 +110,8 @@ def test_density_follows_the_learning_rate_with_the_same_bytes_over_the_run():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"steps": 10, "start": 10}, "0 <= start < steps"),
-    ({"steps": 10, "power": -1}, "power must be"),
+    ({"steps": 10, "power": float("nan")}, "power must be a finite number"),
+    ({"steps": 10, "power": "1"}, "power must be a finite number"),
     ({"steps": 10, "lr_at": lambda step: 0.0}, r"lr_at\(0\) returned 0.0"),
     ({"steps": 10, "start": 2, "lr_at": lambda step: "fast"}, r"lr_at\(2\) returned 'fast'"),
 ])

@@ -145,8 +145,8 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                    help="update mode: each rank keeps its not-yet-sent update in its own parameters (flushed densely at the end)")
     c.add_argument("--density-follows-lr", type=float, nargs="?", const=1.0, default=None, metavar="POWER",
                    help="update mode: each exchange's density follows the learning-rate schedule ((lr / mean lr) "
-                        "** POWER, default POWER 1), the same bytes over the run as a constant density "
-                        "(deepreduce.DensityFollowsLR)")
+                        "** POWER, default POWER 1; a negative POWER leans towards the decay), the same bytes over the "
+                        "run as a constant density (deepreduce.DensityFollowsLR)")
     c.add_argument("--start-iter", type=int, default=10, help="dense steps before compression starts")
     c.add_argument("--min-numel", type=int, default=1024,
                    help="buckets smaller than this go dense; smaller parameters travel uncompressed")
@@ -462,8 +462,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("deepreduce train: --weight-decay must be >= 0")
     if args.local_steps < 1:
         raise SystemExit("deepreduce train: --local-steps must be >= 1")
-    if args.density_follows_lr is not None and (args.mode != "update" or not args.density_follows_lr >= 0):
-        raise SystemExit("deepreduce train: --density-follows-lr needs --mode update and a POWER >= 0")
+    if args.density_follows_lr is not None and (args.mode != "update" or not math.isfinite(args.density_follows_lr)):
+        raise SystemExit("deepreduce train: --density-follows-lr needs --mode update and a finite POWER")
     if args.scheme in NODE_SCHEMES and args.mode != "gradient":
         raise SystemExit(f"deepreduce train: --scheme {args.scheme} needs --mode gradient")
     if args.node_size is not None and (args.scheme not in NODE_SCHEMES or args.node_size < 1):
