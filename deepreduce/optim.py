@@ -57,12 +57,14 @@ Tuning:
   hundreds of local steps). The default, lr 1 without momentum, applies the average as
   it is; error feedback already carries what compression delayed.
 - ``density_schedule``: :class:`DensityFollowsLR` moves a run's bytes towards the steps
-  where the learning rate, and with it each update, is large (the same total). At
-  power 0.5 its effect on final loss was within the seed-to-seed spread, either sign,
-  for SGD and for :class:`deepreduce.LocalAdamW` with block top-k, and worse with plain
-  AdamW at twice the learning rate and ``local_steps=4`` (``benchmarks/RESULTS.md``,
-  "Bytes that follow the learning rate"). Compare against a constant density on your
-  task.
+  where the learning rate, and with it each update, is large (the same total), or with
+  a negative power towards the decay. At power 0.5 its effect on final loss was within
+  the seed-to-seed spread, either sign, for SGD and for :class:`deepreduce.LocalAdamW`
+  with block top-k, and worse with plain AdamW at twice the learning rate and
+  ``local_steps=4``; at -0.5 (LocalAdamW, blocks) level with constant over ten seeds,
+  -1 worse (``benchmarks/RESULTS.md``, "Bytes that follow the learning rate"). Runs that
+  lost fell behind where the loss falls fastest, a stretch the learning rate does not
+  mark. Compare against a constant density on your task.
 - ``keep_unsent``: each rank keeps the part of its update not sent yet in its own
   parameters (parameters = agreed anchor + own residual), so its optimizer never works
   on a model that lags its own progress; the ranks' parameters then differ by their
