@@ -340,6 +340,34 @@ def test_dgc_options_reach_the_hook_state(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["--mode", "update", "--compression", "topk:0.01/rle/fp16", "--unsent-scale", "1.5"], "needs --mode update --keep-unsent"),
+    (["--compression", "topk:0.01/rle/fp16", "--unsent-scale", "1.5"], "needs --mode update --keep-unsent"),
+    (["--mode", "update", "--keep-unsent", "--compression", "topk:0.01/rle/fp16", "--unsent-scale", "0"], "finite number > 0"),
+    (["--mode", "update", "--keep-unsent", "--compression", "topk:0.01/rle/fp16", "--unsent-scale", "nan"], "finite number > 0"),
+])
+def test_unsent_scale_is_checked(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        train._check_args(train.parse_args(argv))
+
+
+def test_unsent_scale_reaches_update_sync_and_the_checkpoint_mode(monkeypatch):
+    seen = {}
+
+    class FakeSync:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(train, "UpdateSync", FakeSync)
+    args = train.parse_args(["--compression", "topk:0.01/eliasfano/fp16", "--mode", "update", "--keep-unsent",
+                             "--unsent-scale", "1.5"])
+    train._check_args(args)
+    train._update_sync(args, torch.nn.Linear(2, 2), None)
+    assert seen["keep_unsent"] is True and seen["unsent_scale"] == 1.5
+    assert train._mode_options(args)[-1] == 1.5
+    assert train._mode_options(train.parse_args([]))[-1] == 1.0  # what older checkpoints get
+
+
+@pytest.mark.parametrize("argv, message", [
     (["--mode", "update", "--compression", "topk:0.01/rle/fp16", "--momentum-correction", "0.9"], "need --mode gradient"),
     (["--mode", "update", "--compression", "topk:0.01/rle/fp16", "--density-warmup", "5"], "need --mode gradient"),
     (["--mode", "update", "--compression", "topk:0.01/rle/fp16", "--clip-norm", "1"], "need --mode gradient"),

@@ -175,6 +175,40 @@ def test_keep_unsent_keeps_each_ranks_unsent_update_in_its_parameters():
         dr.UpdateSync(_model().named_parameters(), keep_unsent=True, overlap=True, transport=SoloTransport())
 
 
+def test_unsent_scale_puts_a_multiple_of_the_residual_in_the_parameters_and_flushes_it_whole():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sync = dr.UpdateSync(model.named_parameters(), "topk:0.05/eliasfano/raw", min_numel=0, keep_unsent=True,
+                         unsent_scale=1.5, transport=SoloTransport())
+    assert sync.config["unsent_scale"] == 1.5
+    after_exchange = {n: p.detach().clone() for n, p in model.named_parameters()}
+    anchor = {n: a.clone() for n, a in sync.anchors.items()}
+    residual = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for _ in range(3):
+        model(torch.randn(8, 20)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        progress = {n: p.detach() - after_exchange[n] for n, p in model.named_parameters()}
+        sync.step()
+        for name, p in model.named_parameters():
+            # the engine's residual is unscaled: the old one plus this round's progress, less what was sent
+            sent = sync.anchors[name] - anchor[name]
+            now = sync.engine.memory.residual(name).view_as(p)
+            assert torch.allclose(now, residual[name] + progress[name] - sent, atol=1e-6)
+            assert torch.count_nonzero(now) > 0 and torch.count_nonzero(sent) > 0
+            assert torch.allclose(p, sync.anchors[name] + 1.5 * now)  # the parameters run ahead of it
+            after_exchange[name], anchor[name], residual[name] = p.detach().clone(), sync.anchors[name].clone(), now.clone()
+    sync.finish()
+    for name, p in model.named_parameters():  # the whole residual is sent, not 1.5x it
+        assert torch.equal(p, sync.anchors[name]) and torch.allclose(p, anchor[name] + residual[name], atol=1e-6)
+    for kwargs, match in [({"unsent_scale": 1.5}, "needs keep_unsent=True"),
+                          ({"keep_unsent": True, "unsent_scale": 0.0}, "unsent_scale must be a finite number > 0"),
+                          ({"keep_unsent": True, "unsent_scale": float("inf")}, "unsent_scale must be"),
+                          ({"keep_unsent": True, "unsent_scale": True}, "unsent_scale must be")]:
+        with pytest.raises(dr.ConfigError, match=match):
+            dr.UpdateSync(_model().named_parameters(), transport=SoloTransport(), **kwargs)
+
+
 def test_consensus_evaluates_the_agreed_parameters():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

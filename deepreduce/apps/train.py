@@ -143,6 +143,9 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                    help="update mode: apply each exchange one round late so the wire time hides behind compute")
     c.add_argument("--keep-unsent", action="store_true",
                    help="update mode: each rank keeps its not-yet-sent update in its own parameters (flushed densely at the end)")
+    c.add_argument("--unsent-scale", type=float, default=1.0, metavar="S",
+                   help="update mode with --keep-unsent: each rank's parameters are the agreed ones plus S x its unsent "
+                        "update (S > 1: ahead of its own progress, for the others' not yet received)")
     c.add_argument("--density-follows-lr", type=float, nargs="?", const=1.0, default=None, metavar="POWER",
                    help="update mode: each exchange's density follows the learning-rate schedule ((lr / mean lr) "
                         "** POWER, default POWER 1; a negative POWER leans towards the decay), the same bytes over the "
@@ -406,11 +409,13 @@ def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_ge
                          f"{saved_dgc}, this run {_dgc_options(args)}")
     mode = _mode_options(args)
     saved_mode = saved.get("mode", ["gradient", 1, False, 1.0, 0.0, False, False])
-    if len(saved_mode) < len(mode):  # checkpoints from before --density-follows-lr
-        saved_mode = saved_mode + [None]
+    added_since = [None, 1.0]  # checkpoints from before --density-follows-lr, --unsent-scale: their defaults
+    missing = len(mode) - len(saved_mode)
+    if 0 < missing <= len(added_since):
+        saved_mode = saved_mode + added_since[len(added_since) - missing:]
     if saved_mode != mode:
         raise SystemExit(f"deepreduce train: checkpoint used mode/local steps/overlap/outer lr/outer momentum/nesterov/keep unsent/"
-                         f"density follows lr {saved_mode}, this run {mode}")
+                         f"density follows lr/unsent scale {saved_mode}, this run {mode}")
     # Checkpoints written before these options existed trained with Adam, no weight decay.
     saved_optimizer = saved.get("optimizer_name", "adam")
     if saved_optimizer != args.optimizer:
@@ -447,7 +452,7 @@ def _settle_buckets(ddp: DDP, seq_len: int, device: torch.device) -> None:
 
 def _mode_options(args: argparse.Namespace) -> list:
     return [args.mode, args.local_steps, args.overlap, args.outer_lr, args.outer_momentum, args.nesterov, args.keep_unsent,
-            args.density_follows_lr]
+            args.density_follows_lr, args.unsent_scale]
 
 
 def _dgc_options(args: argparse.Namespace) -> list:
@@ -473,6 +478,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"deepreduce train: --mode update needs a compressor spec for --compression, not {args.compression!r}")
     if args.mode == "gradient" and (args.local_steps != 1 or args.overlap or args.keep_unsent or args.outer_lr != 1.0 or args.outer_momentum):
         raise SystemExit("deepreduce train: --local-steps, --overlap, --keep-unsent, --outer-lr and --outer-momentum need --mode update")
+    if not (math.isfinite(args.unsent_scale) and args.unsent_scale > 0):
+        raise SystemExit(f"deepreduce train: --unsent-scale must be a finite number > 0, not {args.unsent_scale}")
+    if args.unsent_scale != 1.0 and not (args.mode == "update" and args.keep_unsent):
+        raise SystemExit("deepreduce train: --unsent-scale needs --mode update --keep-unsent")
     if args.momentum_correction or args.density_warmup or args.clip_norm is not None:
         if args.mode != "gradient":
             raise SystemExit("deepreduce train: --momentum-correction, --density-warmup and --clip-norm need --mode gradient")
@@ -542,7 +551,7 @@ def _update_sync(args: argparse.Namespace, model: torch.nn.Module, ddp: DDP) -> 
         return UpdateSync(
             model.named_parameters(), compressor, local_steps=args.local_steps, outer_lr=args.outer_lr,
             outer_momentum=args.outer_momentum, nesterov=args.nesterov, overlap=args.overlap,
-            keep_unsent=args.keep_unsent, broadcast=False,
+            keep_unsent=args.keep_unsent, unsent_scale=args.unsent_scale, broadcast=False,
             ddp=ddp, min_numel=args.min_numel, error_feedback=not args.no_error_feedback,
             dense_fallback=not args.no_dense_fallback, granularity=args.granularity, scheme=args.scheme,
             start_iter=start_iter, small_compressor=args.small_compression, density_schedule=schedule,
@@ -660,7 +669,7 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | 
             "task": args.task, "steps": stop, "world_size": world, "compression": args.compression,
             "parameters": n_params, "mode": args.mode, "scheme": args.scheme, "local_steps": args.local_steps,
             "momentum_correction": args.momentum_correction, "density_warmup": args.density_warmup,
-            "density_follows_lr": args.density_follows_lr,
+            "density_follows_lr": args.density_follows_lr, "keep_unsent": args.keep_unsent, "unsent_scale": args.unsent_scale,
             "clip_norm": args.clip_norm,
             "data": data_label(args), "corpus_digest": corpus.digest,
             "optimizer": args.optimizer, "weight_decay": args.weight_decay,

@@ -23,6 +23,8 @@ CONFIGS = {
     "lossy-h4-outer": ("randomk:0.02/rle/fp16", {"local_steps": 4, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True}, "adamw"),
     "lossy-h2-overlap": ("topk:0.02/eliasfano/fp16", {"local_steps": 2, "overlap": True}, "adamw"),
     "lossy-h2-keep": ("topk:0.02/eliasfano/uniform:bits=3", {"local_steps": 2, "keep_unsent": True}, "sgd"),
+    "lossy-h1-keep-ahead": ("topk:0.03/eliasfano/uniform:bits=1,scale=bf16",
+                            {"local_steps": 1, "keep_unsent": True, "unsent_scale": 1.5}, "adamw"),
 }
 STEPS = 12
 
