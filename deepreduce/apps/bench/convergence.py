@@ -59,6 +59,8 @@ BLOCK_SPEC = "blocktopk:0.215,block=128/blocks:block=128/uniform:bits=1,scale=bf
 BLOCK_SMALL_WHOLE_SPEC = "blocktopk:0.215,block=128/blocks:block=128/uniform:bits=1"
 SMALL_CYCLIC = ["--small-compression", "cyclic:0.125/strided/fp16"]
 FOLLOW_LR = ["--density-follows-lr", "0.5"]
+# Each rank's parameters the agreed ones plus 1.5x its unsent update (UpdateSync(unsent_scale=1.5)).
+AHEAD = ["--unsent-scale", "1.5"]
 
 
 def update_row(spec: str, local_steps: int, small: list[str] | None = None) -> list[str]:
@@ -74,10 +76,12 @@ ROWS: dict[str, list[str]] = {
     "hook top-1% + DGC recipe": ["--compression", HOOK_SPEC, "--density-warmup", "300"],
     "update H=1": update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC),
     "update H=1, bytes follow lr": [*update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC), *FOLLOW_LR],
+    "update H=1, ahead 1.5": [*update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC), *AHEAD],
     "update H=4": update_row(UPDATE_SPEC, 4),
     "update H=16": update_row(UPDATE_SPEC, 16),
     "update H=1 LocalAdamW": update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC),
     "update H=1 LocalAdamW blocks": update_row(BLOCK_SPEC, 1, SMALL_CYCLIC),
+    "update H=1 LocalAdamW blocks, ahead 1.5": [*update_row(BLOCK_SPEC, 1, SMALL_CYCLIC), *AHEAD],
     # The same bytes over the run, spent as the learning rate goes: (lr / mean lr) ** 0.5.
     "update H=1 LocalAdamW blocks, bytes follow lr": [*update_row(BLOCK_SPEC, 1, SMALL_CYCLIC), *FOLLOW_LR],
     # The same H=1 rows with the small tensors whole and a denser spec: what ~0.8 % more of
@@ -94,6 +98,7 @@ UPDATE_ADAM_LR_SCALE = 2.0
 ROW_OPTIMIZER = {"update H=1, bytes follow lr": {"sgd": "sgd"},
                  "update H=1 LocalAdamW": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks": {"adamw": "local-adamw"},
+                 "update H=1 LocalAdamW blocks, ahead 1.5": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks, bytes follow lr": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks, small whole": {"adamw": "local-adamw"}}
 # DGC's momentum correction moves SGD's momentum into the hook (the optimizer then runs without).
