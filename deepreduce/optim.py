@@ -75,10 +75,11 @@ Tuning:
   residual. Above 1 a rank's parameters run ahead of its own unsent progress, standing
   in for the other ranks' progress that has not arrived yet (their unsent updates point
   mostly the same way while the loss falls); below 1 they fall back towards the lagging
-  anchor. The residual itself, and what the final flush sends, do not change. Measured
-  on the convergence benchmark's LM with LocalAdamW and block top-k at 1 % of the bytes,
-  1.5 learned better than 1 on every seed, 0.5 worse (``benchmarks/RESULTS.md``,
-  "Parameters ahead of the unsent update"); try 1.5 when the compressed run lags dense.
+  anchor. The residual itself, and what the final flush sends, do not change. With
+  Adam(W) (and :class:`deepreduce.LocalAdamW`) use 1.5: on the convergence benchmark it
+  learned better than 1 on every LM seed and on the classifier, while 2 and 0.5 did
+  worse; with momentum SGD keep 1 (1.5 did worse) (``benchmarks/RESULTS.md``,
+  "Parameters ahead of the unsent update").
 - ``overlap``: start an exchange and apply its average one round later, so the wire
   time hides behind the next round's compute. Parameters then differ between ranks by
   their own un-averaged progress; :meth:`UpdateSync.finish` (or any checkpoint) makes
