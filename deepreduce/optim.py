@@ -78,7 +78,7 @@ Tuning:
   anchor. The residual itself, and what the final flush sends, do not change. With
   Adam(W) (and :class:`deepreduce.LocalAdamW`) use 1.5: on the convergence benchmark it
   learned better than 1 on every LM seed and on the classifier, while 2 and 0.5 did
-  worse; with momentum SGD keep 1 (1.5 did worse) (``benchmarks/RESULTS.md``,
+  worse; with momentum SGD keep 1 (1.5 did worse on the LM) (``benchmarks/RESULTS.md``,
   "Parameters ahead of the unsent update").
 - ``overlap``: start an exchange and apply its average one round later, so the wire
   time hides behind the next round's compute. Parameters then differ between ranks by
