@@ -350,14 +350,20 @@ def test_unsent_scale_is_checked(argv, message):
         train._check_args(train.parse_args(argv))
 
 
-def test_unsent_scale_reaches_update_sync_and_the_checkpoint_mode(monkeypatch):
-    seen = {}
+def _capture_update_sync(monkeypatch) -> dict:
+    """Replace train's UpdateSync by a stand-in; the returned dict fills with its keyword arguments."""
+    seen: dict = {}
 
     class FakeSync:
         def __init__(self, *args, **kwargs):
             seen.update(kwargs)
 
     monkeypatch.setattr(train, "UpdateSync", FakeSync)
+    return seen
+
+
+def test_unsent_scale_reaches_update_sync_and_the_checkpoint_mode(monkeypatch):
+    seen = _capture_update_sync(monkeypatch)
     args = train.parse_args(["--compression", "topk:0.01/eliasfano/fp16", "--mode", "update", "--keep-unsent",
                              "--unsent-scale", "1.5"])
     train._check_args(args)
@@ -423,13 +429,7 @@ def test_resumed_metrics_drop_the_records_past_the_checkpoint(tmp_path):
 
 
 def test_density_follows_lr_reaches_the_update_sync_and_needs_update_mode(monkeypatch):
-    seen = {}
-
-    class FakeSync:
-        def __init__(self, *args, **kwargs):
-            seen.update(kwargs)
-
-    monkeypatch.setattr(train, "UpdateSync", FakeSync)
+    seen = _capture_update_sync(monkeypatch)
     args = train.parse_args(["--compression", "topk:0.01/eliasfano/fp16", "--mode", "update", "--local-steps", "2",
                              "--start-iter", "3", "--steps", "100", "--density-follows-lr", "2"])
     train._check_args(args)
