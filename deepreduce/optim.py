@@ -114,9 +114,7 @@ class DensityFollowsLR:
     ``UpdateSync(density_schedule=...)``, it sends the same bytes over the run as a
     constant density (less where a factor would push the density past 1). A positive
     power sends more of them while the learning rate (and with it each update) is large
-    and fewer as it decays; a negative one the reverse: fewer early, when a rank's own
-    steps are large and the others' catch up soon, more in the decay, where the final
-    loss is made.
+    and fewer as it decays; a negative one the reverse.
 
     Args:
         lr_at: the learning rate at an optimizer step (counted from 0), e.g. the

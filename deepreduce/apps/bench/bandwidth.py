@@ -405,7 +405,7 @@ def predict_step(scheme: str, *, numel: int, ranks: int, node_size: int, density
 
     def ring_allreduce(nbytes: float, world: int, rate: float, messages: int = 2) -> tuple[float, float]:
         edge = 2 * (world - 1) / world * nbytes
-        copies = crowd if rate == c.intra_Bps else 1.0  # loopback moves bytes with the ranks' own cores
+        copies = crowd if N == 1 else 1.0  # one node: the ring runs over loopback, moved by the ranks' own cores
         return edge, edge / rate * copies + messages * (world - 1) * lat
 
     intra_s = codec_s = 0.0
