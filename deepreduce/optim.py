@@ -5,12 +5,15 @@ and transports as the gradient hook.
 
     import deepreduce as dr
     optimizer = dr.LocalAdamW(model.parameters(), lr=3e-4)   # AdamW as data-parallel training steps it
-    sync = dr.UpdateSync(model.named_parameters(), compressor="topk:0.01/eliasfano/fp16", local_steps=4)
+    sync = dr.UpdateSync(model.named_parameters(),       # about 1 % of dense's bytes per step
+                         compressor="blocktopk:0.215,block=128/blocks:block=128/uniform:bits=1,scale=bf16",
+                         small_compressor="cyclic:0.125/strided/fp16", keep_unsent=True, unsent_scale=1.5)
     for x, y in batches:
         loss_fn(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
-        sync.step()                 # every 4th call: exchange, average, apply
+        sync.step()                 # every local_steps-th call: exchange, average, apply
+    sync.finish()                   # every rank ends with the same parameters
 
 Per exchange, on every rank::
 
@@ -76,10 +79,11 @@ Tuning:
   in for the other ranks' progress that has not arrived yet (their unsent updates point
   mostly the same way while the loss falls); below 1 they fall back towards the lagging
   anchor. The residual itself, and what the final flush sends, do not change. With
-  Adam(W) (and :class:`deepreduce.LocalAdamW`) use 1.5: on the convergence benchmark it
-  learned better than 1 on every LM seed and on the classifier, while 2 and 0.5 did
-  worse; with momentum SGD keep 1 (1.5 did worse on the LM) (``benchmarks/RESULTS.md``,
-  "Parameters ahead of the unsent update").
+  :class:`deepreduce.LocalAdamW` and block top-k use 1.5: it learned better than 1 on
+  two LM corpora and on the classifier, while 2 and 0.5 did worse. With plain AdamW it
+  helped on two tasks and hurt on a third: compare 1.5 with 1 on yours. With momentum
+  SGD keep 1 (1.5 did worse on the LM) (``benchmarks/RESULTS.md``, "Parameters ahead of
+  the unsent update").
 - ``overlap``: start an exchange and apply its average one round later, so the wire
   time hides behind the next round's compute. Parameters then differ between ranks by
   their own un-averaged progress; :meth:`UpdateSync.finish` (or any checkpoint) makes

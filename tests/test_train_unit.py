@@ -238,7 +238,7 @@ def test_demo_smoke(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "val loss" in out and "bytes/step" in out and "ratio" in out and "step time" in out
-    assert "│ dense" in out and "hook topk:0.01/eliasfano/fp16" in out and "update topk:0.035/eliasfano/uniform" in out
+    assert "│ dense" in out and "hook topk:0.01/eliasfano/fp16" in out and "update blocktopk:0.215,block=128/blocks" in out
     for name in ("dense", "hook1", "update1"):
         assert (tmp_path / f"{name}.jsonl").exists(), name
     assert time.monotonic() - started < 240

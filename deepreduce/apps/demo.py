@@ -29,7 +29,8 @@ from .bench import make_console
 from .metrics import read_metrics
 
 DEFAULT_SPEC = "topk:0.01/eliasfano/fp16"  # gradient mode: the DDP hook
-DEFAULT_UPDATE_SPEC = "topk:0.035/eliasfano/uniform:bits=1"  # update mode, about the same bytes
+# Update mode at about the hook's bytes: whole blocks of 128 at 1 bit per value (README, "Which to pick").
+DEFAULT_UPDATE_SPEC = "blocktopk:0.215,block=128/blocks:block=128/uniform:bits=1,scale=bf16"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a compressor spec for the DDP hook (gradient mode) to compare with dense (repeatable; also "
                         f"fp16 or powersgd) [default: {DEFAULT_SPEC}, and the update mode below]")
     p.add_argument("--update", action="append", default=None, metavar="SPEC",
-                   help="a compressor spec for the update mode (deepreduce.UpdateSync, unsent updates kept, "
-                        f"learning rate doubled) [default: {DEFAULT_UPDATE_SPEC}, and the hook above]")
+                   help="a compressor spec for the update mode (deepreduce.UpdateSync with deepreduce.LocalAdamW, "
+                        "unsent updates kept at 1.5x, small tensors an eighth per step) "
+                        f"[default: {DEFAULT_UPDATE_SPEC}, and the hook above]")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="keep metrics and logs here (default: a temporary directory)")
@@ -57,8 +59,11 @@ TRAIN_ARGS = ["--d-model", "128", "--layers", "2", "--heads", "4", "--seq-len", 
 
 
 HOOK_ARGS: list[str] = []
-# Each rank's Adam normalises its own noisier gradient: the update mode wants about twice the rate.
-UPDATE_ARGS = ["--mode", "update", "--keep-unsent", "--lr", "6e-3"]
+# The recommended Adam setting of the update mode: LocalAdamW (steps as data-parallel Adam would,
+# at the same learning rate), parameters 1.5x ahead of the unsent update, biases and norms an
+# eighth per step.
+UPDATE_ARGS = ["--mode", "update", "--optimizer", "local-adamw", "--keep-unsent", "--unsent-scale", "1.5",
+               "--small-compression", "cyclic:0.125/strided/fp16"]
 
 
 def run_one(name: str, label: str, train_args: list[str], args: argparse.Namespace, out: Path, progress: Progress) -> dict:
@@ -143,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     console.print(_curves(runs))
     console.print(
-        "hook: gradients compressed in the DDP hook; update: each worker steps its own Adam and the "
-        "compressed parameter updates are averaged (deepreduce.UpdateSync). bytes/step: what each worker "
+        "hook: gradients compressed in the DDP hook; update: each worker steps its own Adam "
+        "(deepreduce.LocalAdamW) and the compressed parameter updates are averaged (deepreduce.UpdateSync). bytes/step: what each worker "
         "hands to collectives per step (the first steps are dense). comm time: a bucket's reduction in "
         "flight, encode and decode included (update mode: the exchange). "
         "Loopback makes the network free here, so step time shows the cost of compressing; on a slow "
