@@ -145,7 +145,8 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                    help="update mode: each rank keeps its not-yet-sent update in its own parameters (flushed densely at the end)")
     c.add_argument("--unsent-scale", type=float, default=1.0, metavar="S",
                    help="update mode with --keep-unsent: each rank's parameters are the agreed ones plus S x its unsent "
-                        "update (S > 1: ahead of its own progress, for the others' not yet received)")
+                        "update (S > 1: ahead of its own progress, for the others' not yet received; 1.5 with "
+                        "--optimizer local-adamw and block top-k, 1 with sgd)")
     c.add_argument("--density-follows-lr", type=float, nargs="?", const=1.0, default=None, metavar="POWER",
                    help="update mode: each exchange's density follows the learning-rate schedule ((lr / mean lr) "
                         "** POWER, default POWER 1; a negative POWER leans towards the decay), the same bytes over the "
