@@ -26,11 +26,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .bench import make_console
+from .bench.convergence import AHEAD, BLOCK_SPEC, SMALL_CYCLIC
 from .metrics import read_metrics
 
 DEFAULT_SPEC = "topk:0.01/eliasfano/fp16"  # gradient mode: the DDP hook
-# Update mode at about the hook's bytes: whole blocks of 128 at 1 bit per value (README, "Which to pick").
-DEFAULT_UPDATE_SPEC = "blocktopk:0.215,block=128/blocks:block=128/uniform:bits=1,scale=bf16"
+# Update mode at about the hook's bytes: the convergence benchmark's `update H=1 LocalAdamW blocks,
+# ahead 1.5` row (README, "Which to pick").
+DEFAULT_UPDATE_SPEC = BLOCK_SPEC
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +64,7 @@ HOOK_ARGS: list[str] = []
 # The recommended Adam setting of the update mode: LocalAdamW (steps as data-parallel Adam would,
 # at the same learning rate), parameters 1.5x ahead of the unsent update, biases and norms an
 # eighth per step.
-UPDATE_ARGS = ["--mode", "update", "--optimizer", "local-adamw", "--keep-unsent", "--unsent-scale", "1.5",
-               "--small-compression", "cyclic:0.125/strided/fp16"]
+UPDATE_ARGS = ["--mode", "update", "--optimizer", "local-adamw", "--keep-unsent", *AHEAD, *SMALL_CYCLIC]
 
 
 def run_one(name: str, label: str, train_args: list[str], args: argparse.Namespace, out: Path, progress: Progress) -> dict:
