@@ -89,6 +89,26 @@ def test_convergence_benchmark_quick_run(tmp_path):
     assert json.loads((tmp_path / "results" / "convergence.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
+@pytest.mark.slow
+def test_convergence_benchmark_longer_runs_reach_the_dense_target(tmp_path):
+    # The rows train 30 steps against dense's 20: the target is dense's 20-step value, and the
+    # main section and summary stay untouched.
+    assert convergence.main(["--quick", "--steps", "30", "--target-steps", "20", "--out", str(tmp_path)]) == 0
+    stored = json.loads((tmp_path / "results" / "convergence.json").read_text())
+    steps = {r["row"]: r["steps"] for r in stored["runs"]}
+    assert steps == {"dense": 20, "update H=4": 30}
+    dense, update = stored["summary_longer"]
+    assert "summary" not in stored
+    assert dense["steps_to_target"] == 20 and update["target"] == dense["final"]
+    longer_run = next(r for r in stored["runs"] if r["row"] == "update H=4")
+    assert [p["step"] for p in longer_run["curve"]][-1] == 30
+    assert update["gap"] == pytest.approx((longer_run["final"] - dense["final"]) / dense["final"])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "longer runs to dense's final metric" in text and "Dense trains 20 steps" in text
+    with pytest.raises(SystemExit):
+        convergence.main(["--quick", "--steps", "20", "--target-steps", "30", "--out", str(tmp_path)])
+
+
 def test_time_to_target_counts_warm_up_and_compressed_steps_apart():
     curve = [{"step": 50, "value": 3.0}, {"step": 100, "value": 2.5}, {"step": 150, "value": 2.4}]
     assert convergence.reached(curve, 2.5, higher=False) == 100

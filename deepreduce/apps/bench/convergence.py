@@ -24,6 +24,15 @@ from the same seed and data on 2 ranks (loopback), and the benchmark reports:
 
 Runs already stored in ``results/convergence.json`` with the same settings are reused, so
 an interrupted benchmark continues where it stopped.
+
+A configuration that ends short of dense's final metric has no time to target at equal
+steps. ``--target-steps N`` (below ``--steps``) answers how long it takes anyway: dense
+trains N steps and sets the target, every other row trains ``--steps`` (its learning-rate
+schedule stretched to them), and the steps and time to dense's final metric are read off
+the longer runs (a separate section of RESULTS.md, ``convergence-longer``):
+
+    deepreduce bench convergence --tasks lm --steps 1800 --target-steps 1500 \
+        --rows dense "update H=1" "powersgd r4"
 """
 
 from __future__ import annotations
@@ -263,12 +272,17 @@ def _gap(row: dict) -> str:
     return f"{100 * row['gap']:+.1f} %{spread}"
 
 
-def render(summary: list[dict], facts: dict, command: str, steps: int, seeds: list[int]) -> str:
+def render(summary: list[dict], facts: dict, command: str, steps: int, seeds: list[int], target_steps: int | None = None) -> str:
+    longer = target_steps is not None and target_steps != steps
+    trains = (f"Dense trains {target_steps} steps and sets the target; every other row trains {steps} steps (its "
+              f"learning-rate schedule stretched to them), its gap measured at its last step" if longer
+              else f"Each row trains {steps} steps")
     lines = [
-        "## Convergence: learning as well as dense, and the time to get there",
+        "## Convergence: longer runs to dense's final metric" if longer
+        else "## Convergence: learning as well as dense, and the time to get there",
         "",
-        f"Reproduce: `{command}`. Machine: {facts['cpu_cores']} cores, torch {facts['torch']}. Each row trains "
-        f"{steps} steps on 2 ranks (gloo, 1 thread each) from the same seed and data; seeds {', '.join(map(str, seeds))}. "
+        f"Reproduce: `{command}`. Machine: {facts['cpu_cores']} cores, torch {facts['torch']}. {trains} "
+        f"on 2 ranks (gloo, 1 thread each) from the same seed and data; seeds {', '.join(map(str, seeds))}. "
         "Compressed rows start after 10 dense steps. Bytes/step: mean bytes a rank hands to collectives per step after "
         "those 10 steps (the update mode's exchanges spread over their local steps; a density warm-up and the update "
         "mode's final dense flush included). Each seed is compared with dense of the same seed (seeds differ more "
@@ -300,8 +314,12 @@ def render(summary: list[dict], facts: dict, command: str, steps: int, seeds: li
                     _fmt(speedup, ".1f") + ("x" if speedup else ""),
                 ])
             lines += [f"### {task}, {optimizer}", "", markdown_table(header, table), ""]
-    lines += ["![curves](results/convergence.png)", ""]
+    lines += [f"![curves](results/{plot_name(longer)})", ""]
     return "\n".join(lines)
+
+
+def plot_name(longer: bool) -> str:
+    return "convergence_longer.png" if longer else "convergence.png"
 
 
 def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
@@ -359,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"configurations (default: all of {', '.join(ROWS)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--target-steps", type=int, default=None,
+                        help="dense trains this many steps and sets the target; the other rows train --steps "
+                             "(default: --steps; a different value writes the 'longer runs' section)")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--link", default="100mbit", help="rate of the emulated link for the step times, or 'none'")
     parser.add_argument("--timing-steps", type=int, default=64,
@@ -367,11 +388,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is stopped")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
     args = parser.parse_args(argv)
+    if args.target_steps is None:
+        args.target_steps = args.steps
+    if not 0 < args.target_steps <= args.steps:
+        parser.error(f"--target-steps must be between 1 and --steps ({args.steps}), got {args.target_steps}")
+    if args.target_steps != args.steps and "dense" not in args.rows:
+        parser.error("--target-steps needs the dense row (it sets the target)")
+    longer = args.target_steps != args.steps
     console = make_console()
     if args.quick:
         args.tasks, args.optimizers, args.seeds, args.link = ["lm"], ["adamw"], [0], "none"
         args.rows = [r for r in args.rows if r in ("dense", "update H=4")] if len(args.rows) < len(ROWS) else ["dense", "update H=4"]
-        args.steps = min(args.steps, 20)
+        args.steps = min(args.steps, 30 if longer else 20)
+        args.target_steps = min(args.target_steps, args.steps if not longer else 20)
         args.eval_every = 5
     out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
     scratch = Path(tempfile.mkdtemp(prefix="deepreduce-convergence-runs-"))
@@ -380,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     stored = stored if isinstance(stored, dict) else {}
     runs: list[dict] = stored.get("runs", [])
     timings: list[dict] = stored.get("timings", [])
+
+    def steps_of(row: str) -> int:
+        return args.target_steps if row == "dense" else args.steps
 
     def arguments(task: str, optimizer: str, row: str, seed: int) -> list[str]:
         base = QUICK_TASK if args.quick else TASKS[task]
@@ -391,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             where = optimizer_args.index("--lr") + 1
             optimizer_args[where] = f"{float(optimizer_args[where]) * UPDATE_ADAM_LR_SCALE:g}"
         return [*base, *optimizer_args, *COMMON, *ROWS[row], *extra, "--seed", str(seed),
-                "--steps", str(args.steps), "--eval-every", str(args.eval_every)]
+                "--steps", str(steps_of(row)), "--eval-every", str(args.eval_every)]
 
     def save() -> None:
         write_json(json_path, {"runs": runs, "timings": timings, "machine": machine_facts()})
@@ -428,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                     for row in args.rows:
                         if optimizer not in ROW_OPTIMIZER.get(row, {optimizer: None}):
                             continue  # a row for another optimizer
-                        key = {"task": task, "optimizer": optimizer, "row": row, "seed": seed, "steps": args.steps}
+                        key = {"task": task, "optimizer": optimizer, "row": row, "seed": seed, "steps": steps_of(row)}
                         train_args = arguments(task, optimizer, row, seed)
                         if any(r.get("train_args") == train_args for r in runs):
                             continue  # stored from an earlier run with the same settings
@@ -436,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                         runs.append(train_run(key, train_args, scratch, port, progress, args.timeout))
                         save()
     wanted = [r for r in runs if r["task"] in args.tasks and r["optimizer"] in args.optimizers and r["row"] in args.rows
-              and r["seed"] in args.seeds and r["steps"] == args.steps]
+              and r["seed"] in args.seeds and r["steps"] == steps_of(r["row"])]
     summary = summarize(wanted, [t for t in timings if t["link"] == args.link])
     for row in summary:
         timing = next((t for t in timings if t["task"] == row["task"] and t["row"] == row["row"] and t["link"] == args.link), None)
@@ -444,12 +476,14 @@ def main(argv: list[str] | None = None) -> int:
         row["warm_steps"] = timing.get("warm_steps", 10) if timing else None
         row["warm_times"] = timing.get("warm_times") if timing else None
     facts = machine_facts()
-    write_json(json_path, {"runs": runs, "timings": timings, "summary": summary, "machine": facts})
-    section = render(summary, facts, reproduce_command("convergence", argv), args.steps, args.seeds)
-    update_results_section(out / "RESULTS.md", "convergence", section)
+    kept = {k: v for k, v in stored.items() if k in ("summary", "summary_longer")}
+    write_json(json_path, {"runs": runs, "timings": timings, **kept,
+                           "summary_longer" if longer else "summary": summary, "machine": facts})
+    section = render(summary, facts, reproduce_command("convergence", argv), args.steps, args.seeds, args.target_steps)
+    update_results_section(out / "RESULTS.md", "convergence-longer" if longer else "convergence", section)
     console.print(section)
     try:
-        plot(wanted, summary, out / "results" / "convergence.png")
+        plot(wanted, summary, out / "results" / plot_name(longer))
     except ImportError:
         console.print("[yellow]matplotlib not installed: no plot (pip install 'deepreduce[bench]')")
     console.print(f"wrote {out / 'RESULTS.md'}, {json_path}; run logs in {scratch}")
