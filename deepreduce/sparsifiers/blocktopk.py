@@ -15,6 +15,11 @@ on positions. Whole blocks cost a few bits per *block* (the ``blocks`` index cod
 writes block ids, not positions), so at the same bytes several times more elements
 travel, with few-bit values (``uniform``).
 
+For raw gradients (the DDP hook) prefer ``topk``: error feedback lets one large entry in
+a block of small ones wait in the residual, growing, until its block's mean ranks; with
+SGD this destabilised training where ``topk`` at the same bytes did not (RESULTS.md,
+shared-index section).
+
 The number of kept elements is known in advance: ``kept * block``, or ``block`` minus
 the last block's length fewer when the last (shorter) block is among them. Both counts
 are declared, so payload sizes can still be computed ahead (the larger one bounds them).
