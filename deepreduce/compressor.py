@@ -128,7 +128,7 @@ class Compressor:
                 routed[part].setdefault(key, value_)
         self.sparsifier_config = resolve_options(f"sparsifier {sparsifier!r}", self.sparsifier.options, routed["s"])
         self.index_codec: IndexCodec = make_index_codec(index, routed["i"])
-        self.index_codec.check_sparsifier(self.sparsifier.name, self.sparsifier_config)
+        self.index_codec.check_sparsifier(self.sparsifier.name, self.sparsifier_config, self.ratio)
         self.value_codec: ValueCodec = make_value_codec(value, routed["v"])
         self._steps: dict[int, int] = {}
         self._scratch = Scratch()  # selection's full-size temporaries, reused across calls

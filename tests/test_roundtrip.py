@@ -202,8 +202,20 @@ def test_cyclic_selection_round_trips_through_the_strided_codec(numel, ratio, st
 
 
 def test_strided_codec_refuses_other_index_sets_and_bad_parameters():
+    # A sparsifier whose sets the codec cannot carry is refused when the compressor is built...
+    for spec in ("topk:0.1/strided/raw", "randomk:0.05/strided/fp16", "topk:0.05/blocks/fp16", "mstopk:0.05/blocks/fp16"):
+        with pytest.raises(dr.ConfigError, match="carries only the index sets of the (cyclic|blocktopk) sparsifier"):
+            dr.Compressor.from_spec(spec)
+    # ... every element is evenly spaced and whole blocks, whatever selects it
+    for spec in ("topk:1/strided/raw", "topk:1/blocks/raw"):
+        x = torch.randn(1000)
+        decoded = dr.decode(dr.Compressor.from_spec(spec).compress(x))
+        assert torch.equal(decoded.indices, torch.arange(1000)) and torch.equal(decoded.values, x)
+    # ... and the codec itself still checks what it is handed
+    from deepreduce.codecs import CodecContext, make_index_codec
+
     with pytest.raises(dr.ConfigError, match="evenly spaced indices only"):
-        dr.Compressor(0.1, "topk", "strided", "raw").compress(torch.randn(1000))
+        make_index_codec("strided").encode(torch.tensor([1, 2, 5]), CodecContext(1000, torch.float32, torch.device("cpu")))
     good = dr.Compressor(0.1, "cyclic", "strided", "raw").compress(torch.randn(1000), step=3)
     from helpers import reseal
 

@@ -93,9 +93,16 @@ class IndexCodec(_Codec):
         """Encode ascending unique int64 ``indices`` in ``[0, ctx.numel)``."""
         raise NotImplementedError
 
-    def check_sparsifier(self, name: str, options: Mapping[str, Any]) -> None:
-        """Raise :class:`ConfigError` if the sparsifier ``name`` with ``options`` makes index
-        sets this codec cannot carry (checked when a compressor is built)."""
+    def check_sparsifier(self, name: str, options: Mapping[str, Any], ratio: float) -> None:
+        """Raise :class:`ConfigError` if the sparsifier ``name`` with ``options`` at density
+        ``ratio`` makes index sets this codec cannot carry (checked when a compressor is
+        built). A codec that is not ``general`` carries what its own sparsifier selects,
+        and every element (or none) from any sparsifier."""
+        if not self.general and name != self.sparsifier and 0.0 < ratio < 1.0:
+            raise ConfigError(
+                f"the {self.name} index codec carries only the index sets of the {self.sparsifier} sparsifier "
+                f"(or every element, ratio 1), not {name} at ratio {ratio:g}: use {self.sparsifier} with it, or an "
+                f"index codec for any set (eliasfano, raw, rle, zstd)")
 
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:

@@ -73,7 +73,8 @@ class BlocksIndexCodec(IndexCodec):
                check_text=f"must be in [1, {MAX_BLOCK}]"),
     )
 
-    def check_sparsifier(self, name: str, options: Mapping[str, Any]) -> None:
+    def check_sparsifier(self, name: str, options: Mapping[str, Any], ratio: float) -> None:
+        super().check_sparsifier(name, options, ratio)
         block = self.config["block"]
         if name == "blocktopk" and options["block"] % block:
             raise ConfigError(f"the blocks index codec (block={block}) cannot carry blocktopk's blocks of "
