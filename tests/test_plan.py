@@ -114,6 +114,16 @@ def test_slow_link_plans_sparse_fast_link_plans_dense():
     assert predicted[FP16] > predicted[DENSE] / 2
 
 
+def test_one_rank_plans_dense_without_probing_a_link():
+    # At W=1 there is no link to measure (an allreduce moves no bytes): every bucket is dense.
+    grad = torch.randn(20_000, generator=torch.Generator().manual_seed(0))
+    engine = Engine(SoloTransport(), AutoPlan([LOSSLESS], check_every=0), start_iter=1, min_numel=64, check=False)
+    for _ in range(3):
+        assert torch.equal(_step(engine, grad), grad)
+    assert engine.stats()["plan"]["buckets"] == {"0": DENSE} and engine.plan.link is None
+    assert engine.stats()["compressed_buckets"] == 0
+
+
 def test_fp16_plan_averages_in_fp16():
     grad = torch.randn(20_000, generator=torch.Generator().manual_seed(1))
     plan = AutoPlan([LOSSLESS], link=(0.0, 1e5), check_every=0)

@@ -255,6 +255,11 @@ class AutoPlan:
         if known is not None and known[0] == buffer.numel() and key not in self._stale:
             return known[1]
         transport = engine.transport
+        if transport.world_size == 1:  # nothing crosses a link: every bucket goes dense (an allreduce of one rank is free)
+            self.choices[key] = (buffer.numel(), DENSE)
+            self.predictions[key] = {DENSE: 0.0}
+            self._stale.discard(key)
+            return DENSE
         if self.link is None:  # the same on every rank: unset until the first plan, and after a drift
             self._probe(engine, buffer.device, buffer.numel())
         message = None
