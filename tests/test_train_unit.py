@@ -77,6 +77,30 @@ def test_scheme_options_reach_the_hook_and_bad_ones_are_clear_errors():
             train._check_args(train.build_parser().parse_args(argv))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch must be >= 1, not 0"),
+    (["--seq-len", "0"], "--seq-len must be >= 1, not 0"),
+    (["--eval-batches", "0"], "--eval-batches must be >= 1, not 0"),
+    (["--stop-after", "0"], "--stop-after must be >= 1, not 0"),
+    (["--d-model", "15", "--heads", "2"], r"--heads must be >= 1 and divide --d-model \(15\), not 2"),
+    (["--heads", "0"], "--heads must be >= 1"),
+    (["--corpus-mb", "0"], "--corpus-mb must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, not nan"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0"),
+    (["--checkpoint-every", "-5"], "--checkpoint-every must be >= 0"),
+    (["--bucket-mb", "0"], "--bucket-mb must be a finite number > 0"),
+    (["--metrics", "/nonexistent-dir/m.jsonl"], "--metrics /nonexistent-dir/m.jsonl: no directory /nonexistent-dir"),
+    (["--checkpoint", "/proc/no-such-dir"], "--checkpoint /proc/no-such-dir: cannot create it"),
+])
+def test_bad_numbers_and_paths_are_refused_before_training(argv, message):
+    # Each would otherwise train to NaN, train nothing, or fail with a traceback (the checkpoint
+    # path: after the whole run).
+    with pytest.raises(SystemExit, match=message):
+        train._check_args(train.build_parser().parse_args(argv))
+
+
 def test_make_optimizer():
     import torch
 

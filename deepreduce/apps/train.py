@@ -429,7 +429,12 @@ def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_ge
         raise SystemExit(f"deepreduce train: checkpoint trained on {saved.get('data', 'other data')} (corpus digest "
                          f"{saved_digest}); this run's data ({data_label(args)}, --corpus-mb {args.corpus_mb:g}) "
                          f"has digest {corpus_digest}")
-    model.load_state_dict(saved["model"])
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as error:  # other shapes or layers: another --d-model, --layers, --heads, --seq-len ...
+        first = str(error).strip().splitlines()
+        raise SystemExit(f"deepreduce train: {path} holds another model than this run's options build "
+                         f"(--d-model, --layers, --heads, --seq-len, --classes?): {' '.join(line.strip() for line in first[1:3])}")
     optimizer.load_state_dict(saved["optimizer"])
     load_hook_state(hook_state, saved["hook"])
     data_gen.set_state(saved["data_rng"])
@@ -464,6 +469,33 @@ def _check_args(args: argparse.Namespace) -> None:
     """Exit with a clear message for options that do not go together."""
     if args.steps < 1:
         raise SystemExit("deepreduce train: --steps must be >= 1")
+    for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--d-model", args.d_model),
+                        ("--layers", args.layers), ("--eval-batches", args.eval_batches)):
+        if value < 1:
+            raise SystemExit(f"deepreduce train: {flag} must be >= 1, not {value}")
+    for flag, value in (("--eval-every", args.eval_every), ("--log-every", args.log_every),
+                        ("--checkpoint-every", args.checkpoint_every)):
+        if value < 0:
+            raise SystemExit(f"deepreduce train: {flag} must be >= 0 (0: never), not {value}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise SystemExit(f"deepreduce train: --stop-after must be >= 1, not {args.stop_after}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"deepreduce train: --threads must be >= 1 (leave it out for torch's choice), not {args.threads}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise SystemExit(f"deepreduce train: --lr must be a finite number > 0, not {args.lr}")
+    if not (math.isfinite(args.corpus_mb) and args.corpus_mb > 0):
+        raise SystemExit(f"deepreduce train: --corpus-mb must be a finite number > 0, not {args.corpus_mb}")
+    if not (math.isfinite(args.bucket_mb) and args.bucket_mb > 0):
+        raise SystemExit(f"deepreduce train: --bucket-mb must be a finite number > 0, not {args.bucket_mb}")
+    if args.task == "lm" and (args.heads < 1 or args.d_model % args.heads):
+        raise SystemExit(f"deepreduce train: --heads must be >= 1 and divide --d-model ({args.d_model}), not {args.heads}")
+    if args.metrics is not None and not args.metrics.parent.is_dir():
+        raise SystemExit(f"deepreduce train: --metrics {args.metrics}: no directory {args.metrics.parent}")
+    if args.checkpoint is not None:
+        try:
+            args.checkpoint.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SystemExit(f"deepreduce train: --checkpoint {args.checkpoint}: cannot create it ({error.strerror or error})")
     if args.weight_decay < 0:
         raise SystemExit("deepreduce train: --weight-decay must be >= 0")
     if args.local_steps < 1:
@@ -501,8 +533,6 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.task == "classify":
         if args.classes is None or args.classes < 2:
             raise SystemExit(f"deepreduce train: --classes must be >= 2, not {args.classes}")
-        if args.seq_len < 1 or args.d_model < 1 or args.layers < 1:
-            raise SystemExit("deepreduce train: --seq-len, --d-model and --layers must be >= 1")
     elif args.classes is not None:
         raise SystemExit("deepreduce train: --classes needs --task classify")
 
