@@ -93,6 +93,10 @@ def test_scheme_options_reach_the_hook_and_bad_ones_are_clear_errors():
     (["--bucket-mb", "0"], "--bucket-mb must be a finite number > 0"),
     (["--metrics", "/nonexistent-dir/m.jsonl"], "--metrics /nonexistent-dir/m.jsonl: no directory /nonexistent-dir"),
     (["--checkpoint", "/proc/no-such-dir"], "--checkpoint /proc/no-such-dir: cannot create it"),
+    (["--compression", "topk:0.01/eliasfano/fp16", "--nesterov"], "--nesterov need --mode update"),
+    (["--compression", "powersgd", "--granularity", "bucket"], "--granularity bucket apply to deepreduce compressor specs"),
+    (["--compression", "dense", "--no-error-feedback", "--small-compression", "cyclic:0.5/strided/fp16"],
+     "--no-error-feedback, --small-compression apply to deepreduce compressor specs, not --compression dense"),
 ])
 def test_bad_numbers_and_paths_are_refused_before_training(argv, message):
     # Each would otherwise train to NaN, train nothing, or fail with a traceback (the checkpoint

@@ -509,8 +509,20 @@ def _check_args(args: argparse.Namespace) -> None:
                          "(or hierarchical_shared_index)")
     if args.mode == "update" and (args.compression in BUILTIN_HOOKS or args.compression == "auto"):
         raise SystemExit(f"deepreduce train: --mode update needs a compressor spec for --compression, not {args.compression!r}")
-    if args.mode == "gradient" and (args.local_steps != 1 or args.overlap or args.keep_unsent or args.outer_lr != 1.0 or args.outer_momentum):
-        raise SystemExit("deepreduce train: --local-steps, --overlap, --keep-unsent, --outer-lr and --outer-momentum need --mode update")
+    if args.mode == "gradient" and (args.local_steps != 1 or args.overlap or args.keep_unsent or args.outer_lr != 1.0
+                                    or args.outer_momentum or args.nesterov):
+        raise SystemExit("deepreduce train: --local-steps, --overlap, --keep-unsent, --outer-lr, --outer-momentum and "
+                         "--nesterov need --mode update")
+    if args.compression in BUILTIN_HOOKS:
+        ignored = [flag for flag, given in (("--granularity bucket", args.granularity != "tensor"),
+                                             ("--no-error-feedback", args.no_error_feedback),
+                                             ("--no-dense-fallback", args.no_dense_fallback),
+                                             ("--small-compression", args.small_compression is not None)) if given]
+        if ignored:
+            raise SystemExit(f"deepreduce train: {', '.join(ignored)} apply to deepreduce compressor specs, "
+                             f"not --compression {args.compression}")
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        raise SystemExit("deepreduce train: --backend nccl needs a CUDA device, and torch sees none (use gloo or auto)")
     if not (math.isfinite(args.unsent_scale) and args.unsent_scale > 0):
         raise SystemExit(f"deepreduce train: --unsent-scale must be a finite number > 0, not {args.unsent_scale}")
     if args.unsent_scale != 1.0 and not (args.mode == "update" and args.keep_unsent):
