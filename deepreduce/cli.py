@@ -67,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "bench":
+        if rest[:1] in (["-h"], ["--help"], ["help"]):
+            width = max(map(len, BENCHMARKS)) + 2
+            print("usage: deepreduce bench <benchmark> [options]\n\nbenchmarks:\n"
+                  + "\n".join(f"  {name:<{width}}{text}" for name, (_, text) in BENCHMARKS.items())
+                  + "\n\n`deepreduce bench <benchmark> --help` for the options of one benchmark.")
+            return 0
         if not rest or rest[0] not in BENCHMARKS:
             print(f"deepreduce bench: choose one of {', '.join(BENCHMARKS)}", file=sys.stderr)
             return 2

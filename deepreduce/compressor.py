@@ -51,6 +51,8 @@ def _parse_segment(segment: str, what: str) -> tuple[str, list[str], dict[str, s
     for arg in filter(None, (a.strip() for a in rest.split(","))):
         key, eq, value = arg.partition("=")
         if eq:
+            if key.strip() in named:
+                raise ConfigError(f"spec: {what} {name!r} gives {key.strip()!r} twice in {segment!r}")
             named[key.strip()] = value.strip()
         else:
             positional.append(arg)

@@ -87,6 +87,7 @@ def test_bad_configuration_is_reported(kwargs, message):
     ("topk:abc", "not a number"),
     ("topk:0.01/zstd:3", "key=value"),
     (":0.01", "empty sparsifier"),
+    ("topk:0.01/eliasfano/uniform:bits=1,bits=2", "value codec 'uniform' gives 'bits' twice"),
 ])
 def test_bad_specs_are_reported(spec, message):
     with pytest.raises(ConfigError, match=message):

@@ -206,6 +206,9 @@ def test_cli_version_and_help(capsys):
     description_column = {len(line) - len(line[2:].split("  ", 1)[1].lstrip()) for line in rows}
     assert len(description_column) == 1, out  # every description starts in the same column
     assert re.search(r"^  bench bandwidth {2,}DDP step time", out, re.M), out  # a gap before the description
+    assert cli.main(["bench", "--help"]) == 0
+    assert re.search(r"^  convergence {2,}validation loss", capsys.readouterr().out, re.M)
+    assert cli.main(["bench", "nope"]) == 2 and "choose one of codecs" in capsys.readouterr().err
 
 
 def test_one_process_run_writes_metrics(tmp_path):
