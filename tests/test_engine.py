@@ -211,8 +211,17 @@ def test_clip_norm_scales_each_bucket_before_compression():
     out = engine.reduce(big.clone()).wait()
     assert torch.allclose(torch.linalg.vector_norm(out), torch.tensor(2.0)) and torch.allclose(out, big / 5)
     assert torch.equal(engine.reduce(small.clone()).wait(), small)  # below the limit: untouched
-    with pytest.raises(dr.ConfigError, match="clip_norm must be a positive number"):
-        Engine(SoloTransport(), dr.Compressor(), clip_norm=0)
+    for bad in (0, float("inf"), float("nan"), True):
+        with pytest.raises(dr.ConfigError, match="clip_norm must be a finite positive number"):
+            Engine(SoloTransport(), dr.Compressor(), clip_norm=bad)
+
+
+@pytest.mark.parametrize("option", ["error_feedback", "dense_fallback", "average"])
+def test_switches_take_booleans_only(option):
+    # "no" or "false" would otherwise count as True
+    for bad in ("no", "false", 0, None):
+        with pytest.raises(dr.ConfigError, match=f"{option} must be True or False, got {bad!r}"):
+            Engine(SoloTransport(), dr.Compressor(), **{option: bad})
 
 
 def test_small_compressor_carries_the_small_segments_with_error_feedback():

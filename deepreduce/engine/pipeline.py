@@ -249,10 +249,14 @@ class Engine:
                             ("density_warmup", density_warmup)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative int, got {value!r}")
+        for name, value in (("error_feedback", error_feedback), ("dense_fallback", dense_fallback), ("average", average)):
+            if not isinstance(value, bool):  # a string such as "no" would count as True
+                raise ConfigError(f"{name} must be True or False, got {value!r}")
         if density_scale is not None and not callable(density_scale):
             raise ConfigError(f"density_scale must be a function of the step or None, got {type(density_scale).__name__}")
-        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
-            raise ConfigError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
+        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and not isinstance(clip_norm, bool)
+                                          and math.isfinite(clip_norm) and clip_norm > 0):
+            raise ConfigError(f"clip_norm must be a finite positive number or None, got {clip_norm!r}")
         if granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if nonfinite not in NONFINITE_POLICIES:
