@@ -169,6 +169,11 @@ def test_state_dict_round_trip_and_format_check():
     assert other.step == 1 and torch.equal(other.engine.memory.residual("embed.weight"), sync.engine.memory.residual("embed.weight"))
     with pytest.raises(ValueError, match="state dict"):
         other.load_state_dict({"format": 99})
+    # A truncated state is named, not a KeyError, and changes nothing
+    for drop, named in (("memory", "missing or malformed memory"), ("compressor", "missing or malformed compressor")):
+        with pytest.raises(ValueError, match=named):
+            other.load_state_dict({k: v for k, v in state.items() if k != drop} | {"step": 7})
+        assert other.step == 1
 
 
 def test_density_warmup_falls_exponentially_to_the_target():

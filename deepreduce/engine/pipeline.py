@@ -839,7 +839,12 @@ class Engine:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("format") not in (1, _STATE_FORMAT):
             raise ValueError(f"not a deepreduce engine state dict (format {_STATE_FORMAT}): got {type(state).__name__}")
-        saved = state["compressor"]
+        missing = [key for key in ("compressor", "step", "memory", "stats") if key not in state]
+        saved = state.get("compressor")
+        if not missing and isinstance(saved, Mapping):
+            missing = [f"compressor.{key}" for key in ("fingerprint", "spec", "seed") if key not in saved]
+        if missing or not isinstance(saved, Mapping):
+            raise ValueError(f"deepreduce engine state dict: missing or malformed {', '.join(missing) or 'compressor'}")
         if saved["fingerprint"] != self.compressor.fingerprint:
             logger.warning("loading state saved with compressor %s seed=%s into %r; residuals are kept",
                            saved["spec"], saved["seed"], self.compressor)
