@@ -41,6 +41,13 @@ Tuning:
 - Residuals are kept per parameter (also with ``granularity="bucket"``), so DDP's
   rebuilt buckets, another ``bucket_cap_mb`` or a resume in any training loop lose
   nothing.
+- ``find_unused_parameters`` / ``static_graph``: a parameter this rank did not use in a
+  step has no gradient (``.grad`` None), and where no rank used it DDP discards its
+  averaged slot; its residual is held back that step (nothing of it is sent) and goes
+  out once the parameter trains again. This needs gradients set to None between steps
+  (``zero_grad()``'s default); with ``set_to_none=False`` such a step drains it.
+  (``scheme="hierarchical"`` keeps residuals per node shard, not per parameter: there a
+  parameter unused on every rank still loses what its shard slice sends.)
 - ``named_parameters``: ``model.named_parameters()`` names the residuals after the
   parameters in checkpoints; without it parameters are named by the order the hook
   first sees them, which is the same in every run of the same model.
@@ -340,7 +347,15 @@ def deepreduce_hook(state: DeepReduceState, bucket: dist.GradBucket) -> torch.fu
     allreduce (``state.dense_fallback``). Works for fp32, fp16 and bf16 buckets, gloo on
     CPU and NCCL on CUDA."""
     engine = state.engine
-    future = engine.reduce(bucket.buffer(), state.segments(bucket), key=bucket.index())
+    segments = state.segments(bucket)
+    # A parameter this rank did not use has no gradient (DDP zero-fills its slot). If no rank
+    # used it, DDP (find_unused_parameters / static_graph) discards its averaged slot, so
+    # it must not carry the residual: held, it waits for a step where the parameter trains.
+    engine.memory.hold([seg.name for param, seg in zip(bucket.parameters(), segments) if param.grad is None])
+    try:
+        future = engine.reduce(bucket.buffer(), segments, key=bucket.index())
+    finally:
+        engine.memory.hold(())
     if bucket.is_last():
         engine.end_step()
     return future

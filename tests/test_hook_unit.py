@@ -201,6 +201,72 @@ def _recording(hook, log):
     return recorded
 
 
+class _SometimesUnused(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.u, self.c = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor, use_u: bool) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.c(h + self.u(h) if use_u else h)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "bucket"])
+def test_unused_parameter_keeps_its_residual(group, granularity):
+    """find_unused_parameters: on steps where no rank uses ``u``, DDP leaves its gradient
+    None and discards its averaged slot, so the slot must not carry u's residual. What u
+    receives over the run plus what is still held equals the gradients it had: nothing
+    lost."""
+    model = _SometimesUnused()
+    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.01)
+    state = dr.DeepReduceState(compressor="topk:0.05/eliasfano/raw", start_iter=1, min_numel=100, stats_every=0,
+                               granularity=granularity, named_parameters=model.named_parameters())
+    ddp.register_comm_hook(state, dr.deepreduce_hook)
+    reference = _SometimesUnused()  # the same parameters, never stepped: its gradients are u's raw ones
+    gen = torch.Generator().manual_seed(1)
+    received = torch.zeros_like(model.u.weight)
+    raw = torch.zeros_like(model.u.weight)
+    for step in range(9):
+        use_u = step < 3 or step == 8  # trains, then unused on every rank for 5 steps, then trains again
+        x = torch.randn(16, 64, generator=gen)
+        model.zero_grad(set_to_none=True)
+        ddp(x, use_u).pow(2).mean().backward()
+        assert (model.u.weight.grad is None) == (not use_u)
+        reference.zero_grad()
+        reference(x, use_u).pow(2).mean().backward()
+        if use_u and step >= 1:  # step 0 is dense
+            received += model.u.weight.grad
+            raw += reference.u.weight.grad
+        if step == 7:  # five unused steps later the residual is what it was after step 2
+            torch.testing.assert_close(received + state.memory.residual("u.weight").reshape_as(raw), raw)
+    held = state.memory.residual("u.weight").reshape_as(received)
+    assert held.abs().sum() > 0 and received.abs().sum() > 0
+    torch.testing.assert_close(received + held, raw, rtol=1e-5, atol=1e-6)
+
+
+def test_held_names_keep_residual_and_velocity_through_update_and_restore():
+    memory = ErrorFeedback(momentum=0.5)
+    parts = (("a", 3), ("b", 2))
+    first = memory.compensate("bucket", torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), parts)
+    memory.update("bucket", first, SparseGrad(torch.tensor([0]), torch.tensor([1.0]), 5))
+    residual, velocity = memory.residuals["bucket"].clone(), memory.velocities["bucket"].clone()
+    for finish in ("update", "update_dense", "restore"):
+        memory.hold(["b"])
+        compensated = memory.compensate("bucket", torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]), parts)
+        memory.hold(())
+        assert torch.equal(compensated[3:], torch.zeros(2))  # b's residual and velocity stay out of the step
+        if finish == "update":
+            memory.update("bucket", compensated, SparseGrad(torch.tensor([1, 4]), torch.tensor([2.5, 0.0]), 5))
+        elif finish == "update_dense":
+            memory.update_dense("bucket", compensated, compensated.clone())
+        else:
+            memory.restore("bucket", compensated)
+        assert torch.equal(memory.residuals["bucket"][3:], residual[3:]), finish
+        assert torch.equal(memory.velocities["bucket"][3:], velocity[3:]), finish
+        residual, velocity = memory.residuals["bucket"].clone(), memory.velocities["bucket"].clone()
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "bucket"])
 def test_hook_one_rank_sends_sparse_and_conserves(group, granularity):
     """World size 1: after start_iter each compressed segment (a parameter, or the whole

@@ -14,6 +14,11 @@ optimizer (no optimizer momentum), as in Deep Gradient Compression.
 Residuals of half-precision gradients are kept in fp32: summing many small fp16
 remainders in fp16 would round them away, which is the very error feedback corrects.
 
+*Held* names (:meth:`ErrorFeedback.hold`, set by a front end before a bucket is
+compensated) send nothing of their residual or velocity this step and keep both as they
+were: DDP with ``find_unused_parameters`` (or ``static_graph``) does not copy the averaged
+bucket back into a parameter no rank used, so whatever its slot carried would be lost.
+
 A key may cover several named parts (one top-k over a whole DDP bucket): ``parts``
 lists ``(name, numel)`` in buffer order. Such a residual is saved split by part, and a
 key that is not stored is assembled from the parts wherever they were kept before (a
@@ -70,10 +75,59 @@ class ErrorFeedback:
         self.velocities: dict[Hashable, torch.Tensor] = {}
         self.layouts: dict[Hashable, tuple[tuple[Hashable, int], ...]] = {}  # key -> its parts
         self._pending: dict[Hashable, tuple[torch.Tensor, bool, bool]] = {}  # key -> (grad, had residual, had velocity)
+        self._hold: set[Hashable] = set()  # names the next compensations leave out (see hold())
+        # key -> [(offset, numel, residual slice, velocity slice)] set aside by compensate, put back by update/restore
+        self._held: dict[Hashable, list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # A compensation in flight refers to a live gradient bucket: never pickled.
-        return {**self.__dict__, "_pending": {}}
+        return {**self.__dict__, "_pending": {}, "_hold": set(), "_held": {}}
+
+    def hold(self, names: Sequence[Hashable]) -> None:
+        """Leave the residual and velocity of ``names`` (keys, or parts of a multi-part key)
+        out of the compensations that follow and keep them unchanged through the
+        update: for parameters whose gradient slot the caller will not use this step
+        (DDP's unused parameters). Replaces the previous set; ``hold(())`` clears it."""
+        self._hold = set(names)
+
+    def _set_aside(self, key: Hashable, parts: Sequence[tuple[Hashable, int]] | None, numel: int) -> None:
+        """Move the held slices of ``key``'s residual and velocity out of the way (zeroed in
+        place, copies kept) before it is compensated."""
+        if not self._hold:
+            return
+        spans = [(0, numel)] if key in self._hold else []
+        if parts is not None:
+            offset = 0
+            for name, part_numel in parts:
+                if name in self._hold:
+                    spans.append((offset, part_numel))
+                offset += part_numel
+        held = []
+        for offset, length in spans:
+            kept = []
+            for table in (self.residuals, self.velocities):
+                stored = table.get(key)
+                if stored is None or stored.numel() != numel:
+                    kept.append(None)
+                    continue
+                piece = stored.narrow(0, offset, length)
+                kept.append(piece.clone())
+                piece.zero_()
+            if kept != [None, None]:
+                held.append((offset, length, kept[0], kept[1]))
+        if held:
+            self._held[key] = held
+
+    def _put_back(self, key: Hashable) -> None:
+        """Return the slices :meth:`_set_aside` kept to ``key``'s residual and velocity."""
+        for offset, length, residual, velocity in self._held.pop(key, ()):
+            for table, piece in ((self.residuals, residual), (self.velocities, velocity)):
+                if piece is None:
+                    continue
+                stored = table.get(key)
+                if stored is None:  # nothing left there this step (e.g. a velocity cleared): start from zeros
+                    continue
+                stored.narrow(0, offset, length).copy_(piece)
 
     def _split(self, key: Hashable) -> None:
         """Store the parts of a multi-part key under their own names (views, no copy)."""
@@ -138,6 +192,7 @@ class ErrorFeedback:
             return flat.to(dtype, copy=True)
         if parts is not None and key not in self.layouts:
             self._assemble(key, parts)
+        self._set_aside(key, parts, flat.numel())
         had_velocity = False
         if self.momentum:
             velocity = self._stored(self.velocities, key, flat.numel(), dtype, flat.device)
@@ -172,6 +227,7 @@ class ErrorFeedback:
                 del self.velocities[key]
         elif had_residual:
             self.residuals[key] = compensated.sub_(grad)
+        self._put_back(key)
 
     def update(self, key: Hashable, compensated: torch.Tensor, sent: SparseGrad) -> None:
         """Residual := ``compensated - sent`` (``sent`` as the receivers decode it).
@@ -185,6 +241,7 @@ class ErrorFeedback:
         self.residuals[key] = subtract_sent(compensated, sent)
         if self.momentum and key in self.velocities:
             self.velocities[key].index_fill_(0, sent.indices, 0)
+        self._put_back(key)
 
     def update_dense(self, key: Hashable, compensated: torch.Tensor, sent: torch.Tensor) -> None:
         """Residual := ``compensated - sent`` for a bucket that went dense (``sent`` is
@@ -196,6 +253,7 @@ class ErrorFeedback:
         self.residuals[key] = residual
         if self.momentum and key in self.velocities:
             self.velocities[key].zero_()
+        self._put_back(key)
 
     def flush(self, key: Hashable, grad: torch.Tensor, parts: Sequence[tuple[Hashable, int]] | None = None) -> None:
         """Add ``key``'s residual into ``grad`` (in place) and forget it: for a tensor
@@ -203,7 +261,9 @@ class ErrorFeedback:
         held = key in self.residuals or any(name in self.residuals for name, _ in parts or ())
         if not self.enabled or not held:
             return
+        hold, self._hold = self._hold, set()  # a flush sends everything
         compensated = self.compensate(key, grad, parts)
+        self._hold = hold
         grad.copy_(compensated.reshape(grad.shape))
         self._pending.pop(key, None)
 
@@ -227,6 +287,7 @@ class ErrorFeedback:
         self.velocities.clear()
         self.layouts.clear()
         self._pending.clear()
+        self._held.clear()
 
     def _by_part(self, table: dict[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         out = {}
@@ -260,3 +321,4 @@ class ErrorFeedback:
         self.velocities = {k: v.clone() for k, v in state["velocities"].items()}
         self.layouts.clear()
         self._pending.clear()
+        self._held.clear()
