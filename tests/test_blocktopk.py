@@ -160,12 +160,13 @@ def test_bad_options_are_config_errors(spec, match):
 
 def test_blocks_codec_refuses_index_sets_that_are_not_its_blocks():
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(dr.ConfigError, match="whole aligned blocks of 64 positions only"):
-        dr.Compressor(0.1, "topk", "blocks", "raw").compress(x)
+    with pytest.raises(dr.ConfigError, match="carries only the index sets of the blocktopk sparsifier"):
+        dr.Compressor(0.1, "topk", "blocks", "raw")  # refused when built
     with pytest.raises(dr.ConfigError, match="cannot carry blocktopk's blocks of 32: give both the same block"):
         dr.Compressor.from_spec("blocktopk:0.2,block=32/blocks/raw")  # refused when built
-    with pytest.raises(dr.ConfigError, match="blocktopk sparsifier at block=64"):
-        dr.Compressor.from_spec("randomk:0.2/blocks/raw").compress(x)  # other sparsifiers: when encoding
+    with pytest.raises(dr.ConfigError, match="whole aligned blocks of 64 positions only"):  # the codec checks what it is handed
+        make_index_codec("blocks").encode(torch.arange(0, 1000, 7), CodecContext(1000, torch.float32, CPU))
+    dr.decode(dr.Compressor.from_spec("randomk:1/blocks/raw").compress(x))  # every element: whole blocks
     with pytest.raises(dr.ConfigError, match="whole aligned blocks"):  # 64 = 2 blocks of 32, but misaligned
         make_index_codec("blocks", {"block": 32}).encode(torch.arange(16, 80), CodecContext(1000, torch.float32, CPU))
     # A larger multiple of the block is whole blocks of the smaller size too.

@@ -317,7 +317,8 @@ def render(summary: list[dict], facts: dict, command: str, steps: int, seeds: li
                     _fmt(r["time_to_target_s"], ".0f") + (" s" if r["time_to_target_s"] is not None else ""),
                     _fmt(speedup, ".1f") + ("x" if speedup else ""),
                 ])
-            lines += [f"### {task}, {optimizer}", "", markdown_table(header, table), ""]
+            heading = f"### {task}, {optimizer}" + (f", {steps} steps against dense's {target_steps}" if longer else "")
+            lines += [heading, "", markdown_table(header, table), ""]
     lines += [f"![curves](results/{plot_name(longer)})", ""]
     return "\n".join(lines)
 
