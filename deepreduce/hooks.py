@@ -107,6 +107,7 @@ from .comm import Transport
 from .compressor import Compressor
 from .engine import Engine, ErrorFeedback, Segment
 from .engine.plan import AutoPlan
+from .engine.flat import check_named_tensors
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -209,11 +210,7 @@ class DeepReduceState:
         """Name the residuals after the parameters (``model.named_parameters()``), as the
         constructor's ``named_parameters`` does. Call it before the first step; front ends
         that wrap the model themselves (the Lightning strategy) call it for you."""
-        names: dict[int, str] = {}
-        for name, param in named_parameters:
-            if not isinstance(name, str) or not isinstance(param, torch.Tensor):
-                raise ConfigError("named_parameters must yield (name, parameter) pairs, as model.named_parameters() does")
-            names[id(param)] = name
+        names = {id(param): name for name, param in check_named_tensors(named_parameters)}
         if not names:
             raise ConfigError("named_parameters is empty")
         self._names, self._named, self._unpickled_names = names, True, False

@@ -29,12 +29,40 @@ gradients) use plain AdamW.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_options(options: dict[str, Any], where: str) -> None:
+    """ConfigError naming the option (after ``where``, e.g. "param group 1: ") unless
+    every option is valid; a bad option in one group would otherwise surface as a wrong
+    step or a bare TypeError."""
+    world_size = options["world_size"]
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"{where}world_size must be a positive int, got {world_size!r}")
+    for name in ("lr", "eps", "weight_decay"):
+        value = options[name]
+        if not _is_number(value) or not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{where}{name} must be a finite number >= 0, got {value!r}")
+    betas = options["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
+        raise ConfigError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
 
 
 class LocalAdamW(torch.optim.Optimizer):
@@ -46,6 +74,9 @@ class LocalAdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: as for AdamW (decoupled weight decay).
         world_size: ranks whose updates are averaged; None: ``torch.distributed``'s
             world size (1 when it is not initialised).
+
+    Parameter groups (here or through :meth:`add_param_group`) may set any of these
+    options; each group's are checked as the constructor's are.
     """
 
     def __init__(
@@ -58,18 +89,20 @@ class LocalAdamW(torch.optim.Optimizer):
         world_size: int | None = None,
     ) -> None:
         if world_size is None:
-            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ConfigError(f"world_size must be a positive int, got {world_size!r}")
-        if not lr >= 0:
-            raise ConfigError(f"lr must be >= 0, got {lr!r}")
-        if not eps >= 0:
-            raise ConfigError(f"eps must be >= 0, got {eps!r}")
-        if not weight_decay >= 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ConfigError(f"betas must be two numbers in [0, 1), got {betas!r}")
+            world_size = _world_size()
+        _check_options(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, world_size=world_size), "")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, world_size=world_size))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.add_param_group`, with the group's options
+        checked (``world_size=None``: the torch.distributed world)."""
+        if isinstance(param_group, dict):  # torch refuses anything else itself
+            if "world_size" in param_group and param_group["world_size"] is None:
+                param_group["world_size"] = _world_size()
+            _check_options({**self.defaults, **param_group}, f"param group {len(self.param_groups)}: ")
+            if "betas" in param_group:
+                param_group["betas"] = tuple(param_group["betas"])
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

@@ -86,8 +86,9 @@ Tuning:
   the unsent update").
 - ``overlap``: start an exchange and apply its average one round later, so the wire
   time hides behind the next round's compute. Parameters then differ between ranks by
-  their own un-averaged progress; :meth:`UpdateSync.finish` (or any checkpoint) makes
-  them identical again, and :meth:`UpdateSync.consensus` evaluates the agreed model.
+  their own un-averaged progress; :meth:`UpdateSync.finish` makes them identical again,
+  :meth:`UpdateSync.consensus` evaluates the agreed model, and a checkpoint
+  (:meth:`UpdateSync.state_dict` with the model's) saves each rank's own parameters.
 - With ``DistributedDataParallel``: pass ``ddp=`` (or call :func:`register_local_hook`)
   so DDP's backward keeps each rank's own gradient instead of allreducing it.
 """
@@ -96,6 +97,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -110,6 +112,11 @@ from .hooks import local_gradient_hook
 from .errors import ConfigError
 
 _STATE_FORMAT = 1
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class DensityFollowsLR:
@@ -181,20 +188,28 @@ class UpdateSync:
     """Exchanges compressed parameter updates every ``local_steps`` optimizer steps.
 
     Args:
-        named_parameters: ``model.named_parameters()``, the same on every rank.
+        named_parameters: ``model.named_parameters()`` (``(name, parameter)`` pairs, each
+            tensor once), the same on every rank. Parameters with ``requires_grad=False``
+            are broadcast but not exchanged; one that requires grad later makes
+            :meth:`step` raise :class:`~deepreduce.ConfigError`: build the UpdateSync
+            after unfreezing it.
         compressor: a :class:`~deepreduce.Compressor` or spec; its ratio is the density
             per local step.
         local_steps: optimizer steps between exchanges (H).
         outer_lr, outer_momentum, nesterov: the outer SGD step on the averaged update.
         overlap: apply each exchange's average one round late (wire time hides behind
             compute).
-        keep_unsent: keep each rank's unsent update in its own parameters (see above).
+        keep_unsent: keep each rank's unsent update in its own parameters (see above);
+            needs ``error_feedback``.
         unsent_scale: with ``keep_unsent``, a rank's parameters are the agreed anchor plus
             this multiple of its unsent update (see above); 1: exactly its own progress.
         process_group: the torch.distributed group (default: the world), unless
             ``transport`` is given (any :class:`~deepreduce.comm.Transport`: Horovod,
             mpi4py).
-        broadcast: copy rank 0's parameters to every rank first (so all start alike).
+        broadcast: copy rank 0's parameters to every rank first (so all start alike),
+            after comparing the configuration and the parameter list across ranks (a
+            mismatch raises :class:`~deepreduce.ConfigError` on every rank); without it
+            the comparison comes at the first exchange.
         ddp: a DistributedDataParallel model to switch to local gradients.
         seed: the compressor's seed when ``compressor`` is a spec.
         density_schedule: a function of the optimizer step (counted from 0) giving the
@@ -258,18 +273,27 @@ class UpdateSync:
             raise ConfigError(f"compressor must be a Compressor or a spec string, got {type(compressor).__name__}")
         if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
             raise ConfigError(f"local_steps must be a positive int, got {local_steps!r}")
-        if not outer_lr > 0:
-            raise ConfigError(f"outer_lr must be > 0, got {outer_lr!r}")
-        if not 0.0 <= outer_momentum < 1.0:
+        if not _is_number(outer_lr) or not (math.isfinite(outer_lr) and outer_lr > 0):
+            raise ConfigError(f"outer_lr must be > 0 and finite, got {outer_lr!r}")
+        if not _is_number(outer_momentum) or not 0.0 <= outer_momentum < 1.0:
             raise ConfigError(f"outer_momentum must be in [0, 1), got {outer_momentum!r}")
+        for name, value in (("nesterov", nesterov), ("overlap", overlap), ("keep_unsent", keep_unsent),
+                            ("broadcast", broadcast)):
+            if not isinstance(value, bool):  # a string such as "no" would count as True
+                raise ConfigError(f"{name} must be True or False, got {value!r}")
         if nesterov and outer_momentum == 0:
             raise ConfigError("nesterov needs outer_momentum > 0")
+        if keep_unsent and error_feedback is False:
+            raise ConfigError("keep_unsent=True needs error_feedback=True: the unsent update a rank keeps is its "
+                              "error-feedback residual")
         if transport is not None and process_group is not None:
             raise ConfigError("pass either transport or process_group, not both")
-        self.named_parameters = [(name, p) for name, p in named_parameters if p.requires_grad]
+        named = check_named_tensors(named_parameters)
+        self.named_parameters = [(name, p) for name, p in named if p.requires_grad]
         if not self.named_parameters:
             raise ConfigError("no trainable parameters to synchronise")
-        check_named_tensors(self.named_parameters)
+        # Frozen parameters are broadcast but never exchanged; step() refuses them once unfrozen.
+        self._frozen = [(name, p) for name, p in named if not p.requires_grad]
         self.local_steps = local_steps
         self.ratio = compressor.ratio
         self.outer_lr, self.outer_momentum, self.nesterov = float(outer_lr), float(outer_momentum), bool(nesterov)
@@ -289,6 +313,7 @@ class UpdateSync:
 
             transport = TorchTransport(process_group)
         described = [[name, list(p.shape), str(p.dtype)] for name, p in self.named_parameters]
+        frozen = [[name, list(p.shape), str(p.dtype)] for name, p in self._frozen]
         self.engine = Engine(
             transport, compressor.with_ratio(min(1.0, compressor.ratio * local_steps)),
             error_feedback=error_feedback, start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback,
@@ -299,13 +324,17 @@ class UpdateSync:
                 "mode": "update", "local_steps": local_steps, "outer_lr": self.outer_lr,
                 "outer_momentum": self.outer_momentum, "nesterov": self.nesterov, "overlap": self.overlap,
                 "keep_unsent": self.keep_unsent, "unsent_scale": self.unsent_scale,
-                "parameters": described,
+                "parameters": described, "frozen": frozen,
             },
         )
+        if broadcast:
+            # Ranks with other parameters would fail inside the broadcast's collectives with
+            # the transport's error (or hang): compare first, so they get a ConfigError
+            # naming both sides. The engine does not compare again at its first exchange.
+            self.engine.check_agreement()
+            self._broadcast_from_rank0()
         if ddp is not None:
             register_local_hook(ddp)
-        if broadcast:
-            self._broadcast_from_rank0()
         # Anchors: the agreed parameters, in fp32 for half-precision parameters (their
         # updates would round away in fp16).
         self.anchors = {name: p.detach().to(memory_dtype(p.dtype), copy=True) for name, p in self.named_parameters}
@@ -317,6 +346,7 @@ class UpdateSync:
             self._outer = torch.optim.SGD(self._outer_params, lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov)
         self.local_step = 0
         self._pending: tuple[torch.futures.Future | None, dict[str, torch.Tensor]] | None = None
+        self._finished = False  # finish() ran and no step() since: another finish() has nothing to do
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError(
@@ -346,6 +376,8 @@ class UpdateSync:
     @torch.no_grad()
     def step(self) -> bool:
         """Call after every ``optimizer.step()``. Returns whether this call exchanged."""
+        self._check_frozen()
+        self._finished = False
         self.local_step += 1
         if self.local_step % self.local_steps:
             return False
@@ -411,14 +443,22 @@ class UpdateSync:
     @torch.no_grad()
     def finish(self) -> None:
         """Bring every rank to the same parameters: apply a pending (overlapped) exchange
-        and exchange any progress made since. Collective. Training may continue after."""
+        and exchange any progress made since. Collective. Training may continue after; a
+        second call with no :meth:`step` in between does nothing."""
+        self._check_frozen()
+        if self._finished:
+            return  # another exchange would send residuals (or zeros) and move the parameters again
         if self.keep_unsent:
             self._flush_dense()
-            return
-        if not self.overlap:
+        elif not self.overlap:
             if self.local_step % self.local_steps:
                 self._exchange()
-            return
+        else:
+            self._finish_overlapped()
+        self._finished = True
+
+    def _finish_overlapped(self) -> None:
+        """Apply the pending exchange, then exchange the progress since and apply it at once."""
         progress = self._deltas(self._base)
         self._apply_pending()
         averaged = reduce_named(self.engine, self.groups, progress)
@@ -427,6 +467,14 @@ class UpdateSync:
         self._set_parameters()
         for name, p in self.named_parameters:
             self._base[name].copy_(p.detach())
+
+    def _check_frozen(self) -> None:
+        for name, p in self._frozen:
+            if p.requires_grad:
+                raise ConfigError(
+                    f"parameter {name!r} had requires_grad=False when this UpdateSync was built and requires grad now; "
+                    "its updates would never be exchanged. Build the UpdateSync after unfreezing it."
+                )
 
     def _flush_dense(self) -> None:
         """Average every rank's whole unsent update densely (one allreduce of the model's
@@ -460,9 +508,10 @@ class UpdateSync:
                     p.copy_(value)
 
     def _broadcast_from_rank0(self) -> None:
-        """Rank 0's parameters everywhere, as a sum in which the other ranks add zeros."""
+        """Rank 0's parameters everywhere (frozen ones too), as a sum in which the other
+        ranks add zeros."""
         transport = self.engine.transport
-        for _, p in self.named_parameters:
+        for _, p in self.named_parameters + self._frozen:
             mine = p.detach().clone() if transport.rank == 0 else torch.zeros_like(p)
             transport.allreduce_(mine)
             with torch.no_grad():
@@ -476,10 +525,20 @@ class UpdateSync:
         out.update(local_steps=self.local_steps, exchanges=self.engine.step, optimizer_steps=self.local_step)
         return out
 
+    def _settings(self) -> dict[str, Any]:
+        """The options a saved state's meaning depends on (compared on load)."""
+        return {
+            "local_steps": self.local_steps, "keep_unsent": self.keep_unsent, "unsent_scale": self.unsent_scale,
+            "overlap": self.overlap, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
+            "nesterov": self.nesterov,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """Anchors, residuals, counters, outer optimizer state and an averaged update not
         yet applied (overlap): with the model's and the inner optimizer's state dicts, a
-        run resumes bit for bit. One per rank (residuals are per rank)."""
+        run resumes bit for bit. One per rank (residuals are per rank); the parameters
+        are each rank's own (with ``overlap`` or ``keep_unsent`` they differ between
+        ranks until :meth:`finish`)."""
         pending = None
         if self._pending is not None:
             averaged = _wait(self._pending)
@@ -487,7 +546,9 @@ class UpdateSync:
             self._pending = (None, averaged)
         return {
             "format": _STATE_FORMAT,
+            "settings": self._settings(),
             "local_step": self.local_step,
+            "finished": self._finished,
             "engine": self.engine.state_dict(),
             "anchors": {name: a.detach().cpu().clone() for name, a in self.anchors.items()},
             "base": None if self._base is None else {name: b.detach().cpu().clone() for name, b in self._base.items()},
@@ -496,23 +557,82 @@ class UpdateSync:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`. A state saved with other settings (``local_steps``,
+        ``keep_unsent``, ``unsent_scale``, ``overlap``, the outer step) or for other
+        parameters (names, shapes, dtypes) is refused, and a refused or malformed state
+        leaves the synchroniser as it was."""
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ValueError(f"not an UpdateSync state dict (format {_STATE_FORMAT})")
-        if set(state["anchors"]) != set(self.anchors):
-            raise ValueError("UpdateSync state: the saved parameters differ from this model's")
+        missing = [key for key in ("local_step", "engine", "anchors", "base", "outer") if key not in state]
+        if missing:
+            raise ValueError(f"UpdateSync state dict: missing {', '.join(missing)}")
+        self._check_saved_settings(state)
+        anchors = state["anchors"]
+        if not isinstance(anchors, dict) or set(anchors) != set(self.anchors):
+            names = set(anchors) if isinstance(anchors, dict) else set()
+            raise ValueError(f"UpdateSync state: the saved parameters differ from this model's (only saved: "
+                             f"{sorted(names - set(self.anchors))[:5]}, only here: {sorted(set(self.anchors) - names)[:5]})")
         if (state["base"] is None) != (self._base is None) or (state["outer"] is None) != (self._outer is None):
             raise ValueError("UpdateSync state was saved with other overlap or outer-step settings")
-        self.local_step = int(state["local_step"])
-        self.engine.load_state_dict(state["engine"])
+        pending = state.get("pending")
+        if pending is not None and not self.overlap:
+            raise ValueError("UpdateSync state holds an overlapped exchange not yet applied; load it with overlap=True")
+        local_step = state["local_step"]
+        if isinstance(local_step, bool) or not isinstance(local_step, int) or local_step < 0:
+            raise ValueError(f"UpdateSync state: local_step must be a non-negative int, got {local_step!r}")
+        self._check_saved_tensors("anchors", anchors)
+        if self._base is not None:
+            self._check_saved_tensors("base", state["base"])
+        if pending is not None:
+            self._check_saved_tensors("pending", pending)
+        # The engine's and the outer optimizer's own checks come last, undone if either fails.
+        engine_before = self.engine.state_dict()
+        try:
+            self.engine.load_state_dict(state["engine"])
+            if self._outer is not None:
+                self._outer.load_state_dict(state["outer"])
+        except Exception:
+            self.engine.load_state_dict(engine_before)
+            raise
+        self.local_step = local_step
+        self._finished = bool(state.get("finished", False))
         with torch.no_grad():
             for name, anchor in self.anchors.items():
-                anchor.copy_(state["anchors"][name])
+                anchor.copy_(anchors[name])
                 if self._base is not None:
                     self._base[name].copy_(state["base"][name])
-        if self._outer is not None:
-            self._outer.load_state_dict(state["outer"])
-        pending = state.get("pending")
         self._pending = None if pending is None else (None, {name: t.to(self.anchors[name].device) for name, t in pending.items()})
+
+    def _check_saved_settings(self, state: dict[str, Any]) -> None:
+        """ConfigError naming each setting whose saved value differs from this synchroniser's."""
+        mine = self._settings()
+        saved = state.get("settings")
+        if saved is None:  # saved before the settings were: the outer step's are in its optimizer's state
+            groups = state["outer"].get("param_groups") if isinstance(state["outer"], dict) else None
+            group = groups[0] if isinstance(groups, list) and groups and isinstance(groups[0], dict) else {}
+            saved = {key: group[option] for key, option in (("outer_lr", "lr"), ("outer_momentum", "momentum"),
+                                                           ("nesterov", "nesterov")) if option in group}
+            mine = {key: mine[key] for key in saved}
+        if not isinstance(saved, dict):
+            raise ValueError(f"UpdateSync state: settings must be a dict, got {type(saved).__name__}")
+        differ = [f"{key}: saved {saved.get(key)!r}, here {value!r}" for key, value in mine.items() if saved.get(key) != value]
+        if differ:
+            raise ConfigError(
+                f"UpdateSync state was saved with other local_steps, keep_unsent, unsent_scale, overlap or outer-step "
+                f"settings ({'; '.join(differ)}); build the UpdateSync with the saved settings to resume from it"
+            )
+
+    def _check_saved_tensors(self, what: str, saved: Any) -> None:
+        """``saved`` (anchors, base or pending) holds a tensor per parameter, shaped as its anchor."""
+        if not isinstance(saved, dict) or set(saved) != set(self.anchors):
+            raise ValueError(f"UpdateSync state: {what} must hold a tensor for each parameter")
+        for name, anchor in self.anchors.items():
+            tensor = saved[name]
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"UpdateSync state: {what}[{name!r}] is a {type(tensor).__name__}, not a tensor")
+            if tensor.shape != anchor.shape or tensor.dtype != anchor.dtype:
+                raise ValueError(f"UpdateSync state: {what}[{name!r}] has shape {tuple(tensor.shape)} and dtype "
+                                 f"{tensor.dtype}; this model needs shape {tuple(anchor.shape)} and dtype {anchor.dtype}")
 
 
 def _wait(pending: Any) -> dict[str, torch.Tensor]:

@@ -16,12 +16,14 @@ headers are a tenth of the message.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 
 from .. import wire
+from ..errors import ConfigError
 from .pipeline import Engine, Segment
 
 
@@ -43,12 +45,21 @@ class FlatGroup:
         self.numel += shape.numel()
 
 
-def check_named_tensors(named: Sequence[tuple[str, torch.Tensor]], what: str = "parameter") -> None:
-    """Unique names, real tensors, dtypes the wire format carries; TypeError/ValueError otherwise."""
-    names = [name for name, _ in named]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"{what} names must be unique, repeated: {', '.join(duplicates)}")
+def check_named_tensors(named: Iterable[tuple[str, torch.Tensor]], what: str = "parameter") -> list[tuple[str, torch.Tensor]]:
+    """``named`` as a list, checked: (name, tensor) pairs, unique names and each tensor
+    once (ConfigError otherwise), string names, tensors of dtypes the wire format
+    carries (TypeError otherwise)."""
+    if isinstance(named, (torch.Tensor, str)) or not isinstance(named, Iterable):
+        raise ConfigError(f"expected ({what} name, tensor) pairs, as model.named_parameters() yields, got "
+                          f"{type(named).__name__}")
+    named_input, named = named, list(named)
+    for position, item in enumerate(named):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            # model.parameters() yields bare tensors, which unpack along their first dimension
+            hint = ": pass model.named_parameters(), not model.parameters()" if isinstance(item, torch.Tensor) else \
+                ": pass a mapping's .items()" if isinstance(named_input, Mapping) else ""
+            raise ConfigError(f"expected ({what} name, tensor) pairs, as model.named_parameters() yields; item {position} "
+                              f"is a {type(item).__name__}{hint}")
     for name, tensor in named:
         if not isinstance(name, str):
             raise TypeError(f"{what} names must be strings, got {name!r}")
@@ -56,6 +67,18 @@ def check_named_tensors(named: Sequence[tuple[str, torch.Tensor]], what: str = "
             raise TypeError(f"{what} {name!r} is a {type(tensor).__name__}, not a tensor")
         if tensor.dtype not in wire.DTYPE_CODES:
             raise TypeError(f"{what} {name!r} has dtype {tensor.dtype}; supported: {sorted(str(d) for d in wire.DTYPE_CODES)}")
+    counts = Counter(name for name, _ in named)
+    duplicates = sorted(name for name, count in counts.items() if count > 1)
+    if duplicates:
+        raise ConfigError(f"{what} names must be unique, repeated: {', '.join(duplicates)}")
+    first_name: dict[int, str] = {}
+    for name, tensor in named:
+        # A tied tensor listed twice would be exchanged, and updated, twice.
+        earlier = first_name.setdefault(id(tensor), name)
+        if earlier != name:
+            raise ConfigError(f"{what}s {earlier!r} and {name!r} are the same tensor (tied weights); list it once, "
+                              "as model.named_parameters() does by default (remove_duplicate=True)")
+    return named
 
 
 def plan_groups(named: Sequence[tuple[str, torch.Tensor]], small_below: int = 0) -> list[FlatGroup]:
