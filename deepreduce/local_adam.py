@@ -104,6 +104,15 @@ class LocalAdamW(torch.optim.Optimizer):
                 param_group["betas"] = tuple(param_group["betas"])
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, except that each group keeps this
+        optimizer's ``world_size``: a run resumed on another number of ranks averages over
+        the new count (torch would bring back the saved one)."""
+        worlds = [group["world_size"] for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, world in zip(self.param_groups, worlds):
+            group["world_size"] = world
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = None

@@ -100,3 +100,13 @@ def test_state_dict_resumes_bit_for_bit():
         param.grad = g.clone()
         resumed.step()
     assert torch.equal(param.detach(), whole)
+
+
+def test_a_resumed_optimizer_keeps_its_own_world_size():
+    # A 2-rank run resumed on 4 ranks averages over 4: the group's world_size is not the saved one.
+    grads = torch.randn(5, 100, generator=torch.Generator().manual_seed(4))
+    _, saved = _run(dr.LocalAdamW, grads, lr=1e-2, world_size=2)
+    resumed = dr.LocalAdamW([torch.nn.Parameter(torch.zeros(100))], lr=1e-2, world_size=4)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.param_groups[0]["world_size"] == 4 and resumed.param_groups[0]["lr"] == 1e-2
+    assert resumed.state[resumed.param_groups[0]["params"][0]]["step"] == 5
