@@ -333,8 +333,9 @@ class DeepReduceState:
         """Resume from :meth:`state_dict` (this rank's). A state saved with another
         compressor spec loads with a warning: its residuals are still gradient that was
         not sent, and go out under the new spec. A residual whose parameter now has
-        another size, or is not in this model, is dropped when that name is next
-        compensated (logged); a state missing a part is refused before anything loads."""
+        another size restarts from zero when that parameter is next compensated (logged
+        at INFO); one of a name this model lacks is never used. A state missing a part
+        is refused before anything loads."""
         self.engine.load_state_dict(state)
 
     def __repr__(self) -> str:
