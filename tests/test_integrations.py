@@ -70,6 +70,9 @@ def test_lightning_hook_resumes_bit_for_bit(tmp_path):
     residuals = [entry["hook"]["memory"]["residuals"] for entry in saved["ranks"]]
     assert set(residuals[0]) == {"net.0.weight", "net.2.weight", "net.4.weight"}
     assert not torch.equal(residuals[0]["net.0.weight"], residuals[1]["net.0.weight"])
+    # Evaluating that 2-rank checkpoint on one process needs no residuals: it is not refused.
+    lightning(tmp_path, "gradient", "popen", "evaluate")
+    assert json.loads((tmp_path / "evaluate.json").read_text())[0]["val_loss"] > 0
 
 
 @pytest.mark.slow

@@ -186,6 +186,11 @@ class DeepReduceStrategy(_DDPStrategy):
         loaded when training starts (after Lightning restored the optimizers)."""
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         saved = checkpoint.pop(CHECKPOINT_KEY, None)
+        if not self._fitting():
+            # validate / test / predict: no residuals are needed, so a checkpoint from another
+            # number of ranks or the other mode evaluates as well
+            self._restore_entry = None
+            return checkpoint
         if saved is None:
             self._restore_entry = _MISSING
             return checkpoint
@@ -201,6 +206,12 @@ class DeepReduceStrategy(_DDPStrategy):
         check_entry(entry, self.global_rank, self.world_size, self.mode, where)
         self._restore_entry = entry
         return checkpoint
+
+    def _fitting(self) -> bool:
+        """Whether the trainer this strategy serves is fitting (True when it cannot tell)."""
+        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        return fn is None or fn == "fit"
 
     def __getstate__(self) -> dict[str, Any]:
         # The synchroniser is bound to this process's parameters and group; spawned

@@ -6,7 +6,7 @@ MODE is ``gradient`` (the DDP hook) or ``update`` (UpdateSync with keep_unsent);
 ``popen`` (Lightning's ``ddp``: it starts this script again as rank 1) or ``spawn``
 (``ddp_spawn``). PHASES (comma-separated, default all): ``full`` trains EPOCHS epochs,
 ``first`` the first STOP of them, ``resumed`` resumes from the ``first`` run's ``last.ckpt``
-to EPOCHS. Each fit saves OUT_DIR/ckpt-<phase>/last.ckpt; each rank writes
+to EPOCHS, ``evaluate`` validates the ``first`` checkpoint on one process. Each fit saves OUT_DIR/ckpt-<phase>/last.ckpt; each rank writes
 OUT_DIR/<phase>-rank<r>.json (parameter digest, losses, stats) after each fit, and the main
 process OUT_DIR/<phase>-main.json (what ``strategy.stats()`` reports there).
 """
@@ -43,6 +43,10 @@ class Regressor(pl.LightningModule):
         loss = torch.nn.functional.mse_loss(self.net(x), y)
         self.losses.append(loss.item())
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
 
     def configure_optimizers(self):
         if self.optimizer == "sgd":
@@ -97,10 +101,22 @@ def fit(out: Path, mode: str, start_method: str, phase: str, epochs: int, resume
         (out / f"{phase}-main.json").write_text(json.dumps({"stats": chosen.stats(), "digest": digest(module)}))
 
 
+def evaluate(out: Path, mode: str) -> None:
+    """Validate the 2-rank ``first`` checkpoint on one process (no residuals needed)."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(strategy=strategy(mode, "popen"), accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+    result = trainer.validate(Regressor("adamw"), dataloaders=data(), ckpt_path=out / "ckpt-first" / "last.ckpt")
+    (out / "evaluate.json").write_text(json.dumps(result))
+
+
 def main(out_dir: str, mode: str, start_method: str, phases: str = "full,first,resumed") -> None:
     torch.set_num_threads(1)
     out = Path(out_dir)
     for phase in phases.split(","):
+        if phase == "evaluate":
+            evaluate(out, mode)
+            continue
         resume = out / "ckpt-first" / "last.ckpt" if phase == "resumed" else None
         fit(out, mode, start_method, phase, STOP if phase == "first" else EPOCHS, resume)
 
