@@ -119,6 +119,34 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_update_settings(*, local_steps: Any, outer_lr: Any, outer_momentum: Any, nesterov: Any, overlap: Any,
+                          keep_unsent: Any, unsent_scale: Any, broadcast: Any, error_feedback: Any) -> None:
+    """ConfigError for :class:`UpdateSync` settings that are out of range or do not go
+    together (also used by the integrations, before any worker starts)."""
+    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+        raise ConfigError(f"local_steps must be a positive int, got {local_steps!r}")
+    if not _is_number(outer_lr) or not (math.isfinite(outer_lr) and outer_lr > 0):
+        raise ConfigError(f"outer_lr must be > 0 and finite, got {outer_lr!r}")
+    if not _is_number(outer_momentum) or not 0.0 <= outer_momentum < 1.0:
+        raise ConfigError(f"outer_momentum must be in [0, 1), got {outer_momentum!r}")
+    for name, value in (("nesterov", nesterov), ("overlap", overlap), ("keep_unsent", keep_unsent),
+                        ("broadcast", broadcast)):
+        if not isinstance(value, bool):  # a string such as "no" would count as True
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
+    if nesterov and outer_momentum == 0:
+        raise ConfigError("nesterov needs outer_momentum > 0")
+    if keep_unsent and error_feedback is False:
+        raise ConfigError("keep_unsent=True needs error_feedback=True: the unsent update a rank keeps is its "
+                          "error-feedback residual")
+    if keep_unsent and overlap:
+        raise ConfigError("keep_unsent and overlap cannot be combined")
+    if not _is_number(unsent_scale) or not (math.isfinite(unsent_scale) and unsent_scale > 0):
+        raise ConfigError(f"unsent_scale must be a finite number > 0, got {unsent_scale!r}")
+    if unsent_scale != 1 and not keep_unsent:
+        raise ConfigError(f"unsent_scale={unsent_scale!r} needs keep_unsent=True (it scales the unsent update a rank "
+                          "keeps in its parameters)")
+
+
 class DensityFollowsLR:
     """Density factors that follow the learning rate: ``(lr(t) / mean lr) ** power``,
     normalised to a mean of 1 over steps ``start .. steps - 1``. Passed as
@@ -271,21 +299,9 @@ class UpdateSync:
             compressor = Compressor.from_spec(compressor, seed=seed)
         elif not isinstance(compressor, Compressor):
             raise ConfigError(f"compressor must be a Compressor or a spec string, got {type(compressor).__name__}")
-        if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
-            raise ConfigError(f"local_steps must be a positive int, got {local_steps!r}")
-        if not _is_number(outer_lr) or not (math.isfinite(outer_lr) and outer_lr > 0):
-            raise ConfigError(f"outer_lr must be > 0 and finite, got {outer_lr!r}")
-        if not _is_number(outer_momentum) or not 0.0 <= outer_momentum < 1.0:
-            raise ConfigError(f"outer_momentum must be in [0, 1), got {outer_momentum!r}")
-        for name, value in (("nesterov", nesterov), ("overlap", overlap), ("keep_unsent", keep_unsent),
-                            ("broadcast", broadcast)):
-            if not isinstance(value, bool):  # a string such as "no" would count as True
-                raise ConfigError(f"{name} must be True or False, got {value!r}")
-        if nesterov and outer_momentum == 0:
-            raise ConfigError("nesterov needs outer_momentum > 0")
-        if keep_unsent and error_feedback is False:
-            raise ConfigError("keep_unsent=True needs error_feedback=True: the unsent update a rank keeps is its "
-                              "error-feedback residual")
+        check_update_settings(local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                              nesterov=nesterov, overlap=overlap, keep_unsent=keep_unsent, unsent_scale=unsent_scale,
+                              broadcast=broadcast, error_feedback=error_feedback)
         if transport is not None and process_group is not None:
             raise ConfigError("pass either transport or process_group, not both")
         named = check_named_tensors(named_parameters)
@@ -299,14 +315,6 @@ class UpdateSync:
         self.outer_lr, self.outer_momentum, self.nesterov = float(outer_lr), float(outer_momentum), bool(nesterov)
         self.overlap = bool(overlap)
         self.keep_unsent = bool(keep_unsent)
-        if self.keep_unsent and self.overlap:
-            raise ConfigError("keep_unsent and overlap cannot be combined")
-        if isinstance(unsent_scale, bool) or not isinstance(unsent_scale, (int, float)) \
-                or not (math.isfinite(unsent_scale) and unsent_scale > 0):
-            raise ConfigError(f"unsent_scale must be a finite number > 0, got {unsent_scale!r}")
-        if unsent_scale != 1 and not self.keep_unsent:
-            raise ConfigError(f"unsent_scale={unsent_scale!r} needs keep_unsent=True (it scales the unsent update a rank "
-                              "keeps in its parameters)")
         self.unsent_scale = float(unsent_scale)
         if transport is None:
             from .comm.torch_dist import TorchTransport

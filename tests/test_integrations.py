@@ -149,6 +149,15 @@ def test_lightning_strategy_checks_options_and_pickles():
         DeepReduceStrategy(update={"local_step": 2})
     with pytest.raises(dr.ConfigError):
         DeepReduceStrategy(update={"compressor": "topk:2/raw/raw"})
+    # every option is checked as UpdateSync checks it, before any worker starts
+    for bad, message in (({"small_compressor": "topk:0.1/nosuch/fp16"}, "small_compressor: unknown index codec"),
+                         ({"local_steps": 0}, "local_steps must be a positive int"),
+                         ({"outer_lr": -1}, "outer_lr must be > 0"),
+                         ({"density_schedule": 5}, "density_schedule must be a function"),
+                         ({"keep_unsent": True, "overlap": True}, "cannot be combined"),
+                         ({"granularity": "layer"}, "granularity must be one of")):
+        with pytest.raises(dr.ConfigError, match=message):
+            DeepReduceStrategy(update=bad)
     assert DeepReduceStrategy("auto").state.describe()["compressor"] == "auto"  # the gradient hook plans per bucket
     with pytest.raises(dr.ConfigError, match="'auto' is for the gradient hook"):
         DeepReduceStrategy(update={"compressor": "auto"})

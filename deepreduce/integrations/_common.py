@@ -22,7 +22,8 @@ import torch.distributed as dist
 from ..compressor import Compressor
 from ..errors import ConfigError
 from ..hooks import DeepReduceState
-from ..optim import UpdateSync
+from ..engine import Engine
+from ..optim import UpdateSync, check_update_settings
 
 logger = logging.getLogger("deepreduce")
 
@@ -91,9 +92,24 @@ def check_update_options(update: Any) -> dict[str, Any]:
         raise ConfigError("update['compressor']='auto' is for the gradient hook; the update mode needs a compressor "
                           "spec such as 'topk:0.035/eliasfano/uniform:bits=1'")
     if isinstance(compressor, str):
-        Compressor.from_spec(compressor)  # a bad spec fails here, with the spec's own message
+        compressor = Compressor.from_spec(compressor)  # a bad spec fails here, with the spec's own message
     elif compressor is not None and not isinstance(compressor, Compressor):
         raise ConfigError(f"update['compressor'] must be a Compressor or a spec string, got {type(compressor).__name__}")
+    # Every other option as UpdateSync checks it, so a bad value fails here and not in each worker.
+    signature = inspect.signature(UpdateSync.__init__).parameters
+    options = {name: signature[name].default for name in allowed} | dict(update)
+    check_update_settings(**{name: options[name] for name in (
+        "local_steps", "outer_lr", "outer_momentum", "nesterov", "overlap", "keep_unsent", "unsent_scale", "broadcast",
+        "error_feedback")})
+    if options["density_schedule"] is not None and not callable(options["density_schedule"]):
+        raise ConfigError(f"density_schedule must be a function of the optimizer step or None, got "
+                          f"{type(options['density_schedule']).__name__}")
+    Engine(lambda: None, compressor if compressor is not None else Compressor.from_spec(options["compressor"]),  # never called
+           min_numel=options["min_numel"], error_feedback=options["error_feedback"],
+           dense_fallback=options["dense_fallback"], granularity=options["granularity"], start_iter=options["start_iter"],
+           nonfinite=options["nonfinite"], stats_every=options["stats_every"],
+           small_compressor=options["small_compressor"], scheme=options["scheme"],
+           density_scale=options["density_schedule"])
     return dict(update)
 
 
