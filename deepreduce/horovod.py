@@ -180,7 +180,9 @@ def DistributedOptimizer(
         min_numel: tensors with fewer elements travel uncompressed.
         error_feedback: keep what compression dropped and add it to the next gradient.
         start_iter, momentum, dense_fallback, granularity, stats_every, density_warmup,
-            clip_norm, nonfinite, small_compressor, scheme: as for :class:`deepreduce.DeepReduceState`.
+            clip_norm, nonfinite, small_compressor, scheme: as for :class:`deepreduce.DeepReduceState`,
+            except that ``scheme`` is ``"allgather"`` or ``"shared_index"`` (the hierarchical
+            schemes need torch.distributed sub-groups).
         process_set: a Horovod process set (default: all ranks).
         transport: another :class:`deepreduce.comm.Transport` instead of Horovod.
 

@@ -98,7 +98,8 @@ class GradientAverager(GradientSync):
         comm: mpi4py communicator (default ``MPI.COMM_WORLD``).
         min_numel, error_feedback, average, start_iter, momentum, dense_fallback,
         granularity, stats_every, density_warmup, clip_norm, nonfinite, small_compressor, scheme: as for
-        :class:`deepreduce.DeepReduceState`.
+        :class:`deepreduce.DeepReduceState`, except that ``scheme`` is ``"allgather"`` or
+        ``"shared_index"`` (the hierarchical schemes need torch.distributed sub-groups).
     """
 
     def __init__(

@@ -62,7 +62,7 @@ def test_engine_scheme_option_is_checked_and_described():
     c = dr.Compressor.from_spec("topk:0.01/eliasfano/fp16")
     flat = Engine(SoloTransport(), c)
     assert flat.describe()["scheme"] == "allgather" and "node_size" not in flat.describe()
-    hier = Engine(SoloTransport(), c, scheme="hierarchical", node_size=2)
+    hier = Engine(SoloTransport, c, scheme="hierarchical", node_size=2)  # a transport made at the first bucket
     assert hier.describe()["scheme"] == "hierarchical" and hier.describe()["node_size"] == 2
     with pytest.raises(ConfigError, match="scheme must be one of"):
         Engine(SoloTransport(), c, scheme="tree")
@@ -72,7 +72,11 @@ def test_engine_scheme_option_is_checked_and_described():
         dr.DeepReduceState(None, c, scheme="hierarchical", node_size=0)
     state = dr.DeepReduceState(None, c, scheme="hierarchical", node_size=2)
     assert state.describe()["node_size"] == 2
-    # the scheme needs torch.distributed sub-groups: another transport is refused at the first bucket
+    # the scheme needs torch.distributed sub-groups: another transport is refused when given (the MPI and
+    # Horovod front ends), or at the first bucket when a factory makes it
+    for scheme in ("hierarchical", "hierarchical_shared_index"):
+        with pytest.raises(ConfigError, match=f"scheme='{scheme}' runs over torch.distributed sub-groups.*SoloTransport"):
+            Engine(SoloTransport(), c, scheme=scheme, node_size=2)
     with pytest.raises(ConfigError, match="torch.distributed sub-groups; the transport is a SoloTransport"):
         hier.reduce(torch.randn(4096), key=0)
 
