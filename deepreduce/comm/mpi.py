@@ -28,8 +28,8 @@ def _import_mpi() -> Any:
         from mpi4py import MPI
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "the mpi transport needs mpi4py: pip install -c constraints.txt 'deepreduce[mpi]' (mpi4py and an "
-            "MPICH wheel; or run launch/install-mpi.sh)"
+            "the mpi transport needs mpi4py: install deepreduce's mpi extra (in the checkout: pip install -c "
+            "constraints.txt -e '.[mpi]', mpi4py and an MPICH wheel) or run launch/install-mpi.sh"
         ) from exc
     return MPI
 
