@@ -237,7 +237,10 @@ class Compressor:
         # Values are read where the receivers will put them: for a lossy index codec
         # that is not where the sparsifier looked.
         values = selected.values if indices is selected.indices else flat.index_select(0, indices)
-        value_part = self.value_codec.encode(values, ctx)
+        if self.value_codec.lossless:
+            value_part = self.value_codec.encode(values, ctx)
+        else:  # what the receivers will decode, for the residual
+            value_part, values = self.value_codec.encode_decoded(values, ctx)
         mark(timer, "value encode")
         payload = wire.pack(
             dtype=flat.dtype, numel=numel, k=indices.numel(),
@@ -246,9 +249,6 @@ class Compressor:
             sparsifier_id=self.sparsifier.sparsifier_id, rng_seed=rng_seed,
         )
         mark(timer, "framing/CRC")
-        if not self.value_codec.lossless:
-            values = self.value_codec.decode(value_part.data, value_part.params, indices.numel(), ctx)
-            mark(timer, "value encode")
         return Compressed(payload, SparseGrad(indices, values, numel), selected.k)
 
     def select_indices(self, tensor: torch.Tensor, *, step: int, key: int | str = 0) -> IndexEncoding:

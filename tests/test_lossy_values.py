@@ -407,3 +407,21 @@ def test_uniform_keeps_non_finite_blocks_non_finite_and_rejects_bad_parts():
         codec.decode(good.data[:-1], good.params, 300, _ctx())
     with pytest.raises(dr.ConfigError, match="must be in \\[1, 8\\]"):
         make_value_codec("uniform", {"bits": 9})
+
+
+@pytest.mark.parametrize("value", ["uniform:bits=1", "uniform:bits=1,scale=bf16", "uniform:bits=2,block=7",
+                                   "uniform:bits=4,scale=bf16,block=64", "uniform:bits=8,block=1000", "qsgd", "fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_values_known_while_encoding_are_what_receivers_decode(value, dtype):
+    """The sender's record of what it sent (error feedback keeps the rest) is bit for bit
+    what decode makes of the payload, also where the codec skips the decode."""
+    name, _, options = value.partition(":")
+    codec = make_value_codec(name, dict(o.split("=") for o in options.split(",")) if options else {})
+    gen = torch.Generator().manual_seed(5)
+    for k in (0, 1, 5, 127, 128, 129, 1000):
+        values = (torch.randn(k, generator=gen, dtype=torch.float64) * torch.logspace(-3, 2, k, dtype=torch.float64)).to(dtype)
+        ctx = CodecContext(max(k, 1), dtype, torch.device("cpu"), rng_seed=9)
+        part, sent = codec.encode_decoded(values, ctx)
+        again = codec.decode(part.data, part.params, k, ctx)
+        assert sent.dtype == again.dtype == dtype
+        assert torch.equal(sent.view(torch.uint8) if k else sent, again.view(torch.uint8) if k else again), (value, k)

@@ -133,6 +133,13 @@ class ValueCodec(_Codec):
         """Return ``k`` values of dtype ``ctx.dtype``; raise :class:`DecodeError` on bad input."""
         raise NotImplementedError
 
+    def encode_decoded(self, values: torch.Tensor, ctx: CodecContext) -> tuple[ValueEncoding, torch.Tensor]:
+        """:meth:`encode`, and the values receivers will :meth:`decode` from it (bit for bit:
+        error feedback keeps the difference). A codec that knows them while encoding
+        overrides this to skip the decode."""
+        part = self.encode(values, ctx)
+        return part, self.decode(part.data, part.params, values.numel(), ctx)
+
     def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize | None:
         """The size of the part :meth:`encode` makes for ``k`` values of ``dtype``, whatever
         they are; None when it depends on the data (see :meth:`IndexCodec.encoded_size`)."""

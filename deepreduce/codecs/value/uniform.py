@@ -84,19 +84,33 @@ class UniformValueCodec(ValueCodec):
         return struct.pack(_PARAMS_SCALED, bits, block, _SCALE_CODES[scale]), SCALE_DTYPES[scale]
 
     def encode(self, values: torch.Tensor, ctx: CodecContext) -> ValueEncoding:
+        return self._encode(values, ctx, decoded=False)[0]
+
+    def encode_decoded(self, values: torch.Tensor, ctx: CodecContext) -> tuple[ValueEncoding, torch.Tensor]:
+        # The levels and scales are at hand: the decoded values without unpacking the bits.
+        part, decoded = self._encode(values, ctx, decoded=True)
+        return part, decoded
+
+    def _encode(self, values: torch.Tensor, ctx: CodecContext, decoded: bool) -> tuple[ValueEncoding, torch.Tensor | None]:
+        """The encoding, and (``decoded``) what :meth:`decode` makes of it, computed as it does."""
         bits, block = self.config["bits"], self.config["block"]
         k = values.numel()
         params, scale_dtype = self._params()
         if k == 0:
-            return ValueEncoding(values.new_empty(0, dtype=torch.uint8), params)
+            return ValueEncoding(values.new_empty(0, dtype=torch.uint8), params), torch.empty(0, dtype=ctx.dtype, device=values.device)
         wide = values.to(torch.float64)
         magnitude = _blocks(wide.abs(), block)
         signs = torch.signbit(wide).to(torch.int64)
+        sign = (1.0 - 2.0 * signs.to(torch.float64)) if decoded else None
         if bits == 1:
             counts = torch.full((magnitude.shape[0],), float(block), dtype=torch.float64, device=values.device)
             counts[-1] = k - block * (magnitude.shape[0] - 1)
             scales = (magnitude.sum(dim=1) / counts).to(scale_dtype)  # NaN/inf propagate
-            return ValueEncoding(torch.cat([as_bytes(scales), _bits.pack_fixed(signs, 1)]), params)
+            part = ValueEncoding(torch.cat([as_bytes(scales), _bits.pack_fixed(signs, 1)]), params)
+            if not decoded:
+                return part, None
+            per_value = scales.to(torch.float64).unsqueeze(1).expand(magnitude.shape).reshape(-1)[:k]
+            return part, (sign * per_value).to(ctx.dtype)
         steps = (1 << (bits - 1)) - 1
         high = magnitude.amax(dim=1)
         low = magnitude.amin(dim=1)
@@ -111,7 +125,13 @@ class UniformValueCodec(ValueCodec):
         unit = torch.where(usable, (magnitude - low64.unsqueeze(1)) / torch.where(usable, span, 1.0), 0.0)
         level = torch.round(unit * steps).clamp_(0, steps).to(torch.int64).reshape(-1)[:k]
         codes = (level << 1) | signs
-        return ValueEncoding(torch.cat([as_bytes(scales.reshape(-1)), _bits.pack_fixed(codes, bits)]), params)
+        part = ValueEncoding(torch.cat([as_bytes(scales.reshape(-1)), _bits.pack_fixed(codes, bits)]), params)
+        if not decoded:
+            return part, None
+        width = magnitude.shape[1]
+        low = low64.unsqueeze(1).expand(-1, width).reshape(-1)[:k]
+        high = high64.unsqueeze(1).expand(-1, width).reshape(-1)[:k]
+        return part, (sign * (low + (high - low) * (level.to(torch.float64) / steps))).to(ctx.dtype)
 
     def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
         bits, block = self.config["bits"], self.config["block"]
