@@ -240,7 +240,8 @@ class Compressor:
         if self.value_codec.lossless:
             value_part = self.value_codec.encode(values, ctx)
         else:  # what the receivers will decode, for the residual
-            value_part, values = self.value_codec.encode_decoded(values, ctx)
+            value_part, known = self.value_codec.encode_decoded(values, ctx)
+            values = known if known is not None else self.value_codec.decode(value_part.data, value_part.params, indices.numel(), ctx)
         mark(timer, "value encode")
         payload = wire.pack(
             dtype=flat.dtype, numel=numel, k=indices.numel(),

@@ -133,12 +133,12 @@ class ValueCodec(_Codec):
         """Return ``k`` values of dtype ``ctx.dtype``; raise :class:`DecodeError` on bad input."""
         raise NotImplementedError
 
-    def encode_decoded(self, values: torch.Tensor, ctx: CodecContext) -> tuple[ValueEncoding, torch.Tensor]:
+    def encode_decoded(self, values: torch.Tensor, ctx: CodecContext) -> tuple[ValueEncoding, torch.Tensor | None]:
         """:meth:`encode`, and the values receivers will :meth:`decode` from it (bit for bit:
-        error feedback keeps the difference). A codec that knows them while encoding
-        overrides this to skip the decode."""
-        part = self.encode(values, ctx)
-        return part, self.decode(part.data, part.params, values.numel(), ctx)
+        error feedback keeps the difference), or None where the codec does not know them
+        while encoding (the compressor then decodes its own part). Override it to skip
+        that decode."""
+        return self.encode(values, ctx), None
 
     def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize | None:
         """The size of the part :meth:`encode` makes for ``k`` values of ``dtype``, whatever

@@ -86,10 +86,9 @@ class UniformValueCodec(ValueCodec):
     def encode(self, values: torch.Tensor, ctx: CodecContext) -> ValueEncoding:
         return self._encode(values, ctx, decoded=False)[0]
 
-    def encode_decoded(self, values: torch.Tensor, ctx: CodecContext) -> tuple[ValueEncoding, torch.Tensor]:
+    def encode_decoded(self, values: torch.Tensor, ctx: CodecContext) -> tuple[ValueEncoding, torch.Tensor | None]:
         # The levels and scales are at hand: the decoded values without unpacking the bits.
-        part, decoded = self._encode(values, ctx, decoded=True)
-        return part, decoded
+        return self._encode(values, ctx, decoded=True)
 
     def _encode(self, values: torch.Tensor, ctx: CodecContext, decoded: bool) -> tuple[ValueEncoding, torch.Tensor | None]:
         """The encoding, and (``decoded``) what :meth:`decode` makes of it, computed as it does."""
