@@ -362,7 +362,12 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
             lows = [p["value"] for r in runs if r["task"] == task for p in r["curve"]]
             by_step.set_ylim(min(lows) * 0.98, min(lows) * 1.6)
             by_time.set_ylim(min(lows) * 0.98, min(lows) * 1.6)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend: dict[str, Any] = {}  # every row of every panel, once (panels may show different rows)
+    for axis in axes[0]:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels = sorted(legend, key=lambda label: list(ROWS).index(label) if label in ROWS else len(ROWS))
+    handles = [legend[label] for label in labels]
     # Below the panels, so that no curve is hidden behind it.
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("2 ranks; mean over seeds, shaded: min-max")
