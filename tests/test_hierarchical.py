@@ -77,7 +77,7 @@ def test_engine_scheme_option_is_checked_and_described():
     for scheme in ("hierarchical", "hierarchical_shared_index"):
         with pytest.raises(ConfigError, match=f"scheme='{scheme}' runs over torch.distributed sub-groups.*SoloTransport"):
             Engine(SoloTransport(), c, scheme=scheme, node_size=2)
-    with pytest.raises(ConfigError, match="torch.distributed sub-groups; the transport is a SoloTransport"):
+    with pytest.raises(ConfigError, match="scheme=.hierarchical. runs over torch.distributed sub-groups.*the transport is a SoloTransport"):
         hier.reduce(torch.randn(4096), key=0)
 
 

@@ -118,6 +118,17 @@ def shard_segments(segments: Sequence["Segment"], start: int, numel: int, granul
     return pieces
 
 
+def check_node_transport(scheme: str, transport: Transport) -> None:
+    """ConfigError unless ``transport`` is torch.distributed's, whose sub-groups the node
+    schemes are made of."""
+    from ..comm.torch_dist import TorchTransport
+
+    if not isinstance(transport, TorchTransport):
+        raise ConfigError(f"scheme={scheme!r} runs over torch.distributed sub-groups (one per node, one across nodes); "
+                          f"the transport is a {type(transport).__name__}: use scheme 'allgather' or 'shared_index' "
+                          "with it, or the DDP hook")
+
+
 class NodeGroups:
     """The two sub-groups of one rank: its node (dense collectives) and the ranks with its
     local rank on the other nodes (the compressed exchange).
@@ -126,11 +137,7 @@ class NodeGroups:
     over the default group): first the N node groups, then the L cross-node groups."""
 
     def __init__(self, world: Transport, node_size: int) -> None:
-        from ..comm.torch_dist import TorchTransport
-
-        if not isinstance(world, TorchTransport):
-            raise ConfigError(f"scheme='hierarchical' runs over torch.distributed sub-groups; the transport is a "
-                              f"{type(world).__name__} (use the DDP hook or a TorchTransport)")
+        check_node_transport("hierarchical", world)
         size, rank, L = world.world_size, world.rank, node_size
         if dist.get_world_size() != size:
             raise ConfigError("scheme='hierarchical' needs the default process group (process_group=None): its "

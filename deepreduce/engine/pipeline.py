@@ -270,10 +270,10 @@ class Engine:
                 f"compressor {compressor.spec}: ratio 0 sends nothing, every gradient would stay in the residual; "
                 "use a positive ratio (e.g. 0.01)"
             )
-        if scheme in NODE_SCHEMES and isinstance(transport, Transport) and not _is_torch_transport(transport):
-            raise ConfigError(f"scheme={scheme!r} runs over torch.distributed sub-groups (one per node, one across "
-                              f"nodes); the transport is a {type(transport).__name__}: use scheme 'allgather' or "
-                              "'shared_index' here, or the DDP hook")
+        if scheme in NODE_SCHEMES and isinstance(transport, Transport):
+            from .hierarchical import check_node_transport
+
+            check_node_transport(scheme, transport)
         if node_size is not None and scheme not in NODE_SCHEMES:
             raise ConfigError(f"node_size applies to scheme='hierarchical' (or 'hierarchical_shared_index'), not to "
                               f"scheme={scheme!r}")
@@ -857,12 +857,6 @@ class Engine:
         self._stats.load_state_dict(state["stats"])
         if self.plan is not None and state.get("plan") is not None:
             self.plan.load_state_dict(state["plan"])
-
-
-def _is_torch_transport(transport: Transport) -> bool:
-    from ..comm.torch_dist import TorchTransport
-
-    return isinstance(transport, TorchTransport)
 
 
 def positive_number(value: Any) -> float | None:
