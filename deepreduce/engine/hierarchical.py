@@ -137,6 +137,8 @@ class NodeGroups:
     over the default group): first the N node groups, then the L cross-node groups."""
 
     def __init__(self, world: Transport, node_size: int) -> None:
+        from ..comm.torch_dist import TorchTransport
+
         check_node_transport("hierarchical", world)
         size, rank, L = world.world_size, world.rank, node_size
         if dist.get_world_size() != size:
