@@ -23,7 +23,7 @@ from ..compressor import Compressor
 from ..errors import ConfigError
 from ..hooks import DeepReduceState
 from ..engine import Engine
-from ..optim import UpdateSync, check_update_settings
+from ..optim import UpdateSync, _PerExchange, check_update_settings
 
 logger = logging.getLogger("deepreduce")
 
@@ -101,15 +101,13 @@ def check_update_options(update: Any) -> dict[str, Any]:
     check_update_settings(**{name: options[name] for name in (
         "local_steps", "outer_lr", "outer_momentum", "nesterov", "overlap", "keep_unsent", "unsent_scale", "broadcast",
         "error_feedback")})
-    if options["density_schedule"] is not None and not callable(options["density_schedule"]):
-        raise ConfigError(f"density_schedule must be a function of the optimizer step or None, got "
-                          f"{type(options['density_schedule']).__name__}")
+    schedule = options["density_schedule"]
     Engine(lambda: None, compressor if compressor is not None else Compressor.from_spec(options["compressor"]),  # never called
            min_numel=options["min_numel"], error_feedback=options["error_feedback"],
            dense_fallback=options["dense_fallback"], granularity=options["granularity"], start_iter=options["start_iter"],
            nonfinite=options["nonfinite"], stats_every=options["stats_every"],
            small_compressor=options["small_compressor"], scheme=options["scheme"],
-           density_scale=options["density_schedule"])
+           density_scale=None if schedule is None else _PerExchange(schedule, options["local_steps"]))  # as UpdateSync reads it
     return dict(update)
 
 
