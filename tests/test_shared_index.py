@@ -146,12 +146,12 @@ def launch(tmp_path_factory, world: int, checks: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
-    return launch(tmp_path_factory, 3, "train,equals_allreduce,nonfinite,resume,nonfinite_raise,mismatch")
+    return launch(tmp_path_factory, 3, "train,node_broadcast,equals_allreduce,nonfinite,resume,nonfinite_raise,mismatch")
 
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return launch(tmp_path_factory, 4, "train_short,nonfinite")
+    return launch(tmp_path_factory, 4, "train_short,node_broadcast,nonfinite")
 
 
 @pytest.mark.slow
@@ -172,6 +172,21 @@ def test_parameters_stay_bitwise_identical_and_leaders_rotate(world, request):
         assert roots and all(root == leader_of(step, key, size) for step, key, root in roots), name
         assert {root for _, _, root in roots} == set(range(size))
         assert all(r[train][name]["roots"] == roots for r in ranks)
+
+
+@pytest.mark.slow
+def test_index_message_is_relayed_per_node_where_nodes_divide_the_world(three, four):
+    """torchrun's variables as for nodes of 2: at 4 ranks the leader's message crosses
+    once per node (never through the world's broadcast) and training ends where the plain
+    broadcast's does; at 3 ranks (no whole nodes) the plain broadcast carries it."""
+    for ranks, relayed in ((four, True), (three, False)):
+        size = len(ranks)
+        for name, run in ranks[0]["node_broadcast"].items():
+            plain = ranks[0]["train_short" if relayed else "train"][name]
+            assert all(r["node_broadcast"][name]["digest"] == plain["digest"] for r in ranks), (size, name)
+            assert all(r["node_broadcast"][name]["node_size"] == (2 if relayed else None) for r in ranks), (size, name)
+            assert run["stats"]["compressed_buckets"] == plain["stats"]["compressed_buckets"] > 0, (size, name)
+            assert (run["roots"] == []) if relayed else (run["roots"] == plain["roots"]), (size, name)
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ k elements. Per compressed bucket, on every rank::
     non-finite / failure flag; with fp16 values, every rank's largest exponent (the
     shared scale). The all-gather scheme makes the same blocking exchange (its sizes),
     so the flags cost no extra round trip.
-    broadcast the leader's index message (its size known from the exchange)
+    broadcast the leader's index message (its size known from the exchange); with several
+    processes per node, once to each node and on inside it (SharedIndexScheme)
     every rank: its compensated values at those indices, divided by W, rounded to the wire
     dtype (the value codec: raw = the bucket's dtype, fp16 with the shared power-of-two
     scale, bf16); residual := compensated - those values as the sum carries them (the
@@ -49,14 +50,15 @@ exactly).
 
 from __future__ import annotations
 
-import functools
 import math
+import os
 import struct
 import time
 import zlib
 from typing import Callable, Hashable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from .. import rng
 from ..comm import Transport
@@ -88,13 +90,82 @@ _HEAD = struct.Struct("<4sB3xI4xQ")  # magic, version, CRC-32 of the framed entr
 _ENTRY = struct.Struct("<QQ")  # k, index codec parameter bytes; then params (padded to 8), index data
 
 
-def shared_index_scheme(engine: Engine) -> Callable[..., torch.futures.Future]:
+def shared_index_scheme(engine: Engine) -> "SharedIndexScheme":
     """The shared-index reducer for ``engine`` (ConfigError if its compressor does not suit)."""
     check_compressor(engine.compressor)
     if engine.small_compressor is not None:
         raise ConfigError("scheme 'shared_index' sums the tensors below min_numel densely in its allreduce; "
                           "small_compressor applies to scheme 'allgather' only")
-    return functools.partial(reduce_shared_index, engine)
+    return SharedIndexScheme(engine)
+
+
+class SharedIndexScheme:
+    """The engine's ``scheme="shared_index"``: :func:`reduce_shared_index` over the engine's
+    transport, called as ``scheme(buffer, segments, dense_bytes, key)``.
+
+    With several processes per node the leader's index message crosses to each other node
+    once, not once per rank: the leader sends it to the ranks of its own local rank on the
+    other nodes, each of which passes it on inside its node. A plain broadcast to W ranks
+    puts W - L copies on the links between nodes; this one N - 1 (L processes on each of N
+    nodes). It is used when the transport is torch.distributed's default group, every rank
+    was started by torchrun with the same ``LOCAL_WORLD_SIZE`` L (1 < L < W), and ranks are
+    numbered node by node (``rank = GROUP_RANK * L + LOCAL_RANK``), as torchrun numbers
+    them; otherwise the message travels by the transport's own broadcast. The ranks settle
+    this together (one small all-gather) when the configuration is checked, or at the
+    first compressed bucket; the same bytes arrive either way, so the results are the same.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.groups = None  # NodeGroups when the index message is relayed per node
+        self._settled = False
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "groups": None, "_settled": False}  # process groups belong to one process
+
+    def setup(self, world: Transport) -> None:
+        """Decide, on every rank alike, whether to relay the index message per node (and make
+        the sub-groups). Collective over ``world`` when it is torch.distributed's default group."""
+        if self._settled:
+            return
+        self._settled = True
+        from ..comm.torch_dist import TorchTransport
+
+        if not isinstance(world, TorchTransport) or dist.get_world_size() != world.world_size:
+            return  # another transport, or a sub-group: its own broadcast
+        node_size = _torchrun_node_size(world.rank, world.world_size)
+        proposals = world.allgather_sizes(node_size)
+        if proposals[0] > 1 and len(set(proposals)) == 1:
+            from .hierarchical import NodeGroups
+
+            self.groups = NodeGroups(world, proposals[0])
+
+    def __call__(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int,
+                 key: Hashable) -> torch.futures.Future:
+        self.setup(self.engine.transport)
+        broadcast = self._relay if self.groups is not None else None
+        return reduce_shared_index(self.engine, buffer, segments, dense_bytes, key, broadcast=broadcast)
+
+    def _relay(self, payload: torch.Tensor, root: int) -> torch.Tensor:
+        """``root``'s ``payload`` on every rank: across nodes among the ranks of root's local
+        rank, then inside each node from that rank."""
+        groups = self.groups
+        node, local = divmod(root, groups.node_size)
+        if groups.local_rank == local:
+            payload = groups.cross.broadcast_async(payload, node).wait()
+        return groups.node.broadcast_async(payload, local).wait()
+
+
+def _torchrun_node_size(rank: int, world_size: int) -> int:
+    """torchrun's ``LOCAL_WORLD_SIZE`` when it describes several nodes of that many ranks,
+    numbered node by node, with this rank where torchrun put it; else 0."""
+    try:
+        size, node, local = (int(os.environ[name]) for name in ("LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_RANK"))
+    except (KeyError, ValueError):
+        return 0
+    if not 1 < size < world_size or world_size % size or divmod(rank, size) != (node, local):
+        return 0
+    return size
 
 
 def check_compressor(compressor: Compressor) -> None:
@@ -206,12 +277,14 @@ def read_message(message: torch.Tensor, segments: Sequence[Segment], compressor:
 
 
 def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int,
-                        key: Hashable, transport: Transport | None = None, finite: bool | None = None) -> torch.futures.Future:
+                        key: Hashable, transport: Transport | None = None, finite: bool | None = None,
+                        broadcast: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.futures.Future:
     """One compressed bucket through the shared-index scheme (see the module docstring).
     Issues every collective before returning; the future completes with ``buffer``.
     ``transport``: the ranks to reduce over (default: the engine's; the hierarchical
     scheme passes the ranks of one local rank across nodes). ``finite``: whether to treat
-    the bucket as finite (default: checked here)."""
+    the bucket as finite (default: checked here). ``broadcast(payload, root)``: how the
+    index message reaches every rank, blocking (default: the transport's broadcast)."""
     transport = transport or engine.transport
     world, rank, step = transport.world_size, transport.rank, engine.step
     leader = leader_of(step, key, world)
@@ -282,7 +355,10 @@ def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Seg
         else:
             received = torch.empty(size, dtype=torch.uint8, device=buffer.device)
         try:
-            received = transport.broadcast_async(received, leader).wait()
+            if broadcast is None:
+                received = transport.broadcast_async(received, leader).wait()
+            else:
+                received = broadcast(received, leader)
         except Exception as exc:
             raise engine._failed("the index broadcast", key, step, exc) from exc
     exchanged = time.perf_counter()

@@ -58,28 +58,52 @@ TRAIN_RUNS = [
 ]
 
 
+def train_run(spec: str, options: dict, opt: str) -> dict:
+    """STEPS steps through the hook: the parameters' digest, losses, stats, and every
+    index broadcast the engine's transport made."""
+    model = make_model()
+    initial = digest(model)
+    hook_state = state(spec, **options)
+    roots: list[list[int]] = []
+    ddp = DDP(model, bucket_cap_mb=0.03)
+    ddp.register_comm_hook(hook_state, recording_hook(hook_state, roots))
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2) if opt == "adam" else torch.optim.SGD(ddp.parameters(), lr=0.05)
+    losses = []
+    for x, y in batches(dist.get_rank(), STEPS):
+        loss = torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    groups = hook_state.engine._reduce_compressed.groups
+    return {"digest": digest(model), "initial": initial, "losses": losses, "stats": hook_state.stats(), "roots": roots,
+            "node_size": None if groups is None else groups.node_size}
+
+
 def check_train(runs: int = len(TRAIN_RUNS)) -> dict:
     """50 steps of Adam (and SGD with the DGC recipe) through the hook: parameters must
     stay bitwise identical; every index broadcast must come from the documented leader."""
-    out = {}
-    for spec, options, opt in TRAIN_RUNS[:runs]:
-        model = make_model()
-        initial = digest(model)
-        hook_state = state(spec, **options)
-        roots: list[list[int]] = []
-        ddp = DDP(model, bucket_cap_mb=0.03)
-        ddp.register_comm_hook(hook_state, recording_hook(hook_state, roots))
-        optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2) if opt == "adam" else torch.optim.SGD(ddp.parameters(), lr=0.05)
-        losses = []
-        for x, y in batches(dist.get_rank(), STEPS):
-            loss = torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 256), y.reshape(-1))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        out[f"{spec} {options}"] = {"digest": digest(model), "initial": initial, "losses": losses,
-                                   "stats": hook_state.stats(), "roots": roots}
-    return out
+    return {f"{spec} {options}": train_run(spec, options, opt) for spec, options, opt in TRAIN_RUNS[:runs]}
+
+
+def check_node_broadcast() -> dict:
+    """The first training run again with torchrun's variables as on nodes of 2 processes:
+    where 2 divides the world the leader's index message is relayed per node (the
+    transport's own broadcast is never used) and the parameters are those of the plain
+    broadcast; elsewhere the plain broadcast carries it."""
+    rank = dist.get_rank()
+    names = ("LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_RANK")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(LOCAL_WORLD_SIZE="2", GROUP_RANK=str(rank // 2), LOCAL_RANK=str(rank % 2))
+    try:
+        spec, options, opt = TRAIN_RUNS[0]
+        return {f"{spec} {options}": train_run(spec, options, opt)}
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def check_equals_allreduce() -> dict:
@@ -145,6 +169,7 @@ def check_mismatch() -> dict:
 CHECKS = {
     "train": check_train,
     "train_short": lambda: check_train(2),  # the first two runs: fp16 values, with and without DGC's recipe
+    "node_broadcast": check_node_broadcast,
     "equals_allreduce": check_equals_allreduce,
     "nonfinite": check_nonfinite,
     "resume": check_resume,
