@@ -78,7 +78,8 @@ Choosing the scheme (``scheme=``):
   more ranks compare the schemes at equal bytes: what the shared index saves per rank
   buys it a higher density.
   It costs one more blocking round trip per bucket (the broadcast, before the values
-  can be gathered). The leader is chosen per bucket, so a resumed run must rebuild the
+  can be gathered; under torchrun with several processes per node it crosses to each
+  node once and is passed on inside it). The leader is chosen per bucket, so a resumed run must rebuild the
   same bucket layout (``deepreduce train`` does, with one settling pass).
 - ``"hierarchical"`` (HiTopKComm), for several processes per node on a slow network
   between nodes: each node reduce-scatters the bucket densely over its fast links, so
