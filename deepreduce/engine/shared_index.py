@@ -51,7 +51,6 @@ exactly).
 from __future__ import annotations
 
 import math
-import os
 import struct
 import time
 import zlib
@@ -157,15 +156,16 @@ class SharedIndexScheme:
 
 
 def _torchrun_node_size(rank: int, world_size: int) -> int:
-    """torchrun's ``LOCAL_WORLD_SIZE`` when it describes several nodes of that many ranks,
-    numbered node by node, with this rank where torchrun put it; else 0."""
+    """The node size the hierarchical schemes would take from torchrun (``LOCAL_WORLD_SIZE``,
+    ranks numbered node by node) when it makes several nodes of this world; else 0."""
+    from .hierarchical import _check_layout, resolve_node_size
+
     try:
-        size, node, local = (int(os.environ[name]) for name in ("LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_RANK"))
-    except (KeyError, ValueError):
+        size = resolve_node_size(None)
+        _check_layout(rank, size)
+    except ConfigError:
         return 0
-    if not 1 < size < world_size or world_size % size or divmod(rank, size) != (node, local):
-        return 0
-    return size
+    return size if 1 < size < world_size and world_size % size == 0 else 0
 
 
 def check_compressor(compressor: Compressor) -> None:
