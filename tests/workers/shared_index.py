@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -92,18 +93,9 @@ def check_node_broadcast() -> dict:
     transport's own broadcast is never used) and the parameters are those of the plain
     broadcast; elsewhere the plain broadcast carries it."""
     rank = dist.get_rank()
-    names = ("LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_RANK")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(LOCAL_WORLD_SIZE="2", GROUP_RANK=str(rank // 2), LOCAL_RANK=str(rank % 2))
-    try:
+    with mock.patch.dict(os.environ, LOCAL_WORLD_SIZE="2", GROUP_RANK=str(rank // 2), LOCAL_RANK=str(rank % 2)):
         spec, options, opt = TRAIN_RUNS[0]
         return {f"{spec} {options}": train_run(spec, options, opt)}
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def check_equals_allreduce() -> dict:
