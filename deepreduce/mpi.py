@@ -32,7 +32,6 @@ from typing import Any, Iterable
 
 import torch
 
-from . import rng
 from .comm.mpi import MPITransport
 from .compressor import Compressor
 from .engine import Engine, ErrorFeedback, GradientSync

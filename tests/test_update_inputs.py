@@ -355,6 +355,9 @@ def _worker(out_dir: str) -> None:
 
     import torch.distributed as dist
 
+    from deepreduce.cli import exit_distributed_process
+    from deepreduce.comm.torch_dist import close_process_group
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))  # a mismatch fails fast, not in 30 min
     rank = dist.get_rank()
@@ -385,7 +388,10 @@ def _worker(out_dir: str) -> None:
         same = all(torch.equal(a, b) for a, b in zip(*gathered))
         results[case] = "frozen parameters identical" if same else "parameters differ"
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    # Wait for both ranks before leaving, and skip the interpreter's teardown of gloo's
+    # threads, which can abort a run that succeeded.
+    close_process_group()
+    exit_distributed_process(0)
 
 
 if __name__ == "__main__":

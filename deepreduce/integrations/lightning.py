@@ -47,8 +47,6 @@ import importlib
 import logging
 from typing import Any, Callable, Mapping
 
-import torch
-
 from ..errors import ConfigError
 from ..hooks import DeepReduceState, deepreduce_hook
 from ..optim import UpdateSync

@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import deepreduce as dr
+from deepreduce.cli import exit_distributed_process
 from deepreduce.comm.torch_dist import close_process_group
 from deepreduce.apps.models import ByteTransformer
 
@@ -436,7 +436,7 @@ CHECKS = {
 }
 
 
-def main() -> int:
+def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--checks", default=",".join(CHECKS))
@@ -450,13 +450,12 @@ def main() -> int:
         torch.cuda.set_device(DEVICE)
     dist.init_process_group(args.backend)
     run_checks(CHECKS, args.checks.split(","), args.out_dir)
-    return 0
 
 
 def run_checks(checks: dict, names: list[str], out_dir: Path, extra: dict | None = None) -> None:
     """Run the named ``checks`` in order (stopping at the first that raises: the process
     group may be unusable after it), write this rank's results (plus ``extra``) to
-    ``out_dir/rank<r>.json`` and close the process group."""
+    ``out_dir/rank<r>.json``, close the process group and end the process."""
     results: dict = {"_seconds": {}, **(extra or {})}
     for name in names:
         began = time.perf_counter()
@@ -469,7 +468,8 @@ def run_checks(checks: dict, names: list[str], out_dir: Path, extra: dict | None
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
     close_process_group(completed=not any("error" in entry for entry in results.values()))
+    exit_distributed_process(0)  # skip gloo's teardown at exit, which can abort a finished run
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

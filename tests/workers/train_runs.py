@@ -12,6 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from deepreduce.apps import train
+from deepreduce.cli import exit_distributed_process
 from deepreduce.comm.torch_dist import close_process_group
 
 TINY = ["--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch", "4",
@@ -25,7 +26,7 @@ CLASSIFY = ["--task", "classify", "--d-model", "16", "--layers", "2", "--seq-len
 CLASSIFY_STEPS, CLASSIFY_STOP = 8, 4
 
 
-def main() -> int:
+def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     spec = ["--compression", "topk:0.05/eliasfano/fp16", "--steps", str(STEPS)] + TINY
@@ -74,8 +75,8 @@ def main() -> int:
         train.main(["--compression", name, "--steps", "6", "--powersgd-rank", "2"] + TINY
                    + ["--metrics", str(out / f"{name}.jsonl")])
     close_process_group()
-    return 0
+    exit_distributed_process(0)  # skip gloo's teardown at exit, which can abort a finished run
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import deepreduce as dr
+from deepreduce.cli import exit_distributed_process
 from deepreduce.comm.torch_dist import close_process_group
 
 CONFIGS = {
@@ -122,6 +123,7 @@ def main(out_dir: str) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     close_process_group()
+    exit_distributed_process(0)  # skip gloo's teardown at exit, which can abort a finished run
 
 
 if __name__ == "__main__":
