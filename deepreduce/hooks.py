@@ -22,7 +22,12 @@ Tuning:
 - ``granularity``: ``"tensor"`` (default) selects the top elements of each parameter
   separately, so no layer is starved by another with larger gradients; ``"bucket"``
   runs one top-k over the whole bucket (fewer, larger payloads: less per-call overhead
-  with hundreds of small tensors).
+  with hundreds of small tensors). In the update mode, Horovod and mpi4py front ends,
+  which lay out their own buffers with the small tensors last, ``"bucket"`` with a
+  ``small_compressor`` runs one top-k over the large tensors and leaves the small ones
+  to the small compressor; with AdamW's updates, whose scale is alike across tensors,
+  that learns as well as per-tensor top-k and costs one encode instead of one per
+  tensor (``benchmarks/RESULTS.md``).
 - ``start_iter``: dense allreduce for the first steps; a few hundred help accuracy early
   in training, like PowerSGD's ``start_powerSGD_iter``.
 - ``min_numel``: buckets smaller than this go dense; inside a bucket, parameters smaller

@@ -173,6 +173,26 @@ def test_engine_bucket_granularity_saves_residuals_by_parameter():
                        torch.cat([state["memory"]["residuals"]["w2"], state["memory"]["residuals"]["w1"]]))
 
 
+
+def test_bucket_granularity_leaves_the_trailing_small_tensors_to_the_small_compressor():
+    """One top-k over the large tensors (w2, 100x larger, takes all of it), while the small
+    tensors laid out after them keep their own payloads: an eighth of each per step."""
+    engine = Engine(SoloTransport(), dr.Compressor(ratio=0.01, value="raw"), min_numel=100, granularity="bucket",
+                    small_compressor="cyclic:0.125/strided/raw")
+    segments = [Segment("w1", 0, 3000), Segment("w2", 3000, 1000),
+                Segment(("b1", "b2"), 4000, 64, parts=(("b1", 48), ("b2", 16))), Segment("b3", 4064, 32)]
+    buffer = torch.cat([torch.randn(3000), 100 * torch.randn(1000), torch.randn(96)])
+    sent = engine.reduce(buffer.clone(), segments).wait()
+    residuals = engine.state_dict()["memory"]["residuals"]
+    assert set(residuals) == {"w1", "w2", "b1", "b2", "b3"}
+    assert torch.equal(residuals["w1"], buffer[:3000]) and torch.count_nonzero(sent[:3000]) == 0
+    assert torch.count_nonzero(sent[3000:4000]) == 40  # 1 % of the 4000 merged elements
+    assert torch.count_nonzero(sent[4000:4064]) == 8 and torch.count_nonzero(sent[4064:]) == 4
+    assert torch.equal(sent[4000:] + torch.cat([residuals["b1"], residuals["b2"], residuals["b3"]]), buffer[4000:])
+    # Without a small compressor the whole bucket is one top-k, as before.
+    plain = Engine(SoloTransport(), dr.Compressor(ratio=0.01, value="raw"), min_numel=100, granularity="bucket")
+    assert torch.count_nonzero(plain.reduce(buffer.clone(), segments).wait()) == 41  # 1 % of 4096, all in w2
+
 # --- stats and degenerate configurations ------------------------------------------------------
 
 

@@ -161,7 +161,8 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                    help="--scheme hierarchical[_shared_index]: processes per node (default: torchrun's "
                         "LOCAL_WORLD_SIZE)")
     c.add_argument("--granularity", default="tensor", choices=("tensor", "bucket"),
-                   help="top-k per parameter, or one top-k over each DDP bucket")
+                   help="top-k per parameter, or one top-k over each DDP bucket (--mode update: over all the "
+                        "parameters, those below --min-numel left to --small-compression when given)")
     c.add_argument("--scheme", default="allgather", choices=tuple(SCHEMES),
                    help="how compressed buckets travel: every rank's payload to every rank; shared_index: a "
                         "rotating leader's indices and one allreduce of every rank's values there (bytes per rank "

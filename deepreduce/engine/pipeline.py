@@ -164,7 +164,8 @@ class Engine:
         dense_fallback: allreduce a bucket whose all-gather would move more bytes
             (``W * message > 2 * bucket bytes``, decided from the exchanged sizes).
         granularity: ``"tensor"``: one top-k per segment (per parameter); ``"bucket"``:
-            one top-k over the whole buffer.
+            one top-k over the whole buffer, except that with a ``small_compressor`` the
+            segments below ``min_numel`` at the buffer's end keep their own payloads.
         scheme: how compressed buckets travel: ``"allgather"`` (every rank's payload to
             every rank), ``"shared_index"`` (a rotating leader's indices, one dense
             allreduce of the values there; :mod:`deepreduce.engine.shared_index`) or
@@ -490,8 +491,16 @@ class Engine:
             raise ValueError(f"segments cover {end} elements, the buffer has {buffer.numel()}")
         if self.granularity == "bucket" and len(segments) > 1:
             # One top-k over the bucket; memory kept per part, so a new layout loses nothing.
-            names = tuple(seg.name for seg in segments)
-            return [Segment(names, 0, buffer.numel(), parts=tuple((seg.name, seg.numel) for seg in segments))]
+            # With a small compressor the small segments at the end keep their own payloads
+            # (the front ends that lay out their own buffers put every small tensor there).
+            end = len(segments)
+            while self.small_compressor is not None and end and segments[end - 1].numel < self.min_numel:
+                end -= 1
+            if end < 2:
+                return segments
+            parts = tuple(part for seg in segments[:end] for part in (seg.parts or ((seg.name, seg.numel),)))
+            merged = Segment(tuple(name for name, _ in parts), 0, sum(seg.numel for seg in segments[:end]), parts=parts)
+            return [merged, *segments[end:]]
         return segments
 
     @property

@@ -95,6 +95,9 @@ ROWS: dict[str, list[str]] = {
     "update H=1 LocalAdamW": update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC),
     "update H=1 LocalAdamW blocks": update_row(BLOCK_SPEC, 1, SMALL_CYCLIC),
     "update H=1 LocalAdamW blocks, ahead 1.5": [*update_row(BLOCK_SPEC, 1, SMALL_CYCLIC), *AHEAD],
+    # The same with one block top-k over all the large tensors (one encode, not one per tensor).
+    "update H=1 LocalAdamW blocks, ahead 1.5, one top-k": [*update_row(BLOCK_SPEC, 1, SMALL_CYCLIC), *AHEAD,
+                                                           "--granularity", "bucket"],
     # The same bytes over the run, spent as the learning rate goes: (lr / mean lr) ** 0.5.
     "update H=1 LocalAdamW blocks, bytes follow lr": [*update_row(BLOCK_SPEC, 1, SMALL_CYCLIC), *FOLLOW_LR],
     # The same H=1 rows with the small tensors whole and a denser spec: what ~0.8 % more of
@@ -112,6 +115,7 @@ ROW_OPTIMIZER = {"update H=1, bytes follow lr": {"sgd": "sgd"},
                  "update H=1 LocalAdamW": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks, ahead 1.5": {"adamw": "local-adamw"},
+                 "update H=1 LocalAdamW blocks, ahead 1.5, one top-k": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks, bytes follow lr": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks, small whole": {"adamw": "local-adamw"}}
 # DGC's momentum correction moves SGD's momentum into the hook (the optimizer then runs without).
