@@ -26,6 +26,10 @@ CONFIGS = {
     "lossy-h2-keep": ("topk:0.02/eliasfano/uniform:bits=3", {"local_steps": 2, "keep_unsent": True}, "sgd"),
     "lossy-h1-keep-ahead": ("topk:0.03/eliasfano/uniform:bits=1,scale=bf16",
                             {"local_steps": 1, "keep_unsent": True, "unsent_scale": 1.5}, "adamw"),
+    # One block top-k over the large tensors, the 4-element bias through the small compressor.
+    "blocks-bucket-small": ("blocktopk:0.1,block=16/blocks:block=16/uniform:bits=1,scale=bf16",
+                            {"local_steps": 1, "keep_unsent": True, "unsent_scale": 1.5, "granularity": "bucket",
+                             "small_compressor": "cyclic:0.25/strided/fp16"}, "adamw"),
 }
 STEPS = 12
 
