@@ -25,9 +25,7 @@ Tuning:
   with hundreds of small tensors). In the update mode, Horovod and mpi4py front ends,
   which lay out their own buffers with the small tensors last, ``"bucket"`` with a
   ``small_compressor`` runs one top-k over the large tensors and leaves the small ones
-  to the small compressor; with AdamW's updates, whose scale is alike across tensors,
-  that learns as well as per-tensor top-k and costs one encode instead of one per
-  tensor (``benchmarks/RESULTS.md``).
+  to the small compressor (when that pays in the update mode: :mod:`deepreduce.optim`).
 - ``start_iter``: dense allreduce for the first steps; a few hundred help accuracy early
   in training, like PowerSGD's ``start_powerSGD_iter``.
 - ``min_numel``: buckets smaller than this go dense; inside a bucket, parameters smaller

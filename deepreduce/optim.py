@@ -51,10 +51,10 @@ Tuning:
 - ``granularity="bucket"``: one top-k over all the tensors at or above ``min_numel``
   instead of one per tensor (the small ones still go through ``small_compressor``): one
   select, encode and decode per exchange instead of one per tensor, and fewer headers.
-  AdamW's update has about the same scale in every tensor, so with
-  :class:`deepreduce.LocalAdamW` and block top-k it learned as well as per-tensor top-k
-  on three tasks, on fewer bytes and a shorter step. SGD's update scale differs between
-  tensors: keep ``"tensor"`` there unless you compare on your task.
+  With :class:`deepreduce.LocalAdamW` and block top-k it learned as well as per-tensor
+  top-k on three tasks, and with top-k as well or better with SGD and AdamW on both
+  benchmark tasks, on fewer bytes and a shorter step (``benchmarks/RESULTS.md``, "One
+  block top-k over all the large tensors"). Compare it with ``"tensor"`` on your task.
 - Values: at few bytes per step spend them on elements, not on bits per value:
   ``uniform:bits=1,scale=bf16`` (sign times a bfloat16 mean per block of 128, ~1.125
   bits per value), with ``blocktopk`` + ``blocks`` (whole blocks of 128, a few bits per

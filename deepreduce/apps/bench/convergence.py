@@ -90,6 +90,8 @@ ROWS: dict[str, list[str]] = {
     "update H=1": update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC),
     "update H=1, bytes follow lr": [*update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC), *FOLLOW_LR],
     "update H=1, ahead 1.5": [*update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC), *AHEAD],
+    # One top-k over all the large tensors instead of one per tensor.
+    "update H=1, one top-k": [*update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC), "--granularity", "bucket"],
     "update H=4": update_row(UPDATE_SPEC, 4),
     "update H=16": update_row(UPDATE_SPEC, 16),
     "update H=1 LocalAdamW": update_row(UPDATE_H1_SPEC, 1, SMALL_CYCLIC),
