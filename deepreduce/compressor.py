@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -211,12 +211,14 @@ class Compressor:
         return step
 
     def compress_detailed(self, tensor: torch.Tensor, *, step: int | None = None, key: int | str = 0,
-                          timer: PhaseTimer | None = None) -> Compressed:
+                          timer: PhaseTimer | None = None, parts: Sequence[int] | None = None) -> Compressed:
         """Compress ``tensor`` (any shape, flattened) and report what receivers will decode.
 
         ``step`` and ``key`` (an int or a name, e.g. a parameter's) seed the random
         streams; without ``step`` a per-key counter is used. Ranks that exchange payloads
-        must pass the same values. ``timer`` receives the time of each phase (profiling)."""
+        must pass the same values. ``timer`` receives the time of each phase (profiling).
+        ``parts``: element counts that tile the tensor (tensors laid end to end); each is
+        sparsified at the ratio on its own, into one payload (see :meth:`packs_parts`)."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"compress expects a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype not in wire.DTYPE_CODES:
@@ -228,7 +230,8 @@ class Compressor:
         stream = rng.stream_key(key)
         step = self._next_step(stream, step)
         rng_seed = rng.stream_seed(self.seed, step, stream)
-        selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio, SelectContext(rng_seed, step, getattr(self, "_scratch", None)))
+        selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio,
+                               SelectContext(rng_seed, step, getattr(self, "_scratch", None)), parts)
         mark(timer, "select")
         ctx = CodecContext(numel, flat.dtype, flat.device, rng_seed)
         index_part = self.index_codec.encode(selected.indices, ctx)
@@ -270,15 +273,38 @@ class Compressor:
         indices = codec.decode(data, params, k, CodecContext(numel, dtype, data.device, rng_seed))
         _check_indices(indices, k, numel, codec.name)
         return indices
-    def payload_size(self, numel: int, dtype: torch.dtype) -> tuple[int, bool] | None:
+    def packs_parts(self, part_numels: Sequence[int]) -> bool:
+        """Whether tensors of these sizes, laid end to end, can travel in one payload with
+        each one sparsified at the ratio on its own (``compress_detailed(parts=...)``) and
+        receivers decoding bit for bit what per-tensor payloads would carry: a sparsifier
+        that selects per part (``topk``; ``blocktopk`` when every tensor but the last is a
+        whole number of its blocks), a lossless index codec, and a value codec that codes
+        each tensor's values alike either way (element-wise ones; ``uniform`` when each
+        tensor but the last keeps a whole number of its value blocks). One header and one
+        encode and decode then serve them all."""
+        if len(part_numels) < 2 or not self.index_codec.lossless:
+            return False
+        if not self.sparsifier.selects_parts(part_numels, self.sparsifier_config):
+            return False
+        counts = [self.sparsifier.kept_counts(numel, target_k(numel, self.ratio), self.sparsifier_config)
+                  for numel in part_numels]
+        return self.value_codec.packs(counts)
+
+    def payload_size(self, numel: int, dtype: torch.dtype, parts: Sequence[int] | None = None) -> tuple[int, bool] | None:
         """``(bytes, exact)`` of the payload :meth:`compress` makes from any tensor of
-        ``numel`` elements of ``dtype``: exactly that many bytes, or at most (``exact``
-        False); None when the size depends on the data (a sparsifier whose k varies, a
-        codec that does not declare its size). Every rank computes the same answer, so a
-        gather of such payloads needs no size exchange."""
+        ``numel`` elements of ``dtype`` (with ``parts``: sparsified part by part):
+        exactly that many bytes, or at most (``exact`` False); None when the size depends
+        on the data (a sparsifier whose k varies, a codec that does not declare its size).
+        Every rank computes the same answer, so a gather of such payloads needs no size
+        exchange."""
         if not self.sparsifier.exact_k:
             return None
-        counts = self.sparsifier.kept_counts(numel, target_k(numel, self.ratio), self.sparsifier_config)
+        if parts is not None:
+            counts = self.sparsifier.kept_counts_of_parts(parts, self.ratio, self.sparsifier_config)
+            if counts is None:
+                return None
+        else:
+            counts = self.sparsifier.kept_counts(numel, target_k(numel, self.ratio), self.sparsifier_config)
         sizes = []
         for k in counts:  # one count, or a few (whole blocks): the largest payload bounds them all
             index = self.index_codec.encoded_size(numel, k, dtype)

@@ -26,6 +26,14 @@ Tuning:
   which lay out their own buffers with the small tensors last, ``"bucket"`` with a
   ``small_compressor`` runs one top-k over the large tensors and leaves the small ones
   to the small compressor (when that pays in the update mode: :mod:`deepreduce.optim`).
+- ``pack_tensors`` (default on): with ``"tensor"``, adjacent parameters at or above
+  ``min_numel`` in a bucket share one payload while each keeps its own top-k budget
+  (``topk``; ``blocktopk`` where each is a whole number of its blocks): one header and
+  one encode and decode for the run instead of one per parameter. Receivers decode what
+  per-parameter payloads would give, except that ``uniform``/``qsgd`` value blocks may
+  then span two parameters. In DDP buckets weights and biases alternate, so only
+  adjacent large parameters (weights without biases) pack there; the update mode,
+  Horovod and mpi4py lay all the large tensors out next to each other.
 - ``start_iter``: dense allreduce for the first steps; a few hundred help accuracy early
   in training, like PowerSGD's ``start_powerSGD_iter``.
 - ``min_numel``: buckets smaller than this go dense; inside a bucket, parameters smaller
@@ -141,6 +149,8 @@ class DeepReduceState:
         dense_fallback: allreduce a bucket whose all-gather would move more bytes.
         momentum: DGC momentum correction (see :mod:`deepreduce.engine.memory`); 0 disables.
         granularity: ``"tensor"`` (top-k per parameter) or ``"bucket"`` (one per bucket).
+        pack_tensors: with ``"tensor"``, adjacent large parameters share one payload, each
+            on its own budget (see the tuning notes); False: one payload per parameter.
         scheme: ``"allgather"`` (every rank's payload to every rank),
             ``"shared_index"`` (a rotating leader's indices, one allreduce of the values) or
             ``"hierarchical"`` (dense inside a node, compressed between nodes) or
@@ -181,6 +191,7 @@ class DeepReduceState:
         scheme: str = "allgather",
         size_exchange: str = "auto",
         node_size: int | None = None,
+        pack_tensors: bool = True,
     ) -> None:
         if isinstance(compressor, str):
             compressor = (AutoPlan(seed=0 if seed is None else seed) if compressor == "auto"
@@ -203,6 +214,7 @@ class DeepReduceState:
             scheme=scheme,
             size_exchange=size_exchange,
             node_size=node_size,
+            pack_tensors=pack_tensors,
         )
         self._names: dict[int, str] = {}
         self._named = False

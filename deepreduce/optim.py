@@ -47,13 +47,16 @@ Tuning:
   rest waits in the residual), about a sixteenth of their bytes, for little accuracy.
   They travel packed, a few payloads for all of them (one header each), while error
   feedback and checkpoints stay per tensor.
-- ``granularity="bucket"``: one top-k over all the tensors at or above ``min_numel``
-  instead of one per tensor (the small ones still go through ``small_compressor``): one
-  select, encode and decode per exchange instead of one per tensor, and fewer headers.
-  Fewer bytes and a shorter step, but the loss is not reliably as good: with
+- The tensors at or above ``min_numel`` travel in one payload, each on its own top-k
+  budget (``pack_tensors``, the default): one select, encode and decode per exchange
+  and one header, where ``topk`` or ``blocktopk`` select (for ``blocktopk`` every tensor
+  but the last a whole number of its blocks). With ``blocktopk`` + ``blocks`` +
+  ``uniform`` at the same block size the ranks decode bit for bit what per-tensor
+  payloads carry. ``granularity="bucket"`` instead runs one top-k over all of them
+  (the same bytes and speed now); the loss was not reliably as good: with
   :class:`deepreduce.LocalAdamW` and block top-k it did worse on the LM over ten seeds
-  while doing better on the classifier (``benchmarks/RESULTS.md``, "One block top-k over
-  all the large tensors"). Compare it with ``"tensor"`` on your task.
+  while doing better on the classifier (``benchmarks/RESULTS.md``, "One block top-k
+  over all the large tensors"). Compare it with ``"tensor"`` on your task.
 - Values: at few bytes per step spend them on elements, not on bits per value:
   ``uniform:bits=1,scale=bf16`` (sign times a bfloat16 mean per block of 128, ~1.125
   bits per value), with ``blocktopk`` + ``blocks`` (whole blocks of 128, a few bits per
@@ -252,7 +255,8 @@ class UpdateSync:
             :class:`DensityFollowsLR` (more bytes where the learning rate is high, the
             same bytes over the run). None: the same density every exchange.
         min_numel, error_feedback, dense_fallback, granularity, start_iter, nonfinite,
-        stats_every, small_compressor, scheme: engine options (see :class:`deepreduce.DeepReduceState`);
+        stats_every, small_compressor, scheme, pack_tensors: engine options (see
+            :class:`deepreduce.DeepReduceState`);
             ``start_iter`` exchanges go dense.
 
     ``sync.config`` holds the options above except the parameters, group, transport and
@@ -289,6 +293,7 @@ class UpdateSync:
         small_compressor: Compressor | str | None = None,
         scheme: str = "allgather",
         density_schedule: Callable[[int], float] | None = None,
+        pack_tensors: bool = True,
     ) -> None:
         self.config: dict[str, Any] = dict(
             compressor=compressor, local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
@@ -297,7 +302,7 @@ class UpdateSync:
             min_numel=min_numel, error_feedback=error_feedback, dense_fallback=dense_fallback,
             granularity=granularity, start_iter=start_iter, nonfinite=nonfinite, stats_every=stats_every,
             small_compressor=small_compressor,
-            scheme=scheme, density_schedule=density_schedule,
+            scheme=scheme, density_schedule=density_schedule, pack_tensors=pack_tensors,
         )
         if isinstance(compressor, str) and compressor == "auto":
             raise ConfigError("compressor='auto' plans the gradient hook's buckets; the update mode needs a compressor "
@@ -333,7 +338,7 @@ class UpdateSync:
             transport, compressor.with_ratio(min(1.0, compressor.ratio * local_steps)),
             error_feedback=error_feedback, start_iter=start_iter, min_numel=min_numel, dense_fallback=dense_fallback,
             granularity=granularity, nonfinite=nonfinite, stats_every=stats_every,
-            small_compressor=small_compressor, scheme=scheme,
+            small_compressor=small_compressor, scheme=scheme, pack_tensors=pack_tensors,
             density_scale=None if density_schedule is None else _PerExchange(density_schedule, local_steps),
             describe_extra={
                 "mode": "update", "local_steps": local_steps, "outer_lr": self.outer_lr,

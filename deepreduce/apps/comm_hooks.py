@@ -121,6 +121,7 @@ def make_hook(
     small_compressor: str | None = None,
     scheme: str = "allgather",
     node_size: int | None = None,
+    pack_tensors: bool = True,
 ) -> tuple[Any, Callable, CommMeter, Callable[[], int] | None]:
     """``(state, hook, meter, bytes_counter)`` for a compressor spec, ``"auto"`` (an
     :class:`~deepreduce.AutoPlan` with its default candidates) or a built-in hook name.
@@ -137,7 +138,7 @@ def make_hook(
     to deepreduce compressors only. So do DGC's ``momentum`` (momentum correction),
     ``density_warmup`` and ``clip_norm``, ``small_compressor`` (see
     :class:`~deepreduce.DeepReduceState`), ``scheme`` (``"allgather"``, ``"shared_index"`` or
-    ``"hierarchical"``) and ``node_size``; they are passed on only when set. Raises
+    ``"hierarchical"``), ``node_size`` and ``pack_tensors``; they are passed on only when set. Raises
     :class:`~deepreduce.errors.ConfigError` for an unknown or malformed ``compression``, or
     these options with a built-in hook.
     """
@@ -149,6 +150,8 @@ def make_hook(
         extra["scheme"] = scheme
     if node_size is not None:
         extra["node_size"] = node_size
+    if not pack_tensors:
+        extra["pack_tensors"] = False
     if extra and compression in BUILTIN_HOOKS:
         raise ConfigError(f"{', '.join(extra)} apply to deepreduce compressors, not to {compression!r}")
     if compression == "dense":

@@ -163,6 +163,9 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     c.add_argument("--granularity", default="tensor", choices=("tensor", "bucket"),
                    help="top-k per parameter, or one top-k over each DDP bucket (--mode update: over all the "
                         "parameters, those below --min-numel left to --small-compression when given)")
+    c.add_argument("--no-pack-tensors", action="store_true",
+                   help="--granularity tensor: one payload per tensor, instead of one for each run of adjacent "
+                        "large tensors (each on its own budget either way)")
     c.add_argument("--scheme", default="allgather", choices=tuple(SCHEMES),
                    help="how compressed buckets travel: every rank's payload to every rank; shared_index: a "
                         "rotating leader's indices and one allreduce of every rank's values there (bytes per rank "
@@ -577,7 +580,7 @@ def _hook(args: argparse.Namespace, model: torch.nn.Module):
             powersgd_rank=args.powersgd_rank, granularity=args.granularity, named_parameters=model.named_parameters(),
             momentum=args.momentum_correction, density_warmup=args.density_warmup, clip_norm=args.clip_norm,
             small_compressor=args.small_compression,
-            scheme=args.scheme, node_size=args.node_size,
+            scheme=args.scheme, node_size=args.node_size, pack_tensors=not args.no_pack_tensors,
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --compression {error}")
@@ -599,6 +602,7 @@ def _update_sync(args: argparse.Namespace, model: torch.nn.Module, ddp: DDP) -> 
             ddp=ddp, min_numel=args.min_numel, error_feedback=not args.no_error_feedback,
             dense_fallback=not args.no_dense_fallback, granularity=args.granularity, scheme=args.scheme,
             start_iter=start_iter, small_compressor=args.small_compression, density_schedule=schedule,
+            pack_tensors=not args.no_pack_tensors,
         )
     except ConfigError as error:
         raise SystemExit(f"deepreduce train: --mode update: {error}")

@@ -145,6 +145,14 @@ class ValueCodec(_Codec):
         they are; None when it depends on the data (see :meth:`IndexCodec.encoded_size`)."""
         return None
 
+    def packs(self, run_counts: Sequence[Sequence[int]]) -> bool:
+        """Whether runs of values laid end to end (run ``i`` of any length in
+        ``run_counts[i]``) decode, coded as one part, to exactly what coding each run on
+        its own decodes to -- so several tensors can share one payload without changing
+        what receivers get. True for lossless codecs; a lossy codec says so where its
+        error does not depend on the neighbouring values."""
+        return self.lossless
+
 
 class _Registry:
     def __init__(self, kind: str) -> None:

@@ -14,7 +14,8 @@ Per bucket, on every rank::
     not finite anywhere     dense allreduce of the gradient as it came, no error-feedback
                             update (see "Non-finite gradients" below)
     clip_norm               the bucket is scaled to norm <= clip_norm / sqrt(W)   (DGC local clipping)
-    otherwise, per segment  (a parameter; or the whole bucket with granularity="bucket")
+    otherwise, per segment  (a parameter; a run of adjacent large parameters, each on its own
+                            budget, with pack_tensors; the whole bucket with granularity="bucket")
         numel < min_numel   raw bytes, or ``small_compressor``'s payload when one is set
         else                compensated = segment + residual            (error feedback)
                             payload, sent = compress(compensated as the bucket's dtype)
@@ -119,13 +120,20 @@ class Segment:
     ``name`` keys the error-feedback memory and the random streams: it must be the same
     on every rank and stable across steps (a parameter's name, a bucket's index).
     ``parts``: the named parts a segment covers, as ``(name, numel)`` in order, when it
-    spans several (one top-k over a whole bucket): residuals are then saved and
-    remapped per part."""
+    spans several: residuals are then saved and remapped per part. With ``per_part`` each
+    part is sparsified on its own budget (per-tensor top-k, one payload); without it the
+    segment has one budget (one top-k over a whole bucket)."""
 
     name: Hashable
     offset: int
     numel: int
     parts: tuple[tuple[Hashable, int], ...] | None = None
+    per_part: bool = False  # each part sparsified on its own budget, in one payload
+
+    @property
+    def part_numels(self) -> tuple[int, ...] | None:
+        """The parts' sizes where each has its own budget (else None: one budget)."""
+        return tuple(numel for _, numel in self.parts) if self.per_part and self.parts else None
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -166,6 +174,12 @@ class Engine:
         granularity: ``"tensor"``: one top-k per segment (per parameter); ``"bucket"``:
             one top-k over the whole buffer, except that with a ``small_compressor`` the
             segments below ``min_numel`` at the buffer's end keep their own payloads.
+        pack_tensors: with ``"tensor"`` and the all-gather scheme, each run of adjacent
+            segments at or above ``min_numel`` travels as one payload, each segment on its
+            own budget, where that leaves what receivers decode unchanged
+            (:meth:`Compressor.packs_parts`: ``topk`` or ``blocktopk`` with a lossless
+            index codec and ``raw``/``bf16`` values, or ``uniform`` blocks that do not
+            span two segments): one header and one select, encode and decode per run.
         scheme: how compressed buckets travel: ``"allgather"`` (every rank's payload to
             every rank), ``"shared_index"`` (a rotating leader's indices, one dense
             allreduce of the values there; :mod:`deepreduce.engine.shared_index`) or
@@ -224,6 +238,7 @@ class Engine:
         describe_extra: Mapping[str, Any] | None = None,
         small_compressor: Compressor | str | None = None,
         node_size: int | None = None,
+        pack_tensors: bool = True,
     ) -> None:
         plan = AutoPlan() if isinstance(compressor, str) and compressor == "auto" else compressor
         if isinstance(plan, AutoPlan):
@@ -250,7 +265,8 @@ class Engine:
                             ("density_warmup", density_warmup)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative int, got {value!r}")
-        for name, value in (("error_feedback", error_feedback), ("dense_fallback", dense_fallback), ("average", average)):
+        for name, value in (("error_feedback", error_feedback), ("dense_fallback", dense_fallback), ("average", average),
+                            ("pack_tensors", pack_tensors)):
             if not isinstance(value, bool):  # a string such as "no" would count as True
                 raise ConfigError(f"{name} must be True or False, got {value!r}")
         if density_scale is not None and not callable(density_scale):
@@ -295,6 +311,7 @@ class Engine:
         self.min_numel = min_numel
         self.dense_fallback = bool(dense_fallback)
         self.granularity = granularity
+        self.pack_tensors = pack_tensors
         self.scheme = scheme
         self.average = bool(average)
         self.density_warmup = density_warmup
@@ -351,6 +368,7 @@ class Engine:
             "momentum": self.memory.momentum,
             "dense_fallback": self.dense_fallback,
             "granularity": self.granularity,
+            "pack_tensors": self.pack_tensors,
             "scheme": self.scheme,
             "average": self.average,
             "density_warmup": self.density_warmup,
@@ -489,6 +507,8 @@ class Engine:
             end += seg.numel
         if end != buffer.numel():
             raise ValueError(f"segments cover {end} elements, the buffer has {buffer.numel()}")
+        if self.granularity == "tensor":
+            return self._packed(segments)
         if self.granularity == "bucket" and len(segments) > 1:
             # One top-k over the bucket; memory kept per part, so a new layout loses nothing.
             # With a small compressor the small segments at the end keep their own payloads
@@ -502,6 +522,32 @@ class Engine:
             merged = Segment(tuple(name for name, _ in parts), 0, sum(seg.numel for seg in segments[:end]), parts=parts)
             return [merged, *segments[end:]]
         return segments
+
+    def _packed(self, segments: list[Segment]) -> list[Segment]:
+        """``segments`` with each run of adjacent tensors at or above ``min_numel`` merged
+        into one segment of per-part budgets (``pack_tensors``), where the compressor can
+        select them part by part and receivers then decode what per-tensor payloads give
+        (``Compressor.packs_parts``), and the scheme is the all-gather. Decided from sizes
+        and the step's density alone, so every rank merges alike."""
+        if not self.pack_tensors or self.scheme != "allgather" or self.plan is not None or len(segments) < 2:
+            return segments
+        compressor = self._step_compressor()  # its density decides the counts a value codec must pack
+        out: list[Segment] = []
+        run: list[Segment] = []
+        for seg in [*segments, None]:
+            if seg is not None and seg.parts is None and seg.numel >= self.min_numel:
+                run.append(seg)
+                continue
+            if len(run) > 1 and compressor.packs_parts([s.numel for s in run]):
+                parts = tuple((s.name, s.numel) for s in run)
+                out.append(Segment(tuple(name for name, _ in parts), run[0].offset, sum(s.numel for s in run),
+                                   parts=parts, per_part=True))
+            else:
+                out.extend(run)
+            run = []
+            if seg is not None:
+                out.append(seg)
+        return out
 
     @property
     def raw_below(self) -> int:
@@ -561,7 +607,8 @@ class Engine:
         """The gather width every rank computes for this bucket, or None: exchange sizes."""
         if self.size_exchange != "auto":
             return None
-        layout = (compressor.spec, buffer.dtype, transport.world_size, tuple(seg.numel for seg in segments))
+        layout = (compressor.spec, buffer.dtype, transport.world_size,
+                  tuple((seg.numel, seg.part_numels) for seg in segments))
         if layout not in self._widths:
             width = message_width(compressor, layout[3], buffer.dtype, self.min_numel, self.small_compressor)
             # Where the padded gather might lose to allreduce, the exchanged sizes decide.
@@ -661,7 +708,9 @@ class Engine:
             to_send = compensated.to(buffer.dtype)  # the wire carries the bucket's dtype (fp16 stays fp16)
             mark(timer, "copies")
             segment_compressor = self.small_compressor if small else compressor
-            result = segment_compressor.compress_detailed(to_send, step=step, key=_stream_name(seg.name), **_timed(timer))
+            packed = {} if seg.part_numels is None else {"parts": seg.part_numels}
+            result = segment_compressor.compress_detailed(to_send, step=step, key=_stream_name(seg.name),
+                                                          **packed, **_timed(timer))
             entries.append(result.payload)
             pending.append((compensated, to_send, result))
         return entries

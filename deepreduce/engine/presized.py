@@ -42,18 +42,24 @@ _EVERYWHERE = -1  # n of a NONFINITE message whose positions did not fit: the wh
 _KINDS = 4  # code = position * 4 + kind
 
 
-def message_width(compressor: Compressor, segment_numels: Sequence[int], dtype: torch.dtype, min_numel: int,
-                  small_compressor: Compressor | None = None) -> int | None:
+def message_width(compressor: Compressor, segments: Sequence[int | tuple[int, Sequence[int] | None]],
+                  dtype: torch.dtype, min_numel: int, small_compressor: Compressor | None = None) -> int | None:
     """The padded size every rank's message for these segments fits in, or None when a
-    payload's size depends on the data (then sizes must be exchanged). Segments below
-    ``min_numel`` travel as raw bytes, or through ``small_compressor`` when one is set."""
+    payload's size depends on the data (then sizes must be exchanged). A segment is its
+    element count, or ``(count, part counts)`` for one whose parts are sparsified each on
+    its own budget (None: one budget). Segments below ``min_numel`` travel as raw bytes,
+    or through ``small_compressor`` when one is set."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     entries = []
-    for numel in segment_numels:
+    for segment in segments:
+        numel, parts = (segment, None) if isinstance(segment, int) else segment
         if numel < min_numel and small_compressor is None:
             entries.append(numel * itemsize)
             continue
-        size = (small_compressor if numel < min_numel else compressor).payload_size(numel, dtype)
+        if numel < min_numel:
+            size = small_compressor.payload_size(numel, dtype)
+        else:
+            size = compressor.payload_size(numel, dtype, parts)
         if size is None:
             return None
         entries.append(size[0])

@@ -46,6 +46,7 @@ class SelectContext:
 
 SelectFn = Callable[..., torch.Tensor]
 CountsFn = Callable[[int, int, Mapping[str, Any]], Sequence[int]]
+PartsFn = Callable[[Sequence[int], Mapping[str, Any]], bool]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,15 @@ class Sparsifier:
     options: Sequence[Option] = ()
     exact_k: bool = True  # returns exactly round(ratio * d) elements (or one of ``counts``)
     counts: CountsFn | None = None  # the element counts it can return for a target k, when not k itself
+    # Whether it can select each of several parts of one tensor on its own budget, inside
+    # one payload (None: never); ``select_parts`` does all parts at once where given.
+    per_part: PartsFn | None = None
+    select_parts: SelectFn | None = None
+
+    def selects_parts(self, part_numels: Sequence[int], config: Mapping[str, Any]) -> bool:
+        """Whether :func:`select_with` can keep each part's own budget inside one
+        payload for parts of these sizes, in order."""
+        return self.per_part is not None and self.exact_k and self.per_part(part_numels, config)
 
     def kept_counts(self, numel: int, k: int, config: Mapping[str, Any]) -> tuple[int, ...]:
         """Every number of elements :meth:`select` can return for ``k`` of ``numel`` (one
@@ -65,12 +75,25 @@ class Sparsifier:
             return (k,)
         return tuple(sorted(set(int(c) for c in self.counts(numel, k, config))))
 
+    def kept_counts_of_parts(self, part_numels: Sequence[int], ratio: float,
+                             config: Mapping[str, Any]) -> tuple[int, ...] | None:
+        """Every total :func:`select_with` can return over parts of these sizes, each on its
+        own budget; None when there are too many to list (the sizes are then exchanged)."""
+        totals = {0}
+        for numel in part_numels:
+            counts = self.kept_counts(numel, target_k(numel, ratio), config)
+            totals = {total + count for total in totals for count in counts}
+            if len(totals) > _MAX_TOTALS:
+                return None
+        return tuple(sorted(totals))
+
     def spec(self, ratio: float, config: Mapping[str, Any]) -> str:
         args = format_options(config, self.options)
         return f"{self.name}:{ratio:g}" + (f",{args}" if args else "")
 
 
 _SPARSIFIERS: dict[str, Sparsifier] = {}
+_MAX_TOTALS = 64
 
 
 def register_sparsifier(
@@ -79,6 +102,8 @@ def register_sparsifier(
     options: Sequence[Option] = (),
     exact_k: bool = True,
     counts: CountsFn | None = None,
+    per_part: PartsFn | None = None,
+    select_parts: SelectFn | None = None,
 ) -> Callable[[SelectFn], SelectFn]:
     """Register ``fn(abs_values, k, ctx, **options) -> indices`` under ``name``.
 
@@ -86,12 +111,21 @@ def register_sparsifier(
     ascending if it can do so cheaply (they are sorted otherwise). A sparsifier that keeps
     a number of elements other than ``k`` which is still known in advance (whole blocks)
     passes ``counts(numel, k, options)``: the counts it may return, so payload sizes can
-    still be computed ahead."""
+    still be computed ahead.
+
+    ``per_part(part_numels, options)`` says whether the sparsifier may select several
+    parts of one tensor (the tensors of a bucket) each on its own budget,
+    ``round(ratio * part numel)``, with the result sent as one payload: the selection it
+    makes per part must be what it would make of the part alone (a deterministic
+    sparsifier), and the union of the parts' selections must suit its index codec.
+    :func:`select_with` then calls ``fn`` once per part, or
+    ``select_parts(abs_values, part_numels, ks, ctx, **options)`` once where given."""
 
     def decorator(fn: SelectFn) -> SelectFn:
         if name in _SPARSIFIERS:
             raise RuntimeError(f"sparsifier {name!r} registered twice")
-        _SPARSIFIERS[name] = Sparsifier(name, wire_id("sparsifier", name), fn, description, tuple(options), exact_k, counts)
+        _SPARSIFIERS[name] = Sparsifier(name, wire_id("sparsifier", name), fn, description, tuple(options), exact_k, counts,
+                                        per_part, select_parts)
         return fn
 
     return decorator
@@ -155,9 +189,15 @@ def sparsify(
 
 
 def select_with(
-    entry: Sparsifier, config: Mapping[str, Any], x: torch.Tensor, ratio: float, ctx: SelectContext
+    entry: Sparsifier, config: Mapping[str, Any], x: torch.Tensor, ratio: float, ctx: SelectContext,
+    parts: Sequence[int] | None = None,
 ) -> SparseGrad:
+    """Select from ``x`` (flattened) at density ``ratio``; with ``parts`` (element counts
+    that tile ``x``, in order), each part at that density on its own, for a sparsifier
+    whose ``selects_parts`` allows it."""
     flat = x.reshape(-1)
+    if parts is not None:
+        return _select_parts(entry, config, flat, ratio, ctx, list(parts))
     k = target_k(flat.numel(), ratio)
     if k == flat.numel() and entry.exact_k:
         indices = torch.arange(k, device=flat.device)
@@ -168,6 +208,39 @@ def select_with(
         indices = entry.select(magnitude, k, ctx, **config)
         if not _is_ascending(indices):
             indices = torch.sort(indices).values
+    return SparseGrad(indices, flat.index_select(0, indices), flat.numel())
+
+
+def _select_parts(entry: Sparsifier, config: Mapping[str, Any], flat: torch.Tensor, ratio: float, ctx: SelectContext,
+                  parts: list[int]) -> SparseGrad:
+    if sum(parts) != flat.numel() or any(n < 0 for n in parts):
+        raise ValueError(f"parts {parts} do not tile a tensor of {flat.numel()} elements")
+    if not entry.selects_parts(parts, config):
+        raise ConfigError(f"sparsifier {entry.name!r} cannot select parts of {parts} elements on their own budgets "
+                          "in one payload")
+    ks = [target_k(n, ratio) for n in parts]
+    if ks == parts:
+        indices = torch.arange(flat.numel(), device=flat.device)
+    elif not any(ks):
+        indices = torch.empty(0, dtype=torch.int64, device=flat.device)
+    else:
+        magnitude = torch.abs(flat, out=ctx.buffer("magnitude", flat.numel(), flat.dtype, flat.device))
+        if entry.select_parts is not None:
+            indices = entry.select_parts(magnitude, parts, ks, ctx, **config)
+        else:
+            pieces, offset = [], 0
+            for numel, k in zip(parts, ks):
+                if k == numel:
+                    piece = torch.arange(numel, device=flat.device)
+                elif k == 0:
+                    piece = torch.empty(0, dtype=torch.int64, device=flat.device)
+                else:
+                    piece = entry.select(magnitude.narrow(0, offset, numel), k, ctx, **config)
+                    if not _is_ascending(piece):
+                        piece = torch.sort(piece).values
+                pieces.append(piece + offset)
+                offset += numel
+            indices = torch.cat(pieces)
     return SparseGrad(indices, flat.index_select(0, indices), flat.numel())
 
 

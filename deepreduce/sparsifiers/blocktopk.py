@@ -27,7 +27,7 @@ are declared, so payload sizes can still be computed ahead (the larger one bound
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -73,6 +73,31 @@ def block_scores(magnitude: torch.Tensor, block: int, norm: str) -> torch.Tensor
     return scores
 
 
+def aligned_parts(part_numels: Sequence[int], config: Mapping[str, Any]) -> bool:
+    """Parts (tensors laid end to end) whose blocks are blocks of the whole: every part but
+    the last a whole number of blocks."""
+    return all(numel % config["block"] == 0 for numel in part_numels[:-1])
+
+
+def blocktopk_parts(magnitude: torch.Tensor, part_numels: Sequence[int], ks: Sequence[int], ctx: SelectContext,
+                    block: int = 64, norm: str = "l1") -> torch.Tensor:
+    """:func:`blocktopk` of each part at its own ``k``, at once: the blocks of aligned parts
+    are the whole's, so one score pass and one sort rank them all; a second, stable sort
+    by part keeps each part's descending order and its ties (lower block first)."""
+    device = magnitude.device
+    scores = block_scores(magnitude, block, norm)
+    part_blocks = [-(-numel // block) for numel in part_numels]
+    kept = [kept_blocks(numel, k, block) for numel, k in zip(part_numels, ks)]
+    starts = torch.tensor([0, *part_blocks], device=device).cumsum(0)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    part = torch.bucketize(order, starts[1:], right=True)
+    by_part = torch.sort(part, stable=True)
+    order, part = order.index_select(0, by_part.indices), by_part.values
+    rank = torch.arange(order.numel(), device=device) - starts.index_select(0, part)
+    chosen = order[rank < torch.tensor(kept, device=device).index_select(0, part)]
+    return expand_blocks(torch.sort(chosen).values, block, magnitude.numel())
+
+
 @register_sparsifier(
     "blocktopk",
     "the round(k/block) aligned blocks of `block` elements with the largest mean |x| (or |x|^2), whole; "
@@ -83,6 +108,8 @@ def block_scores(magnitude: torch.Tensor, block: int, norm: str) -> torch.Tensor
         Option("norm", str, "l1", "block score: mean of magnitudes (l1) or of squares (l2)", choices=("l1", "l2")),
     ),
     counts=block_counts,
+    per_part=aligned_parts,
+    select_parts=blocktopk_parts,
 )
 def blocktopk(magnitude: torch.Tensor, k: int, ctx: SelectContext, block: int = 64, norm: str = "l1") -> torch.Tensor:
     numel = magnitude.numel()

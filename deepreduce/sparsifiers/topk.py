@@ -9,6 +9,7 @@ tensor.
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -17,7 +18,12 @@ from . import SelectContext, register_sparsifier
 from ._search import EXACT_BELOW, count_at_least, keep_top, largest, sample_threshold, strided_sample
 
 
-@register_sparsifier("topk", "exact top-k by magnitude (sampled threshold, then topk of the candidates)")
+def _any_parts(part_numels: Sequence[int], config: Mapping[str, Any]) -> bool:
+    return True
+
+
+@register_sparsifier("topk", "exact top-k by magnitude (sampled threshold, then topk of the candidates)",
+                     per_part=_any_parts)
 def topk(magnitude: torch.Tensor, k: int, ctx: SelectContext) -> torch.Tensor:
     d = magnitude.numel()
     if d <= EXACT_BELOW or k > d // 4:

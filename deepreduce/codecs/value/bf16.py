@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .. import CodecContext, PartSize, ValueCodec, ValueEncoding, register_value_codec
@@ -13,6 +15,9 @@ class BFloat16ValueCodec(ValueCodec):
     name = "bf16"
     description = "bfloat16 values: 16 bits, fp32's range, relative error <= 2^-9"
     lossless = False
+
+    def packs(self, run_counts: Sequence[Sequence[int]]) -> bool:
+        return True  # each value is rounded on its own
 
     def encode(self, values: torch.Tensor, ctx: CodecContext) -> ValueEncoding:
         return ValueEncoding(as_bytes(values.to(torch.bfloat16)), b"")

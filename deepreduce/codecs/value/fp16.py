@@ -6,6 +6,8 @@ chosen so the largest finite magnitude lands in [2^14, 2^15): values travel as
 ``fp16(v * 2^e)``. Scaling by a power of two is exact, so the only error is
 float16's rounding (relative error <= 2^-11 for all but values ~2^25 below the
 largest). Non-finite values stay non-finite, so overflow detection (AMP) still works.
+The exponent is the payload's, so tensors sharing a payload would share it: the
+engine keeps fp16 payloads per tensor (``ValueCodec.packs``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 import torch
 
 from ..._bits import host_array

@@ -25,6 +25,7 @@ still fire.
 from __future__ import annotations
 
 import struct
+from typing import Sequence
 
 import torch
 
@@ -131,6 +132,11 @@ class UniformValueCodec(ValueCodec):
         low = low64.unsqueeze(1).expand(-1, width).reshape(-1)[:k]
         high = high64.unsqueeze(1).expand(-1, width).reshape(-1)[:k]
         return part, (sign * (low + (high - low) * (level.to(torch.float64) / steps))).to(ctx.dtype)
+
+    def packs(self, run_counts: Sequence[Sequence[int]]) -> bool:
+        # A block spanning two runs would share one scale between them.
+        block = self.config["block"]
+        return all(count % block == 0 for counts in run_counts[:-1] for count in counts)
 
     def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
         bits, block = self.config["bits"], self.config["block"]

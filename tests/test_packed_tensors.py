@@ -1,0 +1,200 @@
+"""Per-tensor budgets in one payload (``Engine(pack_tensors=True)``, the default): adjacent
+large tensors of a bucket travel as one payload while each keeps its own top-k budget.
+What the receivers decode must be what per-tensor payloads give -- bit for bit where no
+value block spans two tensors -- for fewer bytes, and every rank must merge alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deepreduce as dr
+from deepreduce.apps.bench.profile import LoopbackTransport
+from deepreduce.engine import Engine, Segment
+from deepreduce.sparsifiers import SelectContext, get_sparsifier, select_with
+from deepreduce.sparsifiers.blocktopk import blocktopk_parts
+
+# value blocks of 16 values = one block of positions: each tensor's values are coded alike packed or not
+BLOCKS = "blocktopk:0.2,block=16/blocks:block=16/uniform:bits=1,block=16,scale=bf16"
+
+
+def _per_part(name: str, config: dict, flat: torch.Tensor, ratio: float, parts: list[int]) -> torch.Tensor:
+    entry, pieces, offset = get_sparsifier(name), [], 0
+    for numel in parts:
+        chosen = select_with(entry, config, flat[offset:offset + numel], ratio, SelectContext())
+        pieces.append(chosen.indices + offset)
+        offset += numel
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blocktopk_of_parts_is_blocktopk_of_each_part(seed):
+    """One sort over every part's blocks picks, per part, exactly the blocks blocktopk
+    picks from the part alone: descending score, ties to the lower block, NaN first, a
+    short last block, a part kept whole."""
+    gen = torch.Generator().manual_seed(seed)
+    block = 16
+    parts = [block * int(n) for n in torch.randint(1, 12, (4,), generator=gen)] + [int(torch.randint(1, 60, (1,), generator=gen))]
+    flat = torch.randn(sum(parts), generator=gen)
+    flat[: 2 * block] = 1.0  # tied blocks
+    flat[-3] = float("nan") if seed % 2 else flat[-3]
+    if seed % 3 == 0:
+        flat[block * 3: block * 5] = 0.0  # tied zero blocks
+    config = {"block": block, "norm": "l1" if seed % 2 else "l2"}
+    for ratio in (0.05, 0.3, 0.9):
+        want = _per_part("blocktopk", config, flat, ratio, parts)
+        got = select_with(get_sparsifier("blocktopk"), config, flat, ratio, SelectContext(), parts)
+        assert torch.equal(got.indices, want), (parts, ratio)
+        torch.testing.assert_close(got.values, flat[want], rtol=0, atol=0, equal_nan=True)
+
+
+def test_blocktopk_parts_called_directly_keeps_each_budget():
+    magnitude = torch.arange(64, dtype=torch.float32)  # later blocks score higher
+    chosen = blocktopk_parts(magnitude, [32, 32], [8, 16], SelectContext(), block=8)
+    assert torch.equal(chosen, torch.cat([torch.arange(24, 32), torch.arange(48, 64)]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_topk_of_parts_is_topk_of_each_part(seed):
+    gen = torch.Generator().manual_seed(seed)
+    parts = [int(n) for n in torch.randint(1, 50_000, (5,), generator=gen)]
+    flat = torch.randn(sum(parts), generator=gen)
+    for ratio in (0.01, 0.3):
+        want = _per_part("topk", {}, flat, ratio, parts)
+        got = select_with(get_sparsifier("topk"), {}, flat, ratio, SelectContext(), parts)
+        assert torch.equal(got.indices, want)
+
+
+def test_parts_are_refused_where_they_cannot_be_kept_apart():
+    entry = get_sparsifier("blocktopk")
+    with pytest.raises(ValueError, match="do not tile"):
+        select_with(entry, {"block": 8, "norm": "l1"}, torch.randn(40), 0.5, SelectContext(), [16, 16])
+    with pytest.raises(dr.ConfigError, match="cannot select parts"):  # a part that is not whole blocks
+        select_with(entry, {"block": 8, "norm": "l1"}, torch.randn(40), 0.5, SelectContext(), [20, 20])
+    with pytest.raises(dr.ConfigError, match="cannot select parts"):
+        select_with(get_sparsifier("randomk"), {}, torch.randn(40), 0.5, SelectContext(), [20, 20])
+    assert dr.Compressor.from_spec(BLOCKS).packs_parts([32, 48, 7])
+    assert not dr.Compressor.from_spec(BLOCKS).packs_parts([30, 48])
+    assert not dr.Compressor.from_spec("randomk:0.1").packs_parts([30, 48])
+    assert not dr.Compressor.from_spec("topk:0.1").packs_parts([30])
+    # What receivers decode would change: a shared fp16 exponent, a shared uniform scale,
+    # qsgd's random stream, a Bloom filter over both tensors.
+    assert dr.Compressor.from_spec("topk:0.1/eliasfano/bf16").packs_parts([30, 48])
+    assert not dr.Compressor.from_spec("topk:0.1/eliasfano/fp16").packs_parts([30, 48])
+    assert not dr.Compressor.from_spec("topk:0.1/eliasfano/qsgd").packs_parts([3000, 4800])
+    assert not dr.Compressor.from_spec("topk:0.1/bloom/bf16").packs_parts([3000, 4800])
+    assert not dr.Compressor.from_spec("topk:0.1/eliasfano/uniform:bits=1,block=128").packs_parts([3000, 4800])
+    assert dr.Compressor.from_spec("topk:0.1/eliasfano/uniform:bits=1,block=128").packs_parts([1280, 4800])
+    assert not dr.Compressor.from_spec(BLOCKS.replace("block=16,", "block=32,")).packs_parts([32, 48])
+
+
+def _engine(world: int, spec: str, **options) -> Engine:
+    return Engine(LoopbackTransport(world), dr.Compressor.from_spec(spec), **options)
+
+
+def _segments(sizes: list[int]) -> list[Segment]:
+    out, offset = [], 0
+    for i, numel in enumerate(sizes):
+        out.append(Segment(f"t{i}", offset, numel))
+        offset += numel
+    return out
+
+
+@pytest.mark.parametrize("spec, small", [(BLOCKS, "cyclic:0.125/strided/fp16"), ("topk:0.05/eliasfano/bf16", None),
+                                         ("topk:0.05/eliasfano/raw", "topk:1/strided/uniform:bits=8")])
+@pytest.mark.parametrize("size_exchange", ["auto", "always"])
+def test_packed_tensors_average_as_per_tensor_payloads_do(spec, small, size_exchange):
+    """Over steps of error feedback, packed and per-tensor payloads give bitwise the same
+    averages and residuals (these value codecs code each tensor's values alike either way),
+    the packed message is smaller, and its width is computed without a size exchange."""
+    sizes = [256, 512, 48, 1024, 320, 40, 33]  # large, large, small, large, large, small, small
+    segments = _segments(sizes)
+    engines = [_engine(3, spec, min_numel=64, small_compressor=small, pack_tensors=pack,
+                      size_exchange=size_exchange, dense_fallback=False) for pack in (False, True)]
+    assert [len(e._segments(torch.zeros(sum(sizes)), segments, 0)) for e in engines] == [7, 5]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        grad = torch.randn(sum(sizes), generator=gen)
+        outs = [e.reduce(grad.clone(), segments).wait().clone() for e in engines]
+        for e in engines:
+            e.end_step()
+        assert torch.equal(outs[0], outs[1])
+        for seg in segments:
+            residuals = [e.memory.residual(seg.name) for e in engines]
+            assert (residuals == [None, None] if seg.numel < 64 and small is None
+                    else torch.equal(residuals[0], residuals[1])), seg.name
+    per_tensor, packed = (e.stats() for e in engines)
+    assert packed["payload_bytes"] < per_tensor["payload_bytes"]
+    assert packed["kept"] == per_tensor["kept"]
+    if size_exchange == "auto":
+        assert packed["size_exchanges"] == 0
+
+
+def test_packing_follows_the_density_of_the_step():
+    """``uniform`` values pack only while each tensor keeps whole value blocks: during a
+    density warm-up the counts change step by step, and so does the layout -- alike on
+    every rank, with residuals kept per tensor across the changes."""
+    spec = "topk:0.125/eliasfano/uniform:bits=1,block=16"
+    sizes = [1024, 512]
+    engines = [_engine(2, spec, min_numel=64, dense_fallback=False, density_warmup=4, pack_tensors=pack)
+               for pack in (False, True)]
+    grads = [torch.randn(1536, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    merged = []
+    for grad in grads:
+        merged.append(len(engines[1]._segments(grad, _segments(sizes), 0)) == 1)
+        outs = [e.reduce(grad.clone(), _segments(sizes)).wait().clone() for e in engines]
+        assert torch.equal(outs[0], outs[1])
+        for e in engines:
+            e.end_step()
+    # warm-up densities 0.125 ** (1/4, 2/4, 3/4): no whole blocks of 16 of the first tensor before 0.125
+    assert merged == [False, False, False, True, True, True]
+
+
+def test_only_adjacent_large_tensors_of_a_packing_sparsifier_merge():
+    sizes = [256, 512, 48, 1024, 320]
+    big = torch.zeros(sum(sizes))
+    merged = _engine(2, BLOCKS, min_numel=64)._segments(big, _segments(sizes), 0)
+    assert [(s.offset, s.numel, s.part_numels) for s in merged] == [(0, 768, (256, 512)), (768, 48, None),
+                                                                    (816, 1344, (1024, 320))]
+    assert merged[0].name == ("t0", "t1") and merged[0].per_part
+    for engine in (_engine(2, "randomk:0.1", min_numel=64),  # random: not per part
+                   _engine(2, BLOCKS, min_numel=64, pack_tensors=False),
+                   _engine(2, "blocktopk:0.2,block=16/blocks:block=16/fp16", min_numel=64, scheme="shared_index")):
+        assert engine._segments(big, _segments(sizes), 0) == _segments(sizes)
+    unaligned = [256, 500, 512]  # 500 is not whole blocks of 16: it cannot lead another tensor
+    assert [s.numel for s in _engine(2, BLOCKS, min_numel=64)._segments(
+        torch.zeros(1268), _segments(unaligned), 0)] == [256, 500, 512]
+
+
+def test_packing_is_part_of_the_agreed_configuration():
+    on = _engine(2, BLOCKS)
+    off = _engine(2, BLOCKS, pack_tensors=False)
+    assert on.describe()["pack_tensors"] is True and off.describe()["pack_tensors"] is False
+    with pytest.raises(dr.ConfigError, match="pack_tensors must be True or False"):
+        _engine(2, BLOCKS, pack_tensors="yes")
+
+
+def test_residuals_saved_per_tensor_resume_into_packed_payloads():
+    """A checkpoint taken with per-tensor payloads resumes with packed ones (residuals are
+    kept per tensor either way) and continues exactly as the per-tensor run does."""
+    sizes = [256, 512, 320]
+    segments = _segments(sizes)
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(sum(sizes), generator=gen) for _ in range(4)]
+    straight = _engine(2, BLOCKS, min_numel=64, pack_tensors=False)
+    first = _engine(2, BLOCKS, min_numel=64, pack_tensors=False)
+    want = []
+    for grad in grads:
+        want.append(straight.reduce(grad.clone(), segments).wait().clone())
+        straight.end_step()
+    for grad in grads[:2]:
+        first.reduce(grad.clone(), segments).wait()
+        first.end_step()
+    resumed = _engine(2, BLOCKS, min_numel=64)
+    resumed.load_state_dict(first.state_dict())
+    for grad, expected in zip(grads[2:], want[2:]):
+        assert torch.equal(resumed.reduce(grad.clone(), segments).wait(), expected)
+        resumed.end_step()
+    again = _engine(2, BLOCKS, min_numel=64, pack_tensors=False)
+    again.load_state_dict(resumed.state_dict())  # and back: saved per tensor
+    assert set(again.memory.state_dict()["residuals"]) >= {"t0", "t1", "t2"}
