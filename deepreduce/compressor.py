@@ -16,6 +16,8 @@ at exactly those positions from the dense tensor -> encode values -> frame
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -227,13 +229,15 @@ class Compressor:
         numel = flat.numel()
         if numel > wire.MAX_NUMEL:
             raise ValueError(f"tensor of {numel} elements exceeds the payload limit of {wire.MAX_NUMEL}")
+        if parts is not None and not self.index_codec.lossless:
+            raise ConfigError(f"compressor {self.spec}: tensors can share a payload only with a lossless index codec")
         stream = rng.stream_key(key)
         step = self._next_step(stream, step)
         rng_seed = rng.stream_seed(self.seed, step, stream)
         selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio,
                                SelectContext(rng_seed, step, getattr(self, "_scratch", None)), parts)
         mark(timer, "select")
-        ctx = CodecContext(numel, flat.dtype, flat.device, rng_seed)
+        ctx = CodecContext(numel, flat.dtype, flat.device, rng_seed, _runs(selected.indices, parts))
         index_part = self.index_codec.encode(selected.indices, ctx)
         indices = index_part.indices
         mark(timer, "index encode")
@@ -300,15 +304,19 @@ class Compressor:
         if not self.sparsifier.exact_k:
             return None
         if parts is not None:
-            counts = self.sparsifier.kept_counts_of_parts(parts, self.ratio, self.sparsifier_config)
-            if counts is None:
+            # Every combination of the parts' counts (whole blocks: a last part may keep one of two).
+            options = [self.sparsifier.kept_counts(n, target_k(n, self.ratio), self.sparsifier_config) for n in parts]
+            if math.prod(len(o) for o in options) > _MAX_COUNT_COMBINATIONS:
                 return None
+            runs_options = list(itertools.product(*options))
         else:
-            counts = self.sparsifier.kept_counts(numel, target_k(numel, self.ratio), self.sparsifier_config)
+            runs_options = [(k,) for k in self.sparsifier.kept_counts(numel, target_k(numel, self.ratio),
+                                                                      self.sparsifier_config)]
         sizes = []
-        for k in counts:  # one count, or a few (whole blocks): the largest payload bounds them all
+        for runs in runs_options:  # one count, or a few (whole blocks): the largest payload bounds them all
+            k = sum(runs)
             index = self.index_codec.encoded_size(numel, k, dtype)
-            value = self.value_codec.encoded_size(numel, k, dtype)
+            value = self.value_codec.encoded_size_runs(numel, runs, dtype)
             if index is None or value is None:
                 return None
             # pad8 is monotone, so a bound on the index part bounds its padded length too.
@@ -329,6 +337,18 @@ class Compressor:
     def decompress(self, payload: torch.Tensor) -> SparseGrad:
         """Decode a payload (from any compressor configuration: the header says all)."""
         return decode(payload)
+
+
+_MAX_COUNT_COMBINATIONS = 64  # beyond that a packed payload's size is exchanged, not computed
+
+
+def _runs(indices: torch.Tensor, parts: Sequence[int] | None) -> tuple[int, ...] | None:
+    """How many of the ascending ``indices`` fall in each of ``parts`` (None without parts)."""
+    if parts is None:
+        return None
+    ends = torch.tensor(list(itertools.accumulate(parts)), device=indices.device)
+    cut = torch.searchsorted(indices, ends)
+    return tuple(int(n) for n in torch.diff(cut, prepend=cut.new_zeros(1)).tolist())
 
 
 def _given_options(codec: Any) -> dict[str, Any]:

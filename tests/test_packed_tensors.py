@@ -5,6 +5,8 @@ value block spans two tensors -- for fewer bytes, and every rank must merge alik
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 
@@ -73,7 +75,10 @@ def test_parts_are_refused_where_they_cannot_be_kept_apart():
         select_with(entry, {"block": 8, "norm": "l1"}, torch.randn(40), 0.5, SelectContext(), [20, 20])
     with pytest.raises(dr.ConfigError, match="cannot select parts"):
         select_with(get_sparsifier("randomk"), {}, torch.randn(40), 0.5, SelectContext(), [20, 20])
-    assert dr.Compressor.from_spec(BLOCKS).packs_parts([32, 48, 7])
+    assert dr.Compressor.from_spec(BLOCKS).packs_parts([32, 48, 64])
+    assert dr.Compressor.from_spec(BLOCKS.replace("uniform:bits=1,block=16,scale=bf16", "raw")).packs_parts([32, 48, 7])
+    # ... but 7 values coded on their own would make a narrower block than in a shared payload
+    assert not dr.Compressor.from_spec(BLOCKS).packs_parts([32, 48, 7])
     assert not dr.Compressor.from_spec(BLOCKS).packs_parts([30, 48])
     assert not dr.Compressor.from_spec("randomk:0.1").packs_parts([30, 48])
     assert not dr.Compressor.from_spec("topk:0.1").packs_parts([30])
@@ -83,8 +88,9 @@ def test_parts_are_refused_where_they_cannot_be_kept_apart():
     assert not dr.Compressor.from_spec("topk:0.1/eliasfano/fp16").packs_parts([30, 48])
     assert not dr.Compressor.from_spec("topk:0.1/eliasfano/qsgd").packs_parts([3000, 4800])
     assert not dr.Compressor.from_spec("topk:0.1/bloom/bf16").packs_parts([3000, 4800])
-    assert not dr.Compressor.from_spec("topk:0.1/eliasfano/uniform:bits=1,block=128").packs_parts([3000, 4800])
-    assert dr.Compressor.from_spec("topk:0.1/eliasfano/uniform:bits=1,block=128").packs_parts([1280, 4800])
+    # uniform blocks restart at each tensor: every tensor must keep at least a block of values
+    assert dr.Compressor.from_spec("topk:0.1/eliasfano/uniform:bits=1,block=128").packs_parts([3000, 4800])
+    assert not dr.Compressor.from_spec("topk:0.1/eliasfano/uniform:bits=1,block=128").packs_parts([3000, 1000])
     assert not dr.Compressor.from_spec(BLOCKS.replace("block=16,", "block=32,")).packs_parts([32, 48])
 
 
@@ -131,23 +137,26 @@ def test_packed_tensors_average_as_per_tensor_payloads_do(spec, small, size_exch
 
 
 def test_packing_follows_the_density_of_the_step():
-    """``uniform`` values pack only while each tensor keeps whole value blocks: during a
-    density warm-up the counts change step by step, and so does the layout -- alike on
-    every rank, with residuals kept per tensor across the changes."""
-    spec = "topk:0.125/eliasfano/uniform:bits=1,block=16"
-    sizes = [1024, 512]
+    """``uniform`` blocks restart at each tensor, so its values pack while every tensor
+    keeps at least a block of them: during a density warm-up the counts fall step by step,
+    and the layout changes -- alike on every rank, with the same averages as per-tensor
+    payloads and residuals kept per tensor across the change."""
+    spec = "topk:0.125/eliasfano/uniform:bits=1,block=32"
+    sizes = [1000, 200]  # the second keeps 118, 70, 42, then 25 values: under a block of 32
     engines = [_engine(2, spec, min_numel=64, dense_fallback=False, density_warmup=4, pack_tensors=pack)
                for pack in (False, True)]
-    grads = [torch.randn(1536, generator=torch.Generator().manual_seed(s)) for s in range(6)]
     merged = []
-    for grad in grads:
+    for seed in range(6):
+        grad = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(seed))
         merged.append(len(engines[1]._segments(grad, _segments(sizes), 0)) == 1)
         outs = [e.reduce(grad.clone(), _segments(sizes)).wait().clone() for e in engines]
         assert torch.equal(outs[0], outs[1])
         for e in engines:
             e.end_step()
-    # warm-up densities 0.125 ** (1/4, 2/4, 3/4): no whole blocks of 16 of the first tensor before 0.125
-    assert merged == [False, False, False, True, True, True]
+        for name in ("t0", "t1"):
+            assert torch.equal(engines[0].memory.residual(name), engines[1].memory.residual(name))
+    assert merged == [True, True, True, False, False, False]
+    assert engines[1].stats()["payload_bytes"] < engines[0].stats()["payload_bytes"]
 
 
 def test_only_adjacent_large_tensors_of_a_packing_sparsifier_merge():
@@ -161,9 +170,9 @@ def test_only_adjacent_large_tensors_of_a_packing_sparsifier_merge():
                    _engine(2, BLOCKS, min_numel=64, pack_tensors=False),
                    _engine(2, "blocktopk:0.2,block=16/blocks:block=16/fp16", min_numel=64, scheme="shared_index")):
         assert engine._segments(big, _segments(sizes), 0) == _segments(sizes)
-    unaligned = [256, 500, 512]  # 500 is not whole blocks of 16: it cannot lead another tensor
+    unaligned = [256, 500, 512, 320]  # 500 is not whole blocks of 16: it ends a run, the next starts anew
     assert [s.numel for s in _engine(2, BLOCKS, min_numel=64)._segments(
-        torch.zeros(1268), _segments(unaligned), 0)] == [256, 500, 512]
+        torch.zeros(1588), _segments(unaligned), 0)] == [756, 832]
 
 
 def test_packing_is_part_of_the_agreed_configuration():
@@ -198,3 +207,66 @@ def test_residuals_saved_per_tensor_resume_into_packed_payloads():
     again = _engine(2, BLOCKS, min_numel=64, pack_tensors=False)
     again.load_state_dict(resumed.state_dict())  # and back: saved per tensor
     assert set(again.memory.state_dict()["residuals"]) >= {"t0", "t1", "t2"}
+
+
+@pytest.mark.parametrize("value", ["uniform:bits=1,block=32", "uniform:bits=1,block=32,scale=bf16",
+                                   "uniform:bits=3,block=32", "uniform:bits=8,block=32,scale=bf16", "bf16", "raw"])
+def test_a_packed_payload_decodes_to_the_per_tensor_payloads(value):
+    """``compress_detailed(parts=...)`` with a per-element top-k: the tensors' values
+    decode exactly as their own payloads would (``uniform`` blocks restart at each
+    tensor, its runs written in the payload), and the payload's size is the one
+    ``payload_size`` computes ahead."""
+    spec = f"topk:0.07/eliasfano/{value}"
+    compressor = dr.Compressor.from_spec(spec)
+    parts = [1000, 457, 2048, 600]  # 70, 32, 143, 42 values: blocks of 32 span no tensor
+    assert compressor.packs_parts(parts)
+    flat = torch.randn(sum(parts), generator=torch.Generator().manual_seed(7))
+    packed = compressor.compress_detailed(flat, step=0, key="run", parts=parts)
+    decoded = dr.decode(packed.payload)
+    assert torch.equal(decoded.indices, packed.sent.indices) and torch.equal(decoded.values, packed.sent.values)
+    offset, pieces = 0, []
+    for numel in parts:
+        alone = dr.decode(compressor.compress_detailed(flat[offset:offset + numel], step=0, key="t").payload)
+        pieces.append((alone.indices + offset, alone.values))
+        offset += numel
+    assert torch.equal(decoded.indices, torch.cat([i for i, _ in pieces]))
+    assert torch.equal(decoded.values, torch.cat([v for _, v in pieces]))
+    size, exact = compressor.payload_size(flat.numel(), flat.dtype, parts)
+    assert packed.payload.numel() <= size and (packed.payload.numel() == size or not exact)
+
+
+def test_runs_shorter_than_a_block_still_decode_within_the_codes_bound():
+    """Called directly with tensors that keep fewer values than a block, the payload is
+    valid and its 1-bit code errs less than the values' norm, per tensor."""
+    compressor = dr.Compressor.from_spec("topk:0.05/eliasfano/uniform:bits=1,block=128")
+    parts = [400, 3000, 100]  # 20, 150 and 5 values
+    assert not compressor.packs_parts(parts)
+    flat = torch.randn(3500, generator=torch.Generator().manual_seed(2))
+    result = compressor.compress_detailed(flat, step=0, parts=parts)
+    decoded = dr.decode(result.payload)
+    assert torch.equal(decoded.values, result.sent.values)
+    for lo, hi in ((0, 400), (400, 3400), (3400, 3500)):
+        mine = (decoded.indices >= lo) & (decoded.indices < hi)
+        truth = flat[decoded.indices[mine]]
+        assert (decoded.values[mine] - truth).norm() < truth.norm()
+        assert decoded.values[mine].abs().unique().numel() <= -(-int(mine.sum()) // 128)  # one scale per block
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda params: params[:-4], "runs need"),
+    (lambda params: params[:-4] + struct.pack("<I", 7), "runs of"),
+    (lambda params: params[:6] + struct.pack("<I", 1000) + params[10:], "runs need"),
+])
+def test_malformed_runs_are_refused(mutate, match):
+    from deepreduce.codecs import CodecContext
+    from deepreduce.codecs.value.uniform import UniformValueCodec
+
+    codec = UniformValueCodec(bits=1, block=8)
+    ctx = CodecContext(100, torch.float32, torch.device("cpu"), runs=(10, 5, 9))
+    part = codec.encode(torch.randn(24), ctx)
+    assert len(part.params) == 10 + 4 * 3
+    assert UniformValueCodec.decode(part.data, part.params, 24, ctx).numel() == 24
+    with pytest.raises(dr.DecodeError, match=match):
+        UniformValueCodec.decode(part.data, mutate(part.params), 24, ctx)
+    with pytest.raises(dr.DecodeError, match="expected"):  # the scales of 2 + 1 + 2 blocks, not 3
+        UniformValueCodec.decode(part.data[:-4], part.params, 24, ctx)

@@ -34,6 +34,9 @@ class CodecContext:
     dtype: torch.dtype
     device: torch.device
     rng_seed: int = 0
+    # Values per tensor when several share the payload (in order, summing to k); a value
+    # codec that codes values in blocks may restart its blocks at each run. Encoding only.
+    runs: tuple[int, ...] | None = None
 
     def generator(self, salt: int) -> torch.Generator:
         return rng.generator(self.rng_seed, salt, self.device)
@@ -144,6 +147,10 @@ class ValueCodec(_Codec):
         """The size of the part :meth:`encode` makes for ``k`` values of ``dtype``, whatever
         they are; None when it depends on the data (see :meth:`IndexCodec.encoded_size`)."""
         return None
+
+    def encoded_size_runs(self, numel: int, runs: Sequence[int], dtype: torch.dtype) -> PartSize | None:
+        """:meth:`encoded_size` for values coded with ``CodecContext.runs`` set to ``runs``."""
+        return self.encoded_size(numel, sum(runs), dtype)
 
     def packs(self, run_counts: Sequence[Sequence[int]]) -> bool:
         """Whether runs of values laid end to end (run ``i`` of any length in

@@ -22,9 +22,10 @@ bucket back into a parameter no rank used, so whatever its slot carried would be
 A key may cover several named parts (one top-k over a whole DDP bucket): ``parts``
 lists ``(name, numel)`` in buffer order. Such a residual is saved split by part, and a
 key that is not stored is assembled from the parts wherever they were kept before (a
-parameter's own key, or another bucket's), so a changed bucket layout -- DDP's rebuilt
-buckets, another ``bucket_cap_mb``, a resume in another training loop -- loses nothing
-and never mixes parameters.
+parameter's own key, or another bucket's), and a parameter's own key takes its part
+out of a multi-part key that holds it, so a changed bucket layout -- DDP's rebuilt
+buckets, another ``bucket_cap_mb``, packed payloads that follow the density, a resume
+in another training loop -- loses nothing and never mixes parameters.
 """
 
 from __future__ import annotations
@@ -163,6 +164,14 @@ class ErrorFeedback:
                 for (_, numel), p in zip(parts, pieces)
             ])
 
+    def _claim(self, key: Hashable) -> None:
+        """Split the multi-part key that holds ``key`` as a part, if one does (a tensor
+        that shared a payload travels on its own again)."""
+        for whole, parts in list(self.layouts.items()):
+            if any(name == key for name, _ in parts):
+                self._split(whole)
+                return
+
     def _stored(self, table: dict[Hashable, torch.Tensor], key: Hashable, numel: int, dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor | None:
         stored = table.get(key)
@@ -192,6 +201,8 @@ class ErrorFeedback:
             return flat.to(dtype, copy=True)
         if parts is not None and key not in self.layouts:
             self._assemble(key, parts)
+        elif parts is None and key not in self.residuals and key not in self.velocities:
+            self._claim(key)
         self._set_aside(key, parts, flat.numel())
         had_velocity = False
         if self.momentum:

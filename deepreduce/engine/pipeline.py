@@ -524,29 +524,36 @@ class Engine:
         return segments
 
     def _packed(self, segments: list[Segment]) -> list[Segment]:
-        """``segments`` with each run of adjacent tensors at or above ``min_numel`` merged
-        into one segment of per-part budgets (``pack_tensors``), where the compressor can
-        select them part by part and receivers then decode what per-tensor payloads give
-        (``Compressor.packs_parts``), and the scheme is the all-gather. Decided from sizes
-        and the step's density alone, so every rank merges alike."""
+        """``segments`` with runs of adjacent tensors at or above ``min_numel`` merged into
+        segments of per-part budgets (``pack_tensors``), each run as long as the compressor
+        can carry it part by part with receivers decoding what per-tensor payloads give
+        (``Compressor.packs_parts``), under the all-gather scheme. Decided from sizes and
+        the step's density alone, so every rank merges alike."""
         if not self.pack_tensors or self.scheme != "allgather" or self.plan is not None or len(segments) < 2:
             return segments
         compressor = self._step_compressor()  # its density decides the counts a value codec must pack
         out: list[Segment] = []
         run: list[Segment] = []
-        for seg in [*segments, None]:
-            if seg is not None and seg.parts is None and seg.numel >= self.min_numel:
-                run.append(seg)
-                continue
-            if len(run) > 1 and compressor.packs_parts([s.numel for s in run]):
+
+        def close() -> None:
+            if len(run) > 1:
                 parts = tuple((s.name, s.numel) for s in run)
                 out.append(Segment(tuple(name for name, _ in parts), run[0].offset, sum(s.numel for s in run),
                                    parts=parts, per_part=True))
             else:
                 out.extend(run)
-            run = []
-            if seg is not None:
+            run.clear()
+
+        for seg in segments:
+            if seg.parts is not None or seg.numel < self.min_numel:
+                close()
                 out.append(seg)
+            elif run and not compressor.packs_parts([s.numel for s in run] + [seg.numel]):
+                close()
+                run.append(seg)
+            else:
+                run.append(seg)
+        close()
         return out
 
     @property

@@ -75,25 +75,12 @@ class Sparsifier:
             return (k,)
         return tuple(sorted(set(int(c) for c in self.counts(numel, k, config))))
 
-    def kept_counts_of_parts(self, part_numels: Sequence[int], ratio: float,
-                             config: Mapping[str, Any]) -> tuple[int, ...] | None:
-        """Every total :func:`select_with` can return over parts of these sizes, each on its
-        own budget; None when there are too many to list (the sizes are then exchanged)."""
-        totals = {0}
-        for numel in part_numels:
-            counts = self.kept_counts(numel, target_k(numel, ratio), config)
-            totals = {total + count for total in totals for count in counts}
-            if len(totals) > _MAX_TOTALS:
-                return None
-        return tuple(sorted(totals))
-
     def spec(self, ratio: float, config: Mapping[str, Any]) -> str:
         args = format_options(config, self.options)
         return f"{self.name}:{ratio:g}" + (f",{args}" if args else "")
 
 
 _SPARSIFIERS: dict[str, Sparsifier] = {}
-_MAX_TOTALS = 64
 
 
 def register_sparsifier(

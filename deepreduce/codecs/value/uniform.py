@@ -37,34 +37,80 @@ from .._common import as_bytes, expect_nbytes, from_bytes, unpack_params
 
 _PARAMS = "<BI"  # bits, block size (fp32 scales)
 _PARAMS_SCALED = "<BIB"  # bits, block size, scale dtype code (payloads with another scale dtype)
+_PARAMS_RUNS = "<BIBI"  # bits, block size, scale dtype code, run count; then one uint32 per run
 MAX_BITS = 8
 SCALE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _SCALE_CODES = {"fp32": 0, "bf16": 1}
 _CODE_SCALES = {code: name for name, code in _SCALE_CODES.items()}
 
 
-def _read_params(params: bytes) -> tuple[int, int, torch.dtype]:
-    if len(params) == struct.calcsize(_PARAMS_SCALED):
-        bits, block, code = unpack_params(_PARAMS_SCALED, params, "uniform")
-        if code not in _CODE_SCALES:
-            raise DecodeError(f"uniform: unknown scale dtype code {code}")
-        return bits, block, SCALE_DTYPES[_CODE_SCALES[code]]
-    bits, block = unpack_params(_PARAMS, params, "uniform")
-    return bits, block, torch.float32
+def _read_params(params: bytes, k: int) -> tuple[int, int, torch.dtype, tuple[int, ...] | None]:
+    """bits, block, scale dtype and the runs (None: one run) of a payload of ``k`` values."""
+    head = struct.calcsize(_PARAMS_RUNS)
+    if len(params) >= head:
+        bits, block, code, count = struct.unpack(_PARAMS_RUNS, params[:head])
+        if len(params) != head + 4 * count:
+            raise DecodeError(f"uniform: parameter block has {len(params)} bytes, {count} runs need {head + 4 * count}")
+        runs = struct.unpack(f"<{count}I", params[head:])
+        if sum(runs) != k:
+            raise DecodeError(f"uniform: runs of {sum(runs)} values, header says k={k}")
+    elif len(params) == struct.calcsize(_PARAMS_SCALED):
+        (bits, block, code), runs = unpack_params(_PARAMS_SCALED, params, "uniform"), None
+    else:
+        (bits, block), code, runs = unpack_params(_PARAMS, params, "uniform"), _SCALE_CODES["fp32"], None
+    if code not in _CODE_SCALES:
+        raise DecodeError(f"uniform: unknown scale dtype code {code}")
+    return bits, block, SCALE_DTYPES[_CODE_SCALES[code]], runs
 
 
-def _blocks(values: torch.Tensor, block: int) -> torch.Tensor:
-    """``values`` (float64) zero-padded to whole blocks, shaped (blocks, block)."""
-    k = values.numel()
-    nblocks = -(-k // block)
-    width = min(block, k)  # a block larger than k holds k values: never allocate the rest
-    padded = torch.zeros(nblocks * width, dtype=torch.float64, device=values.device)
-    padded[:k] = values
-    return padded.reshape(nblocks, width)
+class _Layout:
+    """Where each of ``k`` values sits in the (rows, width) grid of blocks: consecutive
+    values fill blocks of ``block``, restarting at each run (a tensor's values, when
+    several share a payload), so no block spans two runs. A grid row is a block; the
+    grid's zero (or ``fill``) padding ends each run's last block."""
 
+    def __init__(self, k: int, block: int, runs: tuple[int, ...] | None, device: torch.device) -> None:
+        self.k = k
+        self.single = runs is None or len(runs) < 2
+        if self.single:
+            runs = (k,)
+        self.width = min(block, max(runs))  # a block larger than every run: never allocate the rest
+        per_run = [-(-count // block) for count in runs]
+        self.rows = sum(per_run)
+        if self.single:
+            self.counts = torch.full((self.rows,), float(block), dtype=torch.float64, device=device)
+            if self.rows:
+                self.counts[-1] = k - block * (self.rows - 1)
+            return
+        counts = torch.tensor(runs, device=device)
+        run = torch.repeat_interleave(torch.arange(len(runs), device=device), counts)
+        local = torch.arange(k, device=device) - (torch.cumsum(counts, 0) - counts).index_select(0, run)
+        first_row = torch.tensor([0, *per_run[:-1]], device=device).cumsum(0)
+        self.row = first_row.index_select(0, run) + local // block
+        self.col = local % block
+        self.counts = torch.bincount(self.row, minlength=self.rows).to(torch.float64)
 
-def _block_of(k: int, block: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(k, device=device) // block
+    def grid(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``values`` (float64, one per value) in their blocks, ``fill`` elsewhere."""
+        if self.single:
+            padded = torch.full((self.rows * self.width,), fill, dtype=torch.float64, device=values.device)
+            padded[: self.k] = values
+            return padded.reshape(self.rows, self.width)
+        grid = torch.full((self.rows, self.width), fill, dtype=torch.float64, device=values.device)
+        grid[self.row, self.col] = values
+        return grid
+
+    def values(self, grid: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`grid`: one entry per value, in order."""
+        if self.single:
+            return grid.reshape(-1)[: self.k]
+        return grid[self.row, self.col]
+
+    def per_value(self, per_block: torch.Tensor) -> torch.Tensor:
+        """A block's number for each of its values."""
+        if self.single:
+            return per_block.unsqueeze(1).expand(self.rows, self.width).reshape(-1)[: self.k]
+        return per_block.index_select(0, self.row)
 
 
 @register_value_codec
@@ -78,11 +124,21 @@ class UniformValueCodec(ValueCodec):
         Option("scale", str, "fp32", "dtype of the block scales", choices=tuple(SCALE_DTYPES)),
     )
 
-    def _params(self) -> tuple[bytes, torch.dtype]:
+    def _params(self, runs: tuple[int, ...] | None = None) -> tuple[bytes, torch.dtype]:
         bits, block, scale = self.config["bits"], self.config["block"], self.config["scale"]
+        if runs is not None:
+            return (struct.pack(_PARAMS_RUNS, bits, block, _SCALE_CODES[scale], len(runs)) +
+                    struct.pack(f"<{len(runs)}I", *runs)), SCALE_DTYPES[scale]
         if scale == "fp32":  # the original layout: payloads readable by every version
             return struct.pack(_PARAMS, bits, block), torch.float32
         return struct.pack(_PARAMS_SCALED, bits, block, _SCALE_CODES[scale]), SCALE_DTYPES[scale]
+
+    def _runs(self, runs: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        """The runs to write: None where blocks of the whole already restart at every run."""
+        block = self.config["block"]
+        if runs is None or len(runs) < 2 or all(count % block == 0 for count in runs[:-1]):
+            return None
+        return tuple(runs)
 
     def encode(self, values: torch.Tensor, ctx: CodecContext) -> ValueEncoding:
         return self._encode(values, ctx, decoded=False)[0]
@@ -95,62 +151,64 @@ class UniformValueCodec(ValueCodec):
         """The encoding, and (``decoded``) what :meth:`decode` makes of it, computed as it does."""
         bits, block = self.config["bits"], self.config["block"]
         k = values.numel()
-        params, scale_dtype = self._params()
+        runs = self._runs(ctx.runs)
+        if runs is not None and sum(runs) != k:
+            raise ValueError(f"uniform: runs of {sum(runs)} values for {k} values")
+        params, scale_dtype = self._params(runs)
         if k == 0:
             return ValueEncoding(values.new_empty(0, dtype=torch.uint8), params), torch.empty(0, dtype=ctx.dtype, device=values.device)
+        layout = _Layout(k, block, runs, values.device)
         wide = values.to(torch.float64)
-        magnitude = _blocks(wide.abs(), block)
+        magnitude = layout.grid(wide.abs())
         signs = torch.signbit(wide).to(torch.int64)
         sign = (1.0 - 2.0 * signs.to(torch.float64)) if decoded else None
         if bits == 1:
-            counts = torch.full((magnitude.shape[0],), float(block), dtype=torch.float64, device=values.device)
-            counts[-1] = k - block * (magnitude.shape[0] - 1)
-            scales = (magnitude.sum(dim=1) / counts).to(scale_dtype)  # NaN/inf propagate
+            scales = (magnitude.sum(dim=1) / layout.counts).to(scale_dtype)  # NaN/inf propagate
             part = ValueEncoding(torch.cat([as_bytes(scales), _bits.pack_fixed(signs, 1)]), params)
             if not decoded:
                 return part, None
-            per_value = scales.to(torch.float64).unsqueeze(1).expand(magnitude.shape).reshape(-1)[:k]
-            return part, (sign * per_value).to(ctx.dtype)
+            return part, (sign * layout.per_value(scales.to(torch.float64))).to(ctx.dtype)
         steps = (1 << (bits - 1)) - 1
         high = magnitude.amax(dim=1)
-        low = magnitude.amin(dim=1)
-        last = k - magnitude.shape[1] * (magnitude.shape[0] - 1)  # values in the last block
-        if last < magnitude.shape[1]:  # its zero padding is no magnitude
-            low[-1] = magnitude[-1, :last].amin()
+        # The zero padding is no magnitude: the smallest over the values only.
+        low = magnitude.amin(dim=1) if layout.single and k % layout.width == 0 else \
+            layout.grid(wide.abs(), fill=float("inf")).amin(dim=1)
         scales = torch.stack([low, high], dim=1).to(scale_dtype)  # as the receiver sees them
         low64, high64 = (scales[:, 0].to(torch.float64), scales[:, 1].to(torch.float64))
         # Per block, broadcast over its row (no per-value gather of the block's scales).
         span = (high64 - low64).unsqueeze(1)
         usable = torch.isfinite(span) & (span > 0)
         unit = torch.where(usable, (magnitude - low64.unsqueeze(1)) / torch.where(usable, span, 1.0), 0.0)
-        level = torch.round(unit * steps).clamp_(0, steps).to(torch.int64).reshape(-1)[:k]
+        level = layout.values(torch.round(unit * steps).clamp_(0, steps).to(torch.int64))
         codes = (level << 1) | signs
         part = ValueEncoding(torch.cat([as_bytes(scales.reshape(-1)), _bits.pack_fixed(codes, bits)]), params)
         if not decoded:
             return part, None
-        width = magnitude.shape[1]
-        low = low64.unsqueeze(1).expand(-1, width).reshape(-1)[:k]
-        high = high64.unsqueeze(1).expand(-1, width).reshape(-1)[:k]
+        low, high = layout.per_value(low64), layout.per_value(high64)
         return part, (sign * (low + (high - low) * (level.to(torch.float64) / steps))).to(ctx.dtype)
 
     def packs(self, run_counts: Sequence[Sequence[int]]) -> bool:
-        # A block spanning two runs would share one scale between them.
+        # Blocks restart at each run; a run shorter than a block would be coded in a
+        # narrower grid on its own, and a block mean summed in another order.
         block = self.config["block"]
-        return all(count % block == 0 for counts in run_counts[:-1] for count in counts)
+        return all(count == 0 or count >= block for counts in run_counts for count in counts)
 
     def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
+        return self.encoded_size_runs(numel, (k,), dtype)
+
+    def encoded_size_runs(self, numel: int, runs: Sequence[int], dtype: torch.dtype) -> PartSize:
         bits, block = self.config["bits"], self.config["block"]
-        params, scale_dtype = self._params()
-        width = scale_dtype.itemsize
-        scales = 0 if k == 0 else width * (1 if bits == 1 else 2) * -(-k // block)
-        return PartSize(scales + _bits.fixed_nbytes(k, bits), len(params))
+        params, scale_dtype = self._params(self._runs(tuple(runs)))
+        blocks = sum(-(-count // block) for count in runs)
+        scales = scale_dtype.itemsize * (1 if bits == 1 else 2) * blocks
+        return PartSize(scales + _bits.fixed_nbytes(sum(runs), bits), len(params))
 
     @classmethod
     def decode(cls, data: torch.Tensor, params: bytes, k: int, ctx: CodecContext) -> torch.Tensor:
-        bits, block, scale_dtype = _read_params(params)
+        bits, block, scale_dtype, runs = _read_params(params, k)
         if not 1 <= bits <= MAX_BITS or block < 1:
             raise DecodeError(f"uniform: bits={bits} or block={block} out of range")
-        nblocks = -(-k // block)
+        nblocks = sum(-(-count // block) for count in (runs or (k,)))
         per_block = 1 if bits == 1 else 2
         scale_bytes = scale_dtype.itemsize * per_block * nblocks
         expect_nbytes(data, scale_bytes + _bits.fixed_nbytes(k, bits), cls.name)
@@ -163,10 +221,10 @@ class UniformValueCodec(ValueCodec):
             raise DecodeError("uniform: a block's smallest magnitude exceeds its largest")
         codes = _bits.unpack_fixed(data[scale_bytes:], bits, k)
         sign = 1.0 - 2.0 * (codes & 1).to(torch.float64)
-        which = _block_of(k, block, data.device)
+        layout = _Layout(k, block, runs, data.device)
         if bits == 1:
-            return (sign * scales[:, 0].index_select(0, which)).to(ctx.dtype)
+            return (sign * layout.per_value(scales[:, 0].contiguous())).to(ctx.dtype)
         steps = (1 << (bits - 1)) - 1
-        low, high = scales[:, 0].index_select(0, which), scales[:, 1].index_select(0, which)
+        low, high = layout.per_value(scales[:, 0].contiguous()), layout.per_value(scales[:, 1].contiguous())
         magnitude = low + (high - low) * ((codes >> 1).to(torch.float64) / steps)
         return (sign * magnitude).to(ctx.dtype)
