@@ -20,6 +20,10 @@ off by at most 0.4 %, which error feedback absorbs; at 1 bit and blocks of 128 t
 scales then cost 0.125 bits per value instead of 0.25). Non-finite values give a
 non-finite scale, so the whole block decodes non-finite and overflow checks downstream
 still fire.
+
+When several tensors share a payload (``CodecContext.runs``: their value counts), blocks
+restart at each tensor unless they already line up, and the counts travel in the
+parameters (4 bytes each): each tensor's values are coded as in a payload of its own.
 """
 
 from __future__ import annotations
