@@ -270,3 +270,33 @@ def test_malformed_runs_are_refused(mutate, match):
         UniformValueCodec.decode(part.data, mutate(part.params), 24, ctx)
     with pytest.raises(dr.DecodeError, match="expected"):  # the scales of 2 + 1 + 2 blocks, not 3
         UniformValueCodec.decode(part.data[:-4], part.params, 24, ctx)
+
+
+def test_update_mode_lays_large_tensors_together_and_trains_as_per_tensor():
+    """With the small tensors raw (no small compressor), the update mode still lays the
+    large tensors next to each other, so they share one payload; the parameters after
+    a few exchanges are bitwise those of per-tensor payloads, for fewer bytes."""
+    def run(pack: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 700),
+                                    torch.nn.Linear(700, 4))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sync = dr.UpdateSync(model.named_parameters(), "topk:0.1/eliasfano/uniform:bits=1,block=32", keep_unsent=True,
+                             min_numel=1024, transport=LoopbackTransport(2), broadcast=False, pack_tensors=pack)
+        for step in range(4):
+            torch.manual_seed(100 + step)
+            model(torch.randn(8, 40)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sync.step()
+        return model, sync
+
+    packed, packed_sync = run(True)
+    apart, apart_sync = run(False)
+    names = [seg.name for seg in packed_sync.groups[0].segments]
+    assert names == ["0.weight", "2.weight", "3.weight", "0.bias", "1.weight", "1.bias", "2.bias", "3.bias"]
+    assert len(packed_sync.engine._segments(torch.zeros(packed_sync.groups[0].numel), packed_sync.groups[0].segments,
+                                            0)) == 6  # three weights in one payload, five raw small tensors
+    for a, b in zip(packed.parameters(), apart.parameters()):
+        assert torch.equal(a, b)
+    assert packed_sync.stats()["payload_bytes"] < apart_sync.stats()["payload_bytes"]

@@ -46,8 +46,8 @@ def recording(compressor: dr.Compressor, log: list) -> dr.Compressor:
     """Record (key, dtype, bytes) of every payload the compressor makes."""
     inner = compressor.compress_detailed
 
-    def compress_detailed(tensor, *, step=None, key=0):
-        result = inner(tensor, step=step, key=key)
+    def compress_detailed(tensor, *, step=None, key=0, **options):
+        result = inner(tensor, step=step, key=key, **options)
         log.append((step, key, str(dr.read_header(result.payload).dtype), result.payload.numel()))
         return result
 
