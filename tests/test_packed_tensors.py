@@ -82,10 +82,9 @@ def test_parts_are_refused_where_they_cannot_be_kept_apart():
     assert not dr.Compressor.from_spec(BLOCKS).packs_parts([30, 48])
     assert not dr.Compressor.from_spec("randomk:0.1").packs_parts([30, 48])
     assert not dr.Compressor.from_spec("topk:0.1").packs_parts([30])
-    # What receivers decode would change: a shared fp16 exponent, a shared uniform scale,
-    # qsgd's random stream, a Bloom filter over both tensors.
+    # What receivers decode would change: qsgd's random stream, a Bloom filter over both tensors.
     assert dr.Compressor.from_spec("topk:0.1/eliasfano/bf16").packs_parts([30, 48])
-    assert not dr.Compressor.from_spec("topk:0.1/eliasfano/fp16").packs_parts([30, 48])
+    assert dr.Compressor.from_spec("topk:0.1/eliasfano/fp16").packs_parts([30, 48])  # an exponent per tensor
     assert not dr.Compressor.from_spec("topk:0.1/eliasfano/qsgd").packs_parts([3000, 4800])
     assert not dr.Compressor.from_spec("topk:0.1/bloom/bf16").packs_parts([3000, 4800])
     # uniform blocks restart at each tensor: every tensor must keep at least a block of values
@@ -210,7 +209,8 @@ def test_residuals_saved_per_tensor_resume_into_packed_payloads():
 
 
 @pytest.mark.parametrize("value", ["uniform:bits=1,block=32", "uniform:bits=1,block=32,scale=bf16",
-                                   "uniform:bits=3,block=32", "uniform:bits=8,block=32,scale=bf16", "bf16", "raw"])
+                                   "uniform:bits=3,block=32", "uniform:bits=8,block=32,scale=bf16", "fp16", "bf16",
+                                   "raw"])
 def test_a_packed_payload_decodes_to_the_per_tensor_payloads(value):
     """``compress_detailed(parts=...)`` with a per-element top-k: the tensors' values
     decode exactly as their own payloads would (``uniform`` blocks restart at each
@@ -221,6 +221,7 @@ def test_a_packed_payload_decodes_to_the_per_tensor_payloads(value):
     parts = [1000, 457, 2048, 600]  # 70, 32, 143, 42 values: blocks of 32 span no tensor
     assert compressor.packs_parts(parts)
     flat = torch.randn(sum(parts), generator=torch.Generator().manual_seed(7))
+    flat[1000:1457] *= 1e-6  # a tensor of far smaller values: fp16 gives it its own exponent
     packed = compressor.compress_detailed(flat, step=0, key="run", parts=parts)
     decoded = dr.decode(packed.payload)
     assert torch.equal(decoded.indices, packed.sent.indices) and torch.equal(decoded.values, packed.sent.values)
@@ -300,3 +301,48 @@ def test_update_mode_lays_large_tensors_together_and_trains_as_per_tensor():
     for a, b in zip(packed.parameters(), apart.parameters()):
         assert torch.equal(a, b)
     assert packed_sync.stats()["payload_bytes"] < apart_sync.stats()["payload_bytes"]
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda params: params[:2], "expected 0 or a run count"),
+    (lambda params: params[:-4], "bytes for 3 runs"),
+    (lambda params: struct.pack("<I", 1) + params[4:8], "bytes for 1 runs"),
+    (lambda params: params[:-4] + struct.pack("<I", 2), "runs of"),
+])
+def test_malformed_fp16_runs_are_refused(mutate, match):
+    from deepreduce.codecs import CodecContext
+    from deepreduce.codecs.value.fp16 import Float16ValueCodec
+
+    values = torch.cat([torch.randn(10), torch.randn(5) * 1e-5, torch.randn(9) * 1e4])
+    ctx = CodecContext(100, torch.float32, torch.device("cpu"), runs=(10, 5, 9))
+    part = Float16ValueCodec().encode(values, ctx)
+    decoded = Float16ValueCodec.decode(part.data, part.params, 24, ctx)
+    assert torch.allclose(decoded, values, rtol=1e-3, atol=0)  # each run in float16's range
+    with pytest.raises(dr.DecodeError, match=match):
+        Float16ValueCodec.decode(part.data, mutate(part.params), 24, ctx)
+    bad_shift = torch.cat([struct_bytes(500), part.data[4:]])
+    with pytest.raises(dr.DecodeError, match="scale exponent"):
+        Float16ValueCodec.decode(bad_shift, part.params, 24, ctx)
+
+
+def struct_bytes(number: int) -> torch.Tensor:
+    return torch.frombuffer(bytearray(struct.pack("<i", number)), dtype=torch.uint8)
+
+
+def test_a_wrapped_compressor_without_parts_keeps_one_payload_per_tensor():
+    """A user's wrapper of ``compress_detailed`` that does not take ``parts`` keeps working:
+    the engine then sends one payload per tensor."""
+    engine = _engine(2, BLOCKS, min_numel=64, dense_fallback=False)
+    inner = engine.compressor.compress_detailed
+    calls = []
+
+    def wrapped(tensor, *, step=None, key=0, timer=None):
+        calls.append(key)
+        return inner(tensor, step=step, key=key)
+
+    engine.compressor.compress_detailed = wrapped
+    grad = torch.randn(1088, generator=torch.Generator().manual_seed(4))
+    reference = _engine(2, BLOCKS, min_numel=64, dense_fallback=False)
+    assert torch.equal(engine.reduce(grad.clone(), _segments([256, 512, 320])).wait(),
+                       reference.reduce(grad.clone(), _segments([256, 512, 320])).wait())
+    assert calls == ["t0", "t1", "t2"]

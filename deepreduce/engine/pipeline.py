@@ -65,7 +65,9 @@ a bucket, and a parameter is compressed alike by every front end.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import logging
 import math
 import time
@@ -532,6 +534,8 @@ class Engine:
         if not self.pack_tensors or self.scheme != "allgather" or self.plan is not None or len(segments) < 2:
             return segments
         compressor = self._step_compressor()  # its density decides the counts a value codec must pack
+        if not _takes_parts(compressor):
+            return segments  # a wrapped compress_detailed without ``parts``: one payload per tensor, as before
         out: list[Segment] = []
         run: list[Segment] = []
 
@@ -990,6 +994,21 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if bool(torch.isfinite(tensor.sum(dtype=wide))):
         return True
     return bool(torch.isfinite(tensor).all())
+
+
+def _takes_parts(compressor: Compressor) -> bool:
+    """Whether ``compressor.compress_detailed`` takes ``parts=`` (a user's wrapper may not)."""
+    method = compressor.__dict__.get("compress_detailed") or type(compressor).compress_detailed
+    return _accepts_parts(method)
+
+
+@functools.lru_cache(maxsize=64)
+def _accepts_parts(function: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return "parts" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def _timed(timer: PhaseTimer | None) -> dict[str, PhaseTimer]:

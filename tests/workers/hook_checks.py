@@ -209,10 +209,10 @@ def check_encode_failure() -> dict:
     if dist.get_rank() == 1:
         encode = state.compressor.compress_detailed
 
-        def failing(tensor, *, step=None, key=0):
+        def failing(tensor, *, step=None, key=0, **options):
             if step == 3:
                 raise RuntimeError("injected encode failure")
-            return encode(tensor, step=step, key=key)
+            return encode(tensor, step=step, key=key, **options)
 
         state.compressor.compress_detailed = failing
     try:
