@@ -283,9 +283,9 @@ class Compressor:
         receivers decoding bit for bit what per-tensor payloads would carry: a sparsifier
         that selects per part (``topk``; ``blocktopk`` when every tensor but the last is a
         whole number of its blocks), a lossless index codec, and a value codec that codes
-        each tensor's values alike either way (:meth:`ValueCodec.packs`: element-wise
-        ones; ``uniform``, whose blocks restart at each tensor, when every tensor keeps at
-        least a block of values). One header and one encode and decode then serve them
+        each tensor's values alike either way (:meth:`ValueCodec.packs`: ``raw``,
+        ``bf16``; ``fp16`` with an exponent per tensor; ``uniform``, whose blocks restart
+        at each tensor, when every tensor keeps at least a block of values). One header and one encode and decode then serve them
         all."""
         if len(part_numels) < 2 or not self.index_codec.lossless:
             return False

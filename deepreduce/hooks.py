@@ -30,8 +30,8 @@ Tuning:
   ``min_numel`` in a bucket share one payload while each keeps its own top-k budget
   (``topk``; ``blocktopk`` where each is a whole number of its blocks): one header and
   one encode and decode for the run instead of one per parameter, wherever receivers
-  then decode exactly what per-parameter payloads give (``raw``, ``bf16`` and
-  ``uniform`` values; not ``fp16``, whose exponent is per payload, nor ``qsgd``). In DDP buckets weights and biases alternate, so only
+  then decode exactly what per-parameter payloads give (``raw``, ``bf16``, ``fp16`` and
+  ``uniform`` values; not ``qsgd``, whose random stream is per payload). In DDP buckets weights and biases alternate, so only
   adjacent large parameters (weights without biases) pack there; the update mode,
   Horovod and mpi4py lay all the large tensors out next to each other.
 - ``start_iter``: dense allreduce for the first steps; a few hundred help accuracy early

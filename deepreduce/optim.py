@@ -51,8 +51,8 @@ Tuning:
   budget (``pack_tensors``, the default): one select, encode and decode per exchange
   and one header, where ``topk`` or ``blocktopk`` select (for ``blocktopk`` every tensor
   but the last a whole number of its blocks) and the ranks then decode bit for bit what
-  per-tensor payloads carry (``uniform`` values: every tensor keeps at least a block of
-  them; not with ``fp16``, whose exponent is per payload). ``granularity="bucket"`` instead runs one top-k over all of them
+  per-tensor payloads carry (``raw``, ``bf16``, ``fp16`` and ``uniform`` values; with
+  ``uniform`` every tensor keeps at least a block of them). ``granularity="bucket"`` instead runs one top-k over all of them
   (the same bytes and speed now); the loss was not reliably as good: with
   :class:`deepreduce.LocalAdamW` and block top-k it did worse on the LM over ten seeds
   while doing better on the classifier (``benchmarks/RESULTS.md``, "One block top-k

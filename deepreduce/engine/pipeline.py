@@ -180,8 +180,8 @@ class Engine:
             segments at or above ``min_numel`` travels as one payload, each segment on its
             own budget, where that leaves what receivers decode unchanged
             (:meth:`Compressor.packs_parts`: ``topk`` or ``blocktopk`` with a lossless
-            index codec and ``raw``, ``bf16`` or ``uniform`` values): one header and one
-            select, encode and decode per run.
+            index codec and ``raw``, ``bf16``, ``fp16`` or ``uniform`` values): one header
+            and one select, encode and decode per run.
         scheme: how compressed buckets travel: ``"allgather"`` (every rank's payload to
             every rank), ``"shared_index"`` (a rotating leader's indices, one dense
             allreduce of the values there; :mod:`deepreduce.engine.shared_index`) or
