@@ -376,11 +376,12 @@ def seed_inputs() -> dict[str, dict[str, bytes]]:
             if all(_registered(part.split(":")[0], kind) for part, kind in zip(spec.split("/")[1:], ("index", "value"))):
                 add_payload(f"combo-{spec.replace('/', '_')}-{i}", spec, numel, ratio, dtype, 20 + i)
 
-    # Tensors sharing a payload, each on its own budget: uniform values carry their runs.
-    for bits in (1, 3):
-        packed = _compressor(f"topk:0.1/eliasfano/uniform:bits={bits},block=16", 30 + bits)
-        gradient = _gradient(700, torch.float32, 30 + bits, "")
-        out["decode"][f"packed-uniform-{bits}bit"] = b"\x01" + packed.compress_detailed(
+    # Tensors sharing a payload, each on its own budget: uniform and fp16 values carry their runs.
+    for n, value in enumerate(("uniform:bits=1,block=16", "uniform:bits=3,block=16", "fp16")):
+        packed = _compressor(f"topk:0.1/eliasfano/{value}", 30 + n)
+        gradient = _gradient(700, torch.float32, 30 + n, "")
+        name = value.split(",")[0].replace(":bits=", "-") + ("bit" if "bits" in value else "")
+        out["decode"][f"packed-{name}"] = b"\x01" + packed.compress_detailed(
             gradient, step=0, parts=[250, 170, 280]).payload.numpy().tobytes()
 
     # Tensors of 2^31+ elements take the int64 index paths (and fields wider than 32 bits);
