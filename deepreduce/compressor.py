@@ -237,7 +237,8 @@ class Compressor:
         selected = select_with(self.sparsifier, self.sparsifier_config, flat, self.ratio,
                                SelectContext(rng_seed, step, getattr(self, "_scratch", None)), parts)
         mark(timer, "select")
-        ctx = CodecContext(numel, flat.dtype, flat.device, rng_seed, _runs(selected.indices, parts))
+        runs = _runs(selected.indices, parts) if self.value_codec.codes_runs else None
+        ctx = CodecContext(numel, flat.dtype, flat.device, rng_seed, runs)
         index_part = self.index_codec.encode(selected.indices, ctx)
         indices = index_part.indices
         mark(timer, "index encode")

@@ -126,6 +126,7 @@ class ValueCodec(_Codec):
     """Base class of value codecs."""
 
     kind: ClassVar[str] = "value"
+    codes_runs: ClassVar[bool] = False  # reads CodecContext.runs (the compressor counts them only then)
 
     def encode(self, values: torch.Tensor, ctx: CodecContext) -> ValueEncoding:
         """Encode the values (dtype ``ctx.dtype``) aligned with ascending indices."""

@@ -322,6 +322,7 @@ class Engine:
         self.nonfinite = nonfinite
         self.size_exchange = size_exchange
         self._widths: dict[tuple, int | None] = {}  # computed gather widths per bucket layout
+        self._packings: dict[tuple, list[Segment]] = {}  # pack_tensors' segments per (spec, bucket layout)
         self._warned_nonfinite = False
         self.stats_every = stats_every
         self.check = bool(check)
@@ -536,6 +537,14 @@ class Engine:
         compressor = self._step_compressor()  # its density decides the counts a value codec must pack
         if not _takes_parts(compressor):
             return segments  # a wrapped compress_detailed without ``parts``: one payload per tensor, as before
+        layout = (compressor.spec, tuple(segments))
+        if layout not in self._packings:
+            if len(self._packings) > 64:  # one entry per density and bucket: keep the cache small
+                self._packings.clear()
+            self._packings[layout] = self._pack_runs(segments, compressor)
+        return self._packings[layout]
+
+    def _pack_runs(self, segments: list[Segment], compressor: Compressor) -> list[Segment]:
         out: list[Segment] = []
         run: list[Segment] = []
 

@@ -192,10 +192,15 @@ def select_with(
         indices = torch.empty(0, dtype=torch.int64, device=flat.device)
     else:
         magnitude = torch.abs(flat, out=ctx.buffer("magnitude", flat.numel(), flat.dtype, flat.device))
-        indices = entry.select(magnitude, k, ctx, **config)
-        if not _is_ascending(indices):
-            indices = torch.sort(indices).values
+        indices = _ascending(entry, config, magnitude, k, ctx)
     return SparseGrad(indices, flat.index_select(0, indices), flat.numel())
+
+
+def _ascending(entry: Sparsifier, config: Mapping[str, Any], magnitude: torch.Tensor, k: int,
+               ctx: SelectContext) -> torch.Tensor:
+    """The sparsifier's ``k`` positions of ``magnitude``, ascending."""
+    indices = entry.select(magnitude, k, ctx, **config)
+    return indices if _is_ascending(indices) else torch.sort(indices).values
 
 
 def _select_parts(entry: Sparsifier, config: Mapping[str, Any], flat: torch.Tensor, ratio: float, ctx: SelectContext,
@@ -222,9 +227,7 @@ def _select_parts(entry: Sparsifier, config: Mapping[str, Any], flat: torch.Tens
                 elif k == 0:
                     piece = torch.empty(0, dtype=torch.int64, device=flat.device)
                 else:
-                    piece = entry.select(magnitude.narrow(0, offset, numel), k, ctx, **config)
-                    if not _is_ascending(piece):
-                        piece = torch.sort(piece).values
+                    piece = _ascending(entry, config, magnitude.narrow(0, offset, numel), k, ctx)
                 pieces.append(piece + offset)
                 offset += numel
             indices = torch.cat(pieces)

@@ -35,6 +35,7 @@ class Float16ValueCodec(ValueCodec):
     name = "fp16"
     description = "float16 values with a per-payload power-of-two scale (no overflow or underflow)"
     lossless = False
+    codes_runs = True
 
     def packs(self, run_counts: Sequence[Sequence[int]]) -> bool:
         return True  # an exponent per run: each value is scaled and rounded as on its own

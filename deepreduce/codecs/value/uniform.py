@@ -122,6 +122,7 @@ class UniformValueCodec(ValueCodec):
     name = "uniform"
     description = "deterministic sign + evenly spaced magnitude levels per block (1 bit: sign x mean |v|)"
     lossless = False
+    codes_runs = True
     options = (
         Option("bits", int, 2, f"bits per value (1..{MAX_BITS})", check=lambda v: 1 <= v <= MAX_BITS, check_text=f"must be in [1, {MAX_BITS}]"),
         Option("block", int, 128, "values per scale", check=lambda v: 1 <= v <= (1 << 31) - 1, check_text="must be in [1, 2^31-1]"),
