@@ -286,15 +286,17 @@ class Compressor:
         whole number of its blocks), a lossless index codec, and a value codec that codes
         each tensor's values alike either way (:meth:`ValueCodec.packs`: ``raw``,
         ``bf16``; ``fp16`` with an exponent per tensor; ``uniform``, whose blocks restart
-        at each tensor, when every tensor keeps at least a block of values). One header and one encode and decode then serve them
-        all."""
+        at each tensor, when every tensor keeps at least a block of values). One header
+        and one encode and decode then serve them all."""
         if len(part_numels) < 2 or not self.index_codec.lossless:
             return False
         if not self.sparsifier.selects_parts(part_numels, self.sparsifier_config):
             return False
-        counts = [self.sparsifier.kept_counts(numel, target_k(numel, self.ratio), self.sparsifier_config)
-                  for numel in part_numels]
-        return self.value_codec.packs(counts)
+        return self.value_codec.packs([self._kept_counts(numel) for numel in part_numels])
+
+    def _kept_counts(self, numel: int) -> tuple[int, ...]:
+        """The element counts the sparsifier can keep of ``numel`` at this ratio."""
+        return self.sparsifier.kept_counts(numel, target_k(numel, self.ratio), self.sparsifier_config)
 
     def payload_size(self, numel: int, dtype: torch.dtype, parts: Sequence[int] | None = None) -> tuple[int, bool] | None:
         """``(bytes, exact)`` of the payload :meth:`compress` makes from any tensor of
@@ -307,13 +309,12 @@ class Compressor:
             return None
         if parts is not None:
             # Every combination of the parts' counts (whole blocks: a last part may keep one of two).
-            options = [self.sparsifier.kept_counts(n, target_k(n, self.ratio), self.sparsifier_config) for n in parts]
+            options = [self._kept_counts(n) for n in parts]
             if math.prod(len(o) for o in options) > _MAX_COUNT_COMBINATIONS:
                 return None
             runs_options = list(itertools.product(*options))
         else:
-            runs_options = [(k,) for k in self.sparsifier.kept_counts(numel, target_k(numel, self.ratio),
-                                                                      self.sparsifier_config)]
+            runs_options = [(k,) for k in self._kept_counts(numel)]
         sizes = []
         for runs in runs_options:  # one count, or a few (whole blocks): the largest payload bounds them all
             k = sum(runs)

@@ -19,6 +19,26 @@ def unpack_params(fmt: str, params: bytes, codec: str) -> tuple:
     return struct.unpack(fmt, params)
 
 
+def pack_runs(runs: tuple[int, ...] | list[int]) -> bytes:
+    """The value counts of the tensors sharing a payload (``CodecContext.runs``), 4 bytes each."""
+    return struct.pack(f"<{len(runs)}I", *runs)
+
+
+def unpack_runs(blob: bytes, k: int, codec: str) -> tuple[int, ...]:
+    """The counts :func:`pack_runs` wrote (``blob`` holds exactly them); they must add up to
+    the payload's ``k``."""
+    runs = struct.unpack(f"<{len(blob) // 4}I", blob)
+    if sum(runs) != k:
+        raise DecodeError(f"{codec}: runs of {sum(runs)} values, header says k={k}")
+    return runs
+
+
+def run_of_each(runs: tuple[int, ...] | list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(counts, run)``: the counts as a tensor, and for each value the index of its run."""
+    counts = torch.tensor(list(runs), device=device)
+    return counts, torch.repeat_interleave(torch.arange(len(runs), device=device), counts)
+
+
 def expect_nbytes(data: torch.Tensor, expected: int, codec: str, part: str = "data") -> None:
     if data.numel() != expected:
         raise DecodeError(f"{codec}: {part} has {data.numel()} bytes, expected {expected}")

@@ -24,7 +24,7 @@ import torch
 from ..._bits import host_array
 from ...errors import DecodeError
 from .. import CodecContext, PartSize, ValueCodec, ValueEncoding, register_value_codec
-from .._common import as_bytes, expect_nbytes, from_bytes
+from .._common import as_bytes, expect_nbytes, from_bytes, pack_runs, run_of_each, unpack_runs
 
 _TARGET_EXPONENT = 15  # largest scaled magnitude < 2^15, well inside float16's 65504
 _MAX_SHIFT = 110  # keeps 2^e finite in float32
@@ -62,8 +62,7 @@ class Float16ValueCodec(ValueCodec):
         if sum(runs) != values.numel():
             raise ValueError(f"fp16: runs of {sum(runs)} values for {values.numel()} values")
         floats = values.float()
-        counts = torch.tensor(list(runs), device=values.device)
-        run = torch.repeat_interleave(torch.arange(len(runs), device=values.device), counts)
+        _, run = run_of_each(runs, values.device)
         magnitude = floats.abs()
         finite = torch.where(torch.isfinite(magnitude), magnitude, 0.0)
         finite_max = torch.zeros(len(runs), device=values.device).scatter_reduce_(0, run, finite, "amax")
@@ -71,7 +70,7 @@ class Float16ValueCodec(ValueCodec):
         shift = (_TARGET_EXPONENT - exponent.to(torch.int32)).clamp(-_MAX_SHIFT, _MAX_SHIFT)
         shift = torch.where(finite_max > 0, shift, torch.zeros_like(shift))
         scaled = (floats * torch.exp2(shift.float()).index_select(0, run)).to(torch.float16)
-        params = struct.pack(f"<I{len(runs)}I", len(runs), *runs)
+        params = struct.pack("<I", len(runs)) + pack_runs(runs)
         return ValueEncoding(torch.cat([as_bytes(shift), as_bytes(scaled)]), params)
 
     def encoded_size(self, numel: int, k: int, dtype: torch.dtype) -> PartSize:
@@ -93,9 +92,8 @@ class Float16ValueCodec(ValueCodec):
         scaled = from_bytes(data[4 * exponents:], torch.float16)
         if runs is None:
             return (scaled.float() * 2.0 ** -int(shifts[0])).to(ctx.dtype)
-        counts = torch.tensor(runs, device=data.device)
-        factors = torch.exp2(-shifts.float()).to(data.device)
-        return (scaled.float() * torch.repeat_interleave(factors, counts)).to(ctx.dtype)
+        _, run = run_of_each(runs, data.device)
+        return (scaled.float() * torch.exp2(-shifts.float()).index_select(0, run)).to(ctx.dtype)
 
 
 def _read_runs(params: bytes, k: int) -> tuple[int, ...]:
@@ -104,10 +102,7 @@ def _read_runs(params: bytes, k: int) -> tuple[int, ...]:
     (count,) = struct.unpack("<I", params[:4])
     if count < 2 or len(params) != 4 + 4 * count:
         raise DecodeError(f"fp16: parameter block has {len(params)} bytes for {count} runs")
-    runs = struct.unpack(f"<{count}I", params[4:])
-    if sum(runs) != k:
-        raise DecodeError(f"fp16: runs of {sum(runs)} values, header says k={k}")
-    return runs
+    return unpack_runs(params[4:], k, "fp16")
 
 
 def _host_shift(values: np.ndarray) -> int:

@@ -37,7 +37,7 @@ from ... import _bits
 from ...errors import DecodeError
 from ...options import Option
 from .. import CodecContext, PartSize, ValueCodec, ValueEncoding, register_value_codec
-from .._common import as_bytes, expect_nbytes, from_bytes, unpack_params
+from .._common import as_bytes, expect_nbytes, from_bytes, pack_runs, run_of_each, unpack_params, unpack_runs
 
 _PARAMS = "<BI"  # bits, block size (fp32 scales)
 _PARAMS_SCALED = "<BIB"  # bits, block size, scale dtype code (payloads with another scale dtype)
@@ -55,9 +55,7 @@ def _read_params(params: bytes, k: int) -> tuple[int, int, torch.dtype, tuple[in
         bits, block, code, count = struct.unpack(_PARAMS_RUNS, params[:head])
         if len(params) != head + 4 * count:
             raise DecodeError(f"uniform: parameter block has {len(params)} bytes, {count} runs need {head + 4 * count}")
-        runs = struct.unpack(f"<{count}I", params[head:])
-        if sum(runs) != k:
-            raise DecodeError(f"uniform: runs of {sum(runs)} values, header says k={k}")
+        runs = unpack_runs(params[head:], k, "uniform")
     elif len(params) == struct.calcsize(_PARAMS_SCALED):
         (bits, block, code), runs = unpack_params(_PARAMS_SCALED, params, "uniform"), None
     else:
@@ -86,8 +84,7 @@ class _Layout:
             if self.rows:
                 self.counts[-1] = k - block * (self.rows - 1)
             return
-        counts = torch.tensor(runs, device=device)
-        run = torch.repeat_interleave(torch.arange(len(runs), device=device), counts)
+        counts, run = run_of_each(runs, device)
         local = torch.arange(k, device=device) - (torch.cumsum(counts, 0) - counts).index_select(0, run)
         first_row = torch.tensor([0, *per_run[:-1]], device=device).cumsum(0)
         self.row = first_row.index_select(0, run) + local // block
@@ -132,8 +129,8 @@ class UniformValueCodec(ValueCodec):
     def _params(self, runs: tuple[int, ...] | None = None) -> tuple[bytes, torch.dtype]:
         bits, block, scale = self.config["bits"], self.config["block"], self.config["scale"]
         if runs is not None:
-            return (struct.pack(_PARAMS_RUNS, bits, block, _SCALE_CODES[scale], len(runs)) +
-                    struct.pack(f"<{len(runs)}I", *runs)), SCALE_DTYPES[scale]
+            return (struct.pack(_PARAMS_RUNS, bits, block, _SCALE_CODES[scale], len(runs)) + pack_runs(runs),
+                    SCALE_DTYPES[scale])
         if scale == "fp32":  # the original layout: payloads readable by every version
             return struct.pack(_PARAMS, bits, block), torch.float32
         return struct.pack(_PARAMS_SCALED, bits, block, _SCALE_CODES[scale]), SCALE_DTYPES[scale]
