@@ -109,6 +109,12 @@ def test_convergence_benchmark_longer_runs_reach_the_dense_target(tmp_path):
         convergence.main(["--quick", "--steps", "20", "--target-steps", "30", "--out", str(tmp_path)])
 
 
+def test_convergence_retime_refuses_rows_that_are_not_selected(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        convergence.main(["--rows", "dense", "--retime", "update H=4", "--out", str(tmp_path)])
+    assert "--retime names rows that are not selected: update H=4" in capsys.readouterr().err
+
+
 def test_time_to_target_counts_warm_up_and_compressed_steps_apart():
     curve = [{"step": 50, "value": 3.0}, {"step": 100, "value": 2.5}, {"step": 150, "value": 2.4}]
     assert convergence.reached(curve, 2.5, higher=False) == 100

@@ -401,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link", default="100mbit", help="rate of the emulated link for the step times, or 'none'")
     parser.add_argument("--timing-steps", type=int, default=64,
                         help="compressed steps of each timing run (after its dense warm-up steps)")
+    parser.add_argument("--retime", nargs="*", default=None, choices=list(ROWS), metavar="ROW",
+                        help="time these rows again (no names: every selected row) although stored timings match "
+                             "their settings; step times on a shared machine drift from one period to another, so "
+                             "re-time the rows you compare together")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps, 2 rows, no link (a smoke test)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is stopped")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
@@ -416,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"row '{LONGER_DENSE}' needs --target-steps below --steps")
     if longer and "dense" not in args.rows:
         parser.error("--target-steps needs the dense row (it sets the target)")
+    retime = set(args.rows if args.retime == [] else args.retime or [])
+    if retime - set(args.rows):
+        parser.error(f"--retime names rows that are not selected: {', '.join(sorted(retime - set(args.rows)))}")
     console = make_console()
     if args.quick:
         args.tasks, args.optimizers, args.seeds, args.link = ["lm"], ["adamw"], [0], "none"
@@ -466,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         train_args = arguments(task, optimizer, row, 0)
                         train_args = train_args[: train_args.index("--steps")]
-                        if any(t["task"] == task and t["row"] == row and t["link"] == args.link
+                        if row not in retime and any(t["task"] == task and t["row"] == row and t["link"] == args.link
                                and t.get("train_args") == train_args and t["steps"] - t["warm_steps"] == args.timing_steps
                                for t in timings):
                             continue
