@@ -13,6 +13,7 @@ import torch
 import deepreduce as dr
 from deepreduce.apps.bench.profile import LoopbackTransport
 from deepreduce.engine import Engine, Segment
+from deepreduce.engine.presized import NONFINITE
 from deepreduce.sparsifiers import SelectContext, get_sparsifier, select_with
 from deepreduce.sparsifiers.blocktopk import blocktopk_parts
 
@@ -116,7 +117,10 @@ def test_packed_tensors_average_as_per_tensor_payloads_do(spec, small, size_exch
     segments = _segments(sizes)
     engines = [_engine(3, spec, min_numel=64, small_compressor=small, pack_tensors=pack,
                       size_exchange=size_exchange, dense_fallback=False) for pack in (False, True)]
-    assert [len(e._segments(torch.zeros(sum(sizes)), segments, 0)) for e in engines] == [7, 5]
+    packed = engines[1]._segments(torch.zeros(sum(sizes)), segments, 0)
+    assert len(engines[0]._segments(torch.zeros(sum(sizes)), segments, 0)) == 7
+    # the four large tensors gather into one payload across the small one between them
+    assert [(seg.numel, seg.spans) for seg in packed] == [(2112, (0, 256, 816, 1840)), (48, None), (40, None), (33, None)]
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         grad = torch.randn(sum(sizes), generator=gen)
@@ -133,6 +137,54 @@ def test_packed_tensors_average_as_per_tensor_payloads_do(spec, small, size_exch
     assert packed["kept"] == per_tensor["kept"]
     if size_exchange == "auto":
         assert packed["size_exchanges"] == 0
+
+
+class _OtherRankNotFinite(LoopbackTransport):
+    """Loopback ranks, rank 1 reporting a non-finite bucket while ``not_finite`` is set."""
+
+    not_finite = False
+
+    def allgather_sizes(self, nbytes: int) -> list[int]:
+        sizes = super().allgather_sizes(nbytes)
+        return [sizes[0], NONFINITE] if self.not_finite else sizes
+
+
+@pytest.mark.parametrize("case", ["dense fallback", "momentum", "non-finite step", "non-finite step, momentum"])
+def test_gathered_tensors_keep_every_path_of_the_step_as_per_tensor_payloads_do(case):
+    """The paths that write a gathered segment back or undo its compensation (the dense
+    fallback, DGC momentum correction, a non-finite step's restore) give bitwise what
+    per-tensor payloads give, residuals and velocities included."""
+    sizes = [256, 48, 512, 40, 1024]  # small tensors between the large ones: one gathered payload
+    segments = _segments(sizes)
+    spec = "topk:1.0/eliasfano/raw" if case == "dense fallback" else "topk:0.05/eliasfano/raw"
+    options = {"momentum": 0.9} if "momentum" in case else {}
+    transports = [_OtherRankNotFinite(2) for _ in range(2)]
+    engines = [Engine(transport, dr.Compressor.from_spec(spec), min_numel=64, pack_tensors=pack,
+                      size_exchange="always", dense_fallback=case == "dense fallback", **options)
+               for transport, pack in zip(transports, (False, True))]
+    assert engines[1]._segments(torch.zeros(sum(sizes)), segments, 0)[0].spans == (0, 304, 856)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(4):
+        grad = torch.randn(sum(sizes), generator=gen)
+        for transport in transports:  # this rank compensates, then hears that rank 1 is not finite
+            transport.not_finite = case.startswith("non-finite") and step == 2
+        outs = [e.reduce(grad.clone(), segments).wait().clone() for e in engines]
+        for e in engines:
+            e.end_step()
+        assert torch.equal(outs[0], outs[1])
+        for seg in segments:
+            if seg.numel >= 64:
+                residuals = [e.memory.residual(seg.name) for e in engines]
+                assert torch.equal(residuals[0], residuals[1]), (step, seg.name)
+    stats = [e.stats() for e in engines]
+    if case == "dense fallback":
+        assert stats[0]["dense_fallbacks"] == stats[1]["dense_fallbacks"] == 4
+    if case.startswith("non-finite"):
+        assert stats[0]["nonfinite_buckets"] == stats[1]["nonfinite_buckets"] == 1
+    if "momentum" in options:
+        velocities = [e.memory.velocities for e in engines]
+        joined = torch.cat([velocities[0][f"t{i}"] for i in (0, 2, 4)])
+        assert torch.equal(joined, velocities[1][("t0", "t2", "t4")])
 
 
 def test_packing_follows_the_density_of_the_step():
@@ -158,20 +210,28 @@ def test_packing_follows_the_density_of_the_step():
     assert engines[1].stats()["payload_bytes"] < engines[0].stats()["payload_bytes"]
 
 
-def test_only_adjacent_large_tensors_of_a_packing_sparsifier_merge():
+def test_large_tensors_of_a_packing_sparsifier_merge_across_small_ones():
     sizes = [256, 512, 48, 1024, 320]
     big = torch.zeros(sum(sizes))
     merged = _engine(2, BLOCKS, min_numel=64)._segments(big, _segments(sizes), 0)
-    assert [(s.offset, s.numel, s.part_numels) for s in merged] == [(0, 768, (256, 512)), (768, 48, None),
-                                                                    (816, 1344, (1024, 320))]
-    assert merged[0].name == ("t0", "t1") and merged[0].per_part
+    assert [(s.offset, s.numel, s.part_numels, s.spans) for s in merged] == [
+        (0, 2112, (256, 512, 1024, 320), (0, 256, 816, 1840)), (768, 48, None, None)]
+    assert merged[0].name == ("t0", "t1", "t3", "t4") and merged[0].per_part
+    views = merged[0].views(torch.arange(float(sum(sizes))))
+    assert [(v[0].item(), v.numel()) for v in views] == [(0, 256), (256, 512), (816, 1024), (1840, 320)]
+    adjacent = _engine(2, BLOCKS, min_numel=64)._segments(torch.zeros(1088), _segments([256, 512, 320]), 0)
+    assert [(s.numel, s.spans) for s in adjacent] == [(1088, None)]  # parts that follow each other: one view
+    # a multi-part segment (one budget) between large tensors keeps its entry too
+    layout = [Segment("a", 0, 256), Segment(("b", "c"), 256, 128, parts=(("b", 64), ("c", 64))), Segment("d", 384, 512)]
+    assert [(s.name, s.spans) for s in _engine(2, BLOCKS, min_numel=64)._segments(torch.zeros(896), layout, 0)] == [
+        (("a", "d"), (0, 384)), (("b", "c"), None)]
     for engine in (_engine(2, "randomk:0.1", min_numel=64),  # random: not per part
                    _engine(2, BLOCKS, min_numel=64, pack_tensors=False),
                    _engine(2, "blocktopk:0.2,block=16/blocks:block=16/fp16", min_numel=64, scheme="shared_index")):
         assert engine._segments(big, _segments(sizes), 0) == _segments(sizes)
-    unaligned = [256, 500, 512, 320]  # 500 is not whole blocks of 16: it ends a run, the next starts anew
-    assert [s.numel for s in _engine(2, BLOCKS, min_numel=64)._segments(
-        torch.zeros(1588), _segments(unaligned), 0)] == [756, 832]
+    unaligned = [256, 500, 48, 512, 320]  # 500 is not whole blocks of 16: it ends a run, the next starts anew
+    assert [(s.numel, s.spans) for s in _engine(2, BLOCKS, min_numel=64)._segments(
+        torch.zeros(1636), _segments(unaligned), 0)] == [(756, None), (48, None), (832, None)]
 
 
 def test_packing_is_part_of_the_agreed_configuration():

@@ -55,6 +55,28 @@ def subtract_sent(compensated: torch.Tensor, sent: SparseGrad) -> torch.Tensor:
     return compensated.index_copy_(0, indices, compensated.index_select(0, indices) - sent.values.to(compensated.dtype))
 
 
+def _pieces(grad: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    pieces = [grad] if isinstance(grad, torch.Tensor) else list(grad)
+    if not pieces:
+        raise ValueError("error feedback: a gradient needs at least one piece")
+    return [piece.detach().reshape(-1) for piece in pieces]
+
+
+def _joined(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """A new flat tensor of the pieces, in ``dtype``."""
+    return pieces[0].to(dtype, copy=True) if len(pieces) == 1 else torch.cat(pieces).to(dtype)
+
+
+def _accumulate(target: torch.Tensor, pieces: list[torch.Tensor], sign: int = 1) -> torch.Tensor:
+    """``target += sign * pieces`` (laid end to end), in place, piece by piece."""
+    offset = 0
+    for piece in pieces:
+        view = target.narrow(0, offset, piece.numel())
+        view.add_(piece) if sign > 0 else view.sub_(piece)
+        offset += piece.numel()
+    return target
+
+
 class ErrorFeedback:
     """Residual memory per key (a parameter's name, or a bucket's index).
 
@@ -186,39 +208,44 @@ class ErrorFeedback:
             stored = table[key] = stored.to(device)
         return stored
 
-    def compensate(self, key: Hashable, grad: torch.Tensor, parts: Sequence[tuple[Hashable, int]] | None = None) -> torch.Tensor:
+    def compensate(self, key: Hashable, grad: torch.Tensor | Sequence[torch.Tensor],
+                   parts: Sequence[tuple[Hashable, int]] | None = None) -> torch.Tensor:
         """``grad + residual`` (or ``velocity + residual`` with momentum), flat, in the
-        memory dtype; ``grad`` itself is not modified. ``parts``: the named parts the
-        key covers, in order (see the module docstring).
+        memory dtype; ``grad`` itself is not modified. ``grad`` may be a sequence of
+        tensors: the pieces of one gradient in order (a key whose parts lie apart in the
+        buffer), read where they lie. ``parts``: the named parts the key covers, in order
+        (see the module docstring).
 
         The sum is made in place in the residual's storage (one pass, no new buffer of
         the bucket's size), so the residual is *consumed*: call :meth:`update`,
         :meth:`update_dense` or :meth:`restore` with the returned tensor before the next
         compensate."""
-        flat = grad.detach().reshape(-1)
-        dtype = memory_dtype(flat.dtype)
+        pieces = _pieces(grad)
+        numel = sum(piece.numel() for piece in pieces)
+        dtype, device = memory_dtype(pieces[0].dtype), pieces[0].device
         if not self.enabled:
-            return flat.to(dtype, copy=True)
+            return _joined(pieces, dtype)
         if parts is not None and key not in self.layouts:
             self._assemble(key, parts)
         elif parts is None and key not in self.residuals and key not in self.velocities:
             self._claim(key)
-        self._set_aside(key, parts, flat.numel())
+        self._set_aside(key, parts, numel)
         had_velocity = False
         if self.momentum:
-            velocity = self._stored(self.velocities, key, flat.numel(), dtype, flat.device)
+            velocity = self._stored(self.velocities, key, numel, dtype, device)
             had_velocity = velocity is not None
             if velocity is None:
-                velocity = self.velocities[key] = flat.to(dtype, copy=True)
+                velocity = self.velocities[key] = _joined(pieces, dtype)
             else:
-                velocity.mul_(self.momentum).add_(flat)
-        residual = self._stored(self.residuals, key, flat.numel(), dtype, flat.device)
-        self._pending[key] = (flat, residual is not None, had_velocity)
-        source = self.velocities[key] if self.momentum else flat
-        if residual is None:
-            return source.to(dtype, copy=True)
-        del self.residuals[key]  # consumed; update() stores the new one
-        return residual.add_(source)
+                _accumulate(velocity.mul_(self.momentum), pieces)
+        residual = self._stored(self.residuals, key, numel, dtype, device)
+        self._pending[key] = (pieces, residual is not None, had_velocity)
+        if residual is not None:
+            del self.residuals[key]  # consumed; update() stores the new one
+        if self.momentum:
+            velocity = self.velocities[key]
+            return velocity.to(dtype, copy=True) if residual is None else residual.add_(velocity)
+        return _joined(pieces, dtype) if residual is None else _accumulate(residual, pieces)
 
     def restore(self, key: Hashable, compensated: torch.Tensor) -> None:
         """Undo :meth:`compensate` for a step whose update is dropped (another rank's
@@ -227,17 +254,17 @@ class ErrorFeedback:
         pending = self._pending.pop(key, None)
         if not self.enabled or pending is None:
             return
-        grad, had_residual, had_velocity = pending
+        pieces, had_residual, had_velocity = pending
         if self.momentum:
             velocity = self.velocities[key]
             if had_residual:
                 self.residuals[key] = compensated.sub_(velocity)
             if had_velocity:
-                velocity.sub_(grad).div_(self.momentum)
+                _accumulate(velocity, pieces, -1).div_(self.momentum)
             else:
                 del self.velocities[key]
         elif had_residual:
-            self.residuals[key] = compensated.sub_(grad)
+            self.residuals[key] = _accumulate(compensated, pieces, -1)
         self._put_back(key)
 
     def update(self, key: Hashable, compensated: torch.Tensor, sent: SparseGrad) -> None:

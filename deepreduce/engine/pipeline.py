@@ -124,18 +124,39 @@ class Segment:
     ``parts``: the named parts a segment covers, as ``(name, numel)`` in order, when it
     spans several: residuals are then saved and remapped per part. With ``per_part`` each
     part is sparsified on its own budget (per-tensor top-k, one payload); without it the
-    segment has one budget (one top-k over a whole bucket)."""
+    segment has one budget (one top-k over a whole bucket). ``spans``: each part's offset
+    in the buffer, where the parts do not follow each other (a packed segment gathers
+    the large tensors of a bucket in which small ones lie between them); ``offset`` is
+    then the first part's, and ``numel`` still the parts' total."""
 
     name: Hashable
     offset: int
     numel: int
     parts: tuple[tuple[Hashable, int], ...] | None = None
     per_part: bool = False  # each part sparsified on its own budget, in one payload
+    spans: tuple[int, ...] | None = None
 
     @property
     def part_numels(self) -> tuple[int, ...] | None:
         """The parts' sizes where each has its own budget (else None: one budget)."""
         return tuple(numel for _, numel in self.parts) if self.per_part and self.parts else None
+
+    def views(self, buffer: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The segment's elements of ``buffer``: one view, or one per part where they lie apart."""
+        if self.spans is None:
+            return buffer.narrow(0, self.offset, self.numel)
+        return [buffer.narrow(0, at, numel) for at, (_, numel) in zip(self.spans, self.parts or ())]
+
+    def write(self, buffer: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy the segment's flat ``values`` into its place(s) in ``buffer``."""
+        views = self.views(buffer)
+        if isinstance(views, torch.Tensor):
+            views.copy_(values)
+            return
+        at = 0
+        for view in views:
+            view.copy_(values.narrow(0, at, view.numel()))
+            at += view.numel()
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -323,6 +344,7 @@ class Engine:
         self.size_exchange = size_exchange
         self._widths: dict[tuple, int | None] = {}  # computed gather widths per bucket layout
         self._packings: dict[tuple, list[Segment]] = {}  # pack_tensors' segments per (spec, bucket layout)
+        self._placements: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per gathered segment and device
         self._warned_nonfinite = False
         self.stats_every = stats_every
         self.check = bool(check)
@@ -352,6 +374,7 @@ class Engine:
         state["_agreed"] = not self.check
         state["_ramp"] = None
         state["phases"] = None
+        state["_placements"] = {}  # device tensors, made again on first use
         return state
 
     # --- configuration agreement ---------------------------------------------------------
@@ -541,33 +564,57 @@ class Engine:
         if layout not in self._packings:
             if len(self._packings) > 64:  # one entry per density and bucket: keep the cache small
                 self._packings.clear()
+                self._placements.clear()
             self._packings[layout] = self._pack_runs(segments, compressor)
         return self._packings[layout]
 
     def _pack_runs(self, segments: list[Segment], compressor: Compressor) -> list[Segment]:
-        out: list[Segment] = []
+        """Large single tensors gathered into runs, in buffer order, across the small and
+        multi-part segments between them (those keep their own entries); each packed
+        segment takes the message slot of its first tensor."""
+        out: list[Segment | None] = []
         run: list[Segment] = []
+        slot = 0
 
         def close() -> None:
             if len(run) > 1:
                 parts = tuple((s.name, s.numel) for s in run)
-                out.append(Segment(tuple(name for name, _ in parts), run[0].offset, sum(s.numel for s in run),
-                                   parts=parts, per_part=True))
-            else:
-                out.extend(run)
+                adjacent = all(a.offset + a.numel == b.offset for a, b in zip(run, run[1:]))
+                out[slot] = Segment(tuple(name for name, _ in parts), run[0].offset, sum(s.numel for s in run),
+                                    parts=parts, per_part=True,
+                                    spans=None if adjacent else tuple(s.offset for s in run))
+            elif run:
+                out[slot] = run[0]
             run.clear()
 
         for seg in segments:
             if seg.parts is not None or seg.numel < self.min_numel:
-                close()
                 out.append(seg)
-            elif run and not compressor.packs_parts([s.numel for s in run] + [seg.numel]):
+                continue
+            if run and not compressor.packs_parts([s.numel for s in run] + [seg.numel]):
                 close()
-                run.append(seg)
-            else:
-                run.append(seg)
+            if not run:
+                slot = len(out)
+                out.append(None)
+            run.append(seg)
         close()
-        return out
+        return [seg for seg in out if seg is not None]
+
+    def _placed(self, sparse: SparseGrad, seg: Segment, target: torch.Tensor) -> SparseGrad:
+        """A gathered segment's decoded elements at their parts' positions in ``target``
+        (the whole buffer): each part's indices shifted by where that part lies."""
+        key = (seg, target.device)
+        if key not in self._placements:
+            numels = torch.tensor([numel for _, numel in seg.parts or ()], dtype=torch.int64)
+            starts = torch.cumsum(numels, 0) - numels  # each part's first index in the segment
+            self._placements[key] = (starts[1:].to(target.device),
+                                     (torch.tensor(seg.spans, dtype=torch.int64) - starts).to(target.device))
+        bounds, shifts = self._placements[key]
+        # Indices ascend, so each part's elements are one run of them.
+        counts = torch.diff(torch.searchsorted(sparse.indices, bounds), prepend=bounds.new_zeros(1),
+                            append=bounds.new_full((1,), sparse.k))
+        return SparseGrad(sparse.indices + shifts.repeat_interleave(counts, output_size=sparse.k), sparse.values,
+                          target.numel())
 
     @property
     def raw_below(self) -> int:
@@ -683,7 +730,7 @@ class Engine:
             for seg, entry in zip(segments, pending):
                 if entry is not None:
                     compensated, to_send, _ = entry
-                    buffer.narrow(0, seg.offset, seg.numel).copy_(to_send)
+                    seg.write(buffer, to_send)
                     self.memory.update_dense(seg.name, compensated, to_send)
             self._stats.add(dense_fallbacks=1, sent_bytes=dense_bytes, compress_s=encoded - started, exchange_s=exchanged - encoded)
             return self._allreduce(buffer, key, transport)
@@ -717,7 +764,7 @@ class Engine:
         residual is updated from it once the step's fate is known."""
         entries: list[torch.Tensor] = []
         for seg in segments:
-            view = buffer.narrow(0, seg.offset, seg.numel)
+            view = seg.views(buffer)
             small = seg.numel < self.min_numel
             if small and self.small_compressor is None:
                 entries.append(_as_bytes(view))
@@ -886,8 +933,11 @@ class Engine:
         exact = accumulate == buffer.dtype
         total = buffer.zero_() if exact else torch.zeros(buffer.numel(), dtype=accumulate, device=buffer.device)
         for i, seg in enumerate(segments):
-            sum_in_rank_order(total.narrow(0, seg.offset, seg.numel), [parts[i] for parts in decoded],
-                              world if self.average else 1)
+            divisor = world if self.average else 1
+            if seg.spans is None:
+                sum_in_rank_order(total.narrow(0, seg.offset, seg.numel), [parts[i] for parts in decoded], divisor)
+            else:
+                sum_in_rank_order(total, [self._placed(parts[i], seg, total) for parts in decoded], divisor)
         mark(timer, "sum")
         if not exact:
             buffer.copy_(total)
