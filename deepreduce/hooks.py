@@ -26,14 +26,14 @@ Tuning:
   which lay out their own buffers with the small tensors last, ``"bucket"`` with a
   ``small_compressor`` runs one top-k over the large tensors and leaves the small ones
   to the small compressor (when that pays in the update mode: :mod:`deepreduce.optim`).
-- ``pack_tensors`` (default on): with ``"tensor"``, adjacent parameters at or above
+- ``pack_tensors`` (default on): with ``"tensor"``, the parameters at or above
   ``min_numel`` in a bucket share one payload while each keeps its own top-k budget
   (``topk``; ``blocktopk`` where each is a whole number of its blocks): one header and
-  one encode and decode for the run instead of one per parameter, wherever receivers
-  then decode exactly what per-parameter payloads give (``raw``, ``bf16``, ``fp16`` and
-  ``uniform`` values; not ``qsgd``, whose random stream is per payload). In DDP buckets weights and biases alternate, so only
-  adjacent large parameters (weights without biases) pack there; the update mode,
-  Horovod and mpi4py lay all the large tensors out next to each other.
+  one select, encode and decode per bucket instead of one per parameter, wherever
+  receivers then decode exactly what per-parameter payloads give (``raw``, ``bf16``,
+  ``fp16`` and ``uniform`` values; not ``qsgd``, whose random stream is per payload).
+  They are read where they lie in the bucket: DDP alternates weights and biases, and
+  the small parameters between them keep their own entries.
 - ``start_iter``: dense allreduce for the first steps; a few hundred help accuracy early
   in training, like PowerSGD's ``start_powerSGD_iter``.
 - ``min_numel``: buckets smaller than this go dense; inside a bucket, parameters smaller
@@ -149,8 +149,8 @@ class DeepReduceState:
         dense_fallback: allreduce a bucket whose all-gather would move more bytes.
         momentum: DGC momentum correction (see :mod:`deepreduce.engine.memory`); 0 disables.
         granularity: ``"tensor"`` (top-k per parameter) or ``"bucket"`` (one per bucket).
-        pack_tensors: with ``"tensor"``, adjacent large parameters share one payload, each
-            on its own budget (see the tuning notes); False: one payload per parameter.
+        pack_tensors: with ``"tensor"``, a bucket's large parameters share one payload,
+            each on its own budget (see the tuning notes); False: one payload per parameter.
         scheme: ``"allgather"`` (every rank's payload to every rank),
             ``"shared_index"`` (a rotating leader's indices, one allreduce of the values) or
             ``"hierarchical"`` (dense inside a node, compressed between nodes) or

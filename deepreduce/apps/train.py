@@ -164,8 +164,8 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                    help="top-k per parameter, or one top-k over each DDP bucket (--mode update: over all the "
                         "parameters, those below --min-numel left to --small-compression when given)")
     c.add_argument("--no-pack-tensors", action="store_true",
-                   help="--granularity tensor: one payload per tensor, instead of one for each run of adjacent "
-                        "large tensors (each on its own budget either way)")
+                   help="--granularity tensor: one payload per tensor, instead of one for a bucket's large "
+                        "tensors (each on its own budget either way)")
     c.add_argument("--scheme", default="allgather", choices=tuple(SCHEMES),
                    help="how compressed buckets travel: every rank's payload to every rank; shared_index: a "
                         "rotating leader's indices and one allreduce of every rank's values there (bytes per rank "

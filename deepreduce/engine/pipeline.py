@@ -14,8 +14,8 @@ Per bucket, on every rank::
     not finite anywhere     dense allreduce of the gradient as it came, no error-feedback
                             update (see "Non-finite gradients" below)
     clip_norm               the bucket is scaled to norm <= clip_norm / sqrt(W)   (DGC local clipping)
-    otherwise, per segment  (a parameter; a run of adjacent large parameters, each on its own
-                            budget, with pack_tensors; the whole bucket with granularity="bucket")
+    otherwise, per segment  (a parameter; a bucket's large parameters, each on its own budget,
+                            with pack_tensors; the whole bucket with granularity="bucket")
         numel < min_numel   raw bytes, or ``small_compressor``'s payload when one is set
         else                compensated = segment + residual            (error feedback)
                             payload, sent = compress(compensated as the bucket's dtype)
@@ -197,12 +197,13 @@ class Engine:
         granularity: ``"tensor"``: one top-k per segment (per parameter); ``"bucket"``:
             one top-k over the whole buffer, except that with a ``small_compressor`` the
             segments below ``min_numel`` at the buffer's end keep their own payloads.
-        pack_tensors: with ``"tensor"`` and the all-gather scheme, each run of adjacent
-            segments at or above ``min_numel`` travels as one payload, each segment on its
-            own budget, where that leaves what receivers decode unchanged
-            (:meth:`Compressor.packs_parts`: ``topk`` or ``blocktopk`` with a lossless
-            index codec and ``raw``, ``bf16``, ``fp16`` or ``uniform`` values): one header
-            and one select, encode and decode per run.
+        pack_tensors: with ``"tensor"`` and the all-gather scheme, the single-tensor
+            segments at or above ``min_numel`` travel as one payload (read where they lie,
+            across the segments between them), each segment on its own budget, where that
+            leaves what receivers decode unchanged (:meth:`Compressor.packs_parts`:
+            ``topk`` or ``blocktopk`` with a lossless index codec and ``raw``, ``bf16``,
+            ``fp16`` or ``uniform`` values); a tensor that cannot join starts a new
+            payload. One header and one select, encode and decode per payload.
         scheme: how compressed buckets travel: ``"allgather"`` (every rank's payload to
             every rank), ``"shared_index"`` (a rotating leader's indices, one dense
             allreduce of the values there; :mod:`deepreduce.engine.shared_index`) or
@@ -550,7 +551,7 @@ class Engine:
         return segments
 
     def _packed(self, segments: list[Segment]) -> list[Segment]:
-        """``segments`` with runs of adjacent tensors at or above ``min_numel`` merged into
+        """``segments`` with their single tensors at or above ``min_numel`` gathered into
         segments of per-part budgets (``pack_tensors``), each run as long as the compressor
         can carry it part by part with receivers decoding what per-tensor payloads give
         (``Compressor.packs_parts``), under the all-gather scheme. Decided from sizes and

@@ -216,9 +216,9 @@ def _select_parts(entry: Sparsifier, config: Mapping[str, Any], flat: torch.Tens
     elif not any(ks):
         indices = torch.empty(0, dtype=torch.int64, device=flat.device)
     else:
-        magnitude = torch.abs(flat, out=ctx.buffer("magnitude", flat.numel(), flat.dtype, flat.device))
+        magnitude = ctx.buffer("magnitude", flat.numel(), flat.dtype, flat.device)
         if entry.select_parts is not None:
-            indices = entry.select_parts(magnitude, parts, ks, ctx, **config)
+            indices = entry.select_parts(torch.abs(flat, out=magnitude), parts, ks, ctx, **config)
         else:
             pieces, offset = [], 0
             for numel, k in zip(parts, ks):
@@ -227,7 +227,9 @@ def _select_parts(entry: Sparsifier, config: Mapping[str, Any], flat: torch.Tens
                 elif k == 0:
                     piece = torch.empty(0, dtype=torch.int64, device=flat.device)
                 else:
-                    piece = _ascending(entry, config, magnitude.narrow(0, offset, numel), k, ctx)
+                    # Each part's magnitudes just before its selection reads them: still in cache.
+                    part = torch.abs(flat.narrow(0, offset, numel), out=magnitude.narrow(0, offset, numel))
+                    piece = _ascending(entry, config, part, k, ctx)
                 pieces.append(piece + offset)
                 offset += numel
             indices = torch.cat(pieces)
