@@ -177,6 +177,28 @@ def test_cyclic_sends_every_element_once_per_stride_steps():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_sample_threshold_is_the_smallest_of_the_sample_top(dtype):
+    # numpy's partition of the values on the CPU gives the threshold torch's top-k set
+    # gives: ties, infinities and NaN (the largest) included, strided samples too.
+    from deepreduce.sparsifiers._search import sample_threshold
+
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randint(-40, 40, (999,), generator=gen).to(dtype)  # many ties
+    with_nan = base.clone()
+    with_nan[::97] = float("nan")
+    with_inf = base.clone()
+    with_inf[::50] = float("inf")
+    for values in (base, with_nan, with_inf, base[::3], with_nan[1::4]):
+        for count in (1, 9, 200, values.numel(), 10 * values.numel()):
+            kth = min(values.numel(), max(1, count))
+            want = torch.topk(values, kth).values.min()
+            got = sample_threshold(values, 1.0, count)
+            assert got.dtype == dtype and got.dim() == 0
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert sample_threshold(base, 4.0, 40).item() == torch.topk(base, 10).values.min().item()  # count / scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_largest_finds_the_set_torch_topk_finds(dtype):
     # numpy's argpartition on the CPU (bfloat16: torch.topk): the same set where values
     # are distinct, NaN counted as the largest, k = 0 and k = n included.
