@@ -65,13 +65,10 @@ a bucket, and a parameter is compressed alike by every front end.
 
 from __future__ import annotations
 
-import functools
 import importlib
-import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
@@ -86,6 +83,7 @@ from .agreement import check_agreement
 from .framing import frame, unframe
 from .memory import ErrorFeedback, memory_dtype
 from .plan import FP16, AutoPlan
+from .segments import Segment, pack_segments, part_shifts, placed, takes_parts
 from .presized import FAILED, NONFINITE, add_nonfinite, failed_message, flag_of, message_width, nonfinite_message, pad_to
 from .stats import CommStats, log_stats
 
@@ -113,50 +111,6 @@ NODE_SCHEMES = ("hierarchical", "hierarchical_shared_index")  # the schemes that
 
 def _allgather_scheme(engine: "Engine") -> Callable[..., torch.futures.Future]:
     return engine._compressed
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A slice ``[offset, offset + numel)`` of a flat buffer, compressed on its own.
-
-    ``name`` keys the error-feedback memory and the random streams: it must be the same
-    on every rank and stable across steps (a parameter's name, a bucket's index).
-    ``parts``: the named parts a segment covers, as ``(name, numel)`` in order, when it
-    spans several: residuals are then saved and remapped per part. With ``per_part`` each
-    part is sparsified on its own budget (per-tensor top-k, one payload); without it the
-    segment has one budget (one top-k over a whole bucket). ``spans``: each part's offset
-    in the buffer, where the parts do not follow each other (a packed segment gathers
-    the large tensors of a bucket in which small ones lie between them); ``offset`` is
-    then the first part's, and ``numel`` still the parts' total."""
-
-    name: Hashable
-    offset: int
-    numel: int
-    parts: tuple[tuple[Hashable, int], ...] | None = None
-    per_part: bool = False  # each part sparsified on its own budget, in one payload
-    spans: tuple[int, ...] | None = None
-
-    @property
-    def part_numels(self) -> tuple[int, ...] | None:
-        """The parts' sizes where each has its own budget (else None: one budget)."""
-        return tuple(numel for _, numel in self.parts) if self.per_part and self.parts else None
-
-    def views(self, buffer: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """The segment's elements of ``buffer``: one view, or one per part where they lie apart."""
-        if self.spans is None:
-            return buffer.narrow(0, self.offset, self.numel)
-        return [buffer.narrow(0, at, numel) for at, (_, numel) in zip(self.spans, self.parts or ())]
-
-    def write(self, buffer: torch.Tensor, values: torch.Tensor) -> None:
-        """Copy the segment's flat ``values`` into its place(s) in ``buffer``."""
-        views = self.views(buffer)
-        if isinstance(views, torch.Tensor):
-            views.copy_(values)
-            return
-        at = 0
-        for view in views:
-            view.copy_(values.narrow(0, at, view.numel()))
-            at += view.numel()
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -559,63 +513,21 @@ class Engine:
         if not self.pack_tensors or self.scheme != "allgather" or self.plan is not None or len(segments) < 2:
             return segments
         compressor = self._step_compressor()  # its density decides the counts a value codec must pack
-        if not _takes_parts(compressor):
+        if not takes_parts(compressor):
             return segments  # a wrapped compress_detailed without ``parts``: one payload per tensor, as before
         layout = (compressor.spec, tuple(segments))
         if layout not in self._packings:
             if len(self._packings) > 64:  # one entry per density and bucket: keep the cache small
                 self._packings.clear()
                 self._placements.clear()
-            self._packings[layout] = self._pack_runs(segments, compressor)
+            self._packings[layout] = pack_segments(segments, compressor, self.min_numel)
         return self._packings[layout]
 
-    def _pack_runs(self, segments: list[Segment], compressor: Compressor) -> list[Segment]:
-        """Large single tensors gathered into runs, in buffer order, across the small and
-        multi-part segments between them (those keep their own entries); each packed
-        segment takes the message slot of its first tensor."""
-        out: list[Segment | None] = []
-        run: list[Segment] = []
-        slot = 0
-
-        def close() -> None:
-            if len(run) > 1:
-                parts = tuple((s.name, s.numel) for s in run)
-                adjacent = all(a.offset + a.numel == b.offset for a, b in zip(run, run[1:]))
-                out[slot] = Segment(tuple(name for name, _ in parts), run[0].offset, sum(s.numel for s in run),
-                                    parts=parts, per_part=True,
-                                    spans=None if adjacent else tuple(s.offset for s in run))
-            elif run:
-                out[slot] = run[0]
-            run.clear()
-
-        for seg in segments:
-            if seg.parts is not None or seg.numel < self.min_numel:
-                out.append(seg)
-                continue
-            if run and not compressor.packs_parts([s.numel for s in run] + [seg.numel]):
-                close()
-            if not run:
-                slot = len(out)
-                out.append(None)
-            run.append(seg)
-        close()
-        return [seg for seg in out if seg is not None]
-
     def _placed(self, sparse: SparseGrad, seg: Segment, target: torch.Tensor) -> SparseGrad:
-        """A gathered segment's decoded elements at their parts' positions in ``target``
-        (the whole buffer): each part's indices shifted by where that part lies."""
         key = (seg, target.device)
         if key not in self._placements:
-            numels = torch.tensor([numel for _, numel in seg.parts or ()], dtype=torch.int64)
-            starts = torch.cumsum(numels, 0) - numels  # each part's first index in the segment
-            self._placements[key] = (starts[1:].to(target.device),
-                                     (torch.tensor(seg.spans, dtype=torch.int64) - starts).to(target.device))
-        bounds, shifts = self._placements[key]
-        # Indices ascend, so each part's elements are one run of them.
-        counts = torch.diff(torch.searchsorted(sparse.indices, bounds), prepend=bounds.new_zeros(1),
-                            append=bounds.new_full((1,), sparse.k))
-        return SparseGrad(sparse.indices + shifts.repeat_interleave(counts, output_size=sparse.k), sparse.values,
-                          target.numel())
+            self._placements[key] = part_shifts(seg, target.device)
+        return placed(sparse, self._placements[key], target.numel())
 
     @property
     def raw_below(self) -> int:
@@ -1054,21 +966,6 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if bool(torch.isfinite(tensor.sum(dtype=wide))):
         return True
     return bool(torch.isfinite(tensor).all())
-
-
-def _takes_parts(compressor: Compressor) -> bool:
-    """Whether ``compressor.compress_detailed`` takes ``parts=`` (a user's wrapper may not)."""
-    method = compressor.__dict__.get("compress_detailed") or type(compressor).compress_detailed
-    return _accepts_parts(method)
-
-
-@functools.lru_cache(maxsize=64)
-def _accepts_parts(function: Callable[..., Any]) -> bool:
-    try:
-        parameters = inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-    return "parts" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def _timed(timer: PhaseTimer | None) -> dict[str, PhaseTimer]:
