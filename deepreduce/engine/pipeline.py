@@ -945,8 +945,8 @@ def sum_in_rank_order(target: torch.Tensor, parts: Sequence[torch.Tensor | Spars
     sparse = [p for p in parts if isinstance(p, SparseGrad)]
     if len(sparse) == len(parts) and len(parts) > 1 and target.device.type == "cpu":
         indices = torch.cat([p.indices for p in sparse])
-        values = torch.cat([p.values.to(dtype) for p in sparse])
-        target.index_add_(0, indices, values / divisor if divisor != 1 else values)
+        values = torch.cat([p.values.to(dtype) for p in sparse])  # a new tensor: divided in place
+        target.index_add_(0, indices, values.div_(divisor) if divisor != 1 else values)
         return
     for part in parts:
         if isinstance(part, SparseGrad):
