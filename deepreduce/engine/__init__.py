@@ -20,8 +20,9 @@ Front ends: :mod:`deepreduce.hooks` (DDP), :mod:`deepreduce.horovod`,
 from .flat import FlatGroup, plan_groups, reduce_named
 from .gradients import GradientSync
 from .memory import ErrorFeedback, memory_dtype
-from .pipeline import Engine, Segment, read_message
+from .pipeline import Engine, read_message
 from .plan import AutoPlan
+from .segments import Segment
 from .stats import CommStats
 
 __all__ = ["AutoPlan", "CommStats", "Engine", "ErrorFeedback", "FlatGroup", "GradientSync", "Segment", "memory_dtype", "plan_groups", "read_message", "reduce_named"]

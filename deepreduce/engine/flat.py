@@ -26,7 +26,8 @@ import torch
 
 from .. import wire
 from ..errors import ConfigError
-from .pipeline import Engine, Segment
+from .pipeline import Engine
+from .segments import Segment
 
 
 @dataclass

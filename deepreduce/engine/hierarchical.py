@@ -72,9 +72,10 @@ import torch.distributed as dist
 
 from ..comm import Transport
 from ..errors import ConfigError, DeepReduceError, NonFiniteError
+from .segments import Segment
 
 if TYPE_CHECKING:
-    from .pipeline import Engine, Segment
+    from .pipeline import Engine
 
 SCHEME = "hierarchical"
 
@@ -100,8 +101,6 @@ def shard_segments(segments: Sequence["Segment"], start: int, numel: int, granul
     """The pieces of ``segments`` (offsets in the bucket) inside ``[start, start + numel)``,
     as segments of that shard (offsets from ``start``); see the module docstring for
     their names. ``granularity="bucket"`` makes one segment with the pieces as parts."""
-    from .pipeline import Segment
-
     end = start + numel
     pieces = []
     for seg in segments:

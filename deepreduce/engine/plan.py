@@ -62,7 +62,8 @@ from ..wire import pad8
 from .framing import frame
 
 if TYPE_CHECKING:
-    from .pipeline import Engine, Segment
+    from .pipeline import Engine
+    from .segments import Segment
 
 logger = logging.getLogger(__name__)
 

@@ -67,7 +67,8 @@ from ..sparse import SparseGrad
 from ..wire import pad8
 from .framing import frame, unframe
 from .memory import memory_dtype
-from .pipeline import _FAILED, _NONFINITE, Engine, Segment, _stream_name
+from .pipeline import _FAILED, _NONFINITE, Engine, _stream_name
+from .segments import Segment
 
 VALUE_CODECS = ("raw", "fp16", "bf16")  # the value codecs whose wire dtype can be summed
 _DENSE = -3  # the leader's control word when the bucket should go dense
