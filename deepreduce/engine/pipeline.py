@@ -83,8 +83,8 @@ from .agreement import check_agreement
 from .framing import frame, unframe
 from .memory import ErrorFeedback, memory_dtype
 from .plan import FP16, AutoPlan
-from .segments import Segment, pack_segments, part_shifts, placed, takes_parts
 from .presized import FAILED, NONFINITE, add_nonfinite, failed_message, flag_of, message_width, nonfinite_message, pad_to
+from .segments import Segment, pack_segments, part_shifts, placed, takes_parts
 from .stats import CommStats, log_stats
 
 logger = logging.getLogger(__name__)
@@ -524,6 +524,7 @@ class Engine:
         return self._packings[layout]
 
     def _placed(self, sparse: SparseGrad, seg: Segment, target: torch.Tensor) -> SparseGrad:
+        """A gathered segment's decoded elements at their places in ``target`` (the bucket)."""
         key = (seg, target.device)
         if key not in self._placements:
             self._placements[key] = part_shifts(seg, target.device)

@@ -21,7 +21,8 @@ from ..sparse import SparseGrad
 
 @dataclass(frozen=True)
 class Segment:
-    """A slice ``[offset, offset + numel)`` of a flat buffer, compressed on its own.
+    """A slice ``[offset, offset + numel)`` of a flat buffer (or, with ``spans``, several),
+    compressed on its own.
 
     ``name`` keys the error-feedback memory and the random streams: it must be the same
     on every rank and stable across steps (a parameter's name, a bucket's index).
