@@ -116,7 +116,7 @@ import torch.distributed as dist
 from .comm import Transport
 from .compressor import Compressor
 from .engine import Engine, memory_dtype, plan_groups, reduce_named
-from .engine.flat import check_named_tensors, last_below, packed_below
+from .engine.flat import check_named_tensors, packed_below
 from .engine.pipeline import positive_number
 from .hooks import local_gradient_hook
 from .errors import ConfigError
@@ -359,8 +359,7 @@ class UpdateSync:
         # updates would round away in fp16).
         self.anchors = {name: p.detach().to(memory_dtype(p.dtype), copy=True) for name, p in self.named_parameters}
         self._base = {name: a.clone() for name, a in self.anchors.items()} if self.overlap or self.keep_unsent else None
-        self.groups = plan_groups(list(self.anchors.items()), small_below=packed_below(self.engine),
-                                  last_below=last_below(self.engine))
+        self.groups = plan_groups(list(self.anchors.items()), small_below=packed_below(self.engine))
         self._outer = None
         if (self.outer_lr, self.outer_momentum) != (1.0, 0.0):
             self._outer_params = [torch.nn.Parameter(a, requires_grad=False) for a in self.anchors.values()]

@@ -80,11 +80,15 @@ def test_gradient_sync_packs_small_tensors_for_its_small_compressor():
         assert not sync.engine.memory.residual(name).any()
     assert int(torch.count_nonzero(dict(params)["w1"].grad)) == 600
     unpacked = GradientSync(SoloTransport(), dr.Compressor(ratio=0.5, value="raw"), params, min_numel=1000)
-    # raw small tensors: one segment each, after the large ones (which then share a payload)
-    assert [seg.name for seg in unpacked.groups[0].segments] == ["w1", "w2", "b1", "norm", "b2"]
+    # raw small tensors: one segment each, as given; the large ones still share a payload
+    group = unpacked.groups[0]
+    assert [seg.name for seg in group.segments] == [name for name, _ in shapes]
+    sent = unpacked.engine._segments(torch.zeros(group.numel), group.segments, 0)
+    assert [(seg.name, seg.spans) for seg in sent] == [(("w1", "w2"), (0, 1260)), ("b1", None), ("norm", None),
+                                                       ("b2", None)]
     apart = GradientSync(SoloTransport(), dr.Compressor(ratio=0.5, value="raw"), params, min_numel=1000,
                          pack_tensors=False)
-    assert [seg.name for seg in apart.groups[0].segments] == [name for name, _ in shapes]  # as given
+    assert len(apart.engine._segments(torch.zeros(group.numel), apart.groups[0].segments, 0)) == 5
 
 
 def test_missing_gradients_count_as_zeros():

@@ -333,10 +333,10 @@ def test_malformed_runs_are_refused(mutate, match):
         UniformValueCodec.decode(part.data[:-4], part.params, 24, ctx)
 
 
-def test_update_mode_lays_large_tensors_together_and_trains_as_per_tensor():
-    """With the small tensors raw (no small compressor), the update mode still lays the
-    large tensors next to each other, so they share one payload; the parameters after
-    a few exchanges are bitwise those of per-tensor payloads, for fewer bytes."""
+def test_update_mode_gathers_large_tensors_and_trains_as_per_tensor():
+    """With the small tensors raw (no small compressor) and lying between the large ones,
+    the update mode's large tensors still share one payload; the parameters after a few
+    exchanges are bitwise those of per-tensor payloads, for fewer bytes."""
     def run(pack: bool):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 700),
@@ -355,9 +355,10 @@ def test_update_mode_lays_large_tensors_together_and_trains_as_per_tensor():
     packed, packed_sync = run(True)
     apart, apart_sync = run(False)
     names = [seg.name for seg in packed_sync.groups[0].segments]
-    assert names == ["0.weight", "2.weight", "3.weight", "0.bias", "1.weight", "1.bias", "2.bias", "3.bias"]
-    assert len(packed_sync.engine._segments(torch.zeros(packed_sync.groups[0].numel), packed_sync.groups[0].segments,
-                                            0)) == 6  # three weights in one payload, five raw small tensors
+    assert names == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias", "3.weight", "3.bias"]
+    sent = packed_sync.engine._segments(torch.zeros(packed_sync.groups[0].numel), packed_sync.groups[0].segments, 0)
+    assert len(sent) == 6  # three weights in one payload, five raw small tensors
+    assert sent[0].name == ("0.weight", "2.weight", "3.weight") and sent[0].spans is not None
     for a, b in zip(packed.parameters(), apart.parameters()):
         assert torch.equal(a, b)
     assert packed_sync.stats()["payload_bytes"] < apart_sync.stats()["payload_bytes"]

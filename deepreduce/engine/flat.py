@@ -11,9 +11,7 @@ the tensors below it follow the others and are packed, in order, into shared seg
 of fewer than ``small_below`` elements (their names as the segment's parts, so error
 feedback and checkpoints stay per tensor): one payload, with one header, for a run of
 biases and norms instead of one each. In a small model at 1 % of dense's bytes those
-headers are a tenth of the message. Where large tensors next to each other share
-payloads (the engine's ``pack_tensors``), the small ones come last even when they
-travel raw, so they do not break the runs.
+headers are a tenth of the message.
 """
 
 from __future__ import annotations
@@ -84,11 +82,10 @@ def check_named_tensors(named: Iterable[tuple[str, torch.Tensor]], what: str = "
     return named
 
 
-def plan_groups(named: Sequence[tuple[str, torch.Tensor]], small_below: int = 0, last_below: int = 0) -> list[FlatGroup]:
+def plan_groups(named: Sequence[tuple[str, torch.Tensor]], small_below: int = 0) -> list[FlatGroup]:
     """One :class:`FlatGroup` per (dtype, device), tensors in the order given; with
     ``small_below > 0`` the smaller tensors come last, packed into shared segments of
-    fewer than ``small_below`` elements; with ``last_below > 0`` the tensors smaller than
-    that come last, each its own segment (so the large ones lie next to each other)."""
+    fewer than ``small_below`` elements."""
     by_slot: dict[tuple[torch.dtype, torch.device], list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in named:
         by_slot.setdefault((tensor.dtype, tensor.device), []).append((name, tensor))
@@ -96,11 +93,10 @@ def plan_groups(named: Sequence[tuple[str, torch.Tensor]], small_below: int = 0,
     for (dtype, device), members in by_slot.items():
         group = FlatGroup(f"{str(dtype).replace('torch.', '')}@{device}", dtype, device)
         small = [(name, t) for name, t in members if t.numel() < small_below]
-        last = max(small_below, last_below)
-        for name, tensor in [*[m for m in members if m[1].numel() >= last],
-                             *[m for m in members if small_below <= m[1].numel() < last]]:
-            group.segments.append(Segment(name, group.numel, tensor.numel()))
-            group._add(name, tensor.shape)
+        for name, tensor in members:
+            if tensor.numel() >= small_below:
+                group.segments.append(Segment(name, group.numel, tensor.numel()))
+                group._add(name, tensor.shape)
         pack: list[tuple[str, int]] = []
         start = group.numel
         for name, tensor in small:
@@ -119,13 +115,6 @@ def packed_below(engine: Engine) -> int:
     """``small_below`` for an engine: its ``min_numel`` when a small compressor sends the
     small tensors (each payload has a header); 0 when they travel raw (no header)."""
     return engine.min_numel if engine.small_compressor is not None else 0
-
-
-def last_below(engine: Engine) -> int:
-    """``last_below`` for an engine: its ``min_numel`` where large tensors next to each
-    other share payloads (``granularity="tensor"`` with ``pack_tensors``), so raw small
-    tensors do not split the runs; 0 otherwise (the given order)."""
-    return engine.min_numel if engine.granularity == "tensor" and engine.pack_tensors else 0
 
 
 def _packed(parts: list[tuple[str, int]], offset: int) -> Segment:

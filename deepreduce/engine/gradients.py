@@ -13,7 +13,7 @@ import torch
 
 from ..comm import Transport
 from ..compressor import Compressor
-from .flat import check_named_tensors, last_below, packed_below, plan_groups, reduce_named
+from .flat import check_named_tensors, packed_below, plan_groups, reduce_named
 from .pipeline import Engine
 
 
@@ -37,8 +37,7 @@ class GradientSync:
         check_named_tensors(self.named_parameters)
         described = [[name, list(p.shape), str(p.dtype)] for name, p in self.named_parameters]
         self.engine = Engine(transport, compressor, describe_extra={"parameters": described}, **options)
-        self.groups = plan_groups(self.named_parameters, small_below=packed_below(self.engine),
-                                  last_below=last_below(self.engine))
+        self.groups = plan_groups(self.named_parameters, small_below=packed_below(self.engine))
 
     @property
     def transport(self) -> Transport:

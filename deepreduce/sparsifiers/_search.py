@@ -45,8 +45,8 @@ def sample_threshold(sample: torch.Tensor, scale: float, count: float) -> torch.
     """Threshold above which about ``count`` elements of the full tensor are expected: the
     ``kth`` largest of the sample, NaN if a NaN is among its ``kth`` largest (NaN counts
     as the largest, as in ``torch.topk``). On the CPU numpy partitions the values alone,
-    without the positions ``largest`` finds, at half its cost (a per-tensor budget pays
-    this once per tensor)."""
+    without the positions ``largest`` would find (a per-tensor budget pays this once per
+    tensor)."""
     kth = min(sample.numel(), max(1, int(math.ceil(count / scale))))
     array = host_array(sample)
     if array is None:
