@@ -211,6 +211,16 @@ def test_cli_version_and_help(capsys):
     assert cli.main(["bench", "nope"]) == 2 and "choose one of codecs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [*[[name] for name in cli.COMMANDS], *[["bench", name] for name in cli.BENCHMARKS]],
+                         ids=" ".join)
+def test_every_command_prints_its_help(command, capsys):
+    """argparse formats help lazily: a bad help string only fails when a user asks for it."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: ")
+
+
 def test_one_process_run_writes_metrics(tmp_path):
     """Without torchrun, `deepreduce train` runs as a world of one."""
     metrics = tmp_path / "m.jsonl"

@@ -390,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "sgd"], choices=["adamw", "sgd"])
     parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), metavar="ROW",
+                        # argparse expands %-formats in help: the rows' "1%" must be escaped
                         help=f"configurations (default: all of {', '.join(r for r in ROWS if r != LONGER_DENSE)}; "
-                             f"with --target-steps also '{LONGER_DENSE}')")
+                             f"with --target-steps also '{LONGER_DENSE}')".replace("%", "%%"))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--target-steps", type=int, default=None,
