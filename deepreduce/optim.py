@@ -408,7 +408,10 @@ class UpdateSync:
         return True
 
     def _deltas(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: p.detach().to(base[name].dtype) - base[name] for name, p in self.named_parameters}
+        names = [name for name, _ in self.named_parameters]
+        current = [p.detach().to(base[name].dtype) for name, p in self.named_parameters]
+        # One call for all tensors (the per-tensor ops it runs are those of a loop).
+        return dict(zip(names, torch._foreach_sub(current, [base[name] for name in names])))
 
     def _apply(self, averaged: dict[str, torch.Tensor]) -> None:
         """anchor += outer(averaged), identically on every rank."""
@@ -422,9 +425,11 @@ class UpdateSync:
         self._outer.zero_grad(set_to_none=True)
 
     def _set_parameters(self, extra: dict[str, torch.Tensor] | None = None) -> None:
-        for name, p in self.named_parameters:
-            value = self.anchors[name] if extra is None else self.anchors[name] + extra[name]
-            p.copy_(value)
+        params = [p for _, p in self.named_parameters]
+        values = [self.anchors[name] for name, _ in self.named_parameters]
+        if extra is not None:
+            values = torch._foreach_add(values, [extra[name] for name, _ in self.named_parameters])
+        torch._foreach_copy_(params, values)
 
     def _exchange(self) -> None:
         averaged = reduce_named(self.engine, self.groups, self._deltas(self._base if self.keep_unsent else self.anchors))
@@ -434,11 +439,14 @@ class UpdateSync:
             self._set_parameters()
             return
         unsent = {name: self._residual(name, p) for name, p in self.named_parameters}
-        if self.unsent_scale != 1:
-            unsent = {name: r * self.unsent_scale for name, r in unsent.items()}  # the residuals stay as they are
+        if self.unsent_scale != 1:  # new tensors: the residuals stay as they are
+            unsent = dict(zip(unsent, torch._foreach_mul(list(unsent.values()), self.unsent_scale)))
         self._set_parameters(unsent)
-        for name, p in self.named_parameters:
-            self._base[name].copy_(p.detach())
+        self._copy_to_base()
+
+    def _copy_to_base(self) -> None:
+        torch._foreach_copy_([self._base[name] for name, _ in self.named_parameters],
+                             [p.detach() for _, p in self.named_parameters])
 
     def _residual(self, name: str, param: torch.Tensor) -> torch.Tensor:
         residual = self.engine.memory.residual(name)
@@ -451,8 +459,7 @@ class UpdateSync:
         self.engine.end_step()
         self._pending = pending
         self._set_parameters(progress)  # the agreed model plus this rank's own un-averaged progress
-        for name, p in self.named_parameters:
-            self._base[name].copy_(p.detach())
+        self._copy_to_base()
 
     def _apply_pending(self) -> None:
         if self._pending is not None:
@@ -485,8 +492,7 @@ class UpdateSync:
         self.engine.end_step()
         self._apply(averaged)
         self._set_parameters()
-        for name, p in self.named_parameters:
-            self._base[name].copy_(p.detach())
+        self._copy_to_base()
 
     def _check_frozen(self) -> None:
         for name, p in self._frozen:
@@ -510,8 +516,7 @@ class UpdateSync:
             self.engine._stats.add(sent_bytes=delta.numel() * delta.element_size())
         self.engine.memory.reset()
         self._set_parameters()
-        for name, p in self.named_parameters:
-            self._base[name].copy_(p.detach())
+        self._copy_to_base()
 
     @contextlib.contextmanager
     def consensus(self) -> Iterator[None]:
