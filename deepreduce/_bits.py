@@ -101,6 +101,9 @@ def unpack_fixed(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
         return low | (high << 32)
     array = host_array(data)
     if array is not None:
+        if width == 1:  # sign codes: numpy unpacks single bits directly
+            bits = np.unpackbits(np.ascontiguousarray(array), count=count, bitorder="little")
+            return torch.from_numpy(bits.astype(np.int64))
         words = _host_words(array)
         offsets = np.arange(count, dtype=np.int64) * width
         word = offsets >> 5

@@ -56,13 +56,15 @@ def test_bitmaps_pack_and_read_alike_on_both_paths(nbits, fill, seed):
     assert torch.equal(read_host, positions) and torch.equal(read_tensor, positions)
 
 
-def test_host_unpacking_reads_misaligned_slices():
+@pytest.mark.parametrize("width", [1, 13])  # 1: numpy's own bit unpacking
+def test_host_unpacking_reads_misaligned_slices(width):
     # Payload parts start at any byte of a message; numpy views them without a copy.
-    values = torch.randint(0, 1 << 13, (777,), generator=torch.Generator().manual_seed(0))
-    packed = _bits.pack_fixed(values, 13)
+    values = torch.randint(0, 1 << width, (777,), generator=torch.Generator().manual_seed(0))
+    packed = _bits.pack_fixed(values, width)
     for offset in range(1, 8):
         shifted = torch.cat([torch.zeros(offset, dtype=torch.uint8), packed])[offset:]
-        assert torch.equal(_bits.unpack_fixed(shifted, 13, 777), values)
+        unpacked = _bits.unpack_fixed(shifted, width, 777)
+        assert unpacked.dtype == torch.int64 and torch.equal(unpacked, values)
 
 
 @pytest.mark.parametrize("numel", [1, 64, 70_000, 3_000_000])
