@@ -20,6 +20,13 @@ the rest of ``v - m**2`` is noise. The step then divides by
 Its first moment, learning rate, weight decay and ``eps`` are AdamW's. With
 ``world_size=1`` it is AdamW.
 
+``noise="tracked"`` estimates the noise from a third moment kept for it instead: an
+average, over Adam's ``v`` horizon, of the squared error of the gradient against the
+first moment before it (``g - m_prev``; that error holds the noise plus ``m``'s own
+share of it, ``noise * 2 / (1 + beta1)``). ``m**2`` above is one short average, so the
+default estimate swings from step to step; the tracked one is averaged as long as ``v``,
+at the cost of one more tensor per parameter.
+
 Tuning: use the learning rate tuned for data-parallel AdamW (no ``sqrt(W)`` or ``W``
 factor). ``world_size`` is the number of ranks whose updates are averaged (default: the
 torch.distributed world); with :class:`UpdateSync` and ``local_steps`` H > 1 keep it at
@@ -37,6 +44,9 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
+
+
+NOISE_ESTIMATES = ("moments", "tracked")
 
 
 def _world_size() -> int:
@@ -59,6 +69,8 @@ def _check_options(options: dict[str, Any], where: str) -> None:
         value = options[name]
         if not _is_number(value) or not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{where}{name} must be a finite number >= 0, got {value!r}")
+    if options["noise"] not in NOISE_ESTIMATES:
+        raise ConfigError(f"{where}noise must be one of {', '.join(NOISE_ESTIMATES)}, got {options['noise']!r}")
     betas = options["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
             and all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
@@ -74,6 +86,8 @@ class LocalAdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: as for AdamW (decoupled weight decay).
         world_size: ranks whose updates are averaged; None: ``torch.distributed``'s
             world size (1 when it is not initialised).
+        noise: ``"moments"`` (the noise from ``v - m**2``) or ``"tracked"`` (from a
+            running average of the squared error ``g - m_prev``; one more state tensor).
 
     Parameter groups (here or through :meth:`add_param_group`) may set any of these
     options; each group's are checked as the constructor's are.
@@ -87,11 +101,13 @@ class LocalAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         world_size: int | None = None,
+        noise: str = "moments",
     ) -> None:
         if world_size is None:
             world_size = _world_size()
-        _check_options(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, world_size=world_size), "")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, world_size=world_size))
+        options = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, world_size=world_size, noise=noise)
+        _check_options(options, "")
+        super().__init__(params, {**options, "betas": tuple(betas)})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`torch.optim.Optimizer.add_param_group`, with the group's options
@@ -107,11 +123,13 @@ class LocalAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As :meth:`torch.optim.Optimizer.load_state_dict`, except that each group keeps this
         optimizer's ``world_size``: a run resumed on another number of ranks averages over
-        the new count (torch would bring back the saved one)."""
-        worlds = [group["world_size"] for group in self.param_groups]
+        the new count (torch would bring back the saved one). A state saved without
+        ``noise`` takes this optimizer's."""
+        worlds = [(group["world_size"], group["noise"]) for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, world in zip(self.param_groups, worlds):
+        for group, (world, noise) in zip(self.param_groups, worlds):
             group["world_size"] = world
+            group.setdefault("noise", noise)  # saved before the option existed
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -133,16 +151,27 @@ class LocalAdamW(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                tracked = group["noise"] == "tracked" and world > 1
+                if tracked and "error_sq" not in state:  # counted apart: a state may gain it on resuming
+                    state["error_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["error_steps"] = 0
                 state["step"] += 1
                 t = state["step"]
                 m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
                 p.mul_(1 - lr * group["weight_decay"])
+                if tracked and t > 1:  # the gradient's error against the first moment before it
+                    error = g - m / (1 - beta1 ** (t - 1))
+                    state["error_sq"].mul_(beta2).addcmul_(error, error, value=1 - beta2)
+                    state["error_steps"] += 1
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 m_hat = m / (1 - beta1 ** t)
                 v_hat = v / (1 - beta2 ** t)
                 if world > 1:
-                    noise = torch.addcmul(v_hat, m_hat, m_hat, value=-1).clamp_min_(0).div_(signal_share)
+                    if tracked and state["error_steps"]:
+                        noise = state["error_sq"] * ((1 + beta1) / (2 * (1 - beta2 ** state["error_steps"])))
+                    else:  # no error yet (the first step)
+                        noise = torch.addcmul(v_hat, m_hat, m_hat, value=-1).clamp_min_(0).div_(signal_share)
                     v_hat = torch.maximum(v_hat.sub_(noise, alpha=1 - 1 / world), v / ((1 - beta2 ** t) * world))
                 p.addcdiv_(m_hat, v_hat.sqrt_().add_(group["eps"]), value=-lr)
         return loss

@@ -94,6 +94,7 @@ def test_scheme_options_reach_the_hook_and_bad_ones_are_clear_errors():
     (["--metrics", "/nonexistent-dir/m.jsonl"], "--metrics /nonexistent-dir/m.jsonl: no directory /nonexistent-dir"),
     (["--checkpoint", "/proc/no-such-dir"], "--checkpoint /proc/no-such-dir: cannot create it"),
     (["--compression", "topk:0.01/eliasfano/fp16", "--nesterov"], "--nesterov need --mode update"),
+    (["--optimizer", "adamw", "--adam-noise", "tracked"], "--adam-noise needs --optimizer local-adamw"),
     (["--compression", "powersgd", "--granularity", "bucket"], "--granularity bucket apply to deepreduce compressor specs"),
     (["--compression", "dense", "--no-error-feedback", "--small-compression", "cyclic:0.5/strided/fp16"],
      "--no-error-feedback, --small-compression apply to deepreduce compressor specs, not --compression dense"),
@@ -117,6 +118,9 @@ def test_make_optimizer():
     assert train.make_optimizer("sgd", params, 1e-2, sgd_momentum=0.0).param_groups[0]["momentum"] == 0.0
     local = train.make_optimizer("local-adamw", params, 1e-3, weight_decay=0.1)
     assert type(local) is dr.LocalAdamW and local.param_groups[0]["world_size"] == 1  # no process group here
+    assert local.param_groups[0]["noise"] == "moments"
+    tracked = train.make_optimizer("local-adamw", params, 1e-3, adam_noise="tracked")
+    assert tracked.param_groups[0]["noise"] == "tracked"
     with pytest.raises(ValueError, match="adam, adamw, local-adamw, sgd"):
         train.make_optimizer("lamb", params, 1e-3)
 

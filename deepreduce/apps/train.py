@@ -69,7 +69,7 @@ from ..comm.torch_dist import close_process_group
 from ..compressor import Compressor
 from ..errors import ConfigError
 from ..hooks import DeepReduceState
-from ..local_adam import LocalAdamW
+from ..local_adam import NOISE_ESTIMATES, LocalAdamW
 from ..optim import DensityFollowsLR, UpdateSync
 from ..engine.pipeline import NODE_SCHEMES, SCHEMES
 from .comm_hooks import BUILTIN_HOOKS, CommMeter, hook_state_dict, load_hook_state, make_hook
@@ -117,6 +117,9 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     t.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
                    help=f"sgd uses momentum {SGD_MOMENTUM}, or none with --momentum-correction; local-adamw: "
                         "AdamW for --mode update (steps as data-parallel AdamW would; use the data-parallel --lr)")
+    t.add_argument("--adam-noise", default=None, choices=NOISE_ESTIMATES,
+                   help="local-adamw: how it estimates each rank's gradient noise (deepreduce.LocalAdamW's noise=; "
+                        "default moments)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the optimizer (all parameters)")
     t.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay to lr/10")
     t.add_argument("--seed", type=int, default=0, help="model init, data order and compressor streams")
@@ -348,9 +351,10 @@ def load_corpus(args: argparse.Namespace) -> ByteCorpus | SnippetClasses:
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
-                   sgd_momentum: float = SGD_MOMENTUM) -> torch.optim.Optimizer:
-    """``adam``, ``adamw``, ``local-adamw`` (:class:`deepreduce.LocalAdamW`, for update mode)
-    or ``sgd`` (with ``sgd_momentum``), with ``weight_decay`` on every parameter."""
+                   sgd_momentum: float = SGD_MOMENTUM, adam_noise: str | None = None) -> torch.optim.Optimizer:
+    """``adam``, ``adamw``, ``local-adamw`` (:class:`deepreduce.LocalAdamW`, for update mode,
+    its ``noise`` estimate ``adam_noise``) or ``sgd`` (with ``sgd_momentum``), with
+    ``weight_decay`` on every parameter."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
@@ -358,7 +362,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=sgd_momentum, weight_decay=weight_decay)
     if name == "local-adamw":  # update mode: AdamW stepping as data-parallel AdamW would (deepreduce.LocalAdamW)
-        return LocalAdamW(params, lr=lr, weight_decay=weight_decay)
+        return LocalAdamW(params, lr=lr, weight_decay=weight_decay, noise=adam_noise or "moments")
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
@@ -502,6 +506,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"deepreduce train: --checkpoint {args.checkpoint}: cannot create it ({error.strerror or error})")
     if args.weight_decay < 0:
         raise SystemExit("deepreduce train: --weight-decay must be >= 0")
+    if args.adam_noise is not None and args.optimizer != "local-adamw":
+        raise SystemExit("deepreduce train: --adam-noise needs --optimizer local-adamw")
     if args.local_steps < 1:
         raise SystemExit("deepreduce train: --local-steps must be >= 1")
     if args.density_follows_lr is not None and (args.mode != "update" or not math.isfinite(args.density_follows_lr)):
@@ -622,7 +628,8 @@ def _train(args: argparse.Namespace, device: torch.device, corpus: ByteCorpus | 
     model = build_model(args).to(device)
     # With momentum correction the hook carries the momentum, so SGD must not add its own.
     sgd_momentum = 0.0 if args.momentum_correction > 0 else SGD_MOMENTUM
-    optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay, sgd_momentum)
+    optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay, sgd_momentum,
+                               args.adam_noise)
     data_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)
     start = 0
     sync = None
