@@ -45,8 +45,8 @@ Tuning:
   model that is as many bytes as the compressed rest. ``small_compressor=
   "cyclic:0.125/strided/fp16"`` sends an eighth of each per exchange (no index bits, the
   rest waits in the residual), about a sixteenth of their bytes, for little accuracy.
-  They travel packed, a few payloads for all of them (one header each), while error
-  feedback and checkpoints stay per tensor.
+  They travel packed, one payload for all of them (one header), while error feedback
+  and checkpoints stay per tensor.
 - The tensors at or above ``min_numel`` travel in one payload, each on its own top-k
   budget (``pack_tensors``, the default): one select, encode and decode per exchange
   and one header, where ``topk`` or ``blocktopk`` select (for ``blocktopk`` every tensor

@@ -296,11 +296,12 @@ def _norms_model() -> torch.nn.Module:
 
 
 def test_small_tensors_share_payloads_and_keep_per_tensor_residuals():
-    """With a small compressor the tensors below min_numel travel packed (fewer than
-    min_numel elements per payload): fewer headers, fewer bytes, and the error feedback,
-    the keep-unsent parameters and the checkpoint stay per tensor."""
+    """With a small compressor the tensors below min_numel travel in one pack, through the
+    small compressor even where the pack reaches min_numel: fewer headers, fewer bytes,
+    and the error feedback, the keep-unsent parameters and the checkpoint stay per tensor."""
     from deepreduce.engine import plan_groups
     from deepreduce.engine.framing import unframe
+    from deepreduce.compressor import decode
 
     def run(packed: bool):
         model = _norms_model()
@@ -326,11 +327,15 @@ def test_small_tensors_share_payloads_and_keep_per_tensor_residuals():
     _, _, apart = run(packed=False)
     segments = sync.groups[0].segments
     packs = [seg for seg in segments if seg.parts is not None]
-    # Six of 64 elements, then 700 + 4: each pack stays below min_numel.
+    # Six of 64 elements, then 700 + 4: 1,088 elements, above min_numel, in one pack.
     assert [[name for name, _ in seg.parts] for seg in packs] == [["0.bias", "1.weight", "1.bias", "2.bias", "3.weight",
-                                                                   "3.bias"], ["4.bias", "5.bias"]]
+                                                                   "3.bias", "4.bias", "5.bias"]]
+    assert packs[0].numel == 1088 and packs[0].is_small(1024)
     assert [seg.name for seg in segments if seg.parts is None] == ["0.weight", "2.weight", "4.weight", "5.weight"]
-    assert len(unframe(messages[-1], len(segments), padded=True)) == len(segments) == 6
+    entries = unframe(messages[-1], len(segments), padded=True)
+    assert len(entries) == len(segments) == 5
+    # The small compressor's eighth of the pack, not the large tensors' 5 %.
+    assert decode(entries[segments.index(packs[0])]).k == 1088 // 8
     saved = len(list(model.parameters())) - len(segments)  # headers (64 bytes each) no longer sent
     assert len(messages) == len(apart) == 4  # the configuration check, then the three exchanges
     assert all(m.numel() <= a.numel() - 64 * saved for m, a in zip(messages[1:], apart[1:]))

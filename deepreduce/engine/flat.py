@@ -7,11 +7,12 @@ default per-tensor granularity a tensor is compressed alike whichever front end 
 bucket carry it.
 
 With ``small_below`` (the engine's ``min_numel`` when it has a ``small_compressor``),
-the tensors below it follow the others and are packed, in order, into shared segments
-of fewer than ``small_below`` elements (their names as the segment's parts, so error
-feedback and checkpoints stay per tensor): one payload, with one header, for a run of
-biases and norms instead of one each. In a small model at 1 % of dense's bytes those
-headers are a tenth of the message.
+the tensors below it follow the others and are packed, in order, into one shared segment
+(their names as the segment's parts, so error feedback and checkpoints stay per tensor):
+one payload, with one header, one encode and one decode, for all the biases and norms
+instead of one each. In a small model at 1 % of dense's bytes those headers are a tenth
+of the message. The engine sends such a pack the small tensors' way whatever its size
+(:meth:`Segment.is_small`).
 """
 
 from __future__ import annotations
@@ -84,8 +85,7 @@ def check_named_tensors(named: Iterable[tuple[str, torch.Tensor]], what: str = "
 
 def plan_groups(named: Sequence[tuple[str, torch.Tensor]], small_below: int = 0) -> list[FlatGroup]:
     """One :class:`FlatGroup` per (dtype, device), tensors in the order given; with
-    ``small_below > 0`` the smaller tensors come last, packed into shared segments of
-    fewer than ``small_below`` elements."""
+    ``small_below > 0`` the smaller tensors come last, packed into one shared segment."""
     by_slot: dict[tuple[torch.dtype, torch.device], list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in named:
         by_slot.setdefault((tensor.dtype, tensor.device), []).append((name, tensor))
@@ -97,16 +97,11 @@ def plan_groups(named: Sequence[tuple[str, torch.Tensor]], small_below: int = 0)
             if tensor.numel() >= small_below:
                 group.segments.append(Segment(name, group.numel, tensor.numel()))
                 group._add(name, tensor.shape)
-        pack: list[tuple[str, int]] = []
         start = group.numel
         for name, tensor in small:
-            if pack and group.numel - start + tensor.numel() >= small_below:
-                group.segments.append(_packed(pack, start))
-                pack, start = [], group.numel
-            pack.append((name, tensor.numel()))
             group._add(name, tensor.shape)
-        if pack:
-            group.segments.append(_packed(pack, start))
+        if small:
+            group.segments.append(_packed([(name, t.numel()) for name, t in small], start))
         groups.append(group)
     return groups
 

@@ -495,7 +495,7 @@ class Engine:
             # With a small compressor the small segments at the end keep their own payloads
             # (the front ends that lay out their own buffers put every small tensor there).
             end = len(segments)
-            while self.small_compressor is not None and end and segments[end - 1].numel < self.min_numel:
+            while self.small_compressor is not None and end and segments[end - 1].is_small(self.min_numel):
                 end -= 1
             if end < 2:
                 return segments
@@ -589,7 +589,7 @@ class Engine:
         if self.size_exchange != "auto":
             return None
         layout = (compressor.spec, buffer.dtype, transport.world_size,
-                  tuple((seg.numel, seg.part_numels) for seg in segments))
+                  tuple((seg.numel, seg.part_numels, seg.is_small(self.min_numel)) for seg in segments))
         if layout not in self._widths:
             width = message_width(compressor, layout[3], buffer.dtype, self.min_numel, self.small_compressor)
             # Where the padded gather might lose to allreduce, the exchanged sizes decide.
@@ -679,7 +679,7 @@ class Engine:
         entries: list[torch.Tensor] = []
         for seg in segments:
             view = seg.views(buffer)
-            small = seg.numel < self.min_numel
+            small = seg.is_small(self.min_numel)
             if small and self.small_compressor is None:
                 entries.append(_as_bytes(view))
                 pending.append(None)

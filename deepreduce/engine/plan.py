@@ -437,7 +437,7 @@ def _measure(engine: "Engine", compressor: Compressor, buffer: torch.Tensor,
                 entries.append(_as_bytes(view))
                 continue
             compensated = torch.add(view.to(wide), view, alpha=0.0)  # the residual's add: one full pass
-            which = engine.small_compressor if seg.numel < engine.min_numel else compressor
+            which = engine.small_compressor if seg.is_small(engine.min_numel) else compressor
             result = which.compress_detailed(compensated.to(buffer.dtype), step=engine.step, key=_stream_name(seg.name))
             entries.append(result.payload)
             sent = result.sent

@@ -42,21 +42,22 @@ _EVERYWHERE = -1  # n of a NONFINITE message whose positions did not fit: the wh
 _KINDS = 4  # code = position * 4 + kind
 
 
-def message_width(compressor: Compressor, segments: Sequence[int | tuple[int, Sequence[int] | None]],
+def message_width(compressor: Compressor, segments: Sequence[int | tuple[int, Sequence[int] | None, bool]],
                   dtype: torch.dtype, min_numel: int, small_compressor: Compressor | None = None) -> int | None:
     """The padded size every rank's message for these segments fits in, or None when a
     payload's size depends on the data (then sizes must be exchanged). A segment is its
-    element count, or ``(count, part counts)`` for one whose parts are sparsified each on
-    its own budget (None: one budget). Segments below ``min_numel`` travel as raw bytes,
-    or through ``small_compressor`` when one is set."""
+    element count, or ``(count, part counts, small)`` where its parts are sparsified each
+    on its own budget (part counts; None: one budget) or it is a pack of small tensors
+    (``small``: :meth:`Segment.is_small`). Small segments (an element count below
+    ``min_numel``) travel as raw bytes, or through ``small_compressor`` when one is set."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     entries = []
     for segment in segments:
-        numel, parts = (segment, None) if isinstance(segment, int) else segment
-        if numel < min_numel and small_compressor is None:
+        numel, parts, small = (segment, None, segment < min_numel) if isinstance(segment, int) else segment
+        if small and small_compressor is None:
             entries.append(numel * itemsize)
             continue
-        if numel < min_numel:
+        if small:
             size = small_compressor.payload_size(numel, dtype)
         else:
             size = compressor.payload_size(numel, dtype, parts)

@@ -41,6 +41,14 @@ class Segment:
     per_part: bool = False  # each part sparsified on its own budget, in one payload
     spans: tuple[int, ...] | None = None
 
+    def is_small(self, min_numel: int) -> bool:
+        """Whether the segment goes the small tensors' way (raw bytes, or the small
+        compressor): fewer than ``min_numel`` elements, or a pack of parts that each have
+        fewer (the small tensors of a flat group share one payload, whatever its size)."""
+        if self.numel < min_numel:
+            return True
+        return self.parts is not None and not self.per_part and all(numel < min_numel for _, numel in self.parts)
+
     @property
     def part_numels(self) -> tuple[int, ...] | None:
         """The parts' sizes where each has its own budget (else None: one budget)."""
@@ -87,7 +95,7 @@ def pack_segments(segments: list[Segment], compressor: Compressor, min_numel: in
         run.clear()
 
     for seg in segments:
-        if seg.parts is not None or seg.numel < min_numel:
+        if seg.parts is not None or seg.is_small(min_numel):
             out.append(seg)
             continue
         if run and not compressor.packs_parts([s.numel for s in run] + [seg.numel]):
