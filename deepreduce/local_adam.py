@@ -31,7 +31,10 @@ Tuning: use the learning rate tuned for data-parallel AdamW (no ``sqrt(W)`` or `
 factor). ``world_size`` is the number of ranks whose updates are averaged (default: the
 torch.distributed world); with :class:`UpdateSync` and ``local_steps`` H > 1 keep it at
 W: each local step's gradient is still one rank's. For data-parallel training (averaged
-gradients) use plain AdamW.
+gradients) use plain AdamW. ``noise="tracked"`` was better than the default on some tasks
+and not on others (``benchmarks/RESULTS.md``): run update mode uncompressed
+(``start_iter`` past the end) beside data-parallel AdamW with each, and keep the one
+whose gap is smaller.
 """
 
 from __future__ import annotations
