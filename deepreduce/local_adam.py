@@ -144,6 +144,7 @@ class LocalAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             lr, world = group["lr"], group["world_size"]
             signal_share = 2 * beta1 / (1 + beta1) if beta1 > 0 else 1.0  # of the noise variance, the part not in m**2
+            tracked = group["noise"] == "tracked" and world > 1
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -154,7 +155,6 @@ class LocalAdamW(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                tracked = group["noise"] == "tracked" and world > 1
                 if tracked and "error_sq" not in state:  # counted apart: a state may gain it on resuming
                     state["error_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["error_steps"] = 0
