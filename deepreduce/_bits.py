@@ -88,6 +88,18 @@ def pack_fixed(values: torch.Tensor, width: int) -> torch.Tensor:
     return _words_to_bytes(_scatter_fields(values, offsets, nwords))
 
 
+def pack_bool(mask: torch.Tensor) -> torch.Tensor:
+    """``pack_fixed(mask, 1)`` of a bool tensor, without widening it to int64 first (the
+    same bytes; :func:`bitmap_to_bool` reads them back)."""
+    n = mask.numel()
+    array = host_array(mask)
+    if array is None or n == 0:
+        return pack_fixed(mask.reshape(-1).to(torch.int64), 1)
+    packed = np.zeros(packed_nbytes(n), dtype=np.uint8)
+    packed[: (n + 7) // 8] = np.packbits(array.reshape(-1), bitorder="little")
+    return torch.from_numpy(packed)
+
+
 def unpack_fixed(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_fixed`; ``data`` must hold exactly ``packed_nbytes(count*width)`` bytes
     (for width > 32: the two halves back to back)."""

@@ -56,6 +56,18 @@ def test_bitmaps_pack_and_read_alike_on_both_paths(nbits, fill, seed):
     assert torch.equal(read_host, positions) and torch.equal(read_tensor, positions)
 
 
+@given(count=st.integers(0, 3000), fill=st.floats(0, 1), seed=st.integers(0, 2**31))
+@settings(max_examples=100, deadline=None)
+def test_sign_bits_pack_from_bools_as_one_bit_fields(count, fill, seed):
+    # The 1-bit uniform codec packs its sign mask without widening it: the same bytes.
+    monkeypatch = pytest.MonkeyPatch()
+    mask = torch.rand(count, generator=torch.Generator().manual_seed(seed)) < fill
+    host, tensor = _both(monkeypatch, _bits.pack_bool, mask)
+    assert torch.equal(host, tensor) and torch.equal(host, _bits.pack_fixed(mask.to(torch.int64), 1))
+    read_host, read_tensor = _both(monkeypatch, _bits.bitmap_to_bool, host, count)
+    assert torch.equal(read_host, mask) and torch.equal(read_tensor, mask)
+
+
 @pytest.mark.parametrize("width", [1, 13])  # 1: numpy's own bit unpacking
 def test_host_unpacking_reads_misaligned_slices(width):
     # Payload parts start at any byte of a message; numpy views them without a copy.

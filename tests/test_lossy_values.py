@@ -343,6 +343,24 @@ def test_uniform_levels_follow_the_definition_exactly(bits, block):
     assert torch.equal(decoded, expected.float())
 
 
+@pytest.mark.parametrize("count", [1000, 1024])  # a short last block, and whole blocks only
+@pytest.mark.parametrize("block", [7, 128])
+def test_uniform_one_bit_is_the_sign_times_the_block_mean(count, block):
+    # Independent float64 reference: each block's mean |v| over its real values, rounded
+    # once to the fp32 scale; every value decodes to that scale with its own sign.
+    values = _heavy_tailed(count).float()
+    values[3] = -0.0  # a negative zero keeps its sign
+    codec = make_value_codec("uniform", {"bits": 1, "block": block})
+    enc = codec.encode(values, _ctx())
+    decoded = codec.decode(enc.data, enc.params, count, _ctx())
+    expected = torch.empty(count, dtype=torch.float32)
+    for start in range(0, count, block):
+        part = values[start:start + block]
+        scale = part.double().abs().mean().float()
+        expected[start:start + block] = torch.where(torch.signbit(part), -scale, scale)
+    assert torch.equal(decoded.view(torch.int32), expected.view(torch.int32))
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4])
 @pytest.mark.parametrize("block", [7, 128])
 def test_uniform_bf16_scales_are_the_fp32_scales_rounded(bits, block):

@@ -94,6 +94,8 @@ class _Layout:
     def grid(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """``values`` (float64, one per value) in their blocks, ``fill`` elsewhere."""
         if self.single:
+            if self.k == self.rows * self.width:  # whole blocks: the values themselves, no padding
+                return values.reshape(self.rows, self.width)
             padded = torch.full((self.rows * self.width,), fill, dtype=torch.float64, device=values.device)
             padded[: self.k] = values
             return padded.reshape(self.rows, self.width)
@@ -112,6 +114,17 @@ class _Layout:
         if self.single:
             return per_block.unsqueeze(1).expand(self.rows, self.width).reshape(-1)[: self.k]
         return per_block.index_select(0, self.row)
+
+
+def _signed_scales(negative: torch.Tensor, scales: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-bit payload's values: each block's scale, negated where the sign bit is set.
+    The sender (its own values, for the residual) and the receivers compute it alike.
+    A scale converts to ``dtype`` and negates exactly as the signed product would round,
+    so this is ``(sign * scale).to(dtype)`` in the narrow dtype (about a third of the
+    memory traffic: on the CPU the wide temporaries' fresh pages cost more than the
+    arithmetic)."""
+    magnitude = layout.per_value(scales.to(dtype).contiguous())
+    return torch.where(negative, magnitude.neg(), magnitude)
 
 
 @register_value_codec
@@ -160,16 +173,16 @@ class UniformValueCodec(ValueCodec):
         if k == 0:
             return ValueEncoding(values.new_empty(0, dtype=torch.uint8), params), torch.empty(0, dtype=ctx.dtype, device=values.device)
         layout = _Layout(k, block, runs, values.device)
+        if bits == 1:
+            negative = torch.signbit(values)
+            magnitude = layout.grid(values.to(torch.float64).abs_())
+            scales = (magnitude.sum(dim=1) / layout.counts).to(scale_dtype)  # NaN/inf propagate
+            part = ValueEncoding(torch.cat([as_bytes(scales), _bits.pack_bool(negative)]), params)
+            return part, (_signed_scales(negative, scales, layout, ctx.dtype) if decoded else None)
         wide = values.to(torch.float64)
         magnitude = layout.grid(wide.abs())
         signs = torch.signbit(wide).to(torch.int64)
         sign = (1.0 - 2.0 * signs.to(torch.float64)) if decoded else None
-        if bits == 1:
-            scales = (magnitude.sum(dim=1) / layout.counts).to(scale_dtype)  # NaN/inf propagate
-            part = ValueEncoding(torch.cat([as_bytes(scales), _bits.pack_fixed(signs, 1)]), params)
-            if not decoded:
-                return part, None
-            return part, (sign * layout.per_value(scales.to(torch.float64))).to(ctx.dtype)
         steps = (1 << (bits - 1)) - 1
         high = magnitude.amax(dim=1)
         # The zero padding is no magnitude: the smallest over the values only.
@@ -221,11 +234,12 @@ class UniformValueCodec(ValueCodec):
             raise DecodeError("uniform: negative block scale")
         if bits > 1 and bool((scales[:, 0] > scales[:, 1]).any()):
             raise DecodeError("uniform: a block's smallest magnitude exceeds its largest")
-        codes = _bits.unpack_fixed(data[scale_bytes:], bits, k)
-        sign = 1.0 - 2.0 * (codes & 1).to(torch.float64)
         layout = _Layout(k, block, runs, data.device)
         if bits == 1:
-            return (sign * layout.per_value(scales[:, 0].contiguous())).to(ctx.dtype)
+            negative = _bits.bitmap_to_bool(data[scale_bytes:], k)
+            return _signed_scales(negative, scales[:, 0], layout, ctx.dtype)
+        codes = _bits.unpack_fixed(data[scale_bytes:], bits, k)
+        sign = 1.0 - 2.0 * (codes & 1).to(torch.float64)
         steps = (1 << (bits - 1)) - 1
         low, high = layout.per_value(scales[:, 0].contiguous()), layout.per_value(scales[:, 1].contiguous())
         magnitude = low + (high - low) * ((codes >> 1).to(torch.float64) / steps)
