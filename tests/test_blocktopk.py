@@ -169,9 +169,21 @@ def test_blocks_codec_refuses_index_sets_that_are_not_its_blocks():
     dr.decode(dr.Compressor.from_spec("randomk:1/blocks/raw").compress(x))  # every element: whole blocks
     with pytest.raises(dr.ConfigError, match="whole aligned blocks"):  # 64 = 2 blocks of 32, but misaligned
         make_index_codec("blocks", {"block": 32}).encode(torch.arange(16, 80), CodecContext(1000, torch.float32, CPU))
+    codec, ctx = make_index_codec("blocks"), CodecContext(1000, torch.float32, CPU)
+    holed = torch.cat([torch.arange(0, 70), torch.arange(71, 128), torch.tensor([200])])  # 128 positions, not 2 blocks
+    for bad in (torch.cat([torch.arange(64, 128), torch.arange(0, 64)]),  # whole blocks out of order
+                holed, torch.arange(0, 104)):  # 104 = a block and the cut last one (960-999), not the next 40
+        with pytest.raises(dr.ConfigError, match="whole aligned blocks"):
+            codec.encode(bad, ctx)
+    last = torch.cat([torch.arange(0, 64), torch.arange(960, 1000)])
+    assert torch.equal(type(codec).decode(*_data_params(codec.encode(last, ctx)), 104, ctx), last)
     # A larger multiple of the block is whole blocks of the smaller size too.
     assert torch.equal(dr.decode(dr.Compressor.from_spec("blocktopk:0.2,block=64/blocks:block=32/raw")
                                  .compress(torch.randn(1024))).indices.reshape(-1, 64)[:, 0] % 64, torch.zeros(3, dtype=torch.int64))
+
+
+def _data_params(encoding):
+    return encoding.data, encoding.params
 
 
 def test_blocks_of_count():

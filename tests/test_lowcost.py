@@ -34,15 +34,16 @@ def test_all_finite_agrees_with_isfinite_including_overflowing_sums(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("world", [1, 2, 5])
-def test_batched_sum_is_bitwise_the_per_rank_sum(dtype, world):
+@pytest.mark.parametrize("k", [500, 3000])  # all ranks' parts concatenated, and (large) added one by one
+def test_batched_sum_is_bitwise_the_per_rank_sum(dtype, world, k):
     """One index_add_ over all ranks' pairs equals one index_add_ per rank, in rank order."""
     gen = torch.Generator().manual_seed(world)
     numel = 20_000
     accumulate = torch.float32 if dtype == torch.float16 else dtype
     parts = []
     for _ in range(world):
-        indices = torch.sort(torch.randperm(numel, generator=gen)[:3000]).values  # overlaps across ranks
-        values = (torch.randn(3000, generator=gen) * 10 ** torch.randint(-3, 4, (3000,), generator=gen)).to(dtype)
+        indices = torch.sort(torch.randperm(numel, generator=gen)[:k]).values  # overlaps across ranks
+        values = (torch.randn(k, generator=gen) * 10 ** torch.randint(-3, 4, (k,), generator=gen)).to(dtype)
         parts.append(SparseGrad(indices, values, numel))
     for divisor in (1, world):
         expected = torch.zeros(numel, dtype=accumulate)

@@ -933,18 +933,25 @@ def _check_plan_settings(*, scheme: str, momentum: float, density_warmup: int,
         raise ConfigError("compressor='auto' plans the density itself; use density_warmup=0 and density_scale=None")
 
 
+# Elements of all ranks' sparse parts up to which one concatenated index_add_ beats one per rank.
+_CONCATENATE_BELOW = 1 << 12
+
+
 def sum_in_rank_order(target: torch.Tensor, parts: Sequence[torch.Tensor | SparseGrad], divisor: int = 1) -> None:
     """Add every rank's part (rank order) into ``target``, each divided by ``divisor`` first.
 
     Every position receives its contributions in rank order whatever the path, so the sum
-    is bitwise the same on every rank. Sparse parts on the CPU go in one ``index_add_``
-    over the ranks' concatenated (indices, values): its CPU kernel walks the index list
-    in order, so that is the same sum as one ``index_add_`` per rank, minus W-1 calls.
-    Elsewhere (CUDA's ``index_add_`` adds duplicate positions with atomics, in no fixed
-    order) each rank's part, whose indices are unique, is added on its own."""
+    is bitwise the same on every rank. Small sparse parts on the CPU go in one
+    ``index_add_`` over the ranks' concatenated (indices, values): its CPU kernel walks
+    the index list in order, so that is the same sum as one ``index_add_`` per rank,
+    minus W-1 calls (large ones are added one by one: there the copies would cost more
+    than the calls). Elsewhere (CUDA's ``index_add_`` adds duplicate positions with
+    atomics, in no fixed order) each rank's part, whose indices are unique, is added on
+    its own."""
     dtype = target.dtype
     sparse = [p for p in parts if isinstance(p, SparseGrad)]
-    if len(sparse) == len(parts) and len(parts) > 1 and target.device.type == "cpu":
+    if (len(sparse) == len(parts) and len(parts) > 1 and target.device.type == "cpu"
+            and sum(p.indices.numel() for p in sparse) <= _CONCATENATE_BELOW):
         indices = torch.cat([p.indices for p in sparse])
         values = torch.cat([p.values.to(dtype) for p in sparse])  # a new tensor: divided in place
         target.index_add_(0, indices, values.div_(divisor) if divisor != 1 else values)

@@ -61,6 +61,22 @@ def expand_blocks(block_ids: torch.Tensor, block: int, numel: int) -> torch.Tens
     return positions
 
 
+def whole_block_ids(indices: torch.Tensor, block: int, numel: int) -> torch.Tensor | None:
+    """The ascending ids of the whole aligned blocks whose positions ``indices`` lists in
+    order (the last block cut at ``numel``), or None when it is not such a list. Every
+    block starts ``block`` positions after the previous one, so the ids are those of
+    every ``block``-th index; the list must then be their expansion."""
+    shape = blocks_of_count(numel, indices.numel(), block)
+    if shape is None:
+        return None
+    block_ids = indices[::block] // block
+    if block_ids.numel() != shape[0]:
+        return None
+    if block_ids.numel() > 1 and not bool((block_ids[1:] > block_ids[:-1]).all()):
+        return None
+    return block_ids if torch.equal(expand_blocks(block_ids, block, numel), indices) else None
+
+
 @register_index_codec
 class BlocksIndexCodec(IndexCodec):
     name = "blocks"
@@ -84,10 +100,8 @@ class BlocksIndexCodec(IndexCodec):
         block = self.config["block"]
         k = indices.numel()
         nblocks = blocks_in(ctx.numel, block)
-        block_ids = torch.unique_consecutive(indices // block)
-        shape = blocks_of_count(ctx.numel, k, block)
-        if shape is None or shape[0] != block_ids.numel() or (
-                k and shape[1] is not None and shape[1] != (int(block_ids[-1]) == nblocks - 1)):
+        block_ids = whole_block_ids(indices, block, ctx.numel)
+        if block_ids is None:
             raise ConfigError(
                 f"the blocks index codec (block={block}) carries whole aligned blocks of {block} positions only: "
                 f"use it with the blocktopk sparsifier at block={block}")
