@@ -174,6 +174,25 @@ def host_array(tensor: torch.Tensor) -> np.ndarray | None:
     return tensor.numpy()
 
 
+def strictly_ascending(values: torch.Tensor) -> bool:
+    """Whether the 1-D ``values`` strictly increase (numpy on the CPU: torch's comparison
+    and ``all`` of a large int64 tensor take about 4x as long on one thread)."""
+    if values.numel() < 2:
+        return True
+    array = host_array(values)
+    if array is not None:
+        return bool((np.diff(array) > 0).all())
+    return bool((values[1:] > values[:-1]).all())
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal`` (same shape and elements), through numpy on the CPU (about 3x faster)."""
+    left, right = host_array(a), host_array(b)
+    if left is not None and right is not None and a.dtype == b.dtype:
+        return bool(np.array_equal(left, right))
+    return torch.equal(a, b)
+
+
 def true_positions(mask: torch.Tensor) -> torch.Tensor:
     """Ascending int64 positions of the true entries of a 1-D bool tensor (numpy's
     ``flatnonzero`` on the CPU: the same result as ``torch.nonzero``, faster)."""

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import rng, wire
+from . import _bits, rng, wire
 from .codecs import INDEX_CODECS, VALUE_CODECS, CodecContext, IndexCodec, IndexEncoding, ValueCodec, make_index_codec, make_value_codec
 from .phases import PhaseTimer, mark
 from .scratch import Scratch
@@ -365,7 +365,7 @@ def _check_indices(indices: torch.Tensor, k: int, numel: int, codec: str) -> Non
         return
     if bool(indices[0] < 0) or bool(indices[-1] >= numel):
         raise DecodeError(f"index part ({codec}): index out of range [0, {numel})")
-    if k > 1 and not bool((indices[1:] > indices[:-1]).all()):
+    if not _bits.strictly_ascending(indices):
         raise DecodeError(f"index part ({codec}): indices are not strictly ascending")
 
 

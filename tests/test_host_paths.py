@@ -68,6 +68,20 @@ def test_sign_bits_pack_from_bools_as_one_bit_fields(count, fill, seed):
     assert torch.equal(read_host, mask) and torch.equal(read_tensor, mask)
 
 
+@pytest.mark.parametrize("values, ascending", [
+    ([], True), ([5], True), ([1, 2, 9], True), ([1, 1, 2], False), ([3, 2], False), ([-4, 0, 7, 6], False),
+])
+def test_ascending_and_equality_checks_agree_on_both_paths(values, ascending):
+    monkeypatch = pytest.MonkeyPatch()
+    tensor = torch.tensor(values, dtype=torch.int64)
+    assert _both(monkeypatch, _bits.strictly_ascending, tensor) == (ascending, ascending)
+    assert _both(monkeypatch, _bits.strictly_ascending, torch.tensor(values[::-1] * 2, dtype=torch.int64)[::2]) \
+        == ((ascending,) * 2 if len(values) < 2 else (False, False))  # a strided view, reversed
+    same = _both(monkeypatch, _bits.same_values, tensor, tensor.clone())
+    other = torch.cat([tensor[:-1], tensor[-1:] + 1]) if len(values) else torch.zeros(1, dtype=torch.int64)
+    assert same == (True, True) and _both(monkeypatch, _bits.same_values, tensor, other) == (False, False)
+
+
 @pytest.mark.parametrize("width", [1, 13])  # 1: numpy's own bit unpacking
 def test_host_unpacking_reads_misaligned_slices(width):
     # Payload parts start at any byte of a message; numpy views them without a copy.

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .. import rng
+from .._bits import strictly_ascending
 from ..codecs import import_plugins
 from ..codecs.ids import name_of, wire_id
 from ..errors import ConfigError
@@ -159,7 +160,7 @@ def target_k(numel: int, ratio: float) -> int:
 
 
 def _is_ascending(indices: torch.Tensor) -> bool:
-    return indices.numel() < 2 or bool((indices[1:] > indices[:-1]).all())
+    return strictly_ascending(indices)
 
 
 def sparsify(

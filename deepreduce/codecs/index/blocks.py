@@ -72,9 +72,9 @@ def whole_block_ids(indices: torch.Tensor, block: int, numel: int) -> torch.Tens
     block_ids = indices[::block] // block
     if block_ids.numel() != shape[0]:
         return None
-    if block_ids.numel() > 1 and not bool((block_ids[1:] > block_ids[:-1]).all()):
+    if not _bits.strictly_ascending(block_ids):
         return None
-    return block_ids if torch.equal(expand_blocks(block_ids, block, numel), indices) else None
+    return block_ids if _bits.same_values(expand_blocks(block_ids, block, numel), indices) else None
 
 
 @register_index_codec
@@ -143,7 +143,7 @@ class BlocksIndexCodec(IndexCodec):
         if kept:
             if bool(block_ids[0] < 0) or int(block_ids[-1]) >= nblocks:
                 raise DecodeError(f"blocks: block id out of range [0, {nblocks})")
-            if kept > 1 and not bool((block_ids[1:] > block_ids[:-1]).all()):
+            if not _bits.strictly_ascending(block_ids):
                 raise DecodeError("blocks: block ids are not strictly ascending")
             if last_kept is not None and (int(block_ids[-1]) == nblocks - 1) != last_kept:
                 raise DecodeError(f"blocks: k={k} and the last block's presence disagree")

@@ -123,8 +123,8 @@ def _signed_scales(negative: torch.Tensor, scales: torch.Tensor, layout: _Layout
     so this is ``(sign * scale).to(dtype)`` in the narrow dtype (about a third of the
     memory traffic: on the CPU the wide temporaries' fresh pages cost more than the
     arithmetic)."""
-    magnitude = layout.per_value(scales.to(dtype).contiguous())
-    return torch.where(negative, magnitude.neg(), magnitude)
+    sign = negative.to(dtype).mul_(-2.0).add_(1.0)  # exactly -1 or 1 (torch.where is ~4x slower on the CPU)
+    return sign.mul_(layout.per_value(scales.to(dtype).contiguous()))
 
 
 @register_value_codec
