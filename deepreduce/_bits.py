@@ -176,7 +176,7 @@ def host_array(tensor: torch.Tensor) -> np.ndarray | None:
 
 def strictly_ascending(values: torch.Tensor) -> bool:
     """Whether the 1-D ``values`` strictly increase (numpy on the CPU: torch's comparison
-    and ``all`` of a large int64 tensor take about 4x as long on one thread)."""
+    and ``all`` over a large int64 tensor take several times as long on one thread)."""
     if values.numel() < 2:
         return True
     array = host_array(values)
@@ -186,7 +186,7 @@ def strictly_ascending(values: torch.Tensor) -> bool:
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``torch.equal`` (same shape and elements), through numpy on the CPU (about 3x faster)."""
+    """``torch.equal`` (same shape and elements), through numpy on the CPU (faster there)."""
     left, right = host_array(a), host_array(b)
     if left is not None and right is not None and a.dtype == b.dtype:
         return bool(np.array_equal(left, right))

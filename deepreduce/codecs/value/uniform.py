@@ -92,7 +92,8 @@ class _Layout:
         self.counts = torch.bincount(self.row, minlength=self.rows).to(torch.float64)
 
     def grid(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """``values`` (float64, one per value) in their blocks, ``fill`` elsewhere."""
+        """``values`` (float64, one per value) in their blocks, ``fill`` elsewhere (a view
+        of ``values`` when every block is whole: do not write to it)."""
         if self.single:
             if self.k == self.rows * self.width:  # whole blocks: the values themselves, no padding
                 return values.reshape(self.rows, self.width)
@@ -120,10 +121,9 @@ def _signed_scales(negative: torch.Tensor, scales: torch.Tensor, layout: _Layout
     """A 1-bit payload's values: each block's scale, negated where the sign bit is set.
     The sender (its own values, for the residual) and the receivers compute it alike.
     A scale converts to ``dtype`` and negates exactly as the signed product would round,
-    so this is ``(sign * scale).to(dtype)`` in the narrow dtype (about a third of the
-    memory traffic: on the CPU the wide temporaries' fresh pages cost more than the
-    arithmetic)."""
-    sign = negative.to(dtype).mul_(-2.0).add_(1.0)  # exactly -1 or 1 (torch.where is ~4x slower on the CPU)
+    so this is ``(sign * scale).to(dtype)`` computed in the narrow dtype (on the CPU the
+    fresh pages of float64 temporaries cost more than the arithmetic)."""
+    sign = negative.to(dtype).mul_(-2.0).add_(1.0)  # exactly -1 or 1 (torch.where is slower on the CPU)
     return sign.mul_(layout.per_value(scales.to(dtype).contiguous()))
 
 
