@@ -11,6 +11,7 @@ import torch
 import deepreduce as dr
 from deepreduce.codecs import CodecContext, make_index_codec
 from deepreduce.codecs.index.blocks import BITMAP, ELIASFANO, BlocksIndexCodec, blocks_of_count
+from deepreduce.sparsifiers import blocktopk as blocktopk_module
 from deepreduce.sparsifiers import get_sparsifier, target_k
 
 from helpers import bits, reseal, set_header_field
@@ -48,7 +49,10 @@ def positions_of(blocks: torch.Tensor, block: int, numel: int) -> torch.Tensor:
     (1031, 0.5, 128),    # the short last block is 7 elements
 ])
 @pytest.mark.parametrize("norm", ["l2", "l1"])
-def test_selection_keeps_the_top_blocks_and_round_trips(numel, ratio, block, norm):
+@pytest.mark.parametrize("host", [True, False])  # numpy's ranking on the CPU, and torch's (other devices)
+def test_selection_keeps_the_top_blocks_and_round_trips(numel, ratio, block, norm, host, monkeypatch):
+    if not host:
+        monkeypatch.setattr(blocktopk_module, "host_array", lambda tensor: None)
     x = torch.randn(numel, generator=torch.Generator().manual_seed(numel + block))
     x[: min(numel, block)] *= 3  # a clear winner
     c = compressor(ratio, block, norm=norm)

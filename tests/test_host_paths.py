@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from deepreduce import _bits
 from deepreduce.codecs import CodecContext
 from deepreduce.codecs.index import eliasfano
+from deepreduce.codecs.index.blocks import expand_blocks
 from deepreduce.codecs.value import fp16
 
 
@@ -80,6 +81,17 @@ def test_ascending_and_equality_checks_agree_on_both_paths(values, ascending):
     same = _both(monkeypatch, _bits.same_values, tensor, tensor.clone())
     other = torch.cat([tensor[:-1], tensor[-1:] + 1]) if len(values) else torch.zeros(1, dtype=torch.int64)
     assert same == (True, True) and _both(monkeypatch, _bits.same_values, tensor, other) == (False, False)
+
+
+@pytest.mark.parametrize("ids, block, numel", [
+    ([], 64, 1000), ([0, 3, 15], 64, 1000), ([2, 7], 128, 1000), ([0], 4096, 1000), ([1, 2, 5], 1, 6),
+])
+def test_block_ids_expand_alike_on_both_paths(ids, block, numel):
+    monkeypatch = pytest.MonkeyPatch()
+    block_ids = torch.tensor(ids, dtype=torch.int64)
+    host, tensor = _both(monkeypatch, expand_blocks, block_ids, block, numel)
+    expected = [i for b in ids for i in range(b * block, min((b + 1) * block, numel))]
+    assert host.dtype == tensor.dtype == torch.int64 and host.tolist() == tensor.tolist() == expected
 
 
 @pytest.mark.parametrize("width", [1, 13])  # 1: numpy's own bit unpacking

@@ -15,6 +15,7 @@ from deepreduce.apps.bench.profile import LoopbackTransport
 from deepreduce.engine import Engine, Segment
 from deepreduce.engine.presized import NONFINITE
 from deepreduce.sparsifiers import SelectContext, get_sparsifier, select_with
+from deepreduce.sparsifiers import blocktopk as blocktopk_module
 from deepreduce.sparsifiers.blocktopk import blocktopk_parts
 
 # value blocks of 16 values = one block of positions: each tensor's values are coded alike packed or not
@@ -31,10 +32,13 @@ def _per_part(name: str, config: dict, flat: torch.Tensor, ratio: float, parts: 
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_blocktopk_of_parts_is_blocktopk_of_each_part(seed):
+@pytest.mark.parametrize("host", [True, False])  # numpy's ranking on the CPU, and torch's (other devices)
+def test_blocktopk_of_parts_is_blocktopk_of_each_part(seed, host, monkeypatch):
     """One sort over every part's blocks picks, per part, exactly the blocks blocktopk
     picks from the part alone: descending score, ties to the lower block, NaN first, a
     short last block, a part kept whole."""
+    if not host:
+        monkeypatch.setattr(blocktopk_module, "host_array", lambda tensor: None)
     gen = torch.Generator().manual_seed(seed)
     block = 16
     parts = [block * int(n) for n in torch.randint(1, 12, (4,), generator=gen)] + [int(torch.randint(1, 60, (1,), generator=gen))]
