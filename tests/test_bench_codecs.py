@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from deepreduce.apps.bench import codecs as bench_codecs
+from deepreduce.apps.bench import profile
 from deepreduce.apps.bench import update_results_section
 
 FIELDS = {"model", "density", "index", "value", "bits_per_element", "entropy_ratio", "rel_error",
@@ -73,4 +77,14 @@ def test_profile_mode_quick_run(tmp_path):
     assert (bucket["layout"], bucket["tensors"], layout["layout"], layout["tensors"]) == ("bucket", 1, "resnet50", 5)
     for row in (bucket, layout):
         assert row["size_exchanges"] == 0 and row["phases"]["select"] > 0 and row["phases"]["decode"] > 0
+        assert isinstance(row["page_faults"], (int, float)) and row["page_faults"] >= 0
     assert "<!-- profile:begin -->" in (tmp_path / "RESULTS.md").read_text()
+    assert "| page faults per step |" in (tmp_path / "RESULTS.md").read_text()
+
+
+@pytest.mark.skipif(profile.minor_page_faults() is None, reason="the OS reports no page faults")
+def test_profile_counts_the_fresh_pages_of_a_step():
+    # A step that allocates (and hands back) 64 MB of fresh memory faults thousands of pages in.
+    before = profile.minor_page_faults()
+    torch.ones(16 << 20).sum()
+    assert profile.minor_page_faults() - before > 1000

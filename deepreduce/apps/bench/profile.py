@@ -7,7 +7,9 @@ not). After a warm-up step (the residual exists from then on), each phase of the
 compressed path is timed with :class:`~deepreduce.phases.PhaseTimer` and the median
 over the timed steps is reported, with the whole step's time next to it. Times are the
 process's CPU time (run with one torch thread): on a shared machine wall time mostly
-measures the neighbours.
+measures the neighbours. The step's minor page faults are counted too (where the OS
+reports them): a large temporary that the allocator returns to the OS faults its pages
+in again on every step, which shows there before it shows in any one phase.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from __future__ import annotations
 import statistics
 import time
 from typing import Any
+
+try:
+    import resource
+except ImportError:  # not on Windows: no page-fault counts there
+    resource = None
 
 import torch
 
@@ -84,28 +91,37 @@ def profile_step(spec: str = "topk:0.01/eliasfano/fp16", numel: int = 25_600_000
     engine = Engine(LoopbackTransport(world), Compressor.from_spec(spec), check=False, **engine_options)
     timer = PhaseTimer()
     per_step: list[dict[str, float]] = []
-    step_times = []
+    step_times, step_faults = [], []
     for step in range(steps + 1):
         grad = base * (1.0 + 0.01 * step)  # a new gradient each step, same scale
         if step:
             engine.phases = timer
             timer.reset()
+        faults = minor_page_faults()
         began = time.process_time()
         engine.reduce(grad, segments, key=0).wait()
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.process_time() - began
+        faulted = None if faults is None else minor_page_faults() - faults
         engine.end_step()
         if step:
             per_step.append(timer.totals())
             step_times.append(elapsed)
+            step_faults.append(faulted)
     phases = {name: statistics.median(t.get(name, 0.0) for t in per_step) for name in PHASES}
     stats = engine.stats()
     return {
         "spec": spec, "numel": numel, "tensors": len(segments), "world": world, "steps": steps,
         "phases": phases, "step_s": statistics.median(step_times), "accounted_s": sum(phases.values()),
+        "page_faults": None if None in step_faults else statistics.median(step_faults),
         "size_exchanges": engine.transport.exchanges, "payload_bytes": stats["payload_bytes"] // max(stats["compressed_buckets"], 1),
     }
+
+
+def minor_page_faults() -> int | None:
+    """This process's minor page faults so far (None where the OS does not say)."""
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def render_profile(results: list[dict[str, Any]]) -> str:
@@ -116,4 +132,6 @@ def render_profile(results: list[dict[str, Any]]) -> str:
     rows = [[name] + [f"{1e3 * r['phases'][name]:.1f}" for r in results] for name in PHASES]
     rows.append(["sum of phases"] + [f"{1e3 * r['accounted_s']:.1f}" for r in results])
     rows.append(["whole reduce().wait()"] + [f"{1e3 * r['step_s']:.1f}" for r in results])
+    rows.append(["page faults per step"] + ["-" if r.get("page_faults") is None else f"{r['page_faults']:.0f}"
+                                            for r in results])
     return markdown_table(header, rows)
