@@ -79,13 +79,23 @@ def pack_fixed(values: torch.Tensor, width: int) -> torch.Tensor:
     nwords = (n * width + 31) // 32
     array = host_array(values)
     if array is not None:
-        if width == 1:  # sign codes: numpy packs single bits directly
-            packed = np.zeros(4 * nwords, dtype=np.uint8)
-            packed[: (n + 7) // 8] = np.packbits(array.astype(np.bool_), bitorder="little")
-            return torch.from_numpy(packed)
+        if width <= 8:  # each field's bits as bytes, then numpy's packbits: one small temporary per bit
+            fields = array.astype(np.uint8)
+            bits = np.empty((n, width), dtype=np.uint8)
+            for bit in range(width):
+                np.bitwise_and(np.right_shift(fields, bit), 1, out=bits[:, bit])
+            return _bit_bytes(bits.reshape(-1), nwords)
         return _host_stream(array, np.arange(n, dtype=np.int64) * width, nwords)
     offsets = torch.arange(n, dtype=torch.int64, device=values.device) * width
     return _words_to_bytes(_scatter_fields(values, offsets, nwords))
+
+
+def _bit_bytes(bits: np.ndarray, nwords: int) -> torch.Tensor:
+    """The stream of ``nwords`` 32-bit words whose bits, in order, are ``bits`` (0/1 or
+    bool, one per byte), zero-padded: little-endian words are their bytes in order."""
+    packed = np.zeros(4 * nwords, dtype=np.uint8)
+    packed[: (bits.size + 7) // 8] = np.packbits(bits, bitorder="little")
+    return torch.from_numpy(packed)
 
 
 def pack_bool(mask: torch.Tensor) -> torch.Tensor:
@@ -95,9 +105,7 @@ def pack_bool(mask: torch.Tensor) -> torch.Tensor:
     array = host_array(mask)
     if array is None or n == 0:
         return pack_fixed(mask.reshape(-1).to(torch.int64), 1)
-    packed = np.zeros(packed_nbytes(n), dtype=np.uint8)
-    packed[: (n + 7) // 8] = np.packbits(array.reshape(-1), bitorder="little")
-    return torch.from_numpy(packed)
+    return _bit_bytes(array.reshape(-1), (n + 31) // 32)
 
 
 def unpack_fixed(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
@@ -146,6 +154,10 @@ def pack_bitmap(positions: torch.Tensor, nbits: int) -> torch.Tensor:
     positions = positions.reshape(-1).to(torch.int64)
     array = host_array(positions)
     if array is not None:
+        if nbits <= 64 * array.size:  # a byte per bit is smaller than the word stream's temporaries
+            bits = np.zeros(nbits, dtype=np.bool_)
+            bits[array] = True
+            return _bit_bytes(bits, nwords)
         return _host_stream(np.ones_like(array), array, nwords)
     ones = torch.ones_like(positions)
     return _words_to_bytes(_scatter_fields(ones, positions, nwords))
