@@ -121,9 +121,13 @@ def unpack_fixed(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
         return low | (high << 32)
     array = host_array(data)
     if array is not None:
-        if width == 1:  # sign codes: numpy unpacks single bits directly
-            bits = np.unpackbits(np.ascontiguousarray(array), count=count, bitorder="little")
-            return torch.from_numpy(bits.astype(np.int64))
+        if width <= 8:  # numpy unpacks the bits a byte each; each field is a row of them
+            bits = np.unpackbits(np.ascontiguousarray(array), count=count * width, bitorder="little")
+            bits = bits.reshape(count, width)
+            fields = bits[:, 0].copy()
+            for bit in range(1, width):
+                fields |= bits[:, bit] << np.uint8(bit)
+            return torch.from_numpy(fields.astype(np.int64))
         words = _host_words(array)
         offsets = np.arange(count, dtype=np.int64) * width
         word = offsets >> 5

@@ -36,8 +36,13 @@ Array = Union[torch.Tensor, np.ndarray]
 
 def gaps_of(indices: Array) -> Array:
     """``g_0 = idx_0``, ``g_i = idx_i - idx_{i-1} - 1``: non-negative for ascending unique indices."""
-    if isinstance(indices, np.ndarray):
-        return np.diff(indices, prepend=-1) - 1
+    if isinstance(indices, np.ndarray):  # one new array, the rest in place (fresh pages cost more than the passes)
+        gaps = np.empty_like(indices)
+        if indices.size:
+            gaps[0] = indices[0]
+            np.subtract(indices[1:], indices[:-1], out=gaps[1:])
+            gaps[1:] -= 1
+        return gaps
     gaps = torch.empty_like(indices)
     if indices.numel():
         gaps[0] = indices[0]
@@ -125,10 +130,14 @@ def decode_ascending(data: torch.Tensor, low_width: int, nbits: int, k: int, num
     if terminators.numel() != k or int(terminators[-1]) != nbits - 1:
         raise DecodeError(f"{codec}: unary stream holds {terminators.numel()} terminators, expected {k}")
     low = _bits.unpack_fixed(data[:low_bytes], low_width, k)
-    if _bits.host_array(terminators) is not None:
-        terminators, low = terminators.numpy(), low.numpy()
     # The unary stream's terminators are the high parts' positions: their gaps are the high parts.
-    return torch.as_tensor(indices_from_gaps((gaps_of(terminators) << low_width) | low))
+    if _bits.host_array(terminators) is not None:  # the same steps in place on one array
+        gaps = gaps_of(terminators.numpy())
+        gaps <<= low_width
+        gaps |= low.numpy()
+        gaps += 1
+        return torch.from_numpy(np.subtract(np.cumsum(gaps, out=gaps), 1, out=gaps))
+    return indices_from_gaps((gaps_of(terminators) << low_width) | low)
 
 
 @register_index_codec
