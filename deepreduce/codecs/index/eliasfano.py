@@ -50,8 +50,18 @@ def gaps_of(indices: Array) -> Array:
     return gaps
 
 
-def indices_from_gaps(gaps: Array) -> Array:
-    return (gaps + 1).cumsum(0) - 1
+def indices_from_gaps(gaps: Array, in_place: bool = False) -> Array:
+    """The inverse of :func:`gaps_of`; ``in_place`` reuses ``gaps``' memory (fresh pages
+    cost more than these passes on the CPU)."""
+    if not in_place:
+        return (gaps + 1).cumsum(0) - 1
+    gaps += 1
+    if isinstance(gaps, np.ndarray):
+        np.cumsum(gaps, out=gaps)
+    else:
+        gaps.cumsum_(0)
+    gaps -= 1
+    return gaps
 
 
 def guess_low_width(numel: int, k: int) -> int:
@@ -130,14 +140,13 @@ def decode_ascending(data: torch.Tensor, low_width: int, nbits: int, k: int, num
     if terminators.numel() != k or int(terminators[-1]) != nbits - 1:
         raise DecodeError(f"{codec}: unary stream holds {terminators.numel()} terminators, expected {k}")
     low = _bits.unpack_fixed(data[:low_bytes], low_width, k)
-    # The unary stream's terminators are the high parts' positions: their gaps are the high parts.
-    if _bits.host_array(terminators) is not None:  # the same steps in place on one array
-        gaps = gaps_of(terminators.numpy())
-        gaps <<= low_width
-        gaps |= low.numpy()
-        gaps += 1
-        return torch.from_numpy(np.subtract(np.cumsum(gaps, out=gaps), 1, out=gaps))
-    return indices_from_gaps((gaps_of(terminators) << low_width) | low)
+    host = _bits.host_array(terminators) is not None
+    # The unary stream's terminators are the high parts' positions: their gaps are the high
+    # parts. One new array, the rest in place.
+    gaps = gaps_of(terminators.numpy() if host else terminators)
+    gaps <<= low_width
+    gaps |= low.numpy() if host else low
+    return torch.as_tensor(indices_from_gaps(gaps, in_place=True))
 
 
 @register_index_codec
