@@ -70,6 +70,8 @@ SMALL_CYCLIC = ["--small-compression", "cyclic:0.125/strided/fp16"]
 FOLLOW_LR = ["--density-follows-lr", "0.5"]
 # Each rank's parameters the agreed ones plus 1.5x its unsent update (UpdateSync(unsent_scale=1.5)).
 AHEAD = ["--unsent-scale", "1.5"]
+# LocalAdamW(noise="tracked"): each rank's gradient noise averaged over the second moment's horizon.
+TRACKED = ["--adam-noise", "tracked"]
 
 
 def update_row(spec: str, local_steps: int, small: list[str] | None = None) -> list[str]:
@@ -102,6 +104,9 @@ ROWS: dict[str, list[str]] = {
                                                            "--granularity", "bucket"],
     # The same bytes over the run, spent as the learning rate goes: (lr / mean lr) ** 0.5.
     "update H=1 LocalAdamW blocks, bytes follow lr": [*update_row(BLOCK_SPEC, 1, SMALL_CYCLIC), *FOLLOW_LR],
+    # Ahead 1.5 with both: LocalAdamW's noise tracked over v's horizon and bytes that follow the rate.
+    "update H=1 LocalAdamW tracked blocks, ahead 1.5, bytes follow lr": [*update_row(BLOCK_SPEC, 1, SMALL_CYCLIC), *AHEAD,
+                                                                        *TRACKED, *FOLLOW_LR],
     # The same H=1 rows with the small tensors whole and a denser spec: what ~0.8 % more of
     # dense's bytes buys.
     "update H=1, small whole": update_row(UPDATE_SPEC, 1),
@@ -119,6 +124,7 @@ ROW_OPTIMIZER = {"update H=1, bytes follow lr": {"sgd": "sgd"},
                  "update H=1 LocalAdamW blocks, ahead 1.5": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks, ahead 1.5, one top-k": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks, bytes follow lr": {"adamw": "local-adamw"},
+                 "update H=1 LocalAdamW tracked blocks, ahead 1.5, bytes follow lr": {"adamw": "local-adamw"},
                  "update H=1 LocalAdamW blocks, small whole": {"adamw": "local-adamw"}}
 # DGC's momentum correction moves SGD's momentum into the hook (the optimizer then runs without).
 RECIPE_EXTRA = {"sgd": ["--momentum-correction", "0.9"], "adamw": []}
