@@ -15,9 +15,9 @@ from pathlib import Path
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 # Defines what the README's example leaves to the reader (model, batches, loss_fn, lr,
-# evaluate), runs the example in a world of one gloo rank, and prints what it did.
+# lr_at, total_steps, evaluate), runs the example in a world of one gloo rank, and prints what it did.
 HARNESS = textwrap.dedent("""
-    import json, os, sys
+    import json, math, os, sys
     import torch
     import torch.distributed as dist
 
@@ -30,6 +30,9 @@ HARNESS = textwrap.dedent("""
     batches = [(inputs[i:i + 32], targets[i:i + 32]) for i in range(0, 4096, 32)]
     loss_fn = torch.nn.functional.mse_loss
     lr = 3e-3
+    total_steps = len(batches)
+    def lr_at(step):  # a cosine schedule's rate (the example's optimizer keeps lr: the densities only follow it)
+        return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps)))
     evaluated = []
     def evaluate(model):
         with torch.no_grad():

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .bench import make_console
-from .bench.convergence import AHEAD, BLOCK_SPEC, SMALL_CYCLIC
+from .bench.convergence import AHEAD, BLOCK_SPEC, FOLLOW_LR, SMALL_CYCLIC, TRACKED
 from .metrics import read_metrics
 
 DEFAULT_SPEC = "topk:0.01/eliasfano/fp16"  # gradient mode: the DDP hook
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"fp16 or powersgd) [default: {DEFAULT_SPEC}, and the update mode below]")
     p.add_argument("--update", action="append", default=None, metavar="SPEC",
                    help="a compressor spec for the update mode (deepreduce.UpdateSync with deepreduce.LocalAdamW, "
-                        "unsent updates kept at 1.5x, small tensors an eighth per step) "
+                        "noise tracked, unsent updates kept at 1.5x, small tensors an eighth per step, bytes "
+                        "that follow the learning rate) "
                         f"[default: {DEFAULT_UPDATE_SPEC}, and the hook above]")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--workers", type=int, default=2)
@@ -62,9 +63,10 @@ TRAIN_ARGS = ["--d-model", "128", "--layers", "2", "--heads", "4", "--seq-len", 
 
 HOOK_ARGS: list[str] = []
 # The recommended Adam setting of the update mode: LocalAdamW (steps as data-parallel Adam would,
-# at the same learning rate), parameters 1.5x ahead of the unsent update, biases and norms an
-# eighth per step.
-UPDATE_ARGS = ["--mode", "update", "--optimizer", "local-adamw", "--keep-unsent", *AHEAD, *SMALL_CYCLIC]
+# at the same learning rate) with its noise tracked, parameters 1.5x ahead of the unsent update,
+# biases and norms an eighth per step, the run's bytes spent as the learning rate goes.
+UPDATE_ARGS = ["--mode", "update", "--optimizer", "local-adamw", *TRACKED, "--keep-unsent", *AHEAD, *SMALL_CYCLIC,
+               *FOLLOW_LR]
 
 
 def run_one(name: str, label: str, train_args: list[str], args: argparse.Namespace, out: Path, progress: Progress) -> dict:
