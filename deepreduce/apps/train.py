@@ -119,7 +119,7 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                         "AdamW for --mode update (steps as data-parallel AdamW would; use the data-parallel --lr)")
     t.add_argument("--adam-noise", default=None, choices=NOISE_ESTIMATES,
                    help="local-adamw: how it estimates each rank's gradient noise (deepreduce.LocalAdamW's noise=; "
-                        "default moments)")
+                        "default moments; tracked with --density-follows-lr 0.5 is the recommended update-mode setting)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the optimizer (all parameters)")
     t.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay to lr/10")
     t.add_argument("--seed", type=int, default=0, help="model init, data order and compressor streams")
