@@ -90,6 +90,19 @@ def test_lightning_update_mode_resumes_bit_for_bit(tmp_path):
 
 
 @pytest.mark.slow
+def test_lightning_recommended_adam_setting_resumes_bit_for_bit(tmp_path):
+    """README's recommended Adam(W) setting under Lightning: LocalAdamW's tracked noise
+    (its extra state), densities that follow a schedule (read by the exchange count) and
+    the packed small tensors all resume bit for bit."""
+    lightning(tmp_path, "update-adam", "popen")
+    runs = check_runs(tmp_path, lightning_runs.EPOCHS * 8)
+    assert runs["full"][0]["stats"]["exchanges"] == lightning_runs.STEPS
+    saved = torch.load(tmp_path / "ckpt-first" / "last.ckpt", weights_only=True)["deepreduce"]
+    state = saved["ranks"][0]["optimizers"][0]["state"]
+    assert all("error_sq" in entry for entry in state.values()), "LocalAdamW(noise='tracked') state not saved"
+
+
+@pytest.mark.slow
 def test_lightning_hook_under_ddp_spawn(tmp_path):
     """``ddp_spawn``: the strategy and its state pickle into the workers, which compress,
     agree and checkpoint every rank's state; the main process learns rank 0's counters

@@ -2,7 +2,9 @@
 
     python tests/workers/lightning_runs.py OUT_DIR MODE START_METHOD [PHASES]
 
-MODE is ``gradient`` (the DDP hook) or ``update`` (UpdateSync with keep_unsent); START_METHOD
+MODE is ``gradient`` (the DDP hook), ``update`` (UpdateSync with keep_unsent, SGD) or
+``update-adam`` (README's recommended Adam(W) setting: LocalAdamW with its noise tracked, block
+top-k, small tensors cyclic, unsent_scale 1.5, densities that follow a schedule); START_METHOD
 ``popen`` (Lightning's ``ddp``: it starts this script again as rank 1) or ``spawn``
 (``ddp_spawn``). PHASES (comma-separated, default all): ``full`` trains EPOCHS epochs,
 ``first`` the first STOP of them, ``resumed`` resumes from the ``first`` run's ``last.ckpt``
@@ -28,6 +30,7 @@ from deepreduce.cli import exit_distributed_process
 from deepreduce.integrations.lightning import DeepReduceStrategy
 
 EPOCHS, STOP = 4, 2
+STEPS = EPOCHS * 8  # 256 samples in batches of 16 on 2 ranks
 
 
 class Regressor(pl.LightningModule):
@@ -51,6 +54,8 @@ class Regressor(pl.LightningModule):
     def configure_optimizers(self):
         if self.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        if self.optimizer == "local-adamw":
+            return dr.LocalAdamW(self.parameters(), lr=3e-3, weight_decay=0.01, noise="tracked")
         return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.01)
 
 
@@ -82,6 +87,14 @@ def strategy(mode: str, start_method: str) -> DeepReduceStrategy:
     if mode == "gradient":
         state = dr.DeepReduceState(compressor="topk:0.05/eliasfano/fp16", start_iter=2, min_numel=256)
         return DeepReduceStrategy(state, start_method=start_method, process_group_backend="gloo")
+    if mode == "update-adam":
+        # A decaying rate stands in for the schedule; the densities change every exchange, so
+        # a resumed run must pick up the exchange count to stay bit for bit.
+        schedule = dr.DensityFollowsLR(lambda step: 3e-3 * (1 - step / (2 * STEPS)), STEPS, power=0.5)
+        return DeepReduceStrategy(update=dict(compressor="blocktopk:0.215,block=128/blocks:block=128/uniform:bits=1,scale=bf16",
+                                              small_compressor="cyclic:0.125/strided/fp16", keep_unsent=True,
+                                              unsent_scale=1.5, min_numel=256, density_schedule=schedule),
+                                  start_method=start_method, process_group_backend="gloo")
     return DeepReduceStrategy(update=dict(compressor="topk:0.05/eliasfano/uniform:bits=2", keep_unsent=True,
                                           min_numel=256),
                               start_method=start_method, process_group_backend="gloo")
@@ -89,7 +102,7 @@ def strategy(mode: str, start_method: str) -> DeepReduceStrategy:
 
 def fit(out: Path, mode: str, start_method: str, phase: str, epochs: int, resume: Path | None) -> None:
     pl.seed_everything(0, verbose=False)
-    module = Regressor("adamw" if mode == "gradient" else "sgd")
+    module = Regressor({"gradient": "adamw", "update": "sgd", "update-adam": "local-adamw"}[mode])
     chosen = strategy(mode, start_method)
     callbacks = [Report(out, phase), pl.callbacks.ModelCheckpoint(dirpath=out / f"ckpt-{phase}", save_last=True,
                                                                   save_top_k=0)]
