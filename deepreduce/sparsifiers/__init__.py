@@ -159,10 +159,6 @@ def target_k(numel: int, ratio: float) -> int:
     return min(numel, max(1, int(round(ratio * numel))))
 
 
-def _is_ascending(indices: torch.Tensor) -> bool:
-    return strictly_ascending(indices)
-
-
 def sparsify(
     x: torch.Tensor,
     ratio: float,
@@ -201,7 +197,7 @@ def _ascending(entry: Sparsifier, config: Mapping[str, Any], magnitude: torch.Te
                ctx: SelectContext) -> torch.Tensor:
     """The sparsifier's ``k`` positions of ``magnitude``, ascending."""
     indices = entry.select(magnitude, k, ctx, **config)
-    return indices if _is_ascending(indices) else torch.sort(indices).values
+    return indices if strictly_ascending(indices) else torch.sort(indices).values
 
 
 def _select_parts(entry: Sparsifier, config: Mapping[str, Any], flat: torch.Tensor, ratio: float, ctx: SelectContext,
