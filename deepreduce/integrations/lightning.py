@@ -47,6 +47,8 @@ import importlib
 import logging
 from typing import Any, Callable, Mapping
 
+import torch.distributed as dist
+
 from ..errors import ConfigError
 from ..hooks import DeepReduceState, deepreduce_hook
 from ..optim import UpdateSync
@@ -222,7 +224,17 @@ class DeepReduceStrategy(_DDPStrategy):
 
 class _StatsLauncher(_MultiProcessingLauncher):
     """Lightning's spawn/fork launcher that also brings rank 0's deepreduce counters back
-    to the main process."""
+    to the main process, and closes each worker's process group when its work is done."""
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        # A spawned worker ends with the interpreter's finalisation; gloo's threads torn
+        # down there can abort a run that succeeded ("terminate called without an active
+        # exception"). Every rank waits for the others, then closes the group while the
+        # interpreter is whole.
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def get_extra_results(self, trainer: Any) -> dict[str, Any]:
         extra = super().get_extra_results(trainer)
