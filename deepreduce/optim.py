@@ -105,7 +105,11 @@ Tuning:
   :meth:`UpdateSync.consensus` evaluates the agreed model, and a checkpoint
   (:meth:`UpdateSync.state_dict` with the model's) saves each rank's own parameters.
 - With ``DistributedDataParallel``: pass ``ddp=`` (or call :func:`register_local_hook`)
-  so DDP's backward keeps each rank's own gradient instead of allreducing it.
+  so DDP's backward keeps each rank's own gradient instead of allreducing it. DDP
+  still broadcasts rank 0's buffers before every forward (``broadcast_buffers=True``,
+  its default), a collective per step that :meth:`UpdateSync.stats` does not count:
+  where the buffers are constants (a causal mask), build DDP with
+  ``broadcast_buffers=False``.
 """
 
 from __future__ import annotations
