@@ -350,3 +350,44 @@ def test_packet_loss_drops_about_the_share_asked_and_stops():
         assert cluster.lost_packets(1) == 0
         cluster.set_loss(1, 0)
         assert delivered() == 1000 and cluster.lost_packets(1) == 0
+
+
+def _tx_bytes(cluster: NetnsCluster, node: int) -> int:
+    out = subprocess.run(cluster.argv(node, ["cat", "/sys/class/net/eth0/statistics/tx_bytes"]), capture_output=True,
+                         text=True, check=True).stdout
+    return int(out)
+
+
+def _train_job(cluster: NetnsCluster, args: list[str], steps: int, out: Path, port: int) -> tuple[int, int]:
+    """One `deepreduce train` job on the cluster: (bytes node 0 put on its link, bytes its
+    rank counted as handed to collectives)."""
+    metrics = out / f"metrics-{steps}.jsonl"
+    before = _tx_bytes(cluster, 0)
+    procs = [cluster.popen(node, cluster.torchrun_argv(node, ["-m", "deepreduce", "train", *args, "--steps", str(steps),
+                                                              "--metrics", str(metrics)], port=port),
+                           env={"OMP_NUM_THREADS": "1"}, port=port, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+             for node in range(cluster.nodes)]
+    assert cluster.wait(procs, timeout=240) == [0, 0]
+    summary = json.loads(metrics.read_text().splitlines()[-1])["summary"]
+    return _tx_bytes(cluster, 0) - before, summary["hook"]["sent_bytes"]
+
+
+@needs_netns
+@pytest.mark.parametrize("mode", ["update", "gradient"])
+def test_each_step_sends_what_its_stats_count(tmp_path, mode):
+    """What a `deepreduce train` step adds on the link is the bytes its stats count, plus
+    TCP/IP and gloo framing: no collective outside the exchange (DDP's broadcast of the
+    LM's constant mask before every forward added 4 kB a step here). Two jobs of
+    different lengths share their set-up and end, so the difference is per-step traffic."""
+    args = ["--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch", "4", "--start-iter", "2",
+            "--corpus-mb", "1", "--threads", "1", "--eval-every", "0", "--log-every", "0", "--quiet",
+            "--compression", "topk:0.05/eliasfano/fp16", "--min-numel", "256", "--mode", mode]
+    if mode == "update":
+        args += ["--keep-unsent"]
+    short, long = 10, 40
+    with NetnsCluster(2, rate="1gbit", name=f"drw{os.getpid() % 1000}") as cluster:
+        wire_short, counted_short = _train_job(cluster, args, short, tmp_path, 29531)
+        wire_long, counted_long = _train_job(cluster, args, long, tmp_path, 29532)
+    wire, counted = (wire_long - wire_short) / (long - short), (counted_long - counted_short) / (long - short)
+    assert counted > 1000, counted
+    assert counted <= wire <= 1.2 * counted + 400, (wire, counted)
