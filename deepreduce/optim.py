@@ -109,7 +109,7 @@ Tuning:
   still broadcasts rank 0's buffers before every forward (``broadcast_buffers=True``,
   its default), a collective per step that :meth:`UpdateSync.stats` does not count:
   where the buffers are constants (a causal mask), build DDP with
-  ``broadcast_buffers=False``.
+  ``forward_sync_buffers=False`` (``broadcast_buffers=False`` before torch 2.13).
 """
 
 from __future__ import annotations

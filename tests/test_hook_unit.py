@@ -180,6 +180,38 @@ def test_torch_transport_one_rank(group):
     transport.barrier()
 
 
+class _FailedWork:
+    """A collective that failed, as gloo reports a dead peer: its future holds the error."""
+
+    def get_future(self) -> torch.futures.Future:
+        future = torch.futures.Future()
+        future.set_exception(RuntimeError("Connection closed by peer [10.0.0.2]:29500"))
+        return future
+
+
+@pytest.mark.parametrize("call", ["allgather", "allreduce", "allreduce_staged", "broadcast"])
+def test_torch_transport_failed_collective_fails_its_future(group, monkeypatch, call):
+    """A collective whose peer died fails the transport's future with its error; before,
+    the continuation ignored it and handed on the untouched buffers (an all-gather's
+    uninitialised memory then failed to decode as a 'message from rank 0')."""
+    from deepreduce.comm import torch_dist
+
+    transport = torch_dist.TorchTransport()
+    failed = lambda *args, **kwargs: _FailedWork()  # noqa: E731
+    monkeypatch.setattr(torch_dist, "_all_gather_single", failed)
+    monkeypatch.setattr(torch_dist.dist, "all_reduce", failed)
+    monkeypatch.setattr(torch_dist.dist, "broadcast", failed)
+    payload = torch.arange(13, dtype=torch.uint8)
+    future = {
+        "allgather": lambda: transport.allgather_async(payload, [13]),
+        "allreduce": lambda: transport.allreduce_async(torch.ones(4)),
+        "allreduce_staged": lambda: transport.allreduce_async(torch.ones(8)[::2]),  # staged through a copy
+        "broadcast": lambda: transport.broadcast_async(payload, 0),
+    }[call]()
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        future.wait()
+
+
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))

@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import inspect
 import json
 import math
 import os
@@ -617,7 +618,10 @@ def _update_sync(args: argparse.Namespace, model: torch.nn.Module, ddp: DDP) -> 
 def _wrap(model: torch.nn.Module, args: argparse.Namespace) -> DDP:
     # The models' only buffer is the LM's constant causal mask: broadcasting it at every
     # forward, as DDP does by default, would add a collective (and 16 kB at seq_len 64)
-    # to every step, outside what the step's own exchange sends.
+    # to every step, outside what the step's own exchange sends. (torch 2.13 renamed the
+    # option; the new one still syncs buffers once, at construction.)
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(model, bucket_cap_mb=args.bucket_mb, forward_sync_buffers=False)
     return DDP(model, bucket_cap_mb=args.bucket_mb, broadcast_buffers=False)
 
 

@@ -18,6 +18,7 @@ fixed order gloo needs.
 from __future__ import annotations
 
 import gc
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -80,28 +81,28 @@ class TorchTransport(Transport):
         gathered = torch.empty(self._world_size * width, dtype=torch.uint8, device=where)
         work = _all_gather_single(gathered, padded, group=self.group, async_op=True)
 
-        def split(_: torch.futures.Future) -> list[torch.Tensor]:
+        def split() -> list[torch.Tensor]:
             on_device = gathered.to(payload.device)
             return [on_device[r * width : r * width + n] for r, n in enumerate(sizes)]
 
-        return work.get_future().then(split)
+        return after(work, split)
 
     def allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
         where = self._gather_device(tensor.device)
         if where == tensor.device and tensor.is_contiguous():
             work = dist.all_reduce(tensor, group=self.group, async_op=True)
-            return work.get_future().then(lambda _: tensor)
+            return after(work, lambda: tensor)
         # gloo sums host memory only, and a strided view would be summed wrongly: stage a
         # contiguous copy and write the sum back.
         staged = tensor.to(where).contiguous()
         work = dist.all_reduce(staged, group=self.group, async_op=True)
 
-        def copy_back(_: torch.futures.Future) -> torch.Tensor:
+        def copy_back() -> torch.Tensor:
             with torch.no_grad():
                 tensor.copy_(staged)
             return tensor
 
-        return work.get_future().then(copy_back)
+        return after(work, copy_back)
 
     def broadcast_async(self, payload: torch.Tensor, root: int) -> torch.futures.Future:
         payload = check_payload(payload)
@@ -111,10 +112,23 @@ class TorchTransport(Transport):
         # gloo broadcasts host memory only: stage through the host, as the gather does.
         staged = payload.to(self._gather_device(payload.device)).contiguous()
         work = dist.broadcast(staged, src=dist.get_global_rank(self.group, root), group=self.group, async_op=True)
-        return work.get_future().then(lambda _: staged.to(payload.device))
+        return after(work, lambda: staged.to(payload.device))
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
+
+
+def after(work: dist.Work, result: Callable[[], Any]) -> torch.futures.Future:
+    """The future of ``work`` continued by ``result()`` once the collective succeeded.
+    A ``then`` callback runs when the collective fails too: one that ignored its
+    argument would hand on the untouched (even uninitialised) buffers as if the
+    collective had succeeded, so the error is raised here first."""
+
+    def run(done: torch.futures.Future) -> Any:
+        done.value()  # raises the collective's error
+        return result()
+
+    return work.get_future().then(run)
 
 
 def close_process_group(completed: bool = True) -> None:

@@ -71,6 +71,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Transport
+from ..comm.torch_dist import after
 from ..errors import ConfigError, DeepReduceError, NonFiniteError
 from .segments import Segment
 
@@ -179,12 +180,12 @@ class NodeGroups:
         rows = list(target.view(self.node_size, -1).unbind(0))
         work = dist.all_gather(rows, shard.to(where), group=self.node.group, async_op=True)
 
-        def landed(_: torch.futures.Future) -> torch.Tensor:
+        def landed() -> torch.Tensor:
             if target is not out:
                 out.copy_(target)
             return out
 
-        return work.get_future().then(landed)
+        return after(work, landed)
 
 
 def _check_layout(rank: int, node_size: int) -> None:
