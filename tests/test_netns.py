@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from deepreduce.apps.bench.soak import link_counters
 from deepreduce.apps.netns import (NetnsCluster, NetnsError, default_burst, loss_unavailable_reason,
                                   netns_unavailable_reason, parse_rate)
 
@@ -352,24 +353,18 @@ def test_packet_loss_drops_about_the_share_asked_and_stops():
         assert delivered() == 1000 and cluster.lost_packets(1) == 0
 
 
-def _tx_bytes(cluster: NetnsCluster, node: int) -> int:
-    out = subprocess.run(cluster.argv(node, ["cat", "/sys/class/net/eth0/statistics/tx_bytes"]), capture_output=True,
-                         text=True, check=True).stdout
-    return int(out)
-
-
 def _train_job(cluster: NetnsCluster, args: list[str], steps: int, out: Path, port: int) -> tuple[int, int]:
     """One `deepreduce train` job on the cluster: (bytes node 0 put on its link, bytes its
     rank counted as handed to collectives)."""
     metrics = out / f"metrics-{steps}.jsonl"
-    before = _tx_bytes(cluster, 0)
+    before = link_counters(cluster, 0)["tx_bytes"]
     procs = [cluster.popen(node, cluster.torchrun_argv(node, ["-m", "deepreduce", "train", *args, "--steps", str(steps),
                                                               "--metrics", str(metrics)], port=port),
                            env={"OMP_NUM_THREADS": "1"}, port=port, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
              for node in range(cluster.nodes)]
     assert cluster.wait(procs, timeout=240) == [0, 0]
     summary = json.loads(metrics.read_text().splitlines()[-1])["summary"]
-    return _tx_bytes(cluster, 0) - before, summary["hook"]["sent_bytes"]
+    return link_counters(cluster, 0)["tx_bytes"] - before, summary["hook"]["sent_bytes"]
 
 
 @needs_netns
