@@ -18,7 +18,8 @@ import torch
 import deepreduce as dr
 from deepreduce.apps.netns import NetnsCluster, netns_unavailable_reason
 from deepreduce.engine import Engine, Segment
-from deepreduce.engine.hierarchical import HierarchicalScheme, resolve_node_size, shard_segments
+from deepreduce.engine.hierarchical import HierarchicalScheme, shard_segments
+from deepreduce.engine.nodes import resolve_node_size
 from deepreduce.errors import ConfigError
 from helpers import SoloTransport
 from launching import free_port, worker_env
@@ -215,7 +216,7 @@ def test_two_nodes_of_two_processes_in_network_namespaces(tmp_path):
 
 
 def test_all_finite_sees_nan_and_both_infinities_in_every_float_dtype():
-    from deepreduce.engine.pipeline import all_finite
+    from deepreduce.engine.messages import all_finite
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         x = torch.randn(5000).to(dtype)

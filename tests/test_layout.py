@@ -37,9 +37,9 @@ def test_core_never_imports_the_applications():
 
 def test_payloads_are_decoded_in_two_places_only():
     """Calls named ``decode``: the compressor (one payload, its codecs' parts) and the
-    engine (the W payloads of a bucket, summed in rank order). Every front end goes
-    through the engine."""
+    engine's message reader (the W payloads of a bucket, summed in rank order). Every
+    front end goes through the engine."""
     callers = sorted(str(p.relative_to(PACKAGE)) for p in core_files()
                      if any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == "decode"
                             for n in ast.walk(ast.parse(p.read_text()))))
-    assert callers == ["compressor.py", "engine/pipeline.py"], callers
+    assert callers == ["compressor.py", "engine/messages.py"], callers

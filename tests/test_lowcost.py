@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import deepreduce as dr
-from deepreduce.engine.pipeline import all_finite, sum_in_rank_order
+from deepreduce.engine.messages import all_finite, sum_in_rank_order
 from deepreduce.sparse import SparseGrad
 from deepreduce.comm import completed
 from deepreduce.engine import Engine

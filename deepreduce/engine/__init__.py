@@ -2,10 +2,13 @@
 
 - :class:`Engine` (``pipeline.py``): agreement check, warm-up, small-bucket policy,
   error feedback, encode, size exchange, dense fallback, one all-gather, decode and sum
-  in rank order, stats; :func:`read_message` checks one received message against this
-  rank's segments.
+  in rank order, stats.
+- ``messages.py``: :func:`read_message` checks one received message against this rank's
+  segments; the ranks' parts are summed in rank order (every scheme reads and sums there).
 - ``shared_index.py``: the ``"shared_index"`` scheme for compressed buckets (a rotating
   leader broadcasts its index set, one allreduce of the values there).
+- ``hierarchical.py``: the node schemes (dense inside a node, compressed between nodes),
+  over ``nodes.py``'s per-node sub-groups.
 - ``plan.py``: ``compressor="auto"`` (:class:`AutoPlan`): per bucket, dense, fp16 or a
   sparse spec, from the measured link and compression cost.
 - ``memory.py`` (error feedback), ``stats.py`` (counters), ``framing.py`` (one message
@@ -20,7 +23,8 @@ Front ends: :mod:`deepreduce.hooks` (DDP), :mod:`deepreduce.horovod`,
 from .flat import FlatGroup, plan_groups, reduce_named
 from .gradients import GradientSync
 from .memory import ErrorFeedback, memory_dtype
-from .pipeline import Engine, read_message
+from .messages import read_message
+from .pipeline import Engine
 from .plan import AutoPlan
 from .segments import Segment
 from .stats import CommStats

@@ -74,14 +74,15 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import torch
 
 from ..comm import Transport
-from ..compressor import Compressor, decode
+from ..compressor import Compressor
 from ..phases import PhaseTimer, mark
-from ..errors import CommunicationError, ConfigError, DecodeError, DeepReduceError, NonFiniteError
+from ..errors import CommunicationError, ConfigError, DeepReduceError, NonFiniteError
 from ..sparse import SparseGrad
 from ..wire import pad8
 from .agreement import check_agreement
-from .framing import frame, unframe
+from .framing import frame
 from .memory import ErrorFeedback, memory_dtype
+from .messages import all_finite, as_bytes, read_message, stream_name, sum_in_rank_order
 from .plan import FP16, AutoPlan
 from .presized import FAILED, NONFINITE, add_nonfinite, failed_message, flag_of, message_width, nonfinite_message, pad_to
 from .segments import Segment, pack_segments, part_shifts, placed, takes_parts
@@ -93,8 +94,6 @@ _STATE_FORMAT = 2
 GRANULARITIES = ("tensor", "bucket")
 NONFINITE_POLICIES = ("propagate", "raise")
 SIZE_EXCHANGES = ("auto", "always")
-_FAILED = FAILED  # size a rank sends when compressing failed (it raises its own error)
-_NONFINITE = NONFINITE  # size a rank sends when its bucket holds NaN or Inf
 
 # How compressed buckets travel: scheme name -> "module:factory". A factory takes the engine,
 # raises ConfigError if the configuration does not suit the scheme, and returns the
@@ -111,17 +110,6 @@ NODE_SCHEMES = ("hierarchical", "hierarchical_shared_index")  # the schemes that
 
 def _allgather_scheme(engine: "Engine") -> Callable[..., torch.futures.Future]:
     return engine._compressed
-
-
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _from_bytes(entry: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    if entry.storage_offset() % itemsize:
-        entry = entry.clone()
-    return entry.view(dtype)
 
 
 class Engine:
@@ -265,10 +253,6 @@ class Engine:
                 f"compressor {compressor.spec}: ratio 0 sends nothing, every gradient would stay in the residual; "
                 "use a positive ratio (e.g. 0.01)"
             )
-        if scheme in NODE_SCHEMES and isinstance(transport, Transport):
-            from .hierarchical import check_node_transport
-
-            check_node_transport(scheme, transport)
         if node_size is not None and scheme not in NODE_SCHEMES:
             raise ConfigError(f"node_size applies to scheme='hierarchical' (or 'hierarchical_shared_index'), not to "
                               f"scheme={scheme!r}")
@@ -615,7 +599,7 @@ class Engine:
         finite = all_finite(buffer) if finite is None else finite
         mark(timer, "isfinite check")
         if not finite:
-            return self._nonfinite(buffer, segments, [], self._allgather_sizes(_NONFINITE, key, transport), key,
+            return self._nonfinite(buffer, segments, [], self._allgather_sizes(NONFINITE, key, transport), key,
                                    dense_bytes, transport)
         if self.clip_norm is not None:
             self._clip(buffer)
@@ -627,16 +611,16 @@ class Engine:
             mark(timer, "framing/CRC")
         except Exception:
             # Tell the other ranks, or they would wait for this rank's size until timeout.
-            self._allgather_sizes(_FAILED, key, transport)
+            self._allgather_sizes(FAILED, key, transport)
             raise
         encoded = time.perf_counter()
         sizes = self._allgather_sizes(message.numel(), key, transport)
         exchanged = time.perf_counter()
         mark(timer, "size exchange")
-        if _FAILED in sizes:
-            failed = ", ".join(str(r) for r, n in enumerate(sizes) if n == _FAILED)
+        if FAILED in sizes:
+            failed = ", ".join(str(r) for r, n in enumerate(sizes) if n == FAILED)
             raise DeepReduceError(f"deepreduce: rank {failed} failed to compress bucket {key!r} at step {self.step} (see its error)")
-        if _NONFINITE in sizes:
+        if NONFINITE in sizes:
             return self._nonfinite(buffer, segments, pending, sizes, key, dense_bytes, transport)
         width = pad8(max(sizes))
 
@@ -681,7 +665,7 @@ class Engine:
             view = seg.views(buffer)
             small = seg.is_small(self.min_numel)
             if small and self.small_compressor is None:
-                entries.append(_as_bytes(view))
+                entries.append(as_bytes(view))
                 pending.append(None)
                 continue
             compensated = self.memory.compensate(seg.name, view, seg.parts)  # consumes the residual
@@ -690,7 +674,7 @@ class Engine:
             mark(timer, "copies")
             segment_compressor = self.small_compressor if small else compressor
             packed = {} if seg.part_numels is None else {"parts": seg.part_numels}
-            result = segment_compressor.compress_detailed(to_send, step=step, key=_stream_name(seg.name),
+            result = segment_compressor.compress_detailed(to_send, step=step, key=stream_name(seg.name),
                                                           **packed, **_timed(timer))
             entries.append(result.payload)
             pending.append((compensated, to_send, result))
@@ -828,7 +812,7 @@ class Engine:
         """Some rank's bucket is not finite (seen in the size exchange): drop this step's
         error feedback everywhere, then raise or allreduce the buckets as they came (the
         non-finite values reach every rank at their positions, as with plain allreduce)."""
-        ranks = [r for r, n in enumerate(sizes) if n == _NONFINITE]
+        ranks = [r for r, n in enumerate(sizes) if n == NONFINITE]
         self._nonfinite_seen(segments, pending, ranks, key, self.step, dense_bytes)
         return self._allreduce(buffer, key, transport)
 
@@ -933,90 +917,9 @@ def _check_plan_settings(*, scheme: str, momentum: float, density_warmup: int,
         raise ConfigError("compressor='auto' plans the density itself; use density_warmup=0 and density_scale=None")
 
 
-# Elements of all ranks' sparse parts up to which one concatenated index_add_ beats one per rank.
-_CONCATENATE_BELOW = 1 << 12
-
-
-def sum_in_rank_order(target: torch.Tensor, parts: Sequence[torch.Tensor | SparseGrad], divisor: int = 1) -> None:
-    """Add every rank's part (rank order) into ``target``, each divided by ``divisor`` first.
-
-    Every position receives its contributions in rank order whatever the path, so the sum
-    is bitwise the same on every rank. Small sparse parts on the CPU go in one
-    ``index_add_`` over the ranks' concatenated (indices, values): its CPU kernel walks
-    the index list in order, so that is the same sum as one ``index_add_`` per rank,
-    minus W-1 calls (large ones are added one by one: there the copies would cost more
-    than the calls). Elsewhere (CUDA's ``index_add_`` adds duplicate positions with
-    atomics, in no fixed order) each rank's part, whose indices are unique, is added on
-    its own."""
-    dtype = target.dtype
-    sparse = [p for p in parts if isinstance(p, SparseGrad)]
-    if (len(sparse) == len(parts) and len(parts) > 1 and target.device.type == "cpu"
-            and sum(p.indices.numel() for p in sparse) <= _CONCATENATE_BELOW):
-        indices = torch.cat([p.indices for p in sparse])
-        values = torch.cat([p.values.to(dtype) for p in sparse])  # a new tensor: divided in place
-        target.index_add_(0, indices, values.div_(divisor) if divisor != 1 else values)
-        return
-    for part in parts:
-        if isinstance(part, SparseGrad):
-            values = part.values.to(dtype)
-            target.index_add_(0, part.indices, values / divisor if divisor != 1 else values)
-        else:
-            values = part.to(dtype)
-            target.add_(values / divisor if divisor != 1 else values)
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in ``tensor``. One read pass: a sum is finite only if every element
-    is (NaN and Inf propagate; +Inf and -Inf make NaN); only a non-finite sum -- a
-    non-finite element or an overflow of the sum itself -- pays for the exact,
-    ~40x dearer element-wise check. A host sync on CUDA."""
-    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(tensor.sum(dtype=wide))):
-        return True
-    return bool(torch.isfinite(tensor).all())
-
-
 def _timed(timer: PhaseTimer | None) -> dict[str, PhaseTimer]:
     """``timer=`` for compress_detailed only when profiling (so a wrapped compressor
     without that keyword keeps working)."""
     return {} if timer is None else {"timer": timer}
 
 
-def _stream_name(name: Hashable) -> int | str:
-    return name if isinstance(name, (int, str)) and not isinstance(name, bool) else str(name)
-
-
-def read_message(message: torch.Tensor, segments: Sequence[Segment], dtype: torch.dtype, min_numel: int,
-                 source: int | str = "?", own: Sequence[SparseGrad | None] | None = None,
-                 padded: bool = False) -> list[torch.Tensor | SparseGrad]:
-    """One rank's message, split and checked against this rank's ``segments``: per segment,
-    its raw values (``dtype``) if it has fewer than ``min_numel`` elements, else its decoded
-    :class:`SparseGrad` (``own[i]`` instead, for this rank's own message: nothing to decode).
-
-    Everything in a received message that does not fit what this rank expects -- the
-    framing, a raw entry's length, a payload's numel or dtype -- raises
-    :class:`DecodeError` naming the source rank and the segment."""
-    entries = unframe(message, len(segments), f"message from rank {source}", padded)
-    parts: list[torch.Tensor | SparseGrad] = []
-    for i, (seg, entry) in enumerate(zip(segments, entries)):
-        if seg.numel < min_numel:
-            expected = seg.numel * torch.empty(0, dtype=dtype).element_size()
-            if entry.numel() != expected:
-                raise DecodeError(f"segment {seg.name!r}: rank {source} sent {entry.numel()} raw bytes, expected {expected}")
-            parts.append(_from_bytes(entry, dtype))
-            continue
-        sparse = own[i] if own is not None and own[i] is not None else _decode(entry, seg, source)
-        if sparse.numel != seg.numel or sparse.values.dtype != dtype:
-            raise DecodeError(
-                f"segment {seg.name!r}: rank {source} sent {sparse.numel} {sparse.values.dtype} elements, "
-                f"this rank has {seg.numel} {dtype} (do all ranks reduce the same tensors?)"
-            )
-        parts.append(sparse)
-    return parts
-
-
-def _decode(entry: torch.Tensor, seg: Segment, source: int | str) -> SparseGrad:
-    try:
-        return decode(entry)
-    except DecodeError as exc:
-        raise DecodeError(f"segment {seg.name!r}: payload from rank {source}: {exc}") from exc

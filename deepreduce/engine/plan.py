@@ -60,6 +60,8 @@ from ..compressor import Compressor
 from ..errors import ConfigError
 from ..wire import pad8
 from .framing import frame
+from .memory import memory_dtype, subtract_sent
+from .messages import all_finite, as_bytes, read_message, stream_name, sum_in_rank_order
 
 if TYPE_CHECKING:
     from .pipeline import Engine
@@ -422,9 +424,6 @@ def _measure(engine: "Engine", compressor: Compressor, buffer: torch.Tensor,
     full-size add, the compression of each segment (small ones raw or through the small
     compressor), framing and the residual update; to receive, decoding W messages and
     summing them in rank order (this rank's message decoded W times)."""
-    from .memory import memory_dtype, subtract_sent
-    from .pipeline import _as_bytes, _stream_name, all_finite, read_message, sum_in_rank_order
-
     messages: list[torch.Tensor] = []
     wide = memory_dtype(buffer.dtype)
 
@@ -434,11 +433,11 @@ def _measure(engine: "Engine", compressor: Compressor, buffer: torch.Tensor,
         for seg in segments:
             view = buffer.narrow(0, seg.offset, seg.numel)
             if seg.numel < engine.raw_below:
-                entries.append(_as_bytes(view))
+                entries.append(as_bytes(view))
                 continue
             compensated = torch.add(view.to(wide), view, alpha=0.0)  # the residual's add: one full pass
             which = engine.small_compressor if seg.is_small(engine.min_numel) else compressor
-            result = which.compress_detailed(compensated.to(buffer.dtype), step=engine.step, key=_stream_name(seg.name))
+            result = which.compress_detailed(compensated.to(buffer.dtype), step=engine.step, key=stream_name(seg.name))
             entries.append(result.payload)
             sent = result.sent
             subtract_sent(compensated, sent)  # the residual update

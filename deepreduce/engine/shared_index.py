@@ -54,7 +54,7 @@ import math
 import struct
 import time
 import zlib
-from typing import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,8 +67,13 @@ from ..sparse import SparseGrad
 from ..wire import pad8
 from .framing import frame, unframe
 from .memory import memory_dtype
-from .pipeline import _FAILED, _NONFINITE, Engine, _stream_name
+from .messages import stream_name
+from .nodes import NodeGroups, check_layout, resolve_node_size
+from .presized import FAILED, NONFINITE
 from .segments import Segment
+
+if TYPE_CHECKING:
+    from .pipeline import Engine
 
 VALUE_CODECS = ("raw", "fp16", "bf16")  # the value codecs whose wire dtype can be summed
 _DENSE = -3  # the leader's control word when the bucket should go dense
@@ -136,8 +141,6 @@ class SharedIndexScheme:
         node_size = _torchrun_node_size(world.rank, world.world_size)
         proposals = world.allgather_sizes(node_size)
         if proposals[0] > 1 and len(set(proposals)) == 1:
-            from .hierarchical import NodeGroups
-
             self.groups = NodeGroups(world, proposals[0])
 
     def __call__(self, buffer: torch.Tensor, segments: list[Segment], dense_bytes: int,
@@ -159,11 +162,9 @@ class SharedIndexScheme:
 def _torchrun_node_size(rank: int, world_size: int) -> int:
     """The node size the hierarchical schemes would take from torchrun (``LOCAL_WORLD_SIZE``,
     ranks numbered node by node) when it makes several nodes of this world; else 0."""
-    from .hierarchical import _check_layout, resolve_node_size
-
     try:
         size = resolve_node_size(None)
-        _check_layout(rank, size)
+        check_layout(rank, size)
     except ConfigError:
         return 0
     return size if 1 < size < world_size and world_size % size == 0 else 0
@@ -188,7 +189,7 @@ def check_compressor(compressor: Compressor) -> None:
 def leader_of(step: int, key: Hashable, world_size: int) -> int:
     """The rank that selects the indices of bucket ``key`` at ``step``: ``(step + key) mod W``,
     a name counting as its CRC-32. Every rank computes it; nothing is exchanged."""
-    return (step + rng.stream_key(_stream_name(key))) % world_size
+    return (step + rng.stream_key(stream_name(key))) % world_size
 
 
 def wire_dtype(value_codec: str, dtype: torch.dtype) -> torch.dtype:
@@ -224,7 +225,7 @@ def _fp16_shift(fields: Sequence[int], world_size: int, average: bool) -> int:
 def select_indices(compressor: Compressor, to_send: torch.Tensor, step: int, name: Hashable) -> tuple[torch.Tensor, torch.Tensor, bytes]:
     """The leader's selection for one segment: (ascending indices, encoded index bytes,
     codec parameters), with the random stream the all-gather scheme would use."""
-    encoded = compressor.select_indices(to_send, step=step, key=_stream_name(name))
+    encoded = compressor.select_indices(to_send, step=step, key=stream_name(name))
     return encoded.indices, encoded.data.reshape(-1), encoded.params
 
 
@@ -270,7 +271,7 @@ def read_message(message: torch.Tensor, segments: Sequence[Segment], compressor:
         if data.storage_offset() % 8:
             data = data.clone()  # codecs view their bytes as wider types
         try:
-            indices = compressor.decode_indices(data, params, k, seg.numel, dtype, step=step, key=_stream_name(seg.name))
+            indices = compressor.decode_indices(data, params, k, seg.numel, dtype, step=step, key=stream_name(seg.name))
         except DecodeError as exc:
             raise DecodeError(f"{where}: {exc}") from exc
         out.append(indices)
@@ -300,7 +301,7 @@ def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Seg
     message = None
     # One pass; a host sync on CUDA, as the control exchange below is anyway.
     if not (bool(torch.isfinite(buffer).all()) if finite is None else finite):
-        code = _NONFINITE
+        code = NONFINITE
     else:
         try:
             if engine.clip_norm is not None:
@@ -326,14 +327,14 @@ def reduce_shared_index(engine: Engine, buffer: torch.Tensor, segments: list[Seg
                 code = _DENSE if dense else _control(message.numel(), field)
         except Exception:
             # Tell the other ranks, or they would wait for this rank's word until timeout.
-            engine._allgather_sizes(_FAILED, key, transport)
+            engine._allgather_sizes(FAILED, key, transport)
             raise
     encoded = time.perf_counter()
     codes = engine._allgather_sizes(code, key, transport)
-    if _FAILED in codes:
-        failed = ", ".join(str(r) for r, n in enumerate(codes) if n == _FAILED)
+    if FAILED in codes:
+        failed = ", ".join(str(r) for r, n in enumerate(codes) if n == FAILED)
         raise DeepReduceError(f"deepreduce: rank {failed} failed to compress bucket {key!r} at step {step} (see its error)")
-    if _NONFINITE in codes:
+    if NONFINITE in codes:
         return engine._nonfinite(buffer, segments, pending, codes, key, dense_bytes, transport)
     if codes[leader] == _DENSE:
         for seg, entry in zip(segments, pending):

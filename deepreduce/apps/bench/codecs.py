@@ -30,6 +30,7 @@ from ... import Compressor, decode, index_codecs, sparsify, value_codecs, wire
 from ..data import stdlib_corpus
 from ..models import ByteTransformer, resnet
 from ...sparsifiers import target_k
+from .steady import log2_binomial, render_steady, steady_codecs, summary
 from . import default_output_dir, reproduce_command, make_console, machine_facts, markdown_table, median_time, update_results_section, write_json
 
 # Index codecs are compared with raw values, value codecs with eliasfano indices, and a
@@ -85,11 +86,6 @@ def real_gradients(quick: bool, seed: int = 0, device: torch.device | str = "cpu
         flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
         out.append(ModelGradient(name, flat.detach()))
     return out
-
-
-def log2_binomial(n: int, k: int) -> float:
-    """log2 C(n, k): the information in a k-subset of n positions."""
-    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
 
 
 def available(combination: str) -> bool:
@@ -414,7 +410,6 @@ def profile_main(args: argparse.Namespace, argv: list[str]) -> int:
 
 def steady_main(args: argparse.Namespace, argv: list[str]) -> int:
     """``--steady``: codec sizes inside an error-feedback training run."""
-    from .steady import render_steady, steady_codecs, summary
 
     console = make_console()
     density = (args.densities or [0.01])[0]

@@ -15,6 +15,7 @@ values' relative error.
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -31,6 +32,11 @@ VALUE = ["raw", "zstd", "bf16", "fp16", "qsgd", "qsgd:bits=4", "uniform:bits=1",
 QUICK_INDEX = ["raw", "zstd", "eliasfano"]  # --quick: a smoke test of the mode, not a measurement
 QUICK_VALUE = ["fp16", "uniform:bits=2"]
 TRAIN_SPEC_VALUE = "fp16"  # the codec of the training run itself (what the residual keeps)
+
+
+def log2_binomial(n: int, k: int) -> float:
+    """log2 C(n, k): the information in a k-subset of n positions."""
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
 
 
 def _registered(codec: str, kind: str) -> bool:
@@ -56,7 +62,6 @@ def steady_codecs(density: float = 0.01, steps: int = 100, start: int = 20, ever
                   seed: int = 0, lr: float = 3e-3) -> list[dict[str, Any]]:
     """Rows: one per codec, with fresh and steady bits per kept element (means over the
     measured steps) and, for index codecs, the ratio to the entropy bound."""
-    from .codecs import log2_binomial
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
