@@ -98,6 +98,12 @@ def test_scheme_options_reach_the_hook_and_bad_ones_are_clear_errors():
     (["--compression", "powersgd", "--granularity", "bucket"], "--granularity bucket apply to deepreduce compressor specs"),
     (["--compression", "dense", "--no-error-feedback", "--small-compression", "cyclic:0.5/strided/fp16"],
      "--no-error-feedback, --small-compression apply to deepreduce compressor specs, not --compression dense"),
+    (["--metrics", "/tmp"], "--metrics /tmp is a directory; name a file"),
+    (["--warmup", "-5"], "--warmup must be >= 0, not -5"),
+    (["--powersgd-rank", "2"], "--powersgd-rank applies to --compression powersgd, not 'dense'"),
+    (["--compression", "powersgd", "--powersgd-rank", "0"], "--powersgd-rank must be >= 1, not 0"),
+    (["--compression", "topk:0.01/eliasfano/fp16", "--small-compression", "cyclic:2/strided/fp16"],
+     "--small-compression cyclic:2/strided/fp16: ratio must be in"),
 ])
 def test_bad_numbers_and_paths_are_refused_before_training(argv, message):
     # Each would otherwise train to NaN, train nothing, or fail with a traceback (the checkpoint
@@ -197,6 +203,19 @@ def test_text_corpus_bad_input(tmp_path):
     args = train.build_parser().parse_args(["--data", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="deepreduce train: --data: .*missing: no such file or folder"):
         train.load_corpus(args)
+    # the built-in corpus is held to the same minimum: each split needs seq_len + 2 bytes
+    args = train.build_parser().parse_args(["--corpus-mb", "0.01", "--seq-len", "2000"])
+    with pytest.raises(SystemExit, match=r"--corpus-mb 0.01 \(with --seq-len 2000\): the standard library's source: "
+                                         r"too little text: \d+ bytes for training and \d+ for validation, need at least 2002"):
+        train.load_corpus(args)
+
+
+def test_a_torn_checkpoint_is_a_clear_error(tmp_path):
+    torn = tmp_path / "rank0.pt"
+    for content in (b"garbage", b"PK\x03\x04" + bytes(3000)):
+        torn.write_bytes(content)
+        with pytest.raises(SystemExit, match=f"deepreduce train: cannot read checkpoint {torn}: "):
+            train.load_checkpoint(tmp_path, train.parse_args([]), None, None, None, None, "", torn)
 
 
 def test_cli_version_and_help(capsys):
@@ -287,6 +306,32 @@ def test_demo_smoke(tmp_path):
     for name in ("dense", "hook1", "update1"):
         assert (tmp_path / f"{name}.jsonl").exists(), name
     assert time.monotonic() - started < 240
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--compression", "junk"], "the hook junk run: deepreduce train: --compression junk: unknown sparsifier 'junk'"),
+    (["--update", "topk:0.01/bogus/fp16"], "the update topk:0.01/bogus/fp16 run: .*unknown index codec 'bogus'"),
+    (["--workers", "0"], "--workers and --steps must be >= 1, not 0 and 300"),
+    (["--", "--lr", "-1"], "the dense run: deepreduce train: --lr must be a finite number > 0"),
+])
+def test_demo_refuses_bad_options_before_the_first_run(argv, message, tmp_path):
+    from deepreduce.apps import demo
+
+    with pytest.raises(SystemExit, match=message):
+        demo.main(["--out", str(tmp_path), *argv])
+    assert not list(tmp_path.iterdir())  # no run started
+
+
+def test_demo_names_why_a_run_failed(tmp_path):
+    """A run that fails once started: the worker's own error line, not torchrun's report."""
+    from deepreduce.apps import demo
+
+    with pytest.raises(SystemExit) as failed:
+        demo.main(["--steps", "2", "--workers", "1", "--compression", "fp16", "--out", str(tmp_path), "--",
+                   "--data", str(tmp_path / "missing")])
+    assert str(failed.value).startswith("deepreduce demo: the dense run failed (exit 1):\n"
+                                        f"deepreduce train: --data: {tmp_path / 'missing'}: no such file or folder\n"
+                                        f"(full log: {tmp_path / 'dense.log'})"), str(failed.value)
 
 
 # --- --task classify -------------------------------------------------------------------------
@@ -454,6 +499,12 @@ def test_one_process_dgc_run_and_resume_check(tmp_path):
     refused = subprocess.run(common + ["--clip-norm", "2.0", "--steps", "6", "--resume", str(checkpoint)],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "checkpoint used --momentum-correction/--density-warmup/--clip-norm" in refused.stderr
+    # options that change every compressed step are held to the checkpoint's too
+    refused = subprocess.run(common + ["--clip-norm", "1.0", "--min-numel", "5", "--scheme", "shared_index", "--steps", "6",
+                                       "--resume", str(checkpoint)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0, refused.stderr[-2000:]
+    assert ("this run changes options the checkpoint was trained with: --min-numel 0 -> 5; "
+            "--scheme 'allgather' -> 'shared_index'") in refused.stderr, refused.stderr[-2000:]
 
 
 def test_auto_resume_needs_a_checkpoint_directory(tmp_path, capsys):
@@ -466,11 +517,14 @@ def test_auto_resume_needs_a_checkpoint_directory(tmp_path, capsys):
 
 def test_resumed_metrics_drop_the_records_past_the_checkpoint(tmp_path):
     path = tmp_path / "m.jsonl"
-    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3, 4, 5)] + [json.dumps({"summary": {}}), '{"step": 6, "lo']
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)] + [json.dumps({"summary": {"steps": 3}})]
+    lines += [json.dumps({"step": s, "loss": 1.0}) for s in (4, 5)] + [json.dumps({"summary": {"steps": 5}}), '{"step": 6, "lo']
     path.write_text("\n".join(lines))
     train._drop_records_after(path, 3)
     kept = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r.get("step") for r in kept] == [1, 2, 3, None]  # the torn line and steps 4-5 are gone
+    # steps 4-5, the summary of the run that wrote them and the torn line are gone; the
+    # summary of the segment that ended at the checkpoint (--stop-after) stays
+    assert kept == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 1.0}, {"summary": {"steps": 3}}]
 
 
 def test_density_follows_lr_reaches_the_update_sync_and_needs_update_mode(monkeypatch):

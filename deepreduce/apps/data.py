@@ -118,10 +118,11 @@ def _corpus(train_bytes: bytes, val_bytes: bytes) -> ByteCorpus:
 
 
 @lru_cache(maxsize=4)
-def stdlib_corpus(max_bytes: int = 16 << 20, val_every: int = 10) -> ByteCorpus:
-    """Up to ``max_bytes`` of stdlib source; every ``val_every``-th file goes to validation."""
+def stdlib_corpus(max_bytes: int = 16 << 20, val_every: int = 10, *, min_split_bytes: int = 2) -> ByteCorpus:
+    """Up to ``max_bytes`` of stdlib source; every ``val_every``-th file goes to validation.
+    Raises :class:`CorpusError` when either split would be shorter than ``min_split_bytes``."""
     train, val = _split_files(stdlib_files(), max_bytes, val_every, user=False)
-    return _corpus(b"".join(train), b"".join(val))
+    return _checked_corpus("the standard library's source", b"".join(train), b"".join(val), min_split_bytes)
 
 
 def text_corpus(path: str | os.PathLike, max_bytes: int = 16 << 20, *, val_every: int = 10,
@@ -150,6 +151,7 @@ def text_corpus(path: str | os.PathLike, max_bytes: int = 16 << 20, *, val_every
         train_files, val_files = _split_files(files, max_bytes, val_every, user=True)
         if not train_files and not val_files:
             raise CorpusError(f"{root}: no text in its {len(files)} file(s) (empty files and files with NUL bytes are skipped)")
+        read = len(train_files) + len(val_files)
         if not val_files:  # fewer files than val_every: hold out the last one, or one file's tail
             if len(train_files) > 1:
                 val_files.append(train_files.pop())
@@ -157,7 +159,7 @@ def text_corpus(path: str | os.PathLike, max_bytes: int = 16 << 20, *, val_every
                 train_files[0], tail = _hold_out_tail(train_files[0], val_every)
                 val_files.append(tail)
         train, val = b"".join(train_files), b"".join(val_files)
-        what = f"{root} ({len(train_files) + len(val_files)} text files read)"
+        what = f"{root} ({read} text file{'s' if read > 1 else ''} read)"
     else:
         try:
             with open(root, "rb") as f:
@@ -166,8 +168,11 @@ def text_corpus(path: str | os.PathLike, max_bytes: int = 16 << 20, *, val_every
             raise CorpusError(f"cannot read {root}: {error.strerror or error}") from error
         train, val = _hold_out_tail(text, val_every)
         what = str(root)
-    short = min(len(train), len(val))
-    if short < min_split_bytes:
+    return _checked_corpus(what, train, val, min_split_bytes)
+
+
+def _checked_corpus(what: str, train: bytes, val: bytes, min_split_bytes: int) -> ByteCorpus:
+    if min(len(train), len(val)) < min_split_bytes:
         raise CorpusError(
             f"{what}: too little text: {len(train)} bytes for training and {len(val)} for validation, "
             f"need at least {min_split_bytes} in each")

@@ -28,6 +28,7 @@ from rich.table import Table
 from .bench import make_console
 from .bench.convergence import AHEAD, BLOCK_SPEC, FOLLOW_LR, SMALL_CYCLIC, TRACKED
 from .metrics import read_metrics
+from .train import check_options
 
 DEFAULT_SPEC = "topk:0.01/eliasfano/fp16"  # gradient mode: the DDP hook
 # Update mode at about the hook's bytes: the convergence benchmark's `update H=1 LocalAdamW blocks,
@@ -69,12 +70,16 @@ UPDATE_ARGS = ["--mode", "update", "--optimizer", "local-adamw", *TRACKED, "--ke
                *FOLLOW_LR]
 
 
+def train_argv(train_args: list[str], args: argparse.Namespace, metrics: Path) -> list[str]:
+    """The ``deepreduce train`` options of one run."""
+    return [*TRAIN_ARGS, "--steps", str(args.steps), "--seed", str(args.seed), *train_args, "--metrics", str(metrics),
+            "--log-every", "0", "--eval-every", str(max(1, args.steps // 6)), *args.extra]
+
+
 def run_one(name: str, label: str, train_args: list[str], args: argparse.Namespace, out: Path, progress: Progress) -> dict:
     metrics, log = out / f"{name}.jsonl", out / f"{name}.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.workers}",
-           "-m", "deepreduce", "train", *TRAIN_ARGS, "--steps", str(args.steps), "--seed", str(args.seed),
-           *train_args, "--metrics", str(metrics), "--log-every", "0",
-           "--eval-every", str(max(1, args.steps // 6)), *args.extra]
+           "-m", "deepreduce", "train", *train_argv(train_args, args, metrics)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     title = label if len(label) <= 36 else label[:35] + "…"
     task = progress.add_task(f"{title:<36}", total=args.steps)
@@ -92,9 +97,22 @@ def run_one(name: str, label: str, train_args: list[str], args: argparse.Namespa
     steps, summary = read_metrics(metrics)
     progress.update(task, completed=len(steps))
     if proc.returncode or summary is None:
-        tail = "\n".join(log.read_text().splitlines()[-25:])
-        raise RuntimeError(f"the {name} run failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+        raise SystemExit(f"deepreduce demo: the {label} run failed (exit {proc.returncode}):\n{_failure(log)}\n"
+                         f"(full log: {log})")
     return {"name": name, "compression": label, "steps": steps, "summary": summary}
+
+
+def _failure(log: Path) -> str:
+    """The lines of a failed run's log that say why: the workers' own error lines (torchrun's
+    report around them repeats them in a traceback), else the log's last lines."""
+    lines = log.read_text(errors="replace").splitlines()
+    said = [line for line in lines if line.startswith("deepreduce train:") or _is_error_line(line)]
+    return "\n".join(dict.fromkeys(said[-4:]) if said else lines[-25:])
+
+
+def _is_error_line(line: str) -> bool:
+    head = line.split(":", 1)[0]
+    return head.isidentifier() and head.endswith(("Error", "Exception")) and head != "ChildFailedError"
 
 
 def _row(run: dict, dense_bytes: float) -> list[str]:
@@ -124,12 +142,19 @@ def _curves(runs: list[dict]) -> Table:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.workers < 1 or args.steps < 1:
+        raise SystemExit(f"deepreduce demo: --workers and --steps must be >= 1, not {args.workers} and {args.steps}")
     hooks = args.compression or ([] if args.update else [DEFAULT_SPEC])
     updates = args.update or ([] if args.compression else [DEFAULT_UPDATE_SPEC])
     rows = [("dense", "dense", ["--compression", "dense"])]
     rows += [(f"hook{i + 1}", f"hook {spec}", ["--compression", spec] + (HOOK_ARGS if spec not in ("fp16", "powersgd") else []))
              for i, spec in enumerate(hooks)]
     rows += [(f"update{i + 1}", f"update {spec}", ["--compression", spec, *UPDATE_ARGS]) for i, spec in enumerate(updates)]
+    for _, label, train_args in rows:  # every run's options, before the first run starts
+        try:
+            check_options(train_argv(train_args, args, Path(tempfile.gettempdir()) / "metrics.jsonl"))
+        except SystemExit as refused:
+            raise SystemExit(f"deepreduce demo: the {label} run: {refused}") from None
     console = make_console()
     out = args.out or Path(tempfile.mkdtemp(prefix="deepreduce-demo-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,12 @@ TASK_DEFAULTS = {
     "classify": {"seq_len": 256, "layers": 4, "batch": 32, "classes": 16, "eval_batches": 32},
 }
 _CHECKPOINT_FORMAT = 1
+DEFAULT_POWERSGD_RANK = 4
+# Options a resumed run must share with the checkpoint, beyond those checked one by one in
+# load_checkpoint: each changes what the compression or the model does at every step.
+_RESUME_FIXED = ("heads", "adam_noise", "start_iter", "min_numel", "small_compression", "granularity",
+                 "no_pack_tensors", "scheme", "node_size", "no_error_feedback", "no_dense_fallback", "powersgd_rank",
+                 "bucket_mb")
 
 
 def build_parser(task: str = "lm") -> argparse.ArgumentParser:
@@ -178,7 +184,8 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                         "hierarchical_shared_index: the same with the shared-index allreduce between nodes")
     c.add_argument("--no-error-feedback", action="store_true")
     c.add_argument("--no-dense-fallback", action="store_true")
-    c.add_argument("--powersgd-rank", type=int, default=4)
+    c.add_argument("--powersgd-rank", type=int, default=None, metavar="R",
+                   help=f"matrix approximation rank of --compression powersgd (default {DEFAULT_POWERSGD_RANK})")
     c.add_argument("--momentum-correction", type=float, default=0.0, metavar="M",
                    help="DGC momentum correction M in the hook (a compressor spec, gradient mode); with "
                         "--optimizer sgd the optimizer then has no momentum of its own")
@@ -300,7 +307,11 @@ def _drop_records_after(path: Path, step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line torn by the crash
             continue
-        if record.get("step", 0) <= step:
+        if not isinstance(record, dict):
+            continue
+        # a segment's summary (--stop-after) stays if it ends at or before the checkpoint
+        last = record["summary"].get("steps", 0) if isinstance(record.get("summary"), dict) else record.get("step", 0)
+        if last <= step:
             kept.append(line)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
@@ -342,13 +353,14 @@ def load_corpus(args: argparse.Namespace) -> ByteCorpus | SnippetClasses:
             return stdlib_classes(args.classes, max_bytes)
         except CorpusError as error:
             raise SystemExit(f"deepreduce train: --classes {args.classes}: {error}")
-    if args.data is None:
-        return stdlib_corpus(max_bytes)
     try:
         # Each split needs more than seq_len + 1 bytes to cut a training window from.
+        if args.data is None:
+            return stdlib_corpus(max_bytes, min_split_bytes=args.seq_len + 2)
         return text_corpus(args.data, max_bytes, min_split_bytes=args.seq_len + 2)
     except CorpusError as error:
-        raise SystemExit(f"deepreduce train: --data: {error}")
+        flag = "--data" if args.data is not None else f"--corpus-mb {args.corpus_mb:g} (with --seq-len {args.seq_len})"
+        raise SystemExit(f"deepreduce train: {flag}: {error}")
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
@@ -388,6 +400,7 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, hook_state, da
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "hook": hook_state_dict(hook_state),
+        "settings": _resume_settings(args),
         "data_rng": data_gen.get_state(),
         "torch_rng": torch.get_rng_state(),
     }, tmp)
@@ -403,8 +416,11 @@ def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_ge
     path = path or _checkpoint_path(directory, dist.get_rank())
     if not path.exists():
         raise SystemExit(f"deepreduce train: no checkpoint for rank {dist.get_rank()} at {path}")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if saved.get("format") != _CHECKPOINT_FORMAT:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torn by a crash mid-copy, or not a checkpoint at all
+        raise SystemExit(f"deepreduce train: cannot read checkpoint {path}: {error}".splitlines()[0])
+    if not isinstance(saved, dict) or saved.get("format") != _CHECKPOINT_FORMAT:
         raise SystemExit(f"deepreduce train: {path} is not a checkpoint of this format")
     saved_task = saved.get("task", "lm")  # checkpoints from before --task are LM ones
     if saved_task != args.task:
@@ -426,6 +442,12 @@ def load_checkpoint(directory: Path, args, model, optimizer, hook_state, data_ge
     if saved_mode != mode:
         raise SystemExit(f"deepreduce train: checkpoint used mode/local steps/overlap/outer lr/outer momentum/nesterov/keep unsent/"
                          f"density follows lr/unsent scale {saved_mode}, this run {mode}")
+    settings = _resume_settings(args)
+    changed = [f"--{name.replace('_', '-')} {saved_value!r} -> {settings[name]!r}"
+               for name, saved_value in saved.get("settings", {}).items()  # checkpoints from before: not checked
+               if settings.get(name, saved_value) != saved_value]
+    if changed:
+        raise SystemExit(f"deepreduce train: this run changes options the checkpoint was trained with: {'; '.join(changed)}")
     # Checkpoints written before these options existed trained with Adam, no weight decay.
     saved_optimizer = saved.get("optimizer_name", "adam")
     if saved_optimizer != args.optimizer:
@@ -470,6 +492,10 @@ def _mode_options(args: argparse.Namespace) -> list:
             args.density_follows_lr, args.unsent_scale]
 
 
+def _resume_settings(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in _RESUME_FIXED}
+
+
 def _dgc_options(args: argparse.Namespace) -> list:
     return [args.momentum_correction, args.density_warmup, args.clip_norm]
 
@@ -500,6 +526,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"deepreduce train: --heads must be >= 1 and divide --d-model ({args.d_model}), not {args.heads}")
     if args.metrics is not None and not args.metrics.parent.is_dir():
         raise SystemExit(f"deepreduce train: --metrics {args.metrics}: no directory {args.metrics.parent}")
+    if args.metrics is not None and args.metrics.is_dir():
+        raise SystemExit(f"deepreduce train: --metrics {args.metrics} is a directory; name a file (JSON lines) in it")
+    if args.warmup < 0:
+        raise SystemExit(f"deepreduce train: --warmup must be >= 0, not {args.warmup}")
+    if args.powersgd_rank is not None:
+        if args.compression != "powersgd":
+            raise SystemExit(f"deepreduce train: --powersgd-rank applies to --compression powersgd, not {args.compression!r}")
+        if args.powersgd_rank < 1:
+            raise SystemExit(f"deepreduce train: --powersgd-rank must be >= 1, not {args.powersgd_rank}")
+    if args.small_compression is not None:
+        try:
+            Compressor.from_spec(args.small_compression)
+        except ConfigError as error:
+            raise SystemExit(f"deepreduce train: --small-compression {args.small_compression}: {error}")
     if args.checkpoint is not None:
         try:
             args.checkpoint.mkdir(parents=True, exist_ok=True)
@@ -560,6 +600,19 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("deepreduce train: --classes needs --task classify")
 
 
+def check_options(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed and checked as :func:`main` would before it starts anything, the
+    compressor spec included: SystemExit with the same message for bad options."""
+    args = parse_args(argv)
+    _check_args(args)
+    if args.compression not in BUILTIN_HOOKS and args.compression != "auto":
+        try:
+            Compressor.from_spec(args.compression)
+        except ConfigError as error:
+            raise SystemExit(f"deepreduce train: --compression {args.compression}: {error}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _check_args(args)
@@ -584,7 +637,7 @@ def _hook(args: argparse.Namespace, model: torch.nn.Module):
         return make_hook(
             args.compression, seed=args.seed, start_iter=args.start_iter, min_numel=args.min_numel,
             error_feedback=not args.no_error_feedback, dense_fallback=not args.no_dense_fallback,
-            powersgd_rank=args.powersgd_rank, granularity=args.granularity, named_parameters=model.named_parameters(),
+            powersgd_rank=args.powersgd_rank or DEFAULT_POWERSGD_RANK, granularity=args.granularity, named_parameters=model.named_parameters(),
             momentum=args.momentum_correction, density_warmup=args.density_warmup, clip_norm=args.clip_norm,
             small_compressor=args.small_compression,
             scheme=args.scheme, node_size=args.node_size, pack_tensors=not args.no_pack_tensors,
