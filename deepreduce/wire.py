@@ -165,8 +165,9 @@ def as_bytes_tensor(data: Any, what: str = "payload", error: type[Exception] = D
 def as_payload(payload: Any) -> torch.Tensor:
     """A payload as an 8-byte-aligned 1-D uint8 tensor; :class:`DecodeError` for anything else."""
     payload = as_bytes_tensor(payload)
-    if payload.storage_offset() % 8:
-        payload = payload.clone()  # keep the parts 8-byte aligned so they can be viewed as wider types
+    if payload.storage_offset() % 8 or not payload.is_contiguous():
+        # one dense, 8-byte-aligned run of bytes: the parts are viewed as wider types and checksummed
+        payload = payload.clone(memory_format=torch.contiguous_format)
     return payload
 
 

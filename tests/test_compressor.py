@@ -140,3 +140,17 @@ def test_cli_lists_every_component():
     assert "index codecs:" in out and "value codecs:" in out
     bad = subprocess.run([sys.executable, "-m", "deepreduce", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'frobnicate'" in bad.stderr
+
+
+def test_a_payload_decodes_from_bytes_numpy_and_a_strided_view():
+    """Where the payload's bytes sit does not matter: a strided tensor view (payloads
+    laid side by side), bytes, a numpy array and an unaligned slice decode alike."""
+    c = dr.Compressor(ratio=0.01, sparsifier="topk", index="eliasfano", value="fp16")
+    payload = c.compress(torch.randn(10_000, generator=torch.Generator().manual_seed(0)))
+    expected = dr.decode(payload)
+    strided = torch.stack([payload, torch.zeros_like(payload)], dim=1)[:, 0]
+    unaligned = torch.cat([torch.zeros(3, dtype=torch.uint8), payload])[3:]
+    assert not strided.is_contiguous() and unaligned.storage_offset() == 3
+    for held in (strided, bytes(payload.numpy()), payload.numpy(), unaligned):
+        got = dr.decode(held)
+        assert torch.equal(got.indices, expected.indices) and torch.equal(got.values, expected.values)
