@@ -366,6 +366,11 @@ def deepreduce_hook(state: DeepReduceState, bucket: dist.GradBucket) -> torch.fu
     allreduce (``state.dense_fallback``). Works for fp32, fp16 and bf16 buckets, gloo on
     CPU and NCCL on CUDA."""
     engine = state.engine
+    if bucket.buffer().layout != torch.strided or bucket.buffer().dim() != 1:
+        names = ", ".join(state._names.get(id(p), f"a parameter of shape {tuple(p.shape)}") for p in bucket.parameters())
+        raise ConfigError(f"deepreduce_hook: {names} has a sparse gradient (e.g. nn.Embedding(sparse=True)); "
+                          "deepreduce compresses dense gradients: build the layer with sparse=False (top-k then "
+                          "sends the rows that changed)")
     segments = state.segments(bucket)
     # A parameter this rank did not use has no gradient (DDP zero-fills its slot). If no rank
     # used it, DDP (find_unused_parameters / static_graph) discards its averaged slot, so

@@ -485,3 +485,35 @@ def test_state_with_an_explicit_group_says_why_it_cannot_be_pickled(group):
     state = dr.DeepReduceState(process_group=group)
     with pytest.raises(TypeError, match="process_group=None"):
         pickle.dumps(state)
+
+
+def test_waiting_on_a_future_gives_back_the_deepreduce_error_its_callback_raised():
+    """torch hands a future's waiter a RuntimeError holding only the message of what a
+    callback raised; the front ends' waits give back the deepreduce error itself, through
+    chained callbacks too, and leave other errors as they are."""
+    from deepreduce.errors import DecodeError, wait
+
+    source = torch.futures.Future()
+
+    def fails(_: torch.futures.Future) -> None:
+        raise DecodeError("segment 'w': payload from rank 1: bad checksum\nsecond line")
+
+    chained = source.then(fails).then(lambda done: done.value())
+    source.set_result(None)
+    with pytest.raises(DecodeError) as caught:
+        wait(chained)
+    assert str(caught.value) == "segment 'w': payload from rank 1: bad checksum\nsecond line"
+    other = torch.futures.Future()
+    other.set_exception(RuntimeError("connection reset"))
+    with pytest.raises(RuntimeError, match="^connection reset$"):
+        wait(other)
+
+
+def test_a_sparse_gradient_is_refused_by_name(group):
+    """DDP passes an nn.Embedding(sparse=True)'s gradient as a sparse bucket; the hook says
+    so instead of failing on the buffer's shape."""
+    model = torch.nn.Sequential(torch.nn.Embedding(200, 32, sparse=True), torch.nn.Linear(32, 4))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp.register_comm_hook(dr.DeepReduceState(start_iter=0, named_parameters=model.named_parameters()), dr.deepreduce_hook)
+    with pytest.raises(dr.ConfigError, match=r"deepreduce_hook: 0\.weight has a sparse gradient .*sparse=False"):
+        ddp(torch.randint(0, 200, (4, 5))).sum().backward()
