@@ -35,6 +35,7 @@ import torch
 from .comm.mpi import MPITransport
 from .compressor import Compressor
 from .engine import Engine, ErrorFeedback, GradientSync
+from .errors import wait
 
 __all__ = ["ErrorFeedback", "GradientAverager", "MPITransport", "allreduce_compressed", "broadcast_parameters"]
 
@@ -61,15 +62,20 @@ def allreduce_compressed(
             Without ``step`` a per-``bucket`` counter is used.
         memory: an :class:`ErrorFeedback`; with it the residual of ``bucket`` is added
             before compression and updated with what the receivers decode.
+
+    Every rank must pass the same compressor, ``step`` and ``average``: each call checks
+    (one small all-gather of the configuration) and raises ConfigError on every rank if
+    they differ. For a model's gradients at every step, :class:`GradientAverager` checks
+    once.
     """
     transport = comm if isinstance(comm, MPITransport) else MPITransport(comm)
     engine = Engine(
         transport, compressor, memory=memory if memory is not None else ErrorFeedback(enabled=False),
-        min_numel=0, dense_fallback=False, average=average, check=False,
+        min_numel=0, dense_fallback=False, average=average,
     )
     engine.step = step if step is not None else compressor.step_of(bucket)
     out = tensor.detach().reshape(-1).clone()
-    engine.reduce(out, key=bucket).wait()
+    wait(engine.reduce(out, key=bucket))
     return out.view_as(tensor)
 
 

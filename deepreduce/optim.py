@@ -128,7 +128,7 @@ from .engine import Engine, memory_dtype, plan_groups, reduce_named
 from .engine.flat import check_named_tensors, packed_below
 from .engine.pipeline import positive_number
 from .hooks import local_gradient_hook
-from .errors import ConfigError
+from .errors import ConfigError, wait
 
 _STATE_FORMAT = 1
 
@@ -214,15 +214,21 @@ class DensityFollowsLR:
 
 
 class _PerExchange:
-    """An optimizer-step schedule read at exchanges: exchange ``e`` follows optimizer step
-    ``(e + 1) * local_steps - 1`` (picklable, unlike a closure)."""
+    """An optimizer-step schedule read at exchanges (picklable, unlike a closure). The
+    exchange under way reads it at the optimizer step it follows (``now``, set by
+    :class:`UpdateSync` before each exchange: a mid-run ``finish()`` adds an exchange that
+    ends no round); any other exchange ``e`` at ``(e + 1) * local_steps - 1``, the step it
+    follows when every exchange ends a round."""
 
     def __init__(self, schedule: Callable[[int], float], local_steps: int) -> None:
         if not callable(schedule):
             raise ConfigError(f"density_schedule must be a function of the step or None, got {type(schedule).__name__}")
         self.schedule, self.local_steps = schedule, local_steps
+        self.now: tuple[int, int] | None = None  # (exchange, the optimizer step it follows)
 
     def __call__(self, exchange: int) -> float:
+        if self.now is not None and self.now[0] == exchange:
+            return self.schedule(self.now[1])
         return self.schedule((exchange + 1) * self.local_steps - 1)
 
 
@@ -440,8 +446,20 @@ class UpdateSync:
             values = torch._foreach_add(values, [extra[name] for name, _ in self.named_parameters])
         torch._foreach_copy_(params, values)
 
+    def _starting_exchange(self) -> None:
+        if isinstance(self.engine.density_scale, _PerExchange):
+            self.engine.density_scale.now = (self.engine.step, self.local_step - 1)
+
+    def _as_set(self) -> dict[str, torch.Tensor]:
+        """The anchors as the parameters hold them after :meth:`_set_parameters`: rounded to a
+        half-precision parameter's dtype. Updates are measured from there, so the anchors
+        keep the fraction of an fp16/bf16 step that the average moved them by."""
+        return {name: a if a.dtype == p.dtype else a.to(p.dtype).to(a.dtype)
+                for (name, p), a in zip(self.named_parameters, self.anchors.values())}
+
     def _exchange(self) -> None:
-        averaged = reduce_named(self.engine, self.groups, self._deltas(self._base if self.keep_unsent else self.anchors))
+        self._starting_exchange()
+        averaged = reduce_named(self.engine, self.groups, self._deltas(self._base if self.keep_unsent else self._as_set()))
         self.engine.end_step()
         self._apply(averaged)
         if not self.keep_unsent:
@@ -462,6 +480,7 @@ class UpdateSync:
         return torch.zeros_like(self.anchors[name]) if residual is None else residual.view_as(param)
 
     def _exchange_overlapped(self) -> None:
+        self._starting_exchange()
         progress = self._deltas(self._base)
         self._apply_pending()
         pending = reduce_named(self.engine, self.groups, progress, wait=False)
@@ -495,6 +514,7 @@ class UpdateSync:
 
     def _finish_overlapped(self) -> None:
         """Apply the pending exchange, then exchange the progress since and apply it at once."""
+        self._starting_exchange()
         progress = self._deltas(self._base)
         self._apply_pending()
         averaged = reduce_named(self.engine, self.groups, progress)
@@ -619,6 +639,7 @@ class UpdateSync:
             self._check_saved_tensors("base", state["base"])
         if pending is not None:
             self._check_saved_tensors("pending", pending)
+        self._check_saved_residuals(state["engine"])
         # The engine's and the outer optimizer's own checks come last, undone if either fails.
         engine_before = self.engine.state_dict()
         try:
@@ -656,6 +677,21 @@ class UpdateSync:
                 f"settings ({'; '.join(differ)}); build the UpdateSync with the saved settings to resume from it"
             )
 
+    def _check_saved_residuals(self, engine_state: Any) -> None:
+        """The engine state's residuals: one per parameter at most, each of its parameter's size."""
+        memory = engine_state.get("memory") if isinstance(engine_state, dict) else None
+        residuals = memory.get("residuals") if isinstance(memory, dict) else None
+        if not isinstance(residuals, dict):
+            return  # the engine's own check names what is missing
+        for name, residual in residuals.items():
+            anchor = self.anchors.get(name) if isinstance(name, str) else None
+            if anchor is None:
+                raise ValueError(f"UpdateSync state: a residual for {name!r}, which is not one of this model's parameters")
+            if not isinstance(residual, torch.Tensor) or residual.numel() != anchor.numel():
+                size = residual.numel() if isinstance(residual, torch.Tensor) else type(residual).__name__
+                raise ValueError(f"UpdateSync state: the residual of {name!r} holds {size} elements; the parameter "
+                                 f"has {anchor.numel()}")
+
     def _check_saved_tensors(self, what: str, saved: Any) -> None:
         """``saved`` (anchors, base or pending) holds a tensor per parameter, shaped as its anchor."""
         if not isinstance(saved, dict) or set(saved) != set(self.anchors):
@@ -673,6 +709,6 @@ def _wait(pending: Any) -> dict[str, torch.Tensor]:
     """The averaged updates of a launched (or restored) exchange."""
     future, result = pending
     if future is not None:
-        for done in future.wait():
-            done.value()  # re-raises a failed bucket's error
+        for done in wait(future):
+            wait(done)  # re-raises a failed bucket's error
     return result

@@ -24,6 +24,10 @@ def test_mpi_averaging_is_exact_and_identical_across_ranks(tmp_path, world):
     for rank in range(world):
         error = (tmp_path / f"mismatch{rank}.txt").read_text()
         assert error.startswith(f"ConfigError: deepreduce: ranks disagree on the compression configuration (compressor: {specs}; fingerprint: ")
+        one_tensor = json.loads((tmp_path / f"one_tensor_mismatch{rank}.json").read_text())
+        assert one_tensor[0].startswith("ConfigError: deepreduce: ranks disagree on the compression configuration"), one_tensor
+        # the length differs only in what is gathered: the decoded payload says so, as a DecodeError
+        assert one_tensor[1].startswith("DecodeError: segment 0: rank ") and "do all ranks reduce the same tensors?" in one_tensor[1]
     expected = expected_averages(world, 3)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")

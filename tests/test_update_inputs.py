@@ -327,6 +327,59 @@ def test_local_adamw_constructor_refuses_non_numbers_and_fills_group_defaults():
     assert group["betas"] == (0.8, 0.9) and group["world_size"] == 1 and group["lr"] == 1e-2
 
 
+def test_half_precision_parameters_keep_the_fraction_of_a_step_the_average_moved_them_by():
+    """The anchors of bf16 parameters are fp32: an averaged update of half a bf16 step must
+    accumulate there. (Measured from the anchors instead of the parameters as set, every
+    exchange also sent the anchor's rounding and wiped that fraction out.) The outer step's
+    learning rate of 0.5 halves a one-rank run's update, as a second rank that stood still
+    would."""
+    weight = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    sync = dr.UpdateSync([("w", weight)], "topk:1/raw/raw", min_numel=0, transport=SoloTransport(), outer_lr=0.5)
+    ulp = 2.0 ** -7  # of bf16 at 1.0
+    for _ in range(8):
+        with torch.no_grad():
+            weight.add_(ulp)
+        sync.step()
+    sync.finish()
+    assert torch.equal(sync.anchors["w"], torch.full((8,), 1 + 4 * ulp))
+    assert torch.equal(weight.detach(), torch.full((8,), 1 + 4 * ulp, dtype=torch.bfloat16))
+
+
+def test_a_mid_run_finish_does_not_shift_the_density_schedule():
+    """The schedule is read at the optimizer step an exchange follows, also after a
+    ``finish()`` that exchanged a partial round."""
+    read = []
+
+    def schedule(step: int) -> float:
+        read.append(step)
+        return 1.0
+
+    model = _model()
+    sync = _sync(model, local_steps=2, density_schedule=schedule)
+    _train(model, sync, 3)  # exchanges after optimizer steps 1 (0-based)
+    sync.finish()  # a partial round: after step 2
+    read.clear()
+    _train(model, sync, 5)  # local steps 4-8: exchanges after steps 3, 5 and 7
+    assert read == [3, 5, 7]
+
+
+def test_a_state_with_residuals_of_another_model_is_refused():
+    model = _model()
+    sync = _sync(model)
+    _train(model, sync, 2)
+    state = sync.state_dict()
+    assert set(state["engine"]["memory"]["residuals"]) == {name for name, _ in model.named_parameters()}
+    wrong_size = {**state, "engine": {**state["engine"], "memory": {
+        **state["engine"]["memory"], "residuals": {**state["engine"]["memory"]["residuals"], "0.weight": torch.zeros(7)}}}}
+    with pytest.raises(ValueError, match=r"the residual of '0.weight' holds 7 elements; the parameter has 600"):
+        sync.load_state_dict(wrong_size)
+    foreign = {**state, "engine": {**state["engine"], "memory": {
+        **state["engine"]["memory"], "residuals": {"head.weight": torch.zeros(4)}}}}
+    with pytest.raises(ValueError, match=r"a residual for 'head.weight', which is not one of this model's parameters"):
+        sync.load_state_dict(foreign)
+    sync.load_state_dict(state)  # the real one still loads
+
+
 # --- two ranks -----------------------------------------------------------------------------------------
 
 CASES = ("shape", "order", "extra_param", "frozen_one_rank", "frozen_everywhere")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import wire
+from .. import errors
 from ..errors import ConfigError
 from .pipeline import Engine
 from .segments import Segment
@@ -145,5 +146,5 @@ def reduce_named(engine: Engine, groups: Sequence[FlatGroup], tensors: Mapping[s
     if not wait:
         return torch.futures.collect_all(futures), out
     for future in futures:
-        future.wait()
+        errors.wait(future)
     return out

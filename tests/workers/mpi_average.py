@@ -1,9 +1,10 @@
 """mpiexec worker: ``mpi_average.py OUT_DIR``. The mpi4py averager over three steps, one
-tensor through ``allreduce_compressed``, and a configuration mismatch; each rank saves
+tensor through ``allreduce_compressed``, and configuration mismatches; each rank saves
 what it got to OUT_DIR."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def main(out_dir: str) -> None:
         mismatched.synchronize()
     except dr.ConfigError as exc:
         (out / f"mismatch{rank}.txt").write_text(f"ConfigError: {exc}")
+    # one tensor with another compressor on rank 1 (presized on one rank, sizes exchanged on the
+    # other: without the check the ranks ran different collectives and hung), then another length
+    tensor = case_gradient(rank, 9, 0, 4096)
+    other = dr.Compressor.from_spec("topk:0.02/eliasfano/fp16" if rank != 1 else "topk:0.05/zstd/raw")
+    errors = []
+    for compressor, tensor in ((other, tensor), (dr.Compressor.from_spec("topk:0.02/eliasfano/fp16"), tensor[:4000 + rank])):
+        try:
+            deepreduce.mpi.allreduce_compressed(tensor, compressor, step=0)
+            errors.append("no error")
+        except dr.DeepReduceError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    (out / f"one_tensor_mismatch{rank}.json").write_text(json.dumps(errors))
     averager.transport.barrier()
 
 
