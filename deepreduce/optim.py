@@ -326,6 +326,8 @@ class UpdateSync:
             compressor = Compressor.from_spec(compressor, seed=seed)
         elif not isinstance(compressor, Compressor):
             raise ConfigError(f"compressor must be a Compressor or a spec string, got {type(compressor).__name__}")
+        if ddp is not None and not hasattr(ddp, "register_comm_hook"):
+            raise ConfigError(f"ddp must be a DistributedDataParallel model (or None), got {type(ddp).__name__}")
         check_update_settings(local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
                               nesterov=nesterov, overlap=overlap, keep_unsent=keep_unsent, unsent_scale=unsent_scale,
                               broadcast=broadcast, error_feedback=error_feedback)
@@ -613,8 +615,9 @@ class UpdateSync:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`. A state saved with other settings (``local_steps``,
         ``keep_unsent``, ``unsent_scale``, ``overlap``, the outer step) or for other
-        parameters (names, shapes, dtypes) is refused, and a refused or malformed state
-        leaves the synchroniser as it was."""
+        parameters (names, shapes; residuals that do not fit them) is refused, and a refused
+        or malformed state leaves the synchroniser as it was. The anchors are fp32 for
+        fp32, bf16 and fp16 parameters alike, so a state loads across those dtypes."""
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ValueError(f"not an UpdateSync state dict (format {_STATE_FORMAT})")
         missing = [key for key in ("local_step", "engine", "anchors", "base", "outer") if key not in state]

@@ -120,6 +120,7 @@ def test_frozen_parameters_are_broadcast_and_refused_once_unfrozen():
     ({"keep_unsent": "yes"}, "keep_unsent must be True or False, got 'yes'"),
     ({"broadcast": None}, "broadcast must be True or False, got None"),
     ({"keep_unsent": True, "error_feedback": False}, "keep_unsent=True needs error_feedback=True"),
+    ({"ddp": 5}, r"ddp must be a DistributedDataParallel model \(or None\), got int"),
 ])
 def test_bad_options_are_refused(options, match):
     with pytest.raises(dr.ConfigError, match=match):

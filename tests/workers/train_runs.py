@@ -72,7 +72,8 @@ def main() -> None:
             (out / "classify-refused.txt").write_text(str(refused))
     # The built-in hooks, for comparison runs.
     for name in ("dense", "fp16", "powersgd"):
-        train.main(["--compression", name, "--steps", "6", "--powersgd-rank", "2"] + TINY
+        rank = ["--powersgd-rank", "2"] if name == "powersgd" else []
+        train.main(["--compression", name, "--steps", "6", *rank] + TINY
                    + ["--metrics", str(out / f"{name}.jsonl")])
     close_process_group()
     exit_distributed_process(0)  # skip gloo's teardown at exit, which can abort a finished run
