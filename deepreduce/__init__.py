@@ -12,6 +12,7 @@ self-describing payload, all-gathered and decoded by one per-step engine
 """
 
 from .codecs import index_codecs, value_codecs
+from .comm.torch_dist import close_process_group
 from .compressor import Compressed, Compressor, decode
 from .errors import CommunicationError, ConfigError, DecodeError, DeepReduceError, NonFiniteError
 from .engine.plan import AutoPlan
@@ -38,6 +39,7 @@ __all__ = [
     "NonFiniteError",
     "SparseGrad",
     "UpdateSync",
+    "close_process_group",
     "decode",
     "deepreduce_hook",
     "index_codecs",

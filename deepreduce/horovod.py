@@ -44,7 +44,9 @@ __all__ = ["DistributedOptimizer"]
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
-    """Mixed in front of the wrapped optimizer's class; see :func:`DistributedOptimizer`."""
+    """The methods the wrapper class adds to the wrapped optimizer's class (copied into
+    it by :func:`_wrapper_class`); see :func:`DistributedOptimizer`. ``super(type(self),
+    self)`` is the wrapped optimizer's class."""
 
     _deepreduce: GradientSync
 
@@ -108,12 +110,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             else:
                 self.synchronize()
         self._synchronized = False
-        return super().step(closure)
+        return super(type(self), self).step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._passes.clear()
         self._synchronized = False
-        super().zero_grad(set_to_none=set_to_none)
+        super(type(self), self).zero_grad(set_to_none=set_to_none)
 
     def stats(self) -> dict[str, Any]:
         """The engine's counters: steps, dense_bytes, sent_bytes, ratio, compress_s,
@@ -126,6 +128,24 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def load_deepreduce_state_dict(self, state: dict[str, Any]) -> None:
         self._deepreduce.load_state_dict(state)
+
+
+def _wrapper_class(base: type) -> type:
+    """``base`` with :class:`_DistributedOptimizer`'s methods, in Horovod's optimizer module.
+
+    ``hvd.broadcast_optimizer_state`` initialises an optimizer without state by calling
+    ``step()`` once on zero gradients, on every rank that lacks state (after a resume, every
+    rank but the one that loaded it). For an optimizer whose class is in Horovod's
+    optimizer module it calls the wrapped class's ``step()`` (``super(type(opt), opt)``)
+    and so exchanges nothing; for any other class the wrapper's own, whose exchange only
+    the ranks without state would join: they hang. A class of that module, whose base is
+    the wrapped class, makes it skip the exchange as for Horovod's own optimizer."""
+    from .comm.horovod import import_horovod
+
+    methods = {name: value for name, value in vars(_DistributedOptimizer).items()
+               if name not in ("__dict__", "__weakref__", "__doc__", "__qualname__")}
+    methods["__module__"] = import_horovod().DistributedOptimizer.__module__
+    return type(base.__name__, (base,), methods)
 
 
 def _resolve_average(op: Any) -> bool:
@@ -191,7 +211,7 @@ def DistributedOptimizer(
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, _DistributedOptimizer):
+    if hasattr(optimizer, "_deepreduce"):
         raise TypeError("optimizer is already a deepreduce DistributedOptimizer")
     if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be a positive int, got {backward_passes_per_step!r}")
@@ -226,7 +246,7 @@ def DistributedOptimizer(
         density_warmup=density_warmup, clip_norm=clip_norm, nonfinite=nonfinite, small_compressor=small_compressor,
         scheme=scheme,
     )
-    cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
+    cls = _wrapper_class(optimizer.__class__)
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)
     wrapped._deepreduce_setup(exchange, backward_passes_per_step, {p: name for name, p in named})

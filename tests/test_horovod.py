@@ -155,5 +155,6 @@ def test_horovod_training_keeps_parameters_identical(horovodrun, passes):
 def test_horovod_transport_dense_fallback_and_mismatch(horovodrun):
     proc = horovod_run(horovodrun, 2, worker("horovod_checks"))
     assert proc.stdout.count("dense allreduce ok") == 2, proc.stdout
+    assert proc.stdout.count("resume broadcast ok, exchanges 0") == 2, proc.stdout
     assert proc.stdout.count("ConfigError") == 2, proc.stdout
     assert "min_numel: rank 0=100, rank 1=200" in proc.stdout

@@ -176,6 +176,11 @@ def test_lightning_strategy_checks_options_and_pickles():
         DeepReduceStrategy(update={"compressor": "auto"})
     with pytest.raises(dr.ConfigError, match="DeepReduceState"):
         DeepReduceStrategy(state=0.01)
+    # a keyword neither DDPStrategy nor DDP takes fails here, not in every worker's DDP(...)
+    with pytest.raises(dr.ConfigError, match=r"compressor= is not an option of DDPStrategy or DistributedDataParallel; "
+                                             r"compression options go in state="):
+        DeepReduceStrategy(compressor="topk:0.01/eliasfano/fp16")
+    assert DeepReduceStrategy("topk:0.1/raw/raw", find_unused_parameters=True, process_group_backend="gloo", static_graph=False)
 
 
 def test_transformers_callback_checks_its_trainer(tmp_path):

@@ -44,10 +44,12 @@ not installed, the ``lightning`` package's ``lightning.pytorch``.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from typing import Any, Callable, Mapping
 
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
 from ..hooks import DeepReduceState, deepreduce_hook
@@ -65,6 +67,15 @@ logger = logging.getLogger("deepreduce")
 CHECKPOINT_KEY = "deepreduce"
 
 _MISSING = object()  # a resumed checkpoint had no deepreduce state
+
+
+def _strategy_options() -> set[str]:
+    """The keywords DDPStrategy takes, its own and those it passes to DistributedDataParallel."""
+    names = set()
+    for function in (_DDPStrategy.__init__, DistributedDataParallel.__init__):
+        names |= {p.name for p in inspect.signature(function).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names - {"self", "module"}
 
 
 class DeepReduceStrategy(_DDPStrategy):
@@ -93,6 +104,11 @@ class DeepReduceStrategy(_DDPStrategy):
             if kwargs.get(name) is not None:
                 raise ConfigError(f"DeepReduceStrategy registers its own communication hook; {name}= cannot be combined "
                                   "with it (use DDPStrategy for other hooks)")
+        unknown = sorted(set(kwargs) - _strategy_options())
+        if unknown:  # DDPStrategy hands them to DistributedDataParallel, which fails only in the workers
+            raise ConfigError(f"DeepReduceStrategy: {', '.join(f'{name}=' for name in unknown)} is not an option of "
+                              "DDPStrategy or DistributedDataParallel; compression options go in state= (a "
+                              "DeepReduceState or a spec string, gradient mode) or update= (a dict, update mode)")
         super().__init__(**kwargs)
         self._update = None if update is None else check_update_options(update)
         self.state: DeepReduceState | None = check_state(state, self._update)
