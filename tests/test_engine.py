@@ -271,7 +271,8 @@ def test_small_compressor_carries_the_small_segments_with_error_feedback():
     for grad, want in zip((first, second), outs[1]):
         assert torch.equal(exchanged.reduce(grad.clone(), segments).wait(), want)
         exchanged.end_step()
-    assert small.describe()["small_compressor"] == dr.Compressor.from_spec(spec).fingerprint
+    # the spec, for the agreement check's message, and the fingerprint (spec and seed)
+    assert small.describe()["small_compressor"] == [dr.Compressor.from_spec(spec).spec, dr.Compressor.from_spec(spec).fingerprint]
     assert plain.describe()["small_compressor"] is None
 
 

@@ -200,6 +200,11 @@ def test_text_corpus_bad_input(tmp_path):
     short.write_text("x" * 400)
     with pytest.raises(CorpusError, match="need at least 66 in each"):
         text_corpus(short, min_split_bytes=66)
+    one = tmp_path / "one-file"
+    one.mkdir()
+    (one / "a.txt").write_text("x" * 400)
+    with pytest.raises(CorpusError, match=r"one-file \(1 text file read\): too little text: 360 bytes for training and 40"):
+        text_corpus(one, min_split_bytes=66)
     args = train.build_parser().parse_args(["--data", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="deepreduce train: --data: .*missing: no such file or folder"):
         train.load_corpus(args)
