@@ -378,6 +378,8 @@ class Engine:
         if self.step < self.start_iter or numel < self.min_numel:
             warmup = self.step < self.start_iter
             self._stats.add(sent_bytes=dense_bytes, warmup_buckets=int(warmup), small_buckets=int(not warmup))
+            if self.scheme in NODE_SCHEMES:  # an allreduce over every rank: it crosses the nodes
+                self._stats.add(inter_node_bytes=dense_bytes)
             future = self._allreduce(buffer, key)
             return self._checked(future, key) if self.nonfinite == "raise" else future
         segments = self._segments(buffer, segments, key)

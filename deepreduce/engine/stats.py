@@ -11,8 +11,10 @@ flat buffer of a front end's tensors):
 - ``broadcast_bytes``: of ``sent_bytes``, the shared-index scheme's index messages (each
   rank sends or receives every one once; the rest is the allreduce of the values).
 - ``inter_node_bytes`` / ``intra_node_bytes`` (``scheme="hierarchical"`` only): what it
-  handed to the collectives between nodes and to the dense ones inside its node; its
-  compressed buckets' ``sent_bytes`` are the inter-node part.
+  handed to the collectives between nodes and to the dense ones inside its node. Its
+  compressed buckets' ``sent_bytes`` are the inter-node part, and its dense buckets
+  (warm-up, below ``min_numel``) are allreduced over every rank, across the nodes: so
+  ``inter_node_bytes`` equals ``sent_bytes``.
 
 ``ratio = dense_bytes / sent_bytes``. These totals include the dense warm-up; the
 ``steady`` entry reports the same figures counted from the first step at the target
