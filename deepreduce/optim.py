@@ -87,7 +87,7 @@ Tuning:
   parameters (parameters = agreed anchor + own residual), so its optimizer never works
   on a model that lags its own progress; the ranks' parameters then differ by their
   residuals between exchanges, and :meth:`UpdateSync.finish` averages the residuals
-  densely (one allreduce of the model) so every rank ends with the same parameters.
+  densely (an allreduce of each parameter) so every rank ends with the same parameters.
   With few bytes per step this learns markedly better (``benchmarks/RESULTS.md``).
 - ``unsent_scale`` (with ``keep_unsent``): parameters = anchor + ``unsent_scale`` x own
   residual. Above 1 a rank's parameters run ahead of its own unsent progress, standing
@@ -534,8 +534,8 @@ class UpdateSync:
                 )
 
     def _flush_dense(self) -> None:
-        """Average every rank's whole unsent update densely (one allreduce of the model's
-        size), so every rank ends with the same parameters and no residual."""
+        """Average every rank's whole unsent update densely (an allreduce of each parameter,
+        the model's size in all), so every rank ends with the same parameters and no residual."""
         transport = self.engine.transport
         for name, p in self.named_parameters:
             delta = p.detach().to(self.anchors[name].dtype) - self.anchors[name]
