@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,6 +121,46 @@ def test_interrupt_tears_everything_down(tmp_path):
     assert not leftovers(prefix)
     sleepers = subprocess.run(["pgrep", "-f", f"{marker}; sleep 120"], capture_output=True, text=True).stdout
     assert not sleepers.strip()
+
+
+@needs_netns
+def test_a_second_signal_during_teardown_still_cleans_up(tmp_path):
+    """Nodes that ignore SIGTERM hold the teardown for its grace period; a second Ctrl-C
+    then must not cut it short, and a process that left its process group goes too."""
+    marker = tmp_path / "started"
+    cmd = [str(SCRIPT), "--nodes", "2", "--exec", "--", "sh", "-c",
+           f"trap '' TERM INT; setsid sleep 121 & echo {{addr}} >> {marker}; sleep 120"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHON": sys.executable},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    prefix = f"dr{proc.pid}"
+    deadline = time.monotonic() + 30
+    while (not marker.exists() or len(marker.read_text().split()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)  # inside the 5 s grace the nodes get before SIGKILL
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, output[-2000:]
+    assert "every node stopped, namespaces removed" in output
+    assert not leftovers(prefix)
+    for sleeper in (f"{marker}; sleep 120", "sleep 121"):
+        assert not subprocess.run(["pgrep", "-f", sleeper], capture_output=True, text=True).stdout.strip(), sleeper
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nodes", "0"], r"nodes must be an int in \[1, 250\], got 0"),
+    (["--rate", "fast"], "rate 'fast': expected a number and a unit"),
+    (["--subnet", "192.168.5.0/24"], "subnet must be a /24 inside 10.0.0.0/8"),
+    (["--burst", "-5"], "burst must be a positive int of bytes, got -5"),
+])
+def test_launcher_refuses_bad_options_as_usage_errors(argv, message, capsys):
+    from deepreduce.apps import netns
+
+    with pytest.raises(SystemExit) as stopped:
+        netns.main([*argv, "--exec", "--", "true"])
+    assert stopped.value.code == 2
+    assert re.search(f"netns-cluster: error: {message}", capsys.readouterr().err)
 
 
 CLIENT = """

@@ -185,6 +185,8 @@ class NetnsCluster:
             raise ValueError(f"subnet must be a /24 inside 10.0.0.0/8 (private, never routed), got {subnet}")
         if rate is not None:
             parse_rate(rate)
+        if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or burst < 1):
+            raise ValueError(f"burst must be a positive int of bytes, got {burst!r}")
         self.nodes = nodes
         self.procs_per_node = procs_per_node
         self.rate = rate
@@ -270,11 +272,28 @@ class NetnsCluster:
             raise
 
     def down(self) -> None:
-        """Stop every process started through the cluster, then delete the namespaces."""
-        self.terminate()
-        for ns in reversed(self._created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self._created.clear()
+        """Stop every process started through the cluster and any other left in its
+        namespaces (one that left its process group), then delete the namespaces. Ctrl-C,
+        SIGTERM and SIGHUP wait until this is done (in the main thread), so a second one
+        cannot leave namespaces and processes behind."""
+        # Signal handlers run in the main thread whichever thread the signal reaches, so
+        # they are swapped for one that only notes the signal; it is raised again after.
+        deferring = threading.current_thread() is threading.main_thread()
+        noted: list[int] = []
+        if deferring:
+            previous = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum)) for sig in _STOP_SIGNALS}
+        try:
+            self.terminate()
+            for ns in reversed(self._created):
+                _kill_inside(ns)
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            self._created.clear()
+        finally:
+            if deferring:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                if noted:
+                    signal.raise_signal(noted[0])
 
     # --- faults on a running cluster --------------------------------------------------------
 
@@ -448,6 +467,19 @@ class NetnsCluster:
                 proc.wait()
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _kill_inside(namespace: str) -> None:
+    """SIGKILL every process still running in ``namespace``."""
+    listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout
+    for pid in listed.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
 def _check(cmd: Sequence[str], stdin: str | None = None) -> None:
     result = subprocess.run(list(cmd), input=stdin, capture_output=True, text=True)
     if result.returncode:
@@ -473,6 +505,29 @@ def _substitute(command: Sequence[str], cluster: NetnsCluster, node: int, port: 
     return [re.sub(r"\{(\w+)\}", lambda m: str(fields.get(m.group(1), m.group(0))), arg) for arg in command]
 
 
+def _run(cluster: NetnsCluster, args: argparse.Namespace, command: list[str]) -> list[int]:
+    """Start the command on every node of ``cluster`` and wait: the nodes' exit codes."""
+    with cluster:
+        shaped = f"{args.rate} (burst {cluster.burst} B)" if args.rate else "unshaped"
+        print(f"netns-cluster: {args.nodes} nodes x {args.procs_per_node} processes, "
+              f"{cluster.address(0)}..{cluster.address(args.nodes - 1)}, links {shaped}", flush=True)
+        procs, pumps = [], []
+        for node in range(args.nodes):
+            if args.exec_:
+                node_cmd = _substitute(command, cluster, node, args.port)
+            else:
+                node_cmd = cluster.torchrun_argv(node, ["-m", "deepreduce", "train", *command], port=args.port)
+            proc = cluster.popen(node, node_cmd, port=args.port, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            procs.append(proc)
+            pump = threading.Thread(target=_pump, args=(proc.stdout, f"[node {node}] ", sys.stdout), daemon=True)
+            pump.start()
+            pumps.append(pump)
+        codes = cluster.wait(procs, timeout=args.timeout)
+        for pump in pumps:
+            pump.join(timeout=5)
+    return codes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="netns-cluster",
@@ -493,6 +548,13 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if args.exec_ and not command:
         parser.error("--exec needs a command after --")
+    if args.procs_per_node < 1:
+        parser.error(f"--procs-per-node must be >= 1, got {args.procs_per_node}")
+    try:
+        cluster = NetnsCluster(args.nodes, rate=args.rate, burst=args.burst, subnet=args.subnet,
+                               procs_per_node=args.procs_per_node)
+    except ValueError as error:
+        parser.error(str(error))
     reason = netns_unavailable_reason()
     if reason:
         print(f"netns-cluster: {reason}", file=sys.stderr)
@@ -503,28 +565,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)
-    if args.procs_per_node < 1:
-        parser.error(f"--procs-per-node must be >= 1, got {args.procs_per_node}")
-    cluster = NetnsCluster(args.nodes, rate=args.rate, burst=args.burst, subnet=args.subnet,
-                           procs_per_node=args.procs_per_node)
-    with cluster:
-        shaped = f"{args.rate} (burst {cluster.burst} B)" if args.rate else "unshaped"
-        print(f"netns-cluster: {args.nodes} nodes x {args.procs_per_node} processes, "
-              f"{cluster.address(0)}..{cluster.address(args.nodes - 1)}, links {shaped}", flush=True)
-        procs, pumps = [], []
-        for node in range(args.nodes):
-            if args.exec_:
-                node_cmd = _substitute(command, cluster, node, args.port)
-            else:
-                node_cmd = cluster.torchrun_argv(node, ["-m", "deepreduce", "train", *command], port=args.port)
-            proc = cluster.popen(node, node_cmd, port=args.port, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            procs.append(proc)
-            pump = threading.Thread(target=_pump, args=(proc.stdout, f"[node {node}] ", sys.stdout), daemon=True)
-            pump.start()
-            pumps.append(pump)
-        codes = cluster.wait(procs, timeout=args.timeout)
-        for pump in pumps:
-            pump.join(timeout=5)
+    try:
+        codes = _run(cluster, args, command)
+    except KeyboardInterrupt:  # the cluster is down by now
+        print("netns-cluster: interrupted; every node stopped, namespaces removed", file=sys.stderr)
+        return 130
     for node, code in enumerate(codes):
         print(f"netns-cluster: node {node} exited with {code}", file=sys.stderr if code else sys.stdout)
     # The node that failed on its own (a positive code) explains the run; the others
