@@ -30,7 +30,40 @@ def test_bandwidth_benchmark_quick_run(tmp_path):
     assert by_config["noop"]["speedup_vs_dense"] is None and by_config["dense"]["speedup_vs_dense"] == 1.0
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## Bandwidth" in text and "| noop | " in text and "(reference) |" in text
+    # the section says what was trained: the small --quick layout, not ResNet-50's
+    assert "Model: the --quick layout, 5 small tensors" in text and "ResNet-50" not in text
+    assert all(row["quick"] for row in rows)
     assert (tmp_path / "results" / "bandwidth.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("bench, argv, message", [
+    ("bandwidth", ["--links", "100xyz"], "--links: rate '100xyz': expected a number and a unit"),
+    ("bandwidth", ["--links", "0mbit"], "--links: rate '0mbit' must be positive"),
+    ("bandwidth", ["--steps", "0"], "--steps must be >= 1, got 0"),
+    ("bandwidth", ["--nodes", "0"], "--nodes must be >= 1, got 0"),
+    ("soak", ["--nodes", "0"], "--nodes must be >= 1, got 0"),
+    ("soak", ["--steps", "0"], "--steps must be >= 1, got 0"),
+    ("soak", ["--stall", "0"], "--stall must be > 0, got 0.0"),
+    ("soak", ["--rate", "fast"], "--rate: rate 'fast': expected a number and a unit"),
+    ("convergence", ["--link", "fast"], "--link: rate 'fast': expected a number and a unit"),
+    ("convergence", ["--quick", "--rows", "fp16"], "--quick runs the rows 'dense' and 'update H=4' only"),
+])
+def test_bench_options_are_checked_before_anything_runs(bench, argv, message, tmp_path, capsys):
+    """Zero used to mean the default, and a bad rate failed inside the run with a traceback."""
+    module = {"bandwidth": bandwidth, "soak": soak, "convergence": convergence}[bench]
+    with pytest.raises(SystemExit) as stopped:
+        module.main([*argv, "--out", str(tmp_path)])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.skipif(NETNS_REASON is not None, reason=f"network namespaces unavailable: {NETNS_REASON}")
+def test_bandwidth_refuses_when_no_configuration_can_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bandwidth.main(["--configs", "bogus", "topk:0.01/eliasfano/fp16@nosuchscheme", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "no configuration left to run: bogus: unknown sparsifier 'bogus'" in err and "no scheme 'nosuchscheme'" in err
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow

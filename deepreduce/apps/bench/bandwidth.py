@@ -81,6 +81,15 @@ def resnet_shapes(quick: bool) -> list[torch.Size]:
     return [p.shape for name, p in model.named_parameters() if not name.startswith("embed")]
 
 
+def model_label(rows: list[dict], short: bool = False) -> str:
+    """What the rows' runs trained: ResNet-50's layout, or the small ``--quick`` one."""
+    if any(r.get("quick") for r in rows):
+        numel = sum(shape.numel() for shape in resnet_shapes(quick=True))
+        return f"--quick layout ({numel / 1e6:.2f} M)" if short else (
+            f"the --quick layout, 5 small tensors ({numel / 1e6:.2f} M parameters): a smoke test, not a measurement")
+    return "ResNet-50 layout (25.6 M)" if short else "ResNet-50's 161 parameter tensors (25.6 M parameters)"
+
+
 class LayoutModel(torch.nn.Module):
     """Parameters of the given shapes; the loss is ``sum(p * g)``, so each gradient is ``g``.
 
@@ -262,7 +271,7 @@ def render(rows: list[dict], facts: dict, command: str) -> str:
         f"Reproduce: `{command}` (as root). Machine: {facts['cpu_cores']} cores, torch {facts['torch']}, "
         "each node a network namespace on a private bridge with `tc tbf` at both ends of its link.",
         "",
-        "Model: ResNet-50's 161 parameter tensors (25.6 M parameters), DDP default 25 MB buckets, cheap "
+        f"Model: {model_label(rows)}, DDP default 25 MB buckets, cheap "
         "compute (fixed random gradients), gloo. Step time: median over the timed steps of the slowest rank, "
         "after 3 warm-up steps. Comm time: step time minus the `noop` hook's (which communicates nothing, so "
         "its ranks do not train together: it is the compute-only reference, with no speed-up of its own). "
@@ -292,7 +301,8 @@ def render_topology(rows: list[dict], facts: dict, command: str, skipped: dict[s
         f"node, torch {facts['torch']}. Each node is a network namespace with "
         f"{L} DDP processes talking over its loopback; only traffic between nodes crosses the `tc tbf`-shaped link.",
         "",
-        "Model, steps and `powersgd` as in the section above. Inter-node bytes: the node interface's transmit counter "
+        ("Model, steps" if not any(r.get("quick") for r in rows) else f"Model: {model_label(rows)}. Steps")
+        + " and `powersgd` as in the section above. Inter-node bytes: the node interface's transmit counter "
         f"per step divided by {L} (payloads plus TCP/IP framing). `SPEC@hierarchical` is the engine's "
         "`scheme=\"hierarchical\"`: a dense reduce-scatter inside the node, top-k of 1/L of each bucket exchanged "
         "between nodes, a dense all-gather inside the node. The plain SPEC is the flat all-gather over all ranks.",
@@ -326,7 +336,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("link rate")
         ax.set_ylabel("median step time (s)")
         per_node = rows[0].get("procs_per_node", 1)
-        ax.set_title(f"{nodes} nodes" + (f" x {per_node} processes" if per_node > 1 else "") + ", ResNet-50 layout (25.6 M)")
+        ax.set_title(f"{nodes} nodes" + (f" x {per_node} processes" if per_node > 1 else "") + f", {model_label(rows, short=True)}")
         ax.grid(True, which="both", alpha=0.3)
     # One legend below the panels: inside them it covered the slow configurations' lines.
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -718,6 +728,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.procs_per_node < 1:
         parser.error(f"--procs-per-node must be >= 1, got {args.procs_per_node}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.nodes is not None and min(args.nodes) < 1:
+        parser.error(f"--nodes must be >= 1, got {min(args.nodes)}")
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be > 0, got {args.timeout}")
+    from ..netns import parse_rate
+
+    for link in args.links or []:
+        try:
+            if link != "unshaped":
+                parse_rate(link)
+        except ValueError as error:
+            parser.error(f"--links: {error} (or unshaped)")
     topology = args.procs_per_node > 1
     out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
     if args.cost_model:
@@ -737,14 +761,13 @@ def main(argv: list[str] | None = None) -> int:
     configs = args.configs or (["noop", "dense", "topk:0.01/eliasfano/fp16"] if args.quick
                                else TOPOLOGY_CONFIGS if topology else BASELINES + DEEPREDUCE)
     skipped = {c: unavailable(c) for c in configs if unavailable(c)}
+    if skipped and all(c in skipped or c == "noop" for c in configs):
+        parser.error("no configuration left to run: " + "; ".join(f"{c}: {why}" for c, why in skipped.items()))
     for config, why in skipped.items():
         console.print(f"[yellow]skipping {config}: {why}")
     configs = [c for c in configs if c not in skipped]
     if "noop" not in configs:
         configs = ["noop"] + configs  # the compute-only reference for comm time
-    bad_links = [link for link in links if link != "unshaped" and not link[0].isdigit()]
-    if bad_links:
-        parser.error(f"unknown link rates {bad_links}: use e.g. 100mbit, 1gbit, unshaped")
     scratch = Path(tempfile.mkdtemp(prefix="deepreduce-bandwidth-runs-"))
     threads = 1
     rows: list[dict] = []
@@ -757,9 +780,10 @@ def main(argv: list[str] | None = None) -> int:
                                   procs_per_node=args.procs_per_node) as cluster:
                     for config in configs:
                         progress.update(task, description=f"{n}x{args.procs_per_node} {link:>8} {config}")
-                        steps = args.steps or (2 if args.quick else 3 if link == "100mbit" else 5)
+                        steps = args.steps if args.steps is not None else (2 if args.quick else 3 if link == "100mbit" else 5)
                         port += 1
-                        rows.append(run_config(cluster, config, steps, scratch, port, threads, args.quick, args.timeout))
+                        row = run_config(cluster, config, steps, scratch, port, threads, args.quick, args.timeout)
+                        rows.append(dict(row, quick=args.quick))
                         progress.advance(task)
     for row in rows:
         same = [r for r in rows if r["nodes"] == row["nodes"] and r["link"] == row["link"]]

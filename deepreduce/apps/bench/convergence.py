@@ -416,6 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is stopped")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
     args = parser.parse_args(argv)
+    if args.link != "none":
+        from ..netns import parse_rate
+
+        try:
+            parse_rate(args.link)
+        except ValueError as error:
+            parser.error(f"--link: {error} (or none)")
     if args.target_steps is None:
         args.target_steps = args.steps
     if not 0 < args.target_steps <= args.steps:
@@ -434,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.tasks, args.optimizers, args.seeds, args.link = ["lm"], ["adamw"], [0], "none"
         args.rows = [r for r in args.rows if r in ("dense", "update H=4")] if len(args.rows) < len(ROWS) else ["dense", "update H=4"]
+        if not args.rows:
+            parser.error("--quick runs the rows 'dense' and 'update H=4' only; --rows selects neither")
         args.steps = min(args.steps, 30 if longer else 20)
         args.target_steps = min(args.target_steps, args.steps if not longer else 20)
         args.eval_every = 5
@@ -516,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                            "summary_longer" if longer else "summary": summary, "machine": facts})
     section = render(summary, facts, reproduce_command("convergence", argv), args.steps, args.seeds, args.target_steps)
     update_results_section(out / "RESULTS.md", "convergence-longer" if longer else "convergence", section)
-    console.print(section)
+    console.print(section, markup=False)  # markdown: its [links] are not rich markup
     try:
         plot(wanted, summary, out / "results" / plot_name(longer))
     except ImportError:

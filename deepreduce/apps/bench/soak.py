@@ -519,7 +519,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
     args = parser.parse_args(argv)
 
-    from ..netns import loss_unavailable_reason, netns_unavailable_reason
+    from ..netns import loss_unavailable_reason, netns_unavailable_reason, parse_rate
+
+    for flag, value in (("--nodes", args.nodes), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--timeout", args.timeout), ("--deadline", args.deadline), ("--stall", args.stall)):
+        if value is not None and not value > 0:
+            parser.error(f"{flag} must be > 0, got {value}")
+    if args.rate != "unshaped":
+        try:
+            parse_rate(args.rate)
+        except ValueError as error:
+            parser.error(f"--rate: {error} (or unshaped)")
 
     console = make_console()
     reason = netns_unavailable_reason()
@@ -530,11 +542,13 @@ def main(argv: list[str] | None = None) -> int:
     loss = not args.no_loss and loss_reason is None
     if loss_reason:
         console.print(f"[yellow]no packet loss: {loss_reason}")
-    steps = args.steps or (30 if args.quick else 2000)
-    timeout = args.timeout or (30.0 if args.quick else 60.0)
+    steps = args.steps if args.steps is not None else (30 if args.quick else 2000)
+    timeout = args.timeout if args.timeout is not None else (30.0 if args.quick else 60.0)
     settings = RunSettings(
-        nodes=args.nodes or (2 if args.quick else 4), rate=None if args.rate == "unshaped" else args.rate, steps=steps,
-        timeout_s=timeout, deadline_s=args.deadline or (1.5 * steps + 900), stall_s=args.stall or 3 * timeout,
+        nodes=args.nodes if args.nodes is not None else (2 if args.quick else 4),
+        rate=None if args.rate == "unshaped" else args.rate, steps=steps, timeout_s=timeout,
+        deadline_s=args.deadline if args.deadline is not None else 1.5 * steps + 900,
+        stall_s=args.stall if args.stall is not None else 3 * timeout,
         quick=args.quick, loss=loss, seed=args.seed)
     specs = args.specs or (["update"] if args.quick else list(SPECS))
     plan = quick_plan(loss) if args.quick else ChaosPlan()
