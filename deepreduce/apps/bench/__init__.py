@@ -12,6 +12,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -23,6 +24,20 @@ def default_output_dir() -> Path:
     """``benchmarks/`` of the source checkout when there is one, else ``./benchmarks``."""
     checkout = Path(__file__).resolve().parents[3] / "benchmarks"
     return checkout if checkout.is_dir() else Path.cwd() / "benchmarks"
+
+
+def output_dir(given: Path | None, quick: bool = False) -> Path:
+    """Where a bench writes: ``given``; for a ``--quick`` run a new temporary folder; else
+    the checkout's ``benchmarks/``, said on stderr (the run replaces its section of
+    RESULTS.md and its files under results/: tracked files of the checkout)."""
+    if given is not None:
+        return given
+    if quick:
+        return Path(tempfile.mkdtemp(prefix="deepreduce-bench-"))
+    out = default_output_dir()
+    print(f"deepreduce bench: writing into {out} (this run replaces its section of RESULTS.md and its results/ "
+          "files; --out DIR writes elsewhere)", file=sys.stderr, flush=True)
+    return out
 
 
 def make_console():

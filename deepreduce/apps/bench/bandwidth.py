@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from . import default_output_dir, reproduce_command, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
+from . import output_dir, reproduce_command, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
 
 BASELINES = ["noop", "dense", "fp16", "powersgd"]
 DEEPREDUCE = [
@@ -743,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             parser.error(f"--links: {error} (or unshaped)")
     topology = args.procs_per_node > 1
-    out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
+    out = output_dir(args.out, args.quick)
     if args.cost_model:
         return write_cost_model(out, argv)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from ..data import stdlib_corpus
 from ..models import ByteTransformer, resnet
 from ...sparsifiers import target_k
 from .steady import log2_binomial, render_steady, steady_codecs, summary
-from . import default_output_dir, reproduce_command, make_console, machine_facts, markdown_table, median_time, update_results_section, write_json
+from . import output_dir, reproduce_command, make_console, machine_facts, markdown_table, median_time, update_results_section, write_json
 
 # Index codecs are compared with raw values, value codecs with eliasfano indices, and a
 # few combinations that matter in practice are added. Entries whose codecs are not
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     combinations = [c for c in (args.only or COMBINATIONS) if available(c)]
     skipped = [c for c in (args.only or COMBINATIONS) if not available(c)]
     # A quick run must not overwrite the committed full results.
-    out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
+    out = output_dir(args.out, args.quick)
     console = make_console()
     if skipped:
         console.print(f"[yellow]skipping combinations whose codecs are not registered: {', '.join(skipped)}")
@@ -389,7 +388,7 @@ def profile_main(args: argparse.Namespace, argv: list[str]) -> int:
             results.append(dict(row, layout=layout, label=label, commit=_git_commit()))
     table = render_profile(results)
     console.print(table)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
+    out = output_dir(args.out, args.quick)
     write_json(out / "results" / "profile.json", [r for r in results if not r.get("baseline")])
     facts = machine_facts()
     update_results_section(out / "RESULTS.md", "profile", "\n".join([
@@ -424,7 +423,7 @@ def steady_main(args: argparse.Namespace, argv: list[str]) -> int:
     for codec, total in s["totals"].items():
         console.print(f"steady: {s['best_index']} + {codec}: {total:.2f} bits per kept element "
                       f"(target <= 12), index {s['best_index_over_bound']:.3f}x the bound (target <= 1.05)")
-    out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
+    out = output_dir(args.out, args.quick)
     write_json(out / "results" / "codecs_steady.json", rows)
     update_results_section(out / "RESULTS.md", "codecs-steady", body)
     console.print(f"wrote {out / 'RESULTS.md'} and {out / 'results' / 'codecs_steady.json'}")

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import read_metrics
-from . import default_output_dir, machine_facts, make_console, markdown_table, progress_bar, reproduce_command, update_results_section, write_json
+from . import output_dir, machine_facts, make_console, markdown_table, progress_bar, reproduce_command, update_results_section, write_json
 
 # The compressed rows move at most 1 % of dense's bytes per step once compression starts,
 # the update mode's final dense flush included. The hook: top-1 % (Elias-Fano indices, fp16
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = min(args.steps, 30 if longer else 20)
         args.target_steps = min(args.target_steps, args.steps if not longer else 20)
         args.eval_every = 5
-    out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
+    out = output_dir(args.out, args.quick)
     scratch = Path(tempfile.mkdtemp(prefix="deepreduce-convergence-runs-"))
     json_path = out / "results" / "convergence.json"
     stored = json.loads(json_path.read_text()) if json_path.exists() else {}

@@ -942,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--mutate-worker"]:
         mutate_worker(argv[1:])
         return 0
-    from . import default_output_dir, make_console, reproduce_command, update_results_section, write_json
+    from . import make_console, output_dir, reproduce_command, update_results_section, write_json
 
     parser = argparse.ArgumentParser(prog="deepreduce bench fuzz", description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", type=int, default=1_000_000, help="inputs in total, split over the targets")
@@ -1012,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_found:
         console.print(f"kept the found inputs in {corpus}: {keep_found(corpus, work, names)}")
     if not args.quick:
-        out = args.out or default_output_dir()
+        out = output_dir(args.out)
         meta = {"command": reproduce_command("fuzz", argv), "engine": engine, "engine_version": engine_version,
                 "jobs": args.jobs, "wall_s": wall, "total_inputs": sum(s["inputs"] for s in summary.values()), "crashes": crashes,
                 "receive_path_coverage": coverage_report}

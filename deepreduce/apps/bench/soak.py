@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..metrics import read_metrics
-from . import default_output_dir, machine_facts, make_console, markdown_table, reproduce_command, update_results_section, write_json
+from . import output_dir, machine_facts, make_console, markdown_table, reproduce_command, update_results_section, write_json
 
 # The README's recommended configurations, and dense as the reference. The update mode's
 # AdamW learning rate is doubled, as the README advises (each rank's Adam normalises its
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick, loss=loss, seed=args.seed)
     specs = args.specs or (["update"] if args.quick else list(SPECS))
     plan = quick_plan(loss) if args.quick else ChaosPlan()
-    out = args.out or (Path(tempfile.mkdtemp(prefix="deepreduce-bench-")) if args.quick else default_output_dir())
+    out = output_dir(args.out, args.quick)
     scratch = Path(tempfile.mkdtemp(prefix="deepreduce-soak-runs-"))
     port = 29700 + os.getpid() % 200
     rows: list[dict] = []
