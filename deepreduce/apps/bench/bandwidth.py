@@ -769,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     if "noop" not in configs:
         configs = ["noop"] + configs  # the compute-only reference for comm time
     scratch = Path(tempfile.mkdtemp(prefix="deepreduce-bandwidth-runs-"))
+    console.print(f"run logs and the rows measured so far: {scratch}")
     threads = 1
     rows: list[dict] = []
     port = 29600
@@ -784,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
                         port += 1
                         row = run_config(cluster, config, steps, scratch, port, threads, args.quick, args.timeout)
                         rows.append(dict(row, quick=args.quick))
+                        write_json(scratch / "rows.json", rows)  # kept if a later run fails
                         progress.advance(task)
     for row in rows:
         same = [r for r in rows if r["nodes"] == row["nodes"] and r["link"] == row["link"]]
