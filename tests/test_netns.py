@@ -100,20 +100,27 @@ def test_failing_node_stops_the_others_and_cleans_up():
     assert "node 1 exited with 3" in proc.stderr
 
 
-@needs_netns
-def test_interrupt_tears_everything_down(tmp_path):
-    marker = tmp_path / "started"
-    cmd = [str(SCRIPT), "--nodes", "2", "--rate", "100mbit", "--exec", "--",
-           "sh", "-c", f"echo {{addr}} >> {marker}; sleep 120"]
+def _launch_sleepers(marker: Path, *options: str, node_script: str = "") -> subprocess.Popen:
+    """netns-cluster on 2 nodes, each running ``node_script`` and then writing its address
+    to ``marker`` and sleeping 120 s; returns once both have written (or after 30 s)."""
+    cmd = [str(SCRIPT), "--nodes", "2", *options, "--exec", "--", "sh", "-c",
+           f"{node_script}echo {{addr}} >> {marker}; sleep 120"]
     # Ctrl-C's default action, as at a terminal: a test run started in the background
     # (`cmd &`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHON": sys.executable},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    prefix = f"dr{proc.pid}"
     deadline = time.monotonic() + 30
     while (not marker.exists() or len(marker.read_text().split()) < 2) and time.monotonic() < deadline:
         time.sleep(0.2)
+    return proc
+
+
+@needs_netns
+def test_interrupt_tears_everything_down(tmp_path):
+    marker = tmp_path / "started"
+    proc = _launch_sleepers(marker, "--rate", "100mbit")
+    prefix = f"dr{proc.pid}"
     assert sorted(marker.read_text().split()) == ["10.200.0.1", "10.200.0.2"]
     assert len(leftovers(prefix)) == 3  # two nodes and the bridge
     proc.send_signal(signal.SIGINT)
@@ -128,15 +135,8 @@ def test_a_second_signal_during_teardown_still_cleans_up(tmp_path):
     """Nodes that ignore SIGTERM hold the teardown for its grace period; a second Ctrl-C
     then must not cut it short, and a process that left its process group goes too."""
     marker = tmp_path / "started"
-    cmd = [str(SCRIPT), "--nodes", "2", "--exec", "--", "sh", "-c",
-           f"trap '' TERM INT; setsid sleep 121 & echo {{addr}} >> {marker}; sleep 120"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHON": sys.executable},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = _launch_sleepers(marker, node_script="trap '' TERM INT; setsid sleep 121 & ")
     prefix = f"dr{proc.pid}"
-    deadline = time.monotonic() + 30
-    while (not marker.exists() or len(marker.read_text().split()) < 2) and time.monotonic() < deadline:
-        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.5)  # inside the 5 s grace the nodes get before SIGKILL
     proc.send_signal(signal.SIGINT)
