@@ -314,7 +314,7 @@ def test_demo_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--compression", "junk"], "the hook junk run: deepreduce train: --compression junk: unknown sparsifier 'junk'"),
+    (["--compression", "junk"], "the hook junk run: deepreduce train: --compression 'junk': unknown sparsifier 'junk'"),
     (["--update", "topk:0.01/bogus/fp16"], "the update topk:0.01/bogus/fp16 run: .*unknown index codec 'bogus'"),
     (["--workers", "0"], "--workers and --steps must be >= 1, not 0 and 300"),
     (["--", "--lr", "-1"], "the dense run: deepreduce train: --lr must be a finite number > 0"),

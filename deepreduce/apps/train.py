@@ -608,14 +608,14 @@ def check_options(argv: list[str]) -> argparse.Namespace:
     if args.compression not in BUILTIN_HOOKS and args.compression != "auto":
         try:
             Compressor.from_spec(args.compression)
-        except ConfigError as error:
-            raise SystemExit(f"deepreduce train: --compression {args.compression}: {error}")
+        except ConfigError as error:  # worded as make_hook words it
+            builtin = f" (or use one of {', '.join(BUILTIN_HOOKS)}, or auto)" if args.mode == "gradient" else ""
+            raise SystemExit(f"deepreduce train: --compression {args.compression!r}: {error}{builtin}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _check_args(args)
+    args = check_options(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     corpus = load_corpus(args)
