@@ -366,7 +366,8 @@ def deepreduce_hook(state: DeepReduceState, bucket: dist.GradBucket) -> torch.fu
     allreduce (``state.dense_fallback``). Works for fp32, fp16 and bf16 buckets, gloo on
     CPU and NCCL on CUDA."""
     engine = state.engine
-    if bucket.buffer().layout != torch.strided or bucket.buffer().dim() != 1:
+    buffer = bucket.buffer()
+    if buffer.layout != torch.strided or buffer.dim() != 1:
         names = ", ".join(state._names.get(id(p), f"a parameter of shape {tuple(p.shape)}") for p in bucket.parameters())
         raise ConfigError(f"deepreduce_hook: {names} has a sparse gradient (e.g. nn.Embedding(sparse=True)); "
                           "deepreduce compresses dense gradients: build the layer with sparse=False (top-k then "
@@ -377,7 +378,7 @@ def deepreduce_hook(state: DeepReduceState, bucket: dist.GradBucket) -> torch.fu
     # it must not carry the residual: held, it waits for a step where the parameter trains.
     engine.memory.hold([seg.name for param, seg in zip(bucket.parameters(), segments) if param.grad is None])
     try:
-        future = engine.reduce(bucket.buffer(), segments, key=bucket.index())
+        future = engine.reduce(buffer, segments, key=bucket.index())
     finally:
         engine.memory.hold(())
     if bucket.is_last():

@@ -63,10 +63,9 @@ def allreduce_compressed(
         memory: an :class:`ErrorFeedback`; with it the residual of ``bucket`` is added
             before compression and updated with what the receivers decode.
 
-    Every rank must pass the same compressor, ``step`` and ``average``: each call checks
-    (one small all-gather of the configuration) and raises ConfigError on every rank if
-    they differ. For a model's gradients at every step, :class:`GradientAverager` checks
-    once.
+    Every rank must pass the same compressor and ``average``: each call checks (one small
+    all-gather of the configuration) and raises ConfigError on every rank if they differ.
+    For a model's gradients at every step, :class:`GradientAverager` checks once.
     """
     transport = comm if isinstance(comm, MPITransport) else MPITransport(comm)
     engine = Engine(

@@ -6,6 +6,7 @@ Shared plumbing: where results go, how a benchmark replaces its own section of
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -38,6 +39,18 @@ def output_dir(given: Path | None, quick: bool = False) -> Path:
     print(f"deepreduce bench: writing into {out} (this run replaces its section of RESULTS.md and its results/ "
           "files; --out DIR writes elsewhere)", file=sys.stderr, flush=True)
     return out
+
+
+def check_link_rate(parser: argparse.ArgumentParser, flag: str, rate: str, unshaped: str) -> None:
+    """``parser.error`` unless ``rate`` is the word ``unshaped`` stands for or a rate tc takes."""
+    if rate == unshaped:
+        return
+    from ..netns import parse_rate
+
+    try:
+        parse_rate(rate)
+    except ValueError as error:
+        parser.error(f"{flag}: {error} (or {unshaped})")
 
 
 def make_console():

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from . import output_dir, reproduce_command, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
+from . import check_link_rate, output_dir, reproduce_command, make_console, progress_bar, machine_facts, markdown_table, update_results_section, write_json
 
 BASELINES = ["noop", "dense", "fp16", "powersgd"]
 DEEPREDUCE = [
@@ -734,14 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--nodes must be >= 1, got {min(args.nodes)}")
     if not args.timeout > 0:
         parser.error(f"--timeout must be > 0, got {args.timeout}")
-    from ..netns import parse_rate
-
     for link in args.links or []:
-        try:
-            if link != "unshaped":
-                parse_rate(link)
-        except ValueError as error:
-            parser.error(f"--links: {error} (or unshaped)")
+        check_link_rate(parser, "--links", link, "unshaped")
     topology = args.procs_per_node > 1
     out = output_dir(args.out, args.quick)
     if args.cost_model:

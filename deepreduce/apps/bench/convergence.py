@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import read_metrics
-from . import output_dir, machine_facts, make_console, markdown_table, progress_bar, reproduce_command, update_results_section, write_json
+from . import check_link_rate, output_dir, machine_facts, make_console, markdown_table, progress_bar, reproduce_command, update_results_section, write_json
 
 # The compressed rows move at most 1 % of dense's bytes per step once compression starts,
 # the update mode's final dense flush included. The hook: top-1 % (Elias-Fano indices, fp16
@@ -416,13 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is stopped")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
     args = parser.parse_args(argv)
-    if args.link != "none":
-        from ..netns import parse_rate
-
-        try:
-            parse_rate(args.link)
-        except ValueError as error:
-            parser.error(f"--link: {error} (or none)")
+    check_link_rate(parser, "--link", args.link, "none")
     if args.target_steps is None:
         args.target_steps = args.steps
     if not 0 < args.target_steps <= args.steps:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..metrics import read_metrics
-from . import output_dir, machine_facts, make_console, markdown_table, reproduce_command, update_results_section, write_json
+from . import check_link_rate, output_dir, machine_facts, make_console, markdown_table, reproduce_command, update_results_section, write_json
 
 # The README's recommended configurations, and dense as the reference. The update mode's
 # AdamW learning rate is doubled, as the README advises (each rank's Adam normalises its
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkout's benchmarks/)")
     args = parser.parse_args(argv)
 
-    from ..netns import loss_unavailable_reason, netns_unavailable_reason, parse_rate
+    from ..netns import loss_unavailable_reason, netns_unavailable_reason
 
     for flag, value in (("--nodes", args.nodes), ("--steps", args.steps)):
         if value is not None and value < 1:
@@ -527,11 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--timeout", args.timeout), ("--deadline", args.deadline), ("--stall", args.stall)):
         if value is not None and not value > 0:
             parser.error(f"{flag} must be > 0, got {value}")
-    if args.rate != "unshaped":
-        try:
-            parse_rate(args.rate)
-        except ValueError as error:
-            parser.error(f"--rate: {error} (or unshaped)")
+    check_link_rate(parser, "--rate", args.rate, "unshaped")
 
     console = make_console()
     reason = netns_unavailable_reason()
